@@ -1,0 +1,215 @@
+"""Build the agent from its config and run it on one asyncio loop until a stop signal.
+
+Order of a clean stop (SIGTERM/SIGINT): stop polling → commit what was polled → wait briefly
+for in-flight PUBACKs → delete acknowledged rows → publish retained ``offline`` and wait for
+its PUBACK → DISCONNECT → close the buffer. Unsent rows stay in the buffer for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+import sqlite3
+from collections import defaultdict
+from pathlib import Path
+
+from agent.buffer import AsyncBuffer, Buffer
+from agent.config.model import AgentConfig
+from agent.mqtt import MqttLink
+from agent.poller import BusPoller
+from agent.publisher import Publisher
+from agent.readings import telemetry_body
+from agent.topics import OFFLINE, status_topic, telemetry_topic
+from drivers.base import PointResult
+from drivers.modbus.config import ModbusTcpDevice
+from drivers.modbus.driver import ModbusTcpBus
+
+log = logging.getLogger(__name__)
+
+STOP_BUDGET_S = 5.0
+
+
+def machine_suffix(path: Path = Path("/etc/machine-id")) -> str:
+    """8 hex digits derived from the machine id, or ``""`` when there is none."""
+    try:
+        mid = path.read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+    return hashlib.sha256(mid.encode()).hexdigest()[:8] if mid else ""
+
+
+def default_client_id(gateway_id: str) -> str:
+    """``<gateway_id>-<machine suffix>``: stable across reboots, distinct on cloned cards
+    once their machine id is regenerated (``systemd-machine-id-setup``)."""
+    suffix = machine_suffix()
+    return f"{gateway_id}-{suffix}" if suffix else gateway_id
+
+
+class BufferWriter:
+    """Collects polls and commits everything that is pending in one transaction.
+
+    Polls arrive synchronously from bus tasks; a commit covers all polls that arrived while
+    the previous commit ran (one transaction per cycle under load, per poll when idle).
+    A failed commit (disk full, I/O error) is retried with the polls kept in memory.
+    """
+
+    def __init__(self, buffer: AsyncBuffer, on_commit: asyncio.Event | None = None,
+                 max_pending: int = 100_000) -> None:
+        self.buffer = buffer
+        self.pending: list[tuple[str, bytes, int]] = []
+        self.max_pending = max_pending
+        self._event = asyncio.Event()
+        self.committed = asyncio.Event()
+        self.lost = 0
+        self.listeners: list[asyncio.Event] = []
+        self._failing = False
+
+    def submit(self, topic: str, body: bytes, ts_ms: int) -> None:
+        """Queue one message for the next commit (never blocks)."""
+        self.pending.append((topic, body, ts_ms))
+        if len(self.pending) > self.max_pending:
+            self.pending.pop(0)
+            self.lost += 1
+        self._event.set()
+
+    async def commit(self) -> bool:
+        """Commit everything pending now; return False if the commit failed."""
+        if not self.pending:
+            return True
+        batch, self.pending = self.pending, []
+        try:
+            await self.buffer.append_many(batch)
+        except sqlite3.Error as exc:
+            self.pending = batch + self.pending
+            if not self._failing:
+                log.error("cannot write buffer %s: %s; keeping %d messages in memory and "
+                          "retrying", self.buffer.sync.path, exc, len(self.pending))
+                self._failing = True
+            return False
+        if self._failing:
+            log.info("buffer %s writable again", self.buffer.sync.path)
+            self._failing = False
+        for ev in self.listeners:
+            ev.set()
+        return True
+
+    async def run(self) -> None:
+        """Commit whenever something is pending; cancel to stop (then call commit())."""
+        while True:
+            await self._event.wait()
+            self._event.clear()
+            if not await self.commit():
+                await asyncio.sleep(1.0)
+                self._event.set()
+
+
+class Agent:
+    """The running daemon: buses, buffer writer, publisher and MQTT link."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.stop_event = asyncio.Event()
+        state = Path(cfg.state_dir)
+        self.buffer = AsyncBuffer(Buffer(state / "buffer.db", cfg.buffer.max_messages,
+                                         cfg.buffer.synchronous))
+        self.writer = BufferWriter(self.buffer)
+        prefix = cfg.mqtt.topic_prefix
+        self.status_topic = status_topic(prefix, cfg.gateway_id)
+        self._topics = {d.id: telemetry_topic(prefix, cfg.gateway_id, d.id) for d in cfg.devices}
+        self._units = {d.id: {p.name: p.unit for p in d.points} for d in cfg.devices}
+        client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
+        self.publisher: Publisher
+        self.link = MqttLink(cfg.mqtt, client_id, self.status_topic,
+                             on_connected=lambda: self.publisher.on_connected(),
+                             on_puback=lambda m, ok, r: self.publisher.on_puback(m, ok, r))
+        self.publisher = Publisher(self.buffer, self.link, self.status_topic,
+                                   cfg.mqtt.max_inflight)
+        wake = asyncio.Event()
+        self._wake = wake
+        self.writer.listeners.append(wake)
+        groups: dict[tuple[str, int], list[ModbusTcpDevice]] = defaultdict(list)
+        for d in cfg.devices:
+            groups[(d.host, d.port)].append(d)
+        self.pollers = [
+            BusPoller(f"tcp://{h}:{p}", ModbusTcpBus(h, p, max(d.timeout for d in devs)),
+                      devs, self._on_poll)
+            for (h, p), devs in groups.items()
+        ]
+
+    def _on_poll(self, dev: ModbusTcpDevice, ts_ms: int, results: list[PointResult]) -> None:
+        body = telemetry_body(self.cfg.gateway_id, dev.id, ts_ms, results, self._units[dev.id])
+        self.writer.submit(self._topics[dev.id], body, ts_ms)
+
+    async def _forward_wakeups(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self.publisher.notify()
+
+    async def run(self) -> int:
+        """Run until :attr:`stop_event` is set; return the process exit code."""
+        stats = await self.buffer.stats()
+        log.info("gateway %s: %d device(s) on %d bus(es); buffer %s holds %d unsent "
+                 "message(s), last seq %d, %d dropped so far", self.cfg.gateway_id,
+                 len(self.cfg.devices), len(self.pollers), self.buffer.sync.path,
+                 stats.pending, stats.last_seq, stats.dropped)
+        bg = [
+            asyncio.create_task(self.writer.run(), name="buffer-writer"),
+            asyncio.create_task(self.publisher.run(), name="publisher"),
+            asyncio.create_task(self.publisher.run_acks(), name="acks"),
+            asyncio.create_task(self._forward_wakeups(), name="wakeups"),
+        ]
+        link_task = asyncio.create_task(self.link.run(), name="mqtt")
+        polls = [asyncio.create_task(p.run(), name=f"poll:{p.name}") for p in self.pollers]
+        watched = [*bg, link_task, *polls]
+        stop_wait = asyncio.create_task(self.stop_event.wait(), name="stop")
+        done, _ = await asyncio.wait([stop_wait, *watched], return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        for t in done:
+            if t is not stop_wait and t.exception() is not None:
+                log.critical("task %s failed: %r; stopping", t.get_name(), t.exception())
+                code = 1
+        await self._shutdown(polls, bg, link_task, stop_wait)
+        return code
+
+    async def _shutdown(self, polls: list[asyncio.Task[None]], bg: list[asyncio.Task[None]],
+                        link_task: asyncio.Task[None], stop_wait: asyncio.Task[bool]) -> None:
+        log.info("stopping: polling stopped, flushing buffer and publishes")
+        for t in polls:
+            t.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
+        await self.writer.commit()
+        self.publisher.notify()
+        await asyncio.sleep(0)  # let the publisher hand freshly committed rows to MQTT
+        await self.publisher.drain_inflight(STOP_BUDGET_S / 2)
+        for t in bg:
+            t.cancel()
+        await asyncio.gather(*bg, return_exceptions=True)
+        await self.publisher.flush_acks()
+        sent = await self.publisher.publish_offline(OFFLINE, STOP_BUDGET_S / 4)
+        if not sent:
+            log.warning("could not publish 'offline' (broker unreachable); the broker's last "
+                        "will announces it when the connection times out")
+        await self.link.stop(timeout=1.0)
+        link_task.cancel()
+        stop_wait.cancel()
+        await asyncio.gather(link_task, stop_wait, return_exceptions=True)
+        stats = await self.buffer.stats()
+        await self.buffer.close()
+        log.info("stopped; %d unsent message(s) kept in the buffer for the next start",
+                 stats.pending)
+
+
+async def run_agent(cfg: AgentConfig) -> int:
+    """Run the agent with SIGTERM/SIGINT handlers; return the exit code."""
+    agent = Agent(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop_event.set)
+    try:
+        return await agent.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

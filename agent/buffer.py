@@ -1,0 +1,226 @@
+"""Durable store-and-forward buffer: an SQLite outbox in WAL mode.
+
+One row per outgoing MQTT message. The row id is the gateway-wide sequence number ``seq``:
+``INTEGER PRIMARY KEY AUTOINCREMENT`` never hands out an id twice, even after the newest rows
+were deleted or the process restarted (SQLite docs, "autoinc.html"), so ``seq`` is strictly
+increasing for the life of the buffer file. A row is deleted only after the broker's PUBACK.
+
+All methods of :class:`Buffer` block; :class:`AsyncBuffer` runs them on one dedicated
+thread, because a commit on an SD card can stall for a long time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic  TEXT    NOT NULL,
+    body   BLOB    NOT NULL,
+    ts_ms  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters(name, value) VALUES ('dropped', 0);
+"""
+
+
+class BufferError(RuntimeError):
+    """The buffer file cannot be opened or written; the message names the file and a fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One buffered message. ``body`` is the JSON object without its ``seq`` member."""
+
+    seq: int
+    topic: str
+    body: bytes
+    ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStats:
+    """Pending rows, total dropped rows (cap reached) and the highest seq ever handed out."""
+
+    pending: int
+    dropped: int
+    last_seq: int
+
+
+def payload_with_seq(seq: int, body: bytes) -> bytes:
+    """Splice ``"seq": N`` into the front of the JSON object ``body``.
+
+    The seq is only known once the row exists; splicing keeps every resend of a row
+    byte-identical without a second write.
+    """
+    if body == b"{}":
+        return b'{"seq":%d}' % seq
+    return b'{"seq":%d,' % seq + body[1:]
+
+
+class Buffer:
+    """Blocking SQLite outbox. Use from one thread only (see :class:`AsyncBuffer`).
+
+    Args:
+        path: the database file; its directory is created if missing.
+        max_messages: cap on rows; when exceeded the oldest rows are deleted and counted in
+            the persistent ``dropped`` counter.
+        synchronous: ``"normal"`` or ``"full"`` (SQLite ``PRAGMA synchronous``).
+    Raises:
+        BufferError: the file cannot be created, is not a database, or is corrupt.
+    """
+
+    def __init__(self, path: Path, max_messages: int = 200_000, synchronous: str = "normal"
+                 ) -> None:
+        self.path = path
+        self.max_messages = max_messages
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self._db.execute("PRAGMA journal_size_limit=8388608")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+            self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        except sqlite3.DatabaseError as exc:
+            raise BufferError(
+                f"cannot open buffer {path}: {exc}. If the file is corrupt, stop the agent, "
+                f"move it aside (mv {path} {path}.bad) and start again; unsent readings in "
+                "the old file are then lost to this agent but can be inspected with sqlite3."
+            ) from exc
+        except OSError as exc:
+            raise BufferError(f"cannot create buffer directory {path.parent}: {exc}") from exc
+
+    def append_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[int]:
+        """Commit ``(topic, body, ts_ms)`` items in one transaction; return their seqs.
+
+        If the cap is exceeded, the oldest rows are deleted in the same transaction.
+
+        Raises:
+            sqlite3.OperationalError: e.g. the disk is full; nothing of this call is kept.
+        """
+        db = self._db
+        seqs: list[int] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for topic, body, ts_ms in items:
+                cur = db.execute(
+                    "INSERT INTO outbox(topic, body, ts_ms) VALUES (?, ?, ?)",
+                    (topic, body, ts_ms),
+                )
+                seqs.append(int(cur.lastrowid or 0))
+            excess = self._count + len(items) - self.max_messages
+            if excess > 0:
+                db.execute(
+                    "DELETE FROM outbox WHERE seq IN "
+                    "(SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
+                    (excess,),
+                )
+                db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
+                           (excess,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if excess > 0:
+            log.warning("buffer %s full (%d messages): dropped the %d oldest", self.path,
+                        self.max_messages, excess)
+            self._count = self.max_messages
+        else:
+            self._count += len(items)
+        return seqs
+
+    def fetch(self, after_seq: int, limit: int) -> list[Row]:
+        """Return up to ``limit`` rows with ``seq > after_seq``, oldest first."""
+        cur = self._db.execute(
+            "SELECT seq, topic, body, ts_ms FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        rows = [Row(int(s), str(t), bytes(b), int(ts)) for s, t, b, ts in cur]
+        cur.close()  # never leave a read transaction open (it would pin the WAL)
+        return rows
+
+    def ack(self, seqs: Iterable[int]) -> None:
+        """Delete acknowledged rows (one transaction). Unknown seqs are ignored."""
+        ids = list(seqs)
+        if not ids:
+            return
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = 0
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                q = "DELETE FROM outbox WHERE seq IN (%s)" % ",".join("?" * len(chunk))
+                deleted += db.execute(q, chunk).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._count = max(0, self._count - deleted)
+
+    def stats(self) -> BufferStats:
+        """Current counters (cheap: one indexed query each)."""
+        db = self._db
+        dropped = int(db.execute("SELECT value FROM counters WHERE name='dropped'").fetchone()[0])
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        return BufferStats(self._count, dropped, int(row[0]) if row else 0)
+
+    def close(self) -> None:
+        """Checkpoint the WAL and close the file."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.DatabaseError as exc:
+            log.warning("checkpoint of %s failed on close: %s", self.path, exc)
+        self._db.close()
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class AsyncBuffer:
+    """Runs a :class:`Buffer` on its own thread and exposes coroutine methods."""
+
+    def __init__(self, buffer: Buffer) -> None:
+        self.sync = buffer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer")
+
+    async def _run(self, fn: object, *args: object) -> object:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+
+    async def append_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[int]:
+        """See :meth:`Buffer.append_many`."""
+        return await self._run(self.sync.append_many, items)  # type: ignore[return-value]
+
+    async def fetch(self, after_seq: int, limit: int) -> list[Row]:
+        """See :meth:`Buffer.fetch`."""
+        return await self._run(self.sync.fetch, after_seq, limit)  # type: ignore[return-value]
+
+    async def ack(self, seqs: Sequence[int]) -> None:
+        """See :meth:`Buffer.ack`."""
+        await self._run(self.sync.ack, seqs)
+
+    async def stats(self) -> BufferStats:
+        """See :meth:`Buffer.stats`."""
+        return await self._run(self.sync.stats)  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        """Close the database, then the thread."""
+        await self._run(self.sync.close)
+        self._pool.shutdown(wait=True)

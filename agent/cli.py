@@ -1,0 +1,95 @@
+"""The ``edge-agent`` command: what technicians and systemd run.
+
+Exit codes follow sysexits.h: 0 ok, 78 (EX_CONFIG) invalid config, 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from agent import __version__
+
+EX_CONFIG = 78
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr, one line per event; no timestamp under journald (it adds its own)."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr,
+                        force=True)
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+
+def _load_or_exit(path: str) -> object:
+    from agent.config.loader import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            click.echo(str(issue), err=True)
+        n = len(exc.issues)
+        click.echo(f"{path}: {n} problem{'s' if n != 1 else ''} found", err=True)
+        sys.exit(EX_CONFIG)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="edge-agent")
+def main() -> None:
+    """Lifeline Edge Agent: Modbus sensors -> durable buffer -> MQTT."""
+
+
+@main.command()
+@click.argument("config_file", type=click.Path(dir_okay=False))
+def validate(config_file: str) -> None:
+    """Check CONFIG_FILE and print every problem as FILE:LINE:COL: key.path: message."""
+    from agent.config.model import AgentConfig
+
+    cfg = _load_or_exit(config_file)
+    assert isinstance(cfg, AgentConfig)
+    points = sum(len(d.points) for d in cfg.devices)
+    click.echo(f"{config_file}: OK (gateway {cfg.gateway_id}, {len(cfg.devices)} device(s), "
+               f"{points} point(s))")
+
+
+@main.command()
+@click.option("--config", "-c", "config_file", required=True,
+              type=click.Path(dir_okay=False), help="The agent's YAML config file.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default=None, help="Overrides log_level of the config.")
+def run(config_file: str, log_level: str | None) -> None:
+    """Poll, buffer and publish until SIGTERM/SIGINT."""
+    from agent.app import run_agent
+    from agent.buffer import BufferError
+    from agent.config.model import AgentConfig
+
+    cfg = _load_or_exit(config_file)
+    assert isinstance(cfg, AgentConfig)
+    setup_logging(log_level or cfg.log_level)
+    try:
+        code = asyncio.run(run_agent(cfg))
+    except BufferError as exc:
+        logging.getLogger("agent").critical("%s", exc)
+        code = 1
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--duration", default=30.0, show_default=True,
+              help="Seconds to run before stopping (0 = until Ctrl-C).")
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to keep the demo's config, buffer and broker files.")
+def demo(duration: float, workdir: str | None) -> None:
+    """Run simulated water-level and gas-pressure devices, a broker and the agent, and show
+    what the platform receives."""
+    from agent.demo import run_demo
+
+    sys.exit(run_demo(duration, Path(workdir) if workdir else None))

@@ -1,0 +1,424 @@
+"""Load the YAML config into :class:`AgentConfig`, reporting every problem at file:line:col.
+
+Flow: parse each file with ruamel.yaml (round-trip mode keeps positions), look for duplicate
+keys in the composed node tree, splice ``include`` files into ``devices``, load the device
+profiles, validate with pydantic, then map each error's ``loc`` back to the YAML position it
+came from. Positions are 1-based lines and columns.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
+
+from agent.config.model import AgentConfig
+from drivers.modbus.config import ModbusProfile
+
+
+@dataclass(frozen=True, order=True)
+class ConfigIssue:
+    """One problem in a config file, printed compiler style."""
+
+    file: str
+    line: int
+    col: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+
+
+class ConfigError(Exception):
+    """The config is invalid; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = sorted(set(issues))
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+def _yaml() -> YAML:
+    y = YAML(typ="rt")
+    y.allow_duplicate_keys = True  # duplicates are found (all of them) in _duplicate_keys
+    return y
+
+
+def _duplicate_keys(node: Node, file: str) -> Iterator[ConfigIssue]:
+    if isinstance(node, MappingNode):
+        first: dict[Any, Node] = {}
+        for key, value in node.value:
+            k = getattr(key, "value", None)
+            if isinstance(k, str | int | float | bool) and k in first:
+                m = key.start_mark
+                prev = first[k].start_mark.line + 1
+                yield ConfigIssue(
+                    file, m.line + 1, m.column + 1, str(k),
+                    f"duplicate key {k!r} (first defined at line {prev}); remove one",
+                )
+            else:
+                first.setdefault(k, key)
+            yield from _duplicate_keys(value, file)
+    elif isinstance(node, SequenceNode):
+        for item in node.value:
+            yield from _duplicate_keys(item, file)
+
+
+def _parse(path: Path, display: str) -> tuple[Any, list[ConfigIssue]]:
+    """Parse one YAML file; return its data and any syntax / duplicate-key issues."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return None, [ConfigIssue(display, 1, 1, "", f"cannot read file: {exc.strerror}")]
+    except UnicodeDecodeError as exc:
+        return None, [ConfigIssue(display, 1, 1, "", f"not UTF-8 text: {exc}")]
+    y = _yaml()
+    try:
+        node = y.compose(text)
+        issues = list(_duplicate_keys(node, display)) if node is not None else []
+        data = y.load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = " ".join(s for s in (exc.context, exc.problem) if s)
+        return None, [ConfigIssue(display, line, col, "", f"YAML syntax error: {what}")]
+    return data, issues
+
+
+# ---------------------------------------------------------------------------------------
+# positions
+
+
+@dataclass
+class _Origins:
+    """Which file each spliced-in YAML node came from."""
+
+    files: dict[int, str]
+
+    def file_of(self, node: Any, default: str) -> str:
+        return self.files.get(id(node), default)
+
+
+def _pos_of_node(node: Any) -> tuple[int, int]:
+    lc = getattr(node, "lc", None)
+    if lc is None or lc.line is None:
+        return (1, 1)
+    return (lc.line + 1, lc.col + 1)
+
+
+def _locate(
+    root: Any, loc: tuple[int | str, ...], main_file: str, origins: _Origins, *, key: bool
+) -> tuple[str, int, int, str]:
+    """Walk ``loc`` through the loaded YAML; return (file, line, col, dotted path).
+
+    ``loc`` entries that are not keys of the data (pydantic's union member tags) are
+    skipped. With ``key=True`` the position of the last key itself is returned (for unknown
+    keys), otherwise the position of its value.
+    """
+    node = root
+    file = origins.file_of(root, main_file)
+    line, col = 1, 1
+    path = ""
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, CommentedMap) and isinstance(part, str) and part in node:
+            kl, kc = node.lc.key(part)
+            vl, vc = node.lc.value(part)
+            line, col = (kl + 1, kc + 1) if (key and last) else (vl + 1, vc + 1)
+            child = node[part]
+            path = f"{path}.{part}" if path else part
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+            child = node[part]
+            path = f"{path}[{part}]"
+            if id(child) in origins.files:
+                file = origins.files[id(child)]
+                line, col = _pos_of_node(child)
+            else:
+                il, ic = node.lc.item(part)
+                line, col = il + 1, ic + 1
+        elif isinstance(node, CommentedMap) and isinstance(part, str) and key and last:
+            path = f"{path}.{part}" if path else part
+            break
+        else:
+            continue
+        node = child
+        file = origins.file_of(node, file)
+    return file, line, col, path
+
+
+# ---------------------------------------------------------------------------------------
+# models along a loc, for "did you mean"
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        yield from _models_in(typing.get_args(annotation)[0])
+        return
+    if origin in (list, tuple, dict, typing.Union, types.UnionType) or origin is not None:
+        for arg in typing.get_args(annotation):
+            yield from _models_in(arg)
+
+
+def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    cur = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cur.model_fields.get(part)
+        if field is None:
+            continue  # a union tag
+        found = next(_models_in(field.annotation), None)
+        if found is None:
+            return None
+        cur = found
+    return cur
+
+
+def _message(err: Any, model: type[BaseModel]) -> str:
+    kind = err["type"]
+    loc = tuple(err["loc"])
+    if kind == "extra_forbidden":
+        bad = str(loc[-1])
+        owner = _model_at(model, loc[:-1])
+        hint = ""
+        if owner is not None:
+            close = difflib.get_close_matches(bad, list(owner.model_fields), n=1, cutoff=0.6)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+            else:
+                hint = f"; allowed keys: {', '.join(owner.model_fields)}"
+        return f"unknown key '{bad}'{hint}"
+    if kind == "missing":
+        return f"required key '{loc[-1]}' is missing"
+    value = err.get("input")
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        options = [o.strip().strip("'") for o in expected.replace(" or ", ", ").split(",")]
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{value!r} is not one of {', '.join(options)}{hint}"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, ") :]
+    if isinstance(value, dict | list):
+        return msg
+    return f"{msg} (got {value!r})"
+
+
+def _to_plain(data: Any) -> Any:
+    """Turn ruamel's round-trip containers and scalars into plain Python values."""
+    if isinstance(data, dict):
+        return {str(k): _to_plain(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_to_plain(v) for v in data]
+    if isinstance(data, bool) or data is None:
+        return data
+    if isinstance(data, int):
+        return int(data)
+    if isinstance(data, float):
+        return float(data)
+    if isinstance(data, str):
+        return str(data)
+    return data
+
+
+def _pydantic_issues(
+    exc: ValidationError, model: type[BaseModel], root: Any, file: str, origins: _Origins,
+    prefix: tuple[int | str, ...] = (),
+) -> list[ConfigIssue]:
+    issues: dict[str, ConfigIssue] = {}
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        f, line, col, path = _locate(
+            root, loc, file, origins, key=err["type"] == "extra_forbidden"
+        )
+        issue = ConfigIssue(f, line, col, path, _message(err, model))
+        issues.setdefault(f"{f}:{line}:{col}:{path}", issue)
+    return list(issues.values())
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _load_profiles(directory: Path) -> tuple[dict[str, ModbusProfile], list[ConfigIssue]]:
+    profiles: dict[str, ModbusProfile] = {}
+    where: dict[str, str] = {}
+    issues: list[ConfigIssue] = []
+    for p in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+        disp = _display(p)
+        data, errs = _parse(p, disp)
+        issues += errs
+        if data is None:
+            continue
+        try:
+            prof = ModbusProfile.model_validate(_to_plain(data))
+        except ValidationError as exc:
+            issues += _pydantic_issues(exc, ModbusProfile, data, disp, _Origins({}))
+            continue
+        if prof.name in profiles:
+            line, col = _pos_of_node(data)
+            issues.append(ConfigIssue(disp, line, col, "name",
+                                      f"profile {prof.name!r} is also defined in "
+                                      f"{where[prof.name]}; rename one"))
+            continue
+        profiles[prof.name] = prof
+        where[prof.name] = disp
+    return profiles, issues
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Load, validate and resolve the config at ``path``.
+
+    Relative paths in the file (``state_dir``, ``profiles_dir``, ``include``, TLS files)
+    are resolved against the file's directory. Device profiles are merged into each
+    device's ``points`` (profile points first).
+
+    Returns:
+        the validated :class:`AgentConfig`.
+    Raises:
+        ConfigError: with every problem found, each at ``file:line:col``.
+    """
+    main = Path(path).resolve()
+    base = main.parent
+    display = _display(main)
+    data, issues = _parse(main, display)
+    if data is None:
+        raise ConfigError(issues)
+    if not isinstance(data, CommentedMap):
+        raise ConfigError(issues + [ConfigIssue(display, 1, 1, "",
+                                                "the config file must be a mapping of keys")])
+    origins = _Origins({})
+
+    # includes: each file holds one device (mapping) or a list of devices
+    inc = data.get("include", [])
+    if isinstance(inc, str):
+        inc = [inc]
+    if isinstance(inc, list):
+        devices = data.get("devices")
+        if devices is None:
+            devices = CommentedSeq()
+            data["devices"] = devices
+        for pattern in inc:
+            matches = sorted(glob.glob(str(base / str(pattern))))
+            if not matches:
+                f, line, col, p = _locate(data, ("include",), display, origins, key=False)
+                issues.append(ConfigIssue(f, line, col, p,
+                                          f"include {pattern!r} matches no file"))
+            for m in matches:
+                mdisp = _display(Path(m))
+                part, errs = _parse(Path(m), mdisp)
+                issues += errs
+                items = part if isinstance(part, list) else [part] if part is not None else []
+                for item in items:
+                    if isinstance(item, CommentedMap) and isinstance(devices, list):
+                        origins.files[id(item)] = mdisp
+                        devices.append(item)
+                    else:
+                        issues.append(ConfigIssue(mdisp, 1, 1, "",
+                                                  "an included file holds a device mapping "
+                                                  "or a list of them"))
+
+    # duplicate device ids
+    devs = data.get("devices")
+    if isinstance(devs, list):
+        seen: dict[str, int] = {}
+        for i, d in enumerate(devs):
+            if isinstance(d, dict) and isinstance(d.get("id"), str):
+                did = d["id"]
+                if did in seen:
+                    f, line, col, p = _locate(data, ("devices", i, "id"), display, origins,
+                                              key=False)
+                    issues.append(ConfigIssue(f, line, col, p,
+                                              f"duplicate device id {did!r} (also "
+                                              f"devices[{seen[did]}]); device ids must be "
+                                              "unique"))
+                else:
+                    seen[did] = i
+
+    plain = _to_plain(data)
+    cfg: AgentConfig | None = None
+    try:
+        cfg = AgentConfig.model_validate(plain)
+    except ValidationError as exc:
+        issues += _pydantic_issues(exc, AgentConfig, data, display, origins)
+
+    # profiles
+    pdir_raw = plain.get("profiles_dir") if isinstance(plain, dict) else None
+    pdir = base / str(pdir_raw) if pdir_raw else base / "profiles"
+    profiles: dict[str, ModbusProfile] = {}
+    if pdir_raw and not pdir.is_dir():
+        f, line, col, p = _locate(data, ("profiles_dir",), display, origins, key=False)
+        issues.append(ConfigIssue(f, line, col, p, f"profiles_dir {str(pdir)!r} is not a "
+                                  "directory"))
+    elif pdir.is_dir():
+        profiles, perrs = _load_profiles(pdir)
+        issues += perrs
+
+    if cfg is None:
+        raise ConfigError(issues)
+    resolved = []
+    for i, dev in enumerate(cfg.devices):
+        if dev.profile is None:
+            resolved.append(dev)
+            continue
+        prof = profiles.get(dev.profile)
+        if prof is None:
+            f, line, col, p = _locate(data, ("devices", i, "profile"), display, origins,
+                                      key=False)
+            known = ", ".join(sorted(profiles)) or f"none found in {_display(pdir)}"
+            close = difflib.get_close_matches(dev.profile, list(profiles), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known profiles: {known}"
+            issues.append(ConfigIssue(f, line, col, p, f"unknown profile {dev.profile!r}{hint}"))
+            continue
+        names = {pt.name for pt in prof.points}
+        for j, pt in enumerate(dev.points):
+            if pt.name in names:
+                f, line, col, p = _locate(data, ("devices", i, "points", j, "name"), display,
+                                          origins, key=False)
+                issues.append(ConfigIssue(f, line, col, p,
+                                          f"point {pt.name!r} is already defined by profile "
+                                          f"{prof.name!r}"))
+        resolved.append(dev.model_copy(update={"points": [*prof.points, *dev.points]}))
+    if issues:
+        raise ConfigError(issues)
+
+    def _abs(p: str | None) -> str | None:
+        return None if p is None else str((base / p).resolve())
+
+    mqtt = cfg.mqtt
+    if mqtt.tls is not None:
+        tls = mqtt.tls.model_copy(update={
+            "ca_file": _abs(mqtt.tls.ca_file),
+            "cert_file": _abs(mqtt.tls.cert_file),
+            "key_file": _abs(mqtt.tls.key_file),
+        })
+        mqtt = mqtt.model_copy(update={"tls": tls})
+    return cfg.model_copy(update={
+        "devices": resolved,
+        "mqtt": mqtt,
+        "state_dir": _abs(cfg.state_dir),
+        "profiles_dir": str(pdir),
+    })

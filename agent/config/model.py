@@ -1,0 +1,112 @@
+"""Typed config models of the agent (pydantic 2, unknown keys forbidden).
+
+The YAML layout is documented in ``config/agent.example.yaml``; every key there maps to a
+field here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from drivers.common import Duration, StrictModel
+from drivers.modbus.config import ModbusTcpDevice, Name
+
+Device = ModbusTcpDevice
+"""Every device kind the agent knows (a discriminated union on ``driver`` as drivers grow)."""
+
+
+class TlsConfig(StrictModel):
+    """TLS towards the broker. Relative paths are relative to the config file."""
+
+    ca_file: str | None = Field(default=None, description="CA bundle (PEM) to verify the broker")
+    cert_file: str | None = Field(default=None, description="Client certificate (PEM)")
+    key_file: str | None = Field(default=None, description="Client private key (PEM)")
+    insecure: bool = Field(default=False, description="Skip host name check (testing only)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        return self
+
+
+class MqttConfig(StrictModel):
+    """Connection to the city platform's MQTT broker."""
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    protocol: Annotated[Literal["3.1.1", "5"], BeforeValidator(str)] = Field(
+        default="3.1.1", description="MQTT protocol version: 3.1.1 or 5"
+    )
+    topic_prefix: str = Field(
+        default="lifeline", pattern=r"^[^#+\s]+$", description="First topic level(s)"
+    )
+    client_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Defaults to '<gateway_id>-<8 hex of /etc/machine-id>'",
+    )
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig | None = None
+    keepalive: Duration = Field(default=60.0, description="MQTT keep-alive, e.g. '60s'")
+    clean_session: bool = Field(
+        default=True,
+        description="MQTT clean session / clean start; the disk buffer is kept either way",
+    )
+    reconnect_min: Duration = Field(default=1.0, description="First reconnect delay")
+    reconnect_max: Duration = Field(default=60.0, description="Longest reconnect delay")
+    max_inflight: int = Field(default=64, ge=1, le=65535, description="Unacknowledged messages")
+
+    @model_validator(mode="after")
+    def _check(self) -> MqttConfig:
+        if self.password is not None and self.username is None:
+            raise ValueError("password given without username")
+        if self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_max must not be shorter than reconnect_min")
+        if not 5 <= self.keepalive <= 65535:
+            raise ValueError("keepalive must be between 5s and 65535s")
+        return self
+
+
+class BufferConfig(StrictModel):
+    """The durable store-and-forward buffer (SQLite, WAL) under ``state_dir``."""
+
+    max_messages: int = Field(
+        default=200_000,
+        ge=10,
+        description="Cap on unsent messages; beyond it the oldest telemetry is dropped",
+    )
+    synchronous: Literal["normal", "full"] = Field(
+        default="normal",
+        description="SQLite synchronous level: normal (no corruption, may lose the last "
+        "commits on power loss) or full (fsync every commit, more SD-card wear)",
+    )
+
+
+class AgentConfig(StrictModel):
+    """The root of the config file."""
+
+    version: Literal[1] = Field(default=1, description="Config schema version")
+    gateway_id: Name = Field(description="Names this gateway in topics, payloads, client id")
+    state_dir: str = Field(
+        default="/var/lib/edge-agent", description="Where the buffer lives (relative: to file)"
+    )
+    profiles_dir: str | None = Field(
+        default=None, description="Directory of device profiles (default: profiles/ beside file)"
+    )
+    include: list[str] = Field(
+        default_factory=list, description="Further files (globs) each holding devices"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    devices: list[Device] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentConfig:
+        if not self.devices:
+            raise ValueError("no devices configured: add at least one under 'devices'")
+        return self

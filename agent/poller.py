@@ -1,0 +1,147 @@
+"""One task per bus: poll each device on its own interval, on the monotonic clock.
+
+A bus is one TCP endpoint (a Modbus TCP device, or a TCP-to-RS-485 converter shared by
+several unit ids). The bus task owns reconnecting (backoff with jitter); while the bus is
+down every due device still produces a poll with quality ``no_connection``, so the platform
+sees the gap as data, not as silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from agent.readings import now_ms
+from drivers.base import GOOD, PointResult
+from drivers.modbus.config import ModbusTcpDevice
+from drivers.modbus.driver import Block, ModbusTcpBus, plan_blocks
+
+log = logging.getLogger(__name__)
+
+PollSink = Callable[[ModbusTcpDevice, int, list[PointResult]], None]
+"""Receives (device, acquisition time in UTC ms, one result per point) after every poll."""
+
+COMM_QUALITIES = frozenset({"timeout", "no_connection"})
+
+
+@dataclass
+class DeviceState:
+    """Scheduling and health of one device on a bus."""
+
+    device: ModbusTcpDevice
+    blocks: list[Block]
+    next_due: float = 0.0
+    failing: bool = False
+    failed_polls: int = 0
+    bad_points: dict[str, str] = field(default_factory=dict)
+    polls: int = 0
+
+
+class BusPoller:
+    """Polls every device of one bus.
+
+    Args:
+        name: bus name for logs (``tcp://host:port``).
+        bus: the driver object.
+        devices: devices on this bus.
+        sink: called synchronously after each poll (must not block).
+    """
+
+    def __init__(self, name: str, bus: ModbusTcpBus, devices: Sequence[ModbusTcpDevice],
+                 sink: PollSink) -> None:
+        self.name = name
+        self.bus = bus
+        self.sink = sink
+        now = time.monotonic()
+        self.states = [DeviceState(d, plan_blocks(d.points), now) for d in devices]
+        self._next_connect = 0.0
+        self._backoff = 1.0
+        self._bus_down_logged = False
+
+    async def _ensure_connected(self) -> bool:
+        if self.bus.connected:
+            return True
+        now = time.monotonic()
+        if now < self._next_connect:
+            return False
+        ok = await self.bus.connect()
+        if ok:
+            if self._bus_down_logged:
+                log.info("bus %s: connected again", self.name)
+            else:
+                log.info("bus %s: connected", self.name)
+            self._bus_down_logged = False
+            self._backoff = 1.0
+            return True
+        if not self._bus_down_logged:
+            log.warning("bus %s: cannot connect; retrying with backoff (devices: %s)",
+                        self.name, ", ".join(s.device.id for s in self.states))
+            self._bus_down_logged = True
+        self._next_connect = now + random.uniform(0.5, 1.0) * self._backoff
+        self._backoff = min(self._backoff * 2, 30.0)
+        return False
+
+    async def poll_once(self, st: DeviceState) -> list[PointResult]:
+        """Poll one device now and hand the results to the sink."""
+        dev = st.device
+        ts = now_ms()
+        if await self._ensure_connected():
+            results = await self.bus.read_device(dev.unit_id, st.blocks)
+        else:
+            results = [PointResult(p.name, None, "no_connection",
+                                   f"bus {self.name} is not connected") for p in dev.points]
+        self._log_health(st, results)
+        st.polls += 1
+        self.sink(dev, ts, results)
+        return results
+
+    def _log_health(self, st: DeviceState, results: list[PointResult]) -> None:
+        dev = st.device
+        where = f"device {dev.id} (bus {self.name}, unit {dev.unit_id})"
+        if results and all(r.quality in COMM_QUALITIES for r in results):
+            st.failed_polls += 1
+            if not st.failing:
+                st.failing = True
+                log.warning("%s: %s: %s; readings are published with bad quality until it "
+                            "answers again", where, results[0].quality, results[0].error)
+            else:
+                log.debug("%s: still failing (%d polls)", where, st.failed_polls)
+            return
+        if st.failing:
+            log.info("%s: answering again after %d failed polls", where, st.failed_polls)
+            st.failing = False
+            st.failed_polls = 0
+        addresses = {p.name: p.address for p in dev.points}
+        for r in results:
+            prev = st.bad_points.get(r.point)
+            if r.quality == GOOD:
+                if prev is not None:
+                    log.info("%s point %s (address %d): good again", where, r.point,
+                             addresses[r.point])
+                    del st.bad_points[r.point]
+            elif prev != r.quality:
+                st.bad_points[r.point] = r.quality
+                log.warning("%s point %s (address %d): %s: %s", where, r.point,
+                            addresses[r.point], r.quality, r.error)
+
+    async def run(self) -> None:
+        """Poll until cancelled. Missed cycles are skipped, not bunched up."""
+        try:
+            while True:
+                st = min(self.states, key=lambda s: s.next_due)
+                delay = st.next_due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                await self.poll_once(st)
+                interval = st.device.poll_interval
+                st.next_due += interval
+                now = time.monotonic()
+                if st.next_due <= now:
+                    missed = int((now - st.next_due) // interval) + 1
+                    st.next_due += missed * interval
+        finally:
+            self.bus.close()

@@ -1,0 +1,126 @@
+"""Drain the buffer to MQTT: QoS 1, oldest first, rows deleted only after PUBACK."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from agent.buffer import AsyncBuffer, payload_with_seq
+from agent.mqtt import MqttLink
+from agent.topics import ONLINE
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Moves rows from the buffer to the broker.
+
+    At most ``window`` messages are unacknowledged at a time. Acknowledged seqs are deleted
+    from the buffer in batches (one transaction per batch); a crash between PUBACK and that
+    delete makes the message go out again after restart, with the same seq and body, which
+    is the at-least-once contract of ``docs/mqtt.md``.
+    """
+
+    def __init__(self, buffer: AsyncBuffer, link: MqttLink, status_topic: str,
+                 window: int) -> None:
+        self.buffer = buffer
+        self.link = link
+        self.status_topic = status_topic
+        self.window = window
+        self.cursor = 0  # highest seq handed to the MQTT client
+        self.inflight: dict[int, int] = {}  # mid -> seq
+        self._acked: list[int] = []
+        self._wake = asyncio.Event()
+        self._ack_event = asyncio.Event()
+        self._status_mid: int | None = None
+        self._status_acked = asyncio.Event()
+        self.published = 0
+        self.acked_total = 0
+
+    def notify(self) -> None:
+        """New rows were committed."""
+        self._wake.set()
+
+    def on_connected(self) -> None:
+        """Announce ``online`` (retained) after every CONNACK."""
+        self.link.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        self._wake.set()
+
+    def on_puback(self, mid: int, ok: bool, reason: str) -> None:
+        """PUBACK for ``mid``; ``ok`` is False for an MQTT 5 failure reason code."""
+        if mid == self._status_mid:
+            self._status_acked.set()
+            return
+        seq = self.inflight.pop(mid, None)
+        if seq is None:
+            return
+        if ok:
+            self._acked.append(seq)
+            self.acked_total += 1
+        else:
+            log.error("broker refused message seq %d: %s; it stays buffered", seq, reason)
+            self.cursor = min(self.cursor, seq - 1)
+        self._ack_event.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish forever; cancel to stop."""
+        while True:
+            await self.link.connected.wait()
+            room = self.window - len(self.inflight)
+            if room <= 0:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._wake.clear()
+            rows = await self.buffer.fetch(self.cursor, room)
+            if not rows:
+                await self._wake.wait()
+                continue
+            for row in rows:
+                if not self.link.connected.is_set():
+                    break
+                mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
+                self.inflight[mid] = row.seq
+                self.cursor = row.seq
+                self.published += 1
+
+    async def run_acks(self, interval: float = 0.2) -> None:
+        """Delete acknowledged rows in batches; cancel to stop (call :meth:`flush_acks`)."""
+        while True:
+            await self._ack_event.wait()
+            self._ack_event.clear()
+            await asyncio.sleep(interval)
+            await self.flush_acks()
+
+    async def flush_acks(self) -> None:
+        """Delete every acknowledged row now."""
+        if self._acked:
+            done, self._acked = self._acked, []
+            await self.buffer.ack(done)
+
+    async def drain_inflight(self, timeout: float) -> None:
+        """Wait until nothing is in flight (or ``timeout``), for a clean shutdown."""
+        deadline = time.monotonic() + timeout
+        while self.inflight and self.link.connected.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._ack_event.clear()
+            try:
+                await asyncio.wait_for(self._ack_event.wait(), left)
+            except TimeoutError:
+                break
+
+    async def publish_offline(self, payload: bytes, timeout: float) -> bool:
+        """Publish the retained ``offline`` status and wait for its PUBACK."""
+        if not self.link.connected.is_set():
+            return False
+        self._status_acked.clear()
+        self._status_mid = self.link.publish(self.status_topic, payload, qos=1, retain=True)
+        try:
+            await asyncio.wait_for(self._status_acked.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True

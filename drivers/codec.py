@@ -1,0 +1,177 @@
+"""Pure, byte-based decoding of Modbus register values.
+
+Every function here works on the bytes as they travel on the wire, never on host-endian
+integers, so results are identical on ARM (Raspberry Pi) and x86.
+
+Register layout (Modbus Application Protocol Specification V1.1b3, clause 4.2 "Data
+Encoding"): each 16-bit register travels big-endian, high byte first. How a device spreads a
+multi-register value across registers is vendor-specific; it is named here by the order in
+which the value's bytes appear on the wire, with ``A`` the most significant byte:
+
+========  ======================================  =====================================
+order     wire bytes of a 32-bit value            also called
+========  ======================================  =====================================
+``ABCD``  A B C D                                 big-endian, high word first
+``CDAB``  C D A B                                 word swap, low word first
+``BADC``  B A D C                                 byte swap within each register
+``DCBA``  D C B A                                 little-endian
+========  ======================================  =====================================
+
+For 16-bit types only the byte swap matters (``ABCD``/``CDAB`` read ``AB``; ``BADC``/``DCBA``
+read ``BA``). For 64-bit types the same rule extends to four registers: ``CDAB`` reverses the
+register order, ``BADC`` swaps the bytes inside each register.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Final, Literal
+
+DataType = Literal[
+    "uint16", "int16", "uint32", "int32", "float32", "uint64", "int64", "float64", "bool"
+]
+ByteOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
+
+REGISTER_COUNT: Final[dict[str, int]] = {
+    "uint16": 1,
+    "int16": 1,
+    "uint32": 2,
+    "int32": 2,
+    "float32": 2,
+    "uint64": 4,
+    "int64": 4,
+    "float64": 4,
+}
+"""Number of 16-bit registers each register data type occupies."""
+
+_STRUCT: Final[dict[str, str]] = {
+    "uint16": ">H",
+    "int16": ">h",
+    "uint32": ">I",
+    "int32": ">i",
+    "float32": ">f",
+    "uint64": ">Q",
+    "int64": ">q",
+    "float64": ">d",
+}
+
+Value = int | float | bool
+
+
+class DecodeError(ValueError):
+    """Registers cannot be decoded as the configured type (wrong count, bad value range)."""
+
+
+def registers_to_bytes(registers: Sequence[int]) -> bytes:
+    """Return the wire bytes of ``registers`` (each 0..65535, sent high byte first).
+
+    Raises:
+        DecodeError: a register is outside 0..65535.
+    """
+    try:
+        return b"".join(r.to_bytes(2, "big") for r in registers)
+    except OverflowError as exc:
+        raise DecodeError(f"register value out of range 0..65535 in {list(registers)}") from exc
+
+
+def to_big_endian(wire: bytes, byte_order: ByteOrder) -> bytes:
+    """Reorder wire bytes of a multi-register value into big-endian (``ABCD``) order.
+
+    Args:
+        wire: the bytes as received, an even number of them.
+        byte_order: how the device lays the value out (see the module table).
+    Returns:
+        the same bytes, most significant first.
+    """
+    if byte_order == "ABCD":
+        return wire
+    words = [wire[i : i + 2] for i in range(0, len(wire), 2)]
+    if byte_order == "CDAB":
+        return b"".join(reversed(words))
+    if byte_order == "BADC":
+        return b"".join(w[::-1] for w in words)
+    return wire[::-1]  # DCBA
+
+
+def decode_registers(
+    registers: Sequence[int], data_type: DataType, byte_order: ByteOrder = "ABCD"
+) -> int | float:
+    """Decode the raw value of one point from its registers.
+
+    Args:
+        registers: exactly ``REGISTER_COUNT[data_type]`` register values (0..65535).
+        data_type: one of the register types in :data:`REGISTER_COUNT`. ``float32`` and
+            ``float64`` are IEEE 754 binary32/binary64, never scaled integers.
+        byte_order: ``ABCD``, ``CDAB``, ``BADC`` or ``DCBA``.
+    Returns:
+        an ``int`` for integer types, a ``float`` for IEEE types (may be NaN or ±Inf).
+    Raises:
+        DecodeError: the register count does not match the type (no zero-padding, ever),
+            or the type is not a register type.
+    """
+    fmt = _STRUCT.get(data_type)
+    if fmt is None:
+        raise DecodeError(f"type {data_type!r} is not a register type")
+    need = REGISTER_COUNT[data_type]
+    if len(registers) != need:
+        raise DecodeError(
+            f"{data_type} needs exactly {need} register(s), got {len(registers)}"
+        )
+    raw = to_big_endian(registers_to_bytes(registers), byte_order)
+    value: int | float = struct.unpack(fmt, raw)[0]
+    return value
+
+
+def scale_value(
+    raw: int | float, scale: int | float = 1, offset: int | float = 0, decimals: int | None = None
+) -> int | float:
+    """Apply ``value = raw × scale + offset`` the same way for every numeric type.
+
+    The result stays an ``int`` only when ``raw``, ``scale`` and ``offset`` are all integers;
+    any fractional factor yields a ``float`` (the fraction is never truncated back to the
+    input type). ``decimals`` rounds the result (``round`` half-to-even on the binary value),
+    so ``-1021 × 0.1`` is published as ``-102.1``.
+    """
+    if isinstance(raw, int) and isinstance(scale, int) and isinstance(offset, int):
+        return raw * scale + offset
+    value = float(raw) * scale + offset
+    if decimals is not None and math.isfinite(value):
+        value = round(value, decimals)
+    return value
+
+
+def non_finite_quality(value: float) -> str | None:
+    """Return ``"nan"`` or ``"inf"`` for a non-finite float, ``None`` for a usable value.
+
+    JSON (RFC 8259, section 6) has no token for NaN or infinity, so such a value must be
+    published as ``null`` with a bad quality instead.
+    """
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf"
+    return None
+
+
+def encode_registers(
+    value: int | float, data_type: DataType, byte_order: ByteOrder = "ABCD"
+) -> list[int]:
+    """Inverse of :func:`decode_registers`: the register values a device would hold.
+
+    Used by simulators and tests. Integers are range-checked by :mod:`struct`.
+
+    Raises:
+        DecodeError: the type is not a register type or the value does not fit.
+    """
+    fmt = _STRUCT.get(data_type)
+    if fmt is None:
+        raise DecodeError(f"type {data_type!r} is not a register type")
+    try:
+        big = struct.pack(fmt, value)
+    except struct.error as exc:
+        raise DecodeError(f"{value!r} does not fit {data_type}: {exc}") from exc
+    # every reordering above is its own inverse
+    wire = to_big_endian(big, byte_order)
+    return [int.from_bytes(wire[i : i + 2], "big") for i in range(0, len(wire), 2)]

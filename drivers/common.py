@@ -1,0 +1,52 @@
+"""Shared building blocks for driver configs: a strict model base and durations with units."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Parse a duration string with a unit into seconds.
+
+    Accepted units: ``ms``, ``s``, ``min``, ``h`` (for example ``"500ms"``, ``"5s"``,
+    ``"1min"``). A bare number is refused on purpose: ``5`` could mean seconds or
+    milliseconds, and a wrong guess changes a poll rate by a factor of 1000.
+
+    Args:
+        value: the raw config value.
+    Returns:
+        the duration in seconds (float, > 0 is not enforced here).
+    Raises:
+        ValueError: bare numbers, unknown units or anything that is not a string.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration; write a number with a unit, e.g. '5s'")
+    if isinstance(value, int | float):
+        raise ValueError(
+            f"bare number {value!r} has no unit; write e.g. '{value}s' or '{value}ms'"
+        )
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a duration; write e.g. '500ms', '5s', '1min'")
+    match = _DURATION_RE.match(value)
+    if match is None:
+        raise ValueError(
+            f"{value!r} is not a duration; write a number with a unit "
+            "(ms, s, min, h), e.g. '500ms', '5s', '1min'"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""A duration in seconds, written in YAML as a string with a unit (``500ms``, ``5s``, ``1min``)."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

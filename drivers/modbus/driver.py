@@ -1,0 +1,228 @@
+"""Modbus TCP polling with pymodbus's asyncio client.
+
+One :class:`ModbusTcpBus` per TCP endpoint; requests on a bus run one at a time. Points of a
+device are read in contiguous blocks (one request per block). Reconnecting is owned by the
+caller (the agent's bus task): pymodbus's own reconnect is switched off
+(``reconnect_delay=0``) so that there is exactly one backoff policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+
+from drivers.base import GOOD, PointResult
+from drivers.codec import DecodeError, decode_registers, non_finite_quality, scale_value
+from drivers.modbus.config import (
+    BIT_TABLES,
+    MAX_BITS_PER_READ,
+    MAX_REGISTERS_PER_READ,
+    ModbusPoint,
+)
+
+log = logging.getLogger(__name__)
+
+EXCEPTION_NAMES = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+"""Modbus exception codes, Modbus Application Protocol V1.1b3, clause 7."""
+
+FUNCTION_CODES = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One read request: ``count`` registers (or bits) of ``table`` from ``start``."""
+
+    table: str
+    start: int
+    count: int
+    points: tuple[ModbusPoint, ...]
+
+
+def plan_blocks(points: Sequence[ModbusPoint]) -> list[Block]:
+    """Group points into contiguous read blocks, one request per block.
+
+    Points are merged while they touch or overlap in the same table and the block stays
+    within the per-request limits (125 registers, 2000 bits). A gap starts a new block, so
+    no address the device may not implement is ever asked for.
+    """
+    blocks: list[Block] = []
+    ordered = sorted(points, key=lambda p: (p.table, p.address))
+    cur: list[ModbusPoint] = []
+    start = end = 0
+    table = ""
+    for p in ordered:
+        limit = MAX_BITS_PER_READ if p.table in BIT_TABLES else MAX_REGISTERS_PER_READ
+        p_end = p.address + p.register_count
+        if cur and p.table == table and p.address <= end and max(end, p_end) - start <= limit:
+            cur.append(p)
+            end = max(end, p_end)
+            continue
+        if cur:
+            blocks.append(Block(table, start, end - start, tuple(cur)))
+        cur, table, start, end = [p], p.table, p.address, p_end
+    if cur:
+        blocks.append(Block(table, start, end - start, tuple(cur)))
+    return blocks
+
+
+def decode_point(point: ModbusPoint, words: Sequence[int] | Sequence[bool]) -> PointResult:
+    """Turn the raw words (or bits) of one point into a :class:`PointResult`.
+
+    Pure function. NaN and ±Inf become bad quality (``nan``/``inf``) with ``value=None``.
+    """
+    if point.table in BIT_TABLES:
+        return PointResult(point.name, bool(words[0]))
+    try:
+        assert point.type is not None and point.type != "bool"
+        raw = decode_registers([int(w) for w in words], point.type, point.byte_order)
+    except DecodeError as exc:
+        return PointResult(point.name, None, "decode_error", str(exc))
+    value = scale_value(raw, point.scale, point.offset, point.decimals)
+    if isinstance(value, float):
+        bad = non_finite_quality(value)
+        if bad is not None:
+            return PointResult(point.name, None, bad, f"device sent {value!r}")
+    return PointResult(point.name, value)
+
+
+def decode_block(block: Block, words: Sequence[int] | Sequence[bool]) -> list[PointResult]:
+    """Decode every point of ``block`` from the words (or bits) read for the whole block."""
+    out = []
+    for p in block.points:
+        i = p.address - block.start
+        out.append(decode_point(p, words[i : i + p.register_count]))
+    return out
+
+
+def _bad(points: Sequence[ModbusPoint], quality: str, error: str, code: int | None = None
+         ) -> list[PointResult]:
+    return [PointResult(p.name, None, quality, error, code) for p in points]
+
+
+class ModbusTcpBus:
+    """A Modbus TCP endpoint shared by one or more devices (unit ids).
+
+    Args:
+        host, port: the endpoint.
+        timeout: seconds to wait for each response.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
+        self.host = host
+        self.port = port
+        self.name = f"tcp://{host}:{port}"
+        self._client = AsyncModbusTcpClient(
+            host, port=port, timeout=timeout, retries=0, reconnect_delay=0, name=self.name
+        )
+        # Timeouts of one unit on a shared TCP-to-RS-485 converter must not close the
+        # connection that the other units still answer on.
+        self._client.set_max_no_responses(1_000_000)
+
+    @property
+    def connected(self) -> bool:
+        """True while the TCP connection is up."""
+        return bool(self._client.connected)
+
+    async def connect(self) -> bool:
+        """Open the TCP connection once; return whether it is up. Never raises."""
+        try:
+            return bool(await self._client.connect())
+        except (OSError, ModbusException) as exc:
+            log.debug("connect %s failed: %s", self.name, exc)
+            return False
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._client.close()
+
+    async def _read(self, table: str, start: int, count: int, unit_id: int) -> object:
+        c = self._client
+        if table == "holding":
+            return await c.read_holding_registers(start, count=count, device_id=unit_id)
+        if table == "input":
+            return await c.read_input_registers(start, count=count, device_id=unit_id)
+        if table == "coil":
+            return await c.read_coils(start, count=count, device_id=unit_id)
+        return await c.read_discrete_inputs(start, count=count, device_id=unit_id)
+
+    async def read_block(self, unit_id: int, block: Block) -> list[PointResult]:
+        """Read one block; on an exception reply, narrow it to single points.
+
+        Returns one :class:`PointResult` per point of the block, never raises for device
+        faults: timeouts give quality ``timeout``, exception replies quality ``exception``
+        (with the code and its name), a lost connection ``no_connection``.
+        """
+        try:
+            resp = await self._read(block.table, block.start, block.count, unit_id)
+        except ConnectionException as exc:
+            return _bad(block.points, "no_connection", f"not connected to {self.name}: {exc}")
+        except (ModbusIOException, asyncio.TimeoutError) as exc:
+            return _bad(block.points, "timeout", f"no response from unit {unit_id}: {exc}")
+        except (ModbusException, OSError) as exc:
+            return _bad(block.points, "no_connection", str(exc))
+        if resp.isError():  # type: ignore[attr-defined]
+            code = int(getattr(resp, "exception_code", 0))
+            if len(block.points) > 1:
+                # One unsupported address must not cost the valid points of the block.
+                out: list[PointResult] = []
+                for p in block.points:
+                    single = Block(block.table, p.address, p.register_count, (p,))
+                    out.extend(await self.read_block(unit_id, single))
+                return out
+            name = EXCEPTION_NAMES.get(code, "unknown exception")
+            fc = FUNCTION_CODES[block.table]
+            return _bad(
+                block.points,
+                "exception",
+                f"exception {code} ({name}) to FC {fc:02d} at address {block.start}",
+                code,
+            )
+        if block.table in BIT_TABLES:
+            words: Sequence[int] | Sequence[bool] = resp.bits  # type: ignore[attr-defined]
+        else:
+            words = resp.registers  # type: ignore[attr-defined]
+        if len(words) < block.count:
+            return _bad(
+                block.points,
+                "decode_error",
+                f"short reply: asked {block.count}, got {len(words)}",
+            )
+        return decode_block(block, words)
+
+    async def read_device(self, unit_id: int, blocks: Sequence[Block]) -> list[PointResult]:
+        """Read every block of one device in order.
+
+        After a timeout or a lost connection the remaining blocks are not tried in this cycle
+        (they get the same bad quality), so a dead device costs one timeout per poll.
+        """
+        out: list[PointResult] = []
+        failed: PointResult | None = None
+        for block in blocks:
+            if failed is not None:
+                out.extend(_bad(block.points, failed.quality, failed.error or ""))
+                continue
+            results = await self.read_block(unit_id, block)
+            out.extend(results)
+            if results and results[0].quality in ("timeout", "no_connection") and all(
+                r.quality == results[0].quality for r in results
+            ):
+                failed = results[0]
+        return out
+
+
+__all__ = ["GOOD", "Block", "ModbusTcpBus", "decode_block", "decode_point", "plan_blocks"]
