@@ -214,6 +214,11 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{value!r} is not one of {', '.join(options)}{hint}"
     msg = str(err["msg"])
+    bounds = {"greater_than_equal": ("ge", "at least"), "less_than_equal": ("le", "at most"),
+              "greater_than": ("gt", "more than"), "less_than": ("lt", "less than")}
+    if kind in bounds:
+        key, words = bounds[kind]
+        return f"{value!r} is out of range: must be {words} {err.get('ctx', {}).get(key)}"
     if msg.startswith("Value error, "):
         return msg[len("Value error, ") :]
     if isinstance(value, dict | list):
@@ -377,21 +382,27 @@ def load_config(path: str | Path) -> AgentConfig:
         profiles, perrs = _load_profiles(pdir)
         issues += perrs
 
+    # profile references, checked on the raw data so they are reported with other errors
+    raw_devices = plain.get("devices") if isinstance(plain, dict) else None
+    if isinstance(raw_devices, list):
+        for i, d in enumerate(raw_devices):
+            ref = d.get("profile") if isinstance(d, dict) else None
+            if not isinstance(ref, str) or ref in profiles:
+                continue
+            f, line, col, p = _locate(data, ("devices", i, "profile"), display, origins,
+                                      key=False)
+            close = difflib.get_close_matches(ref, list(profiles), n=1)
+            known = ", ".join(sorted(profiles)) or f"none found in {_display(pdir)}"
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known profiles: {known}"
+            issues.append(ConfigIssue(f, line, col, p, f"unknown profile {ref!r}{hint}"))
+
     if cfg is None:
         raise ConfigError(issues)
     resolved = []
     for i, dev in enumerate(cfg.devices):
-        if dev.profile is None:
-            resolved.append(dev)
-            continue
-        prof = profiles.get(dev.profile)
+        prof = profiles.get(dev.profile) if dev.profile is not None else None
         if prof is None:
-            f, line, col, p = _locate(data, ("devices", i, "profile"), display, origins,
-                                      key=False)
-            known = ", ".join(sorted(profiles)) or f"none found in {_display(pdir)}"
-            close = difflib.get_close_matches(dev.profile, list(profiles), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; known profiles: {known}"
-            issues.append(ConfigIssue(f, line, col, p, f"unknown profile {dev.profile!r}{hint}"))
+            resolved.append(dev)
             continue
         names = {pt.name for pt in prof.points}
         for j, pt in enumerate(dev.points):
