@@ -1,0 +1,214 @@
+"""Real parts for the tests: a mosquitto broker, an MQTT subscriber, the agent process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES = REPO / "config" / "profiles"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
+                                          if os.path.exists("/usr/sbin/mosquitto") else None)
+    if found is None:
+        raise RuntimeError("the tests need mosquitto: sudo apt-get install -y mosquitto")
+    return found
+
+
+class Mosquitto:
+    """A mosquitto process on a free loopback port; stop/start keep the port and its
+    persistence file (so a subscriber's persistent session survives a restart)."""
+
+    def __init__(self, workdir: Path, extra_conf: str = "") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.extra_conf = extra_conf
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+
+    def start(self) -> None:
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 100000\n"
+            f"log_dest file {self.log}\n"
+            "log_type all\n" + self.extra_conf
+        )
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), 0.2):
+                return True
+            assert self.proc is not None and self.proc.poll() is None, "mosquitto died"
+            return False
+
+        wait_until(up, 10, "mosquitto to listen")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@dataclass
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    t: float
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+
+class Subscriber:
+    """The platform: a persistent-session QoS 1 subscriber collecting every message."""
+
+    def __init__(self, port: int, topic: str = "#", client_id: str | None = None,
+                 clean: bool = False) -> None:
+        self.messages: list[Message] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"platform-{os.getpid()}-{id(self)}",
+                                  clean_session=clean)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.topic = topic
+        self.connected = threading.Event()
+
+        def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
+            c.subscribe(topic, qos=1)
+            self.connected.set()
+
+        def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+            with self._lock:
+                self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain),
+                                             time.monotonic()))
+
+        self.client.on_connect = on_connect
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.connected.wait(10), "subscriber could not connect"
+        time.sleep(0.2)  # SUBACK
+
+    def telemetry(self) -> list[Message]:
+        with self._lock:
+            return [m for m in self.messages if "/telemetry/" in m.topic]
+
+    def on(self, suffix: str) -> list[Message]:
+        with self._lock:
+            return [m for m in self.messages if m.topic.endswith(suffix)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class AgentProcess:
+    """``python -m agent run --config FILE`` as a child process, stderr to a log file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+            stdout=self._log, stderr=self._log, env=env, cwd=REPO)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def buffer_rows(state_dir: Path) -> tuple[int, int]:
+    """(pending rows, last seq handed out) of the agent's buffer file."""
+    db = sqlite3.connect(state_dir / "buffer.db")
+    try:
+        pending = db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        return int(pending), int(row[0]) if row else 0
+    finally:
+        db.close()
+
+
+def seqs_of(messages: list[Message]) -> list[int]:
+    return [int(m.json()["seq"]) for m in messages]
+
+
+def assert_no_gaps(seqs: list[int], start: int = 1) -> None:
+    unique = sorted(set(seqs))
+    assert unique, "no telemetry received"
+    missing = sorted(set(range(start, unique[-1] + 1)) - set(unique))
+    assert not missing, f"missing seqs: {missing[:20]} (of {len(missing)})"
+
+
+def write_config(path: Path, broker_port: int, devices_yaml: str, extra: str = "") -> Path:
+    path.write_text(
+        "version: 1\n"
+        "gateway_id: test-gw\n"
+        f"state_dir: {path.parent / 'state'}\n"
+        f"profiles_dir: {PROFILES}\n"
+        "mqtt:\n"
+        "  host: 127.0.0.1\n"
+        f"  port: {broker_port}\n"
+        "  topic_prefix: lifeline\n"
+        "  client_id: test-gw\n"
+        "  reconnect_min: 100ms\n"
+        "  reconnect_max: 500ms\n"
+        "  keepalive: 5s\n" + extra +
+        "devices:\n" + devices_yaml
+    )
+    return path
