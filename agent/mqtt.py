@@ -54,6 +54,7 @@ class MqttLink:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         self._stop_event = asyncio.Event()
+        self._refused_logged = False
         self._sock: socket.socket | None = None
         self._misc_task: asyncio.Task[None] | None = None
         self._short_sessions: collections.deque[float] = collections.deque(maxlen=5)
@@ -152,6 +153,7 @@ class MqttLink:
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(ok)
         if ok:
+            self._refused_logged = False
             self._connected_at = time.monotonic()
             self._disconnected.clear()
             self.connected.set()
@@ -215,9 +217,10 @@ class MqttLink:
                 ok = await asyncio.wait_for(asyncio.shield(self._connack), timeout=30)
             except (OSError, ssl.SSLError, TimeoutError, mqtt.WebsocketConnectionError) as exc:
                 ok = False
-                if first is False or state.attempt_number == 1:
-                    log.warning("cannot connect to broker %s:%d: %s", self.cfg.host,
-                                self.cfg.port, exc)
+                level = logging.DEBUG if self._refused_logged else logging.WARNING
+                log.log(level, "cannot connect to broker %s:%d: %s; retrying with backoff",
+                        self.cfg.host, self.cfg.port, exc)
+                self._refused_logged = True
                 if self.client.socket() is not None:
                     self.client.disconnect()
             if ok:

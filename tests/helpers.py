@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import shutil
@@ -65,6 +66,8 @@ class Mosquitto:
     def start(self) -> None:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            # as root, mosquitto would switch to user 'mosquitto' and could not write here
+            f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"

@@ -1,0 +1,652 @@
+"""Config loading and ``edge-agent validate``: every problem once, at the right FILE:LINE:COL.
+
+Expected lines and columns are counted by hand in the YAML written by each test (1-based;
+an unknown key is reported at the key, a bad value at the value).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
+from ruamel.yaml import YAML
+
+from agent.cli import EX_CONFIG, main
+from agent.config.loader import ConfigError, ConfigIssue, load_config
+from agent.config.model import AgentConfig
+from drivers.common import parse_duration
+from drivers.modbus.config import ModbusProfile, ModbusTcpDevice
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "config"
+
+
+@pytest.fixture
+def cfgdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory; file names in messages are relative to it."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def with_profiles(cfgdir: Path) -> Path:
+    """``cfgdir`` with a copy of the shipped profiles in ``profiles/``."""
+    shutil.copytree(CONFIG_DIR / "profiles", cfgdir / "profiles")
+    return cfgdir
+
+
+def write(directory: Path, name: str, text: str) -> str:
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return name
+
+
+def validate(*args: str) -> tuple[int, list[str]]:
+    """Run ``edge-agent validate`` in-process; return exit code and all printed lines."""
+    result = CliRunner().invoke(main, ["validate", *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return result.exit_code, result.output.splitlines()
+
+
+def issues_of(name: str) -> list[ConfigIssue]:
+    with pytest.raises(ConfigError) as exc:
+        load_config(name)
+    return exc.value.issues
+
+
+def where(issue: ConfigIssue) -> tuple[str, int, int, str]:
+    return issue.file, issue.line, issue.col, issue.path
+
+
+HEAD = "gateway_id: gw-test\nstate_dir: state\n"
+
+
+# ---------------------------------------------------------------------------------------
+# 1. acceptance
+
+ACCEPTANCE = """\
+gateway_id: gw-test
+state_dir: state
+devices:
+  - id: pump-1
+    host: 192.0.2.10
+    unit_id: 300
+    poll_interval: 5
+    points:
+      - name: level
+        address: 0
+        type: float32
+        scael: 0.1
+"""
+# line 6 "    unit_id: 300": value starts after 4 spaces + "unit_id: " (9) -> col 14
+# line 7 "    poll_interval: 5": 4 spaces + "poll_interval: " (15) -> col 20
+# line 12 "        scael: 0.1": the key itself after 8 spaces -> col 9
+
+
+def test_acceptance_validate_reports_each_problem_once(cfgdir: Path) -> None:
+    name = write(cfgdir, "agent.yaml", ACCEPTANCE)
+    code, lines = validate(name)
+    assert code == EX_CONFIG == 78
+    assert len(lines) == 4
+    unit, poll, scael, summary = lines
+    assert unit.startswith("agent.yaml:6:14: devices[0].unit_id: ")
+    assert "300" in unit
+    assert "247" in unit
+    assert poll.startswith("agent.yaml:7:20: devices[0].poll_interval: ")
+    assert "bare number 5" in poll
+    assert "'5s'" in poll
+    assert scael.startswith("agent.yaml:12:9: devices[0].points[0].scael: ")
+    assert "unknown key 'scael'" in scael
+    assert "did you mean 'scale'" in scael
+    assert summary == "agent.yaml: 3 problems found"
+
+
+def test_acceptance_issues_from_loader(cfgdir: Path) -> None:
+    name = write(cfgdir, "agent.yaml", ACCEPTANCE)
+    assert [where(i) for i in issues_of(name)] == [
+        ("agent.yaml", 6, 14, "devices[0].unit_id"),
+        ("agent.yaml", 7, 20, "devices[0].poll_interval"),
+        ("agent.yaml", 12, 9, "devices[0].points[0].scael"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# 2. shipped configs
+
+
+def test_shipped_example_configs_validate() -> None:
+    agent_configs = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert [p.name for p in agent_configs] == ["agent.example.yaml"]
+    for path in agent_configs:
+        code, lines = validate(str(path))
+        assert code == 0, lines
+        assert lines == [lines[0]]
+        assert lines[0].startswith(f"{path}: OK (gateway zz-jinshui-gw017, 3 device(s), ")
+        cfg = load_config(path)
+        assert [d.id for d in cfg.devices] == [
+            "underpass-radar",
+            "culvert-level",
+            "gas-station-07-p1",
+        ]
+        included = cfg.devices[2]
+        assert included.profile == "gas-pressure"
+        assert included.points[-1].name == "cabinet_door_open"
+        assert included.points[-1].table == "discrete_input"
+        assert cfg.devices[0].poll_interval == 1.0
+        assert cfg.devices[0].timeout == 0.5
+
+    profiles = sorted((CONFIG_DIR / "profiles").glob("*.yaml"))
+    assert len(profiles) >= 3
+    for path in profiles:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+        profile = ModbusProfile.model_validate(data)
+        assert profile.name == path.stem
+        assert len(profile.points) >= 1
+
+
+# ---------------------------------------------------------------------------------------
+# 3. case 033 (adapted: id / driver / poll_interval); devices first so that the line
+# numbers are those of the case (first line = 1)
+
+CASE_033 = """\
+devices:
+  - id: pump-7
+    driver: modbus_tcp
+    host: 192.0.2.10          # documentation address
+    unit_id: 1
+    points:
+      - {name: level, table: holding, address: 0, type: flaot32}   # typo
+      - {name: state, table: holding, address: 2, type: uint16}
+  - id: pump-8
+    driver: modbus_tcp
+    host: 192.0.2.11
+    unit_id: 1
+    poll_interval: "often"                                      # not a duration
+    points:
+      - {name: level, table: holding, address: 0, type: float32}
+  - id: pump-9
+    driver: modbus_tcp      # valid; has no serial keys
+    host: 192.0.2.12
+    unit_id: 1
+    points:
+      - {name: level, table: holding, address: 0, type: float32}
+gateway_id: gw-test
+state_dir: state
+"""
+# line 7: 6 spaces, "- " (cols 7-8), "{" col 9, "name: level, " cols 10-22,
+#   "table: holding, " cols 23-38, "address: 0, " cols 39-50, "type: " cols 51-56 -> col 57
+# line 13: 4 spaces + 'poll_interval: ' (15) -> the quote at col 20
+
+
+def test_case_033_config_errors(cfgdir: Path) -> None:
+    name = write(cfgdir, "file.yaml", CASE_033)
+    code, lines = validate(name)
+    assert code == 78
+    assert len(lines) == 3
+    typo, often, summary = lines
+    assert typo.startswith("file.yaml:7:57: devices[0].points[0].type: 'flaot32' is not one of ")
+    assert "float32" in typo.split("is not one of", 1)[1]
+    assert "did you mean 'float32'" in typo
+    assert often.startswith("file.yaml:13:20: devices[1].poll_interval: 'often' is not a duration")
+    assert summary == "file.yaml: 2 problems found"
+    assert not any("devices[2]" in line or "pump-9" in line for line in lines)
+
+    run = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", name],
+        cwd=cfgdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 78
+    assert run.stdout == ""
+    assert run.stderr.splitlines() == lines
+    assert not (cfgdir / "state").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# 4. the loader's checks
+
+
+def test_duplicate_yaml_keys_each_reported(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+mqtt:
+  host: broker.local
+  port: 1883
+  host: other.local
+devices:
+  - id: pump-1
+    host: 192.0.2.10
+    points:
+      - name: level
+        address: 0
+        address: 1
+""",
+    )
+    issues = issues_of(name)
+    assert [(i.line, i.col, i.path) for i in issues] == [(6, 3, "host"), (13, 9, "address")]
+    assert "duplicate key 'host' (first defined at line 4)" in issues[0].message
+    assert "duplicate key 'address' (first defined at line 12)" in issues[1].message
+    code, lines = validate(name)
+    assert code == 78
+    assert lines[0].startswith("agent.yaml:6:3: ")
+    assert lines[1].startswith("agent.yaml:13:9: ")
+    assert lines[2] == "agent.yaml: 2 problems found"
+
+
+def test_duplicate_device_ids(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: pump-1
+    host: 192.0.2.10
+    points: [{name: a, address: 0}]
+  - id: pump-2
+    host: 192.0.2.11
+    points: [{name: a, address: 0}]
+  - id: pump-1
+    host: 192.0.2.12
+    points: [{name: a, address: 0}]
+""",
+    )
+    (issue,) = issues_of(name)
+    # line 10 "  - id: pump-1": the value after "  - id: " -> col 9
+    assert where(issue) == ("agent.yaml", 10, 9, "devices[2].id")
+    assert "duplicate device id 'pump-1' (also devices[0])" in issue.message
+
+
+def test_included_device_error_names_included_file(cfgdir: Path) -> None:
+    write(
+        cfgdir,
+        "devices/ok.yaml",
+        """\
+id: inc-ok
+host: 192.0.2.31
+points:
+  - {name: a, address: 0}
+""",
+    )
+    write(
+        cfgdir,
+        "devices/zz-bad.yaml",
+        """\
+# a converter in the pump house
+id: inc-bad
+host: 192.0.2.30
+unit_id: 0
+points:
+  - name: a
+    address: 0
+    typo: 1
+""",
+    )
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+include:
+  - devices/*.yaml
+devices:
+  - id: pump-1
+    host: 192.0.2.10
+    points: [{name: a, address: 0}]
+""",
+    )
+    issues = issues_of(name)
+    # line 4 "unit_id: 0" -> value at col 10; line 8 "    typo: 1" -> key at col 5
+    assert [where(i) for i in issues] == [
+        ("devices/zz-bad.yaml", 4, 10, "devices[2].unit_id"),
+        ("devices/zz-bad.yaml", 8, 5, "devices[2].points[0].typo"),
+    ]
+    code, lines = validate(name)
+    assert code == 78
+    assert lines[0].startswith("devices/zz-bad.yaml:4:10: devices[2].unit_id: 0 is out of range")
+    assert lines[1].startswith("devices/zz-bad.yaml:8:5: devices[2].points[0].typo: unknown key")
+    assert lines[2] == "agent.yaml: 2 problems found"
+
+
+def test_included_devices_load(cfgdir: Path) -> None:
+    write(
+        cfgdir,
+        "devices/two.yaml",
+        """\
+- {id: inc-a, host: 192.0.2.40, points: [{name: a, address: 0}]}
+- {id: inc-b, host: 192.0.2.41, unit_id: 2, points: [{name: b, address: 1}]}
+""",
+    )
+    name = write(cfgdir, "agent.yaml", HEAD + "include:\n  - devices/*.yaml\n")
+    cfg = load_config(name)
+    assert [(d.id, d.unit_id) for d in cfg.devices] == [("inc-a", 1), ("inc-b", 2)]
+
+
+def test_unknown_profile_did_you_mean(with_profiles: Path) -> None:
+    name = write(
+        with_profiles,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: radar-1
+    host: 192.0.2.10
+    profile: radar-water-levl
+""",
+    )
+    (issue,) = issues_of(name)
+    # line 6 "    profile: radar-water-levl" -> 4 + len("profile: ") = 13 -> col 14
+    assert where(issue) == ("agent.yaml", 6, 14, "devices[0].profile")
+    assert "unknown profile 'radar-water-levl'" in issue.message
+    assert "did you mean 'radar-water-level'" in issue.message
+
+
+def test_yaml_syntax_error_position(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: pump-1
+   host: 192.0.2.10
+""",
+    )
+    (issue,) = issues_of(name)
+    # line 5 "   host: ..." is indented 3, one less than the mapping it should belong to
+    assert (issue.file, issue.line, issue.col) == ("agent.yaml", 5, 4)
+    assert issue.message.startswith("YAML syntax error: ")
+    code, lines = validate(name)
+    assert code == 78
+    assert lines[0].startswith("agent.yaml:5:4: YAML syntax error: ")
+    assert lines[1] == "agent.yaml: 1 problem found"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("5s", 5.0), ("1min", 60.0), ("1.5s", 1.5), ("2h", 7200.0)],
+)
+def test_duration_units(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        (5, "bare number 5 has no unit"),
+        (5.0, "bare number 5.0 has no unit"),
+        (0, "bare number 0 has no unit"),
+        (True, "True is not a duration"),
+        (None, "None is not a duration"),
+        ("5", "'5' is not a duration"),
+        ("5sec", "'5sec' is not a duration"),
+        ("5m", "'5m' is not a duration"),
+        ("1 day", "'1 day' is not a duration"),
+        ("-5s", "'-5s' is not a duration"),
+        ("", "'' is not a duration"),
+    ],
+)
+def test_duration_refuses_bare_numbers_and_unknown_units(bad: object, why: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        parse_duration(bad)
+    assert str(exc.value).startswith(why)
+
+
+def test_durations_in_config(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+mqtt:
+  keepalive: 1min
+devices:
+  - id: fast
+    host: 192.0.2.10
+    poll_interval: 500ms
+    timeout: 5s
+    points: [{name: a, address: 0}]
+""",
+    )
+    cfg = load_config(name)
+    assert cfg.mqtt.keepalive == 60.0
+    assert (cfg.devices[0].poll_interval, cfg.devices[0].timeout) == (0.5, 5.0)
+
+    name = write(
+        cfgdir,
+        "bad.yaml",
+        HEAD
+        + """\
+devices:
+  - id: slow
+    host: 192.0.2.10
+    poll_interval: 2
+    timeout: 5 sec
+    points: [{name: a, address: 0}]
+""",
+    )
+    issues = issues_of(name)
+    # line 6 "    poll_interval: 2" -> col 20; line 7 "    timeout: 5 sec" -> col 14
+    assert [where(i) for i in issues] == [
+        ("bad.yaml", 6, 20, "devices[0].poll_interval"),
+        ("bad.yaml", 7, 14, "devices[0].timeout"),
+    ]
+    assert "bare number 2 has no unit" in issues[0].message
+    assert "'5 sec' is not a duration" in issues[1].message
+
+
+DEVICE = (
+    HEAD
+    + """\
+devices:
+  - id: dev-1
+    host: 192.0.2.10
+    unit_id: {unit_id}
+    points:
+      - name: a
+        address: {address}
+        type: {type}
+"""
+)
+
+
+@pytest.mark.parametrize("unit_id", [1, 247])
+def test_unit_id_accepted(cfgdir: Path, unit_id: int) -> None:
+    name = write(cfgdir, "agent.yaml", DEVICE.format(unit_id=unit_id, address=0, type="uint16"))
+    assert load_config(name).devices[0].unit_id == unit_id
+
+
+@pytest.mark.parametrize(("unit_id", "bound"), [(0, "at least 1"), (248, "at most 247")])
+def test_unit_id_refused(cfgdir: Path, unit_id: int, bound: str) -> None:
+    name = write(cfgdir, "agent.yaml", DEVICE.format(unit_id=unit_id, address=0, type="uint16"))
+    (issue,) = issues_of(name)
+    # line 6 "    unit_id: N" -> col 14
+    assert where(issue) == ("agent.yaml", 6, 14, "devices[0].unit_id")
+    assert issue.message == f"{unit_id} is out of range: must be {bound}"
+
+
+def test_register_address_range(cfgdir: Path) -> None:
+    name = write(cfgdir, "agent.yaml", DEVICE.format(unit_id=1, address=65535, type="uint16"))
+    assert load_config(name).devices[0].points[0].address == 65535
+
+    name = write(cfgdir, "agent.yaml", DEVICE.format(unit_id=1, address=65536, type="uint16"))
+    (issue,) = issues_of(name)
+    # line 9 "        address: 65536" -> 8 + len("address: ") = 17 -> col 18
+    assert where(issue) == ("agent.yaml", 9, 18, "devices[0].points[0].address")
+    assert issue.message == "65536 is out of range: must be at most 65535"
+
+    # a float32 at 65535 would need register 65536
+    name = write(cfgdir, "agent.yaml", DEVICE.format(unit_id=1, address=65535, type="float32"))
+    (issue,) = issues_of(name)
+    assert (issue.line, issue.path) == (8, "devices[0].points[0]")
+    assert "runs past 65535" in issue.message
+
+
+def test_float32_count_mismatch_is_config_error(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: meter
+    host: 192.0.2.10
+    points:
+      - name: grid_voltage
+        address: 100
+        type: float32
+        count: 1
+""",
+    )
+    (issue,) = issues_of(name)
+    assert (issue.line, issue.path) == (7, "devices[0].points[0]")
+    assert "count 1 does not match type float32" in issue.message
+
+
+def test_unknown_top_level_key(cfgdir: Path) -> None:
+    name = write(cfgdir, "agent.yaml", HEAD + "log_levle: debug\ndevices: []\n")
+    issues = issues_of(name)
+    assert ("agent.yaml", 3, 1, "log_levle") in [where(i) for i in issues]
+    (typo,) = [i for i in issues if i.path == "log_levle"]
+    assert typo.message == "unknown key 'log_levle' (did you mean 'log_level'?)"
+
+
+# ---------------------------------------------------------------------------------------
+# 5. valid files
+
+
+def test_tcp_device_without_serial_keys_loads(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: pump-9
+    driver: modbus_tcp      # valid; has no serial keys
+    host: 192.0.2.12
+    unit_id: 1
+    points:
+      - {name: level, table: holding, address: 0, type: float32}
+""",
+    )
+    cfg = load_config(name)
+    assert isinstance(cfg, AgentConfig)
+    (dev,) = cfg.devices
+    assert isinstance(dev, ModbusTcpDevice)
+    assert (dev.id, dev.host, dev.port, dev.unit_id) == ("pump-9", "192.0.2.12", 502, 1)
+    assert (dev.poll_interval, dev.timeout) == (1.0, 1.0)
+    assert dev.bus == "tcp://192.0.2.12:502"
+    assert [(p.name, p.type, p.register_count) for p in dev.points] == [("level", "float32", 2)]
+    assert cfg.state_dir == str((cfgdir / "state").resolve())
+    code, lines = validate(name)
+    assert code == 0
+    assert lines == ["agent.yaml: OK (gateway gw-test, 1 device(s), 1 point(s))"]
+
+
+def test_profile_points_merged_before_device_points(cfgdir: Path) -> None:
+    write(
+        cfgdir,
+        "profiles/test-meter.yaml",
+        """\
+name: test-meter
+description: A test meter
+points:
+  - {name: voltage, address: 0, type: float32, byte_order: CDAB}
+  - {name: current, address: 2, type: int16, scale: 0.01}
+""",
+    )
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: meter-1
+    host: 192.0.2.10
+    profile: test-meter
+    points:
+      - {name: door, table: coil, address: 5}
+  - id: meter-2
+    host: 192.0.2.10
+    unit_id: 2
+    profile: test-meter
+""",
+    )
+    cfg = load_config(name)
+    assert [p.name for p in cfg.devices[0].points] == ["voltage", "current", "door"]
+    assert [p.name for p in cfg.devices[1].points] == ["voltage", "current"]
+    voltage = cfg.devices[0].points[0]
+    assert (voltage.type, voltage.byte_order, voltage.register_count) == ("float32", "CDAB", 2)
+    assert cfg.devices[0].points[1].scale == 0.01
+    assert cfg.devices[0].points[2].type == "bool"
+    assert cfg.profiles_dir == str(cfgdir / "profiles")
+
+
+def test_device_point_clashing_with_profile_point(cfgdir: Path) -> None:
+    write(
+        cfgdir,
+        "profiles/test-meter.yaml",
+        """\
+name: test-meter
+description: A test meter
+points:
+  - {name: voltage, address: 0, type: float32}
+""",
+    )
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: meter-1
+    host: 192.0.2.10
+    profile: test-meter
+    points:
+      - name: voltage
+        address: 10
+""",
+    )
+    (issue,) = issues_of(name)
+    # line 8 "      - name: voltage" -> value at col 15
+    assert where(issue) == ("agent.yaml", 8, 15, "devices[0].points[0].name")
+    assert issue.message == "point 'voltage' is already defined by profile 'test-meter'"
+
+
+def test_shipped_profiles_used_by_devices(with_profiles: Path) -> None:
+    name = write(
+        with_profiles,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: radar
+    host: 192.0.2.10
+    profile: radar-water-level
+    points:
+      - {name: extra, address: 100}
+""",
+    )
+    (dev,) = load_config(name).devices
+    assert [p.name for p in dev.points] == ["air_gap", "water_level", "install_height", "extra"]
+    assert [p.address for p in dev.points] == [1, 3, 5, 100]
+
+
+def test_model_rejects_unknown_type_name() -> None:
+    with pytest.raises(ValidationError):
+        ModbusTcpDevice.model_validate(
+            {"id": "d", "host": "h", "points": [{"name": "a", "address": 0, "type": "flaot32"}]}
+        )

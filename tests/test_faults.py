@@ -1,0 +1,271 @@
+"""Device faults stay with their device; the buffer survives reconnects; identity."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.app import default_client_id, machine_suffix
+from agent.simulator import ModbusSimulator
+from drivers.modbus.config import ModbusPoint
+from tests.helpers import (
+    AgentProcess,
+    Mosquitto,
+    Subscriber,
+    assert_no_gaps,
+    buffer_rows,
+    seqs_of,
+    wait_until,
+    write_config,
+)
+
+
+class BlackHole:
+    """A TCP peer that accepts Modbus requests and never answers (a hung converter)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = int(self.sock.getsockname()[1])
+        self.conns: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def close(self) -> None:
+        self._stop = True
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def vent_sim() -> Iterator[ModbusSimulator]:
+    """Case 017: two ventilation units; unit 1 does not implement coil 72."""
+    sim = ModbusSimulator()
+    temp = ModbusPoint(name="supply_temp", table="holding", address=6, type="int16", scale=0.1)
+    neighbour = ModbusPoint(name="fan_speed", table="holding", address=7, type="uint16")
+    sim.add_device(1, [temp, neighbour])  # no coil 72, no register 8
+    sim.add_device(2, [temp, neighbour])
+    sim.set_raw(1, "holding", 6, [215, 1200])
+    sim.set_raw(2, "holding", 6, [0xFFEC, 900])
+    sim.start_thread()
+    yield sim
+    sim.stop_thread()
+
+
+def test_case_017_exception_and_timeout_stay_with_their_device(
+        tmp_path: Path, broker: Mosquitto, vent_sim: ModbusSimulator) -> None:
+    """vent-1 answers exception 2 for coil 72 and for register 8 inside a block; dead-1
+    never answers; vent-1's valid points and vent-2 keep publishing good readings."""
+    hole = BlackHole()
+    devices = f"""\
+  - id: vent-1
+    host: 127.0.0.1
+    port: {vent_sim.port}
+    unit_id: 1
+    poll_interval: 200ms
+    points:
+      - {{name: supply_temp, table: holding, address: 6, type: int16, scale: 0.1}}
+      - {{name: fan_speed, table: holding, address: 7, type: uint16}}
+      - {{name: filter_hours, table: holding, address: 8, type: uint16}}
+      - {{name: summer_mode, table: coil, address: 72}}
+  - id: vent-2
+    host: 127.0.0.1
+    port: {vent_sim.port}
+    unit_id: 2
+    poll_interval: 200ms
+    points:
+      - {{name: supply_temp, table: holding, address: 6, type: int16, scale: 0.1}}
+  - id: dead-1
+    host: 127.0.0.1
+    port: {hole.port}
+    unit_id: 1
+    poll_interval: 200ms
+    timeout: 300ms
+    points:
+      - {{name: level, table: holding, address: 0, type: uint16}}
+"""
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    time.sleep(4)
+    assert agent.stop() == 0, agent.log()
+    hole.close()
+    _, last_seq = buffer_rows(tmp_path / "state")
+    wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 5, "all")
+    sub.close()
+    msgs = {m.json()["seq"]: m.json() for m in sub.telemetry()}
+    assert_no_gaps(list(msgs))
+    by_dev: dict[str, list[dict]] = {}
+    for doc in msgs.values():
+        by_dev.setdefault(doc["device"], []).append(doc["points"])
+    # vent-2 is untouched by its neighbour's faults: ~20 good polls in 4 s
+    assert len(by_dev["vent-2"]) >= 15
+    assert all(p["supply_temp"] == {"value": -2.0, "unit": None, "quality": "good"}
+               for p in by_dev["vent-2"])
+    # vent-1: valid points of the failing block still read; the bad ones named
+    assert len(by_dev["vent-1"]) >= 15
+    for p in by_dev["vent-1"]:
+        assert p["supply_temp"]["value"] == 21.5 and p["supply_temp"]["quality"] == "good"
+        assert p["fan_speed"]["value"] == 1200
+        for bad in ("filter_hours", "summer_mode"):
+            assert p[bad]["quality"] == "exception"
+            assert p[bad]["exception_code"] == 2
+            assert "illegal data address" in p[bad]["error"]
+            assert p[bad]["value"] is None
+    # the silent device: bad quality every poll, not silence
+    assert len(by_dev["dead-1"]) >= 5
+    assert all(p["level"]["quality"] in ("timeout", "no_connection") for p in by_dev["dead-1"])
+    log = agent.log()
+    # loud once, not once per poll
+    assert log.count("device dead-1") == 1, log
+    assert log.count("summer_mode (address 72): exception") == 1, log
+
+
+def test_device_recovery_is_logged_once(tmp_path: Path, broker: Mosquitto) -> None:
+    """A device whose server goes away gets no_connection readings, and its return is
+    logged once; other buses are unaffected."""
+    sim = ModbusSimulator()
+    sim.add_device(1, [ModbusPoint(name="v", address=0)])
+    sim.set_raw(1, "holding", 0, [42])
+    sim.start_thread()
+    port = sim.port
+    devices = f"""\
+  - id: flaky
+    host: 127.0.0.1
+    port: {port}
+    poll_interval: 200ms
+    timeout: 300ms
+    points: [{{name: v, address: 0}}]
+"""
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    wait_until(lambda: len(sub.telemetry()) >= 3, 10, "first readings")
+    sim.stop_thread()
+    time.sleep(2)
+    sim2 = ModbusSimulator(port=port)
+    sim2.add_device(1, [ModbusPoint(name="v", address=0)])
+    sim2.set_raw(1, "holding", 0, [43])
+    sim2.start_thread()
+    wait_until(lambda: any(m.json()["points"]["v"]["value"] == 43 for m in sub.telemetry()),
+               20, "readings after the device came back")
+    assert agent.stop() == 0
+    sim2.stop_thread()
+    sub.close()
+    qualities = [m.json()["points"]["v"]["quality"] for m in sub.telemetry()]
+    assert "good" in qualities and ("no_connection" in qualities or "timeout" in qualities)
+    log = agent.log()
+    assert log.count("answering again") == 1 or log.count("connected again") == 1, log
+
+
+def test_case_035_buffer_survives_reconnects(
+        tmp_path: Path, broker: Mosquitto) -> None:
+    """Two broker restarts: the buffer file is never recreated (same inode), seqs keep
+    increasing, and the readings buffered in between are all delivered."""
+    sim = ModbusSimulator()
+    sim.add_device(1, [ModbusPoint(name="v", address=0)])
+    sim.start_thread()
+    devices = f"""\
+  - id: d1
+    host: 127.0.0.1
+    port: {sim.port}
+    poll_interval: 100ms
+    points: [{{name: v, address: 0}}]
+"""
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    sub = Subscriber(broker.port, "lifeline/#", client_id="platform-035")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    db = tmp_path / "state" / "buffer.db"
+    wait_until(db.exists, 10, "buffer file")
+    inode = os.stat(db).st_ino
+    for _ in range(2):
+        time.sleep(1)
+        broker.stop()
+        time.sleep(1.5)
+        assert os.stat(db).st_ino == inode
+        broker.start()
+    time.sleep(2)
+    assert agent.stop() == 0, agent.log()
+    sim.stop_thread()
+    assert os.stat(db).st_ino == inode
+    pending, last_seq = buffer_rows(tmp_path / "state")
+    try:
+        wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 10,
+                   "all")
+    finally:
+        sub.close()
+        got = set(seqs_of(sub.telemetry()))
+        print("missing", sorted(set(range(1, last_seq + 1)) - got), "last", last_seq)
+        print(agent.log())
+    assert pending == 0
+    assert sorted(got) == list(range(1, last_seq + 1))
+
+
+def test_case_030_client_id_derived_and_stable(tmp_path: Path) -> None:
+    """No client id in config: derived from gateway id + machine id, stable, and different
+    on two machines (cloned images must regenerate /etc/machine-id)."""
+    a = tmp_path / "machine-a"
+    b = tmp_path / "machine-b"
+    a.write_text("0123456789abcdef0123456789abcdef\n")
+    b.write_text("fedcba9876543210fedcba9876543210\n")
+    assert machine_suffix(a) == machine_suffix(a)
+    assert machine_suffix(a) != machine_suffix(b)
+    assert len(machine_suffix(a)) == 8
+    assert machine_suffix(tmp_path / "missing") == ""
+    cid = default_client_id("gw-017")
+    assert cid.startswith("gw-017") and cid == default_client_id("gw-017")
+
+
+def test_case_030_duplicate_client_id_is_named(tmp_path: Path, broker: Mosquitto,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Two agents configured with one client id knock each other off; the agent says what
+    is probably wrong instead of only reconnecting, and backs off."""
+    sim = ModbusSimulator()
+    sim.add_device(1, [ModbusPoint(name="v", address=0)])
+    sim.start_thread()
+    devices = f"""\
+  - id: d1
+    host: 127.0.0.1
+    port: {sim.port}
+    poll_interval: 1s
+    points: [{{name: v, address: 0}}]
+"""
+    agents = []
+    for i in range(2):
+        d = tmp_path / f"gw{i}"
+        d.mkdir()
+        cfg = write_config(d / "agent.yaml", broker.port, devices)
+        agents.append(AgentProcess(cfg, d / "agent.log"))
+    for a in agents:
+        a.start()
+    try:
+        wait_until(lambda: any("same client id" in a.log() for a in agents), 60,
+                   "the duplicate client id hint")
+    finally:
+        for a in agents:
+            a.stop()
+        sim.stop_thread()
+    logging.getLogger().debug("logs: %s", [a.log() for a in agents])
