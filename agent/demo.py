@@ -26,7 +26,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config.loader import _load_profiles
+from agent.config.loader import load_profiles
 from agent.simulator import ModbusSimulator, flood_level, gas_pressure
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
@@ -150,7 +150,8 @@ def run_demo(duration: float, workdir: Path | None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="edge-agent-demo-")
         workdir = Path(tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
-    profiles, errors = _load_profiles(REPO_CONFIG / "profiles")
+    loaded = load_profiles(REPO_CONFIG / "profiles")
+    profiles, errors = loaded.valid, loaded.issues
     if errors:
         for e in errors:
             print(e, file=sys.stderr)

@@ -20,7 +20,7 @@ from agent.cli import EX_CONFIG, main
 from agent.config.loader import ConfigError, ConfigIssue, load_config
 from agent.config.model import AgentConfig
 from drivers.common import parse_duration
-from drivers.modbus.config import ModbusProfile, ModbusTcpDevice
+from drivers.modbus.config import ModbusPoint, ModbusProfile, ModbusTcpDevice
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "config"
@@ -235,7 +235,10 @@ devices:
 """,
     )
     issues = issues_of(name)
-    assert [(i.line, i.col, i.path) for i in issues] == [(6, 3, "host"), (13, 9, "address")]
+    assert [(i.line, i.col, i.path) for i in issues] == [
+        (6, 3, "mqtt.host"),
+        (13, 9, "devices[0].points[0].address"),
+    ]
     assert "duplicate key 'host' (first defined at line 4)" in issues[0].message
     assert "duplicate key 'address' (first defined at line 12)" in issues[1].message
     code, lines = validate(name)
@@ -650,3 +653,44 @@ def test_model_rejects_unknown_type_name() -> None:
         ModbusTcpDevice.model_validate(
             {"id": "d", "host": "h", "points": [{"name": "a", "address": 0, "type": "flaot32"}]}
         )
+
+
+def test_empty_config_file_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing here yet\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert len(err.value.issues) == 1
+    assert "is empty" in err.value.issues[0].message
+
+
+def test_include_accepts_a_single_string(tmp_path: Path) -> None:
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "d.yaml").write_text(
+        "id: d1\nhost: 192.0.2.1\npoints: [{name: v, address: 0}]\n"
+    )
+    path = tmp_path / "a.yaml"
+    path.write_text("gateway_id: gw\ninclude: devices/*.yaml\n")
+    cfg = load_config(path)
+    assert [d.id for d in cfg.devices] == ["d1"]
+
+
+def test_broken_profile_is_not_called_unknown(tmp_path: Path) -> None:
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "m.yaml").write_text(
+        "name: m\ndescription: x\npoints:\n  - {name: v, address: 0, type: flaot32}\n"
+    )
+    path = tmp_path / "a.yaml"
+    path.write_text("gateway_id: gw\ndevices:\n  - {id: d1, host: 192.0.2.1, profile: m}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    messages = [str(i) for i in err.value.issues]
+    assert len(messages) == 1, messages
+    assert "m.yaml:4:" in messages[0] and "flaot32" in messages[0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("key", ["scale", "offset"])
+def test_non_finite_scale_or_offset_refused(bad: float, key: str) -> None:
+    with pytest.raises(ValidationError):
+        ModbusPoint.model_validate({"name": "v", "address": 0, key: bad})

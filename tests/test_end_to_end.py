@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config.loader import _load_profiles
+from agent.config.loader import load_profiles
 from agent.readings import parse_iso_ms
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
@@ -77,8 +77,9 @@ def _fill(sim_a: ModbusSimulator, sim_b: ModbusSimulator) -> None:
 
 @pytest.fixture
 def sims() -> Iterator[tuple[ModbusSimulator, ModbusSimulator]]:
-    profiles, errors = _load_profiles(PROFILES)
-    assert not errors
+    loaded = load_profiles(PROFILES)
+    assert not loaded.issues
+    profiles = loaded.valid
     a = ModbusSimulator(tick=0.05)
     a.add_device(1, POINTS_A, {"counter": lambda t: int(t * 20) % 65536})
     b = ModbusSimulator()

@@ -56,24 +56,25 @@ def _yaml() -> YAML:
     return y
 
 
-def _duplicate_keys(node: Node, file: str) -> Iterator[ConfigIssue]:
+def _duplicate_keys(node: Node, file: str, path: str = "") -> Iterator[ConfigIssue]:
     if isinstance(node, MappingNode):
         first: dict[Any, Node] = {}
         for key, value in node.value:
             k = getattr(key, "value", None)
+            sub = f"{path}.{k}" if path else str(k)
             if isinstance(k, str | int | float | bool) and k in first:
                 m = key.start_mark
                 prev = first[k].start_mark.line + 1
                 yield ConfigIssue(
-                    file, m.line + 1, m.column + 1, str(k),
+                    file, m.line + 1, m.column + 1, sub,
                     f"duplicate key {k!r} (first defined at line {prev}); remove one",
                 )
             else:
                 first.setdefault(k, key)
-            yield from _duplicate_keys(value, file)
+            yield from _duplicate_keys(value, file, sub)
     elif isinstance(node, SequenceNode):
-        for item in node.value:
-            yield from _duplicate_keys(item, file)
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, file, f"{path}[{i}]")
 
 
 def _parse(path: Path, display: str) -> tuple[Any, list[ConfigIssue]]:
@@ -268,8 +269,23 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _load_profiles(directory: Path) -> tuple[dict[str, ModbusProfile], list[ConfigIssue]]:
+@dataclass
+class Profiles:
+    """The device profiles of one directory.
+
+    ``broken`` names the profiles that exist but failed validation (their problems are in
+    ``issues``), so a device using one is not also told that its profile is unknown.
+    """
+
+    valid: dict[str, ModbusProfile]
+    broken: set[str]
+    issues: list[ConfigIssue]
+
+
+def load_profiles(directory: Path) -> Profiles:
+    """Load and validate every ``*.yaml``/``*.yml`` profile in ``directory``."""
     profiles: dict[str, ModbusProfile] = {}
+    broken: set[str] = set()
     where: dict[str, str] = {}
     issues: list[ConfigIssue] = []
     for p in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
@@ -282,6 +298,8 @@ def _load_profiles(directory: Path) -> tuple[dict[str, ModbusProfile], list[Conf
             prof = ModbusProfile.model_validate(_to_plain(data))
         except ValidationError as exc:
             issues += _pydantic_issues(exc, ModbusProfile, data, disp, _Origins({}))
+            if isinstance(data, dict) and isinstance(data.get("name"), str):
+                broken.add(data["name"])
             continue
         if prof.name in profiles:
             line, col = _pos_of_node(data)
@@ -291,7 +309,7 @@ def _load_profiles(directory: Path) -> tuple[dict[str, ModbusProfile], list[Conf
             continue
         profiles[prof.name] = prof
         where[prof.name] = disp
-    return profiles, issues
+    return Profiles(profiles, broken, issues)
 
 
 def load_config(path: str | Path) -> AgentConfig:
@@ -310,11 +328,13 @@ def load_config(path: str | Path) -> AgentConfig:
     base = main.parent
     display = _display(main)
     data, issues = _parse(main, display)
-    if data is None:
+    if data is None and issues:
         raise ConfigError(issues)
     if not isinstance(data, CommentedMap):
-        raise ConfigError(issues + [ConfigIssue(display, 1, 1, "",
-                                                "the config file must be a mapping of keys")])
+        what = "is empty" if data is None else f"holds a {type(data).__name__}"
+        raise ConfigError(issues + [ConfigIssue(
+            display, 1, 1, "", f"the config file {what}; it must be a mapping of keys "
+            "(see config/agent.example.yaml)")])
     origins = _Origins({})
 
     # includes: each file holds one device (mapping) or a list of devices
@@ -336,6 +356,8 @@ def load_config(path: str | Path) -> AgentConfig:
                 mdisp = _display(Path(m))
                 part, errs = _parse(Path(m), mdisp)
                 issues += errs
+                if part is None and not errs:
+                    issues.append(ConfigIssue(mdisp, 1, 1, "", "included file is empty"))
                 items = part if isinstance(part, list) else [part] if part is not None else []
                 for item in items:
                     if isinstance(item, CommentedMap) and isinstance(devices, list):
@@ -374,20 +396,22 @@ def load_config(path: str | Path) -> AgentConfig:
     pdir_raw = plain.get("profiles_dir") if isinstance(plain, dict) else None
     pdir = base / str(pdir_raw) if pdir_raw else base / "profiles"
     profiles: dict[str, ModbusProfile] = {}
+    broken: set[str] = set()
     if pdir_raw and not pdir.is_dir():
         f, line, col, p = _locate(data, ("profiles_dir",), display, origins, key=False)
         issues.append(ConfigIssue(f, line, col, p, f"profiles_dir {str(pdir)!r} is not a "
                                   "directory"))
     elif pdir.is_dir():
-        profiles, perrs = _load_profiles(pdir)
-        issues += perrs
+        loaded = load_profiles(pdir)
+        profiles, broken = loaded.valid, loaded.broken
+        issues += loaded.issues
 
     # profile references, checked on the raw data so they are reported with other errors
     raw_devices = plain.get("devices") if isinstance(plain, dict) else None
     if isinstance(raw_devices, list):
         for i, d in enumerate(raw_devices):
             ref = d.get("profile") if isinstance(d, dict) else None
-            if not isinstance(ref, str) or ref in profiles:
+            if not isinstance(ref, str) or ref in profiles or ref in broken:
                 continue
             f, line, col, p = _locate(data, ("devices", i, "profile"), display, origins,
                                       key=False)
