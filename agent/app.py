@@ -13,6 +13,7 @@ import logging
 import signal
 import sqlite3
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from agent.buffer import AsyncBuffer, Buffer
@@ -52,25 +53,28 @@ class BufferWriter:
 
     Polls arrive synchronously from bus tasks; a commit covers all polls that arrived while
     the previous commit ran (one transaction per cycle under load, per poll when idle).
-    A failed commit (disk full, I/O error) is retried with the polls kept in memory.
+    A failed commit (disk full, I/O error) is retried every second with the polls kept in
+    memory, up to ``max_pending`` messages (beyond that the oldest are dropped and counted in
+    :attr:`lost`).
+
+    Attributes:
+        on_commit: called after every successful commit (the publisher's wake-up).
     """
 
-    def __init__(self, buffer: AsyncBuffer, on_commit: asyncio.Event | None = None,
-                 max_pending: int = 100_000) -> None:
+    def __init__(self, buffer: AsyncBuffer, max_pending: int = 100_000) -> None:
         self.buffer = buffer
         self.pending: list[tuple[str, bytes, int]] = []
         self.max_pending = max_pending
-        self._event = asyncio.Event()
-        self.committed = asyncio.Event()
         self.lost = 0
-        self.listeners: list[asyncio.Event] = []
+        self.on_commit: Callable[[], None] = lambda: None
+        self._event = asyncio.Event()
         self._failing = False
 
     def submit(self, topic: str, body: bytes, ts_ms: int) -> None:
         """Queue one message for the next commit (never blocks)."""
         self.pending.append((topic, body, ts_ms))
         if len(self.pending) > self.max_pending:
-            self.pending.pop(0)
+            del self.pending[0]
             self.lost += 1
         self._event.set()
 
@@ -84,15 +88,18 @@ class BufferWriter:
         except sqlite3.Error as exc:
             self.pending = batch + self.pending
             if not self._failing:
-                log.error("cannot write buffer %s: %s; keeping %d messages in memory and "
-                          "retrying", self.buffer.sync.path, exc, len(self.pending))
+                log.error(
+                    "cannot write buffer %s: %s; keeping %d message(s) in memory and retrying",
+                    self.buffer.sync.path,
+                    exc,
+                    len(self.pending),
+                )
                 self._failing = True
             return False
         if self._failing:
-            log.info("buffer %s writable again", self.buffer.sync.path)
+            log.info("buffer %s is writable again", self.buffer.sync.path)
             self._failing = False
-        for ev in self.listeners:
-            ev.set()
+        self.on_commit()
         return True
 
     async def run(self) -> None:
@@ -112,29 +119,28 @@ class Agent:
         self.cfg = cfg
         self.stop_event = asyncio.Event()
         state = Path(cfg.state_dir)
-        self.buffer = AsyncBuffer(Buffer(state / "buffer.db", cfg.buffer.max_messages,
-                                         cfg.buffer.synchronous))
+        self.buffer = AsyncBuffer(
+            Buffer(state / "buffer.db", cfg.buffer.max_messages, cfg.buffer.synchronous)
+        )
         self.writer = BufferWriter(self.buffer)
         prefix = cfg.mqtt.topic_prefix
         self.status_topic = status_topic(prefix, cfg.gateway_id)
         self._topics = {d.id: telemetry_topic(prefix, cfg.gateway_id, d.id) for d in cfg.devices}
         self._units = {d.id: {p.name: p.unit for p in d.points} for d in cfg.devices}
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
-        self.publisher: Publisher
-        self.link = MqttLink(cfg.mqtt, client_id, self.status_topic,
-                             on_connected=lambda: self.publisher.on_connected(),
-                             on_puback=lambda m, ok, r: self.publisher.on_puback(m, ok, r))
-        self.publisher = Publisher(self.buffer, self.link, self.status_topic,
-                                   cfg.mqtt.max_inflight)
-        wake = asyncio.Event()
-        self._wake = wake
-        self.writer.listeners.append(wake)
+        self.link = MqttLink(cfg.mqtt, client_id, self.status_topic)
+        self.publisher = Publisher(self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight)
+        self.writer.on_commit = self.publisher.notify
         groups: dict[tuple[str, int], list[ModbusTcpDevice]] = defaultdict(list)
         for d in cfg.devices:
             groups[(d.host, d.port)].append(d)
         self.pollers = [
-            BusPoller(f"tcp://{h}:{p}", ModbusTcpBus(h, p, max(d.timeout for d in devs)),
-                      devs, self._on_poll)
+            BusPoller(
+                f"tcp://{h}:{p}",
+                ModbusTcpBus(h, p, max(d.timeout for d in devs)),
+                devs,
+                self._on_poll,
+            )
             for (h, p), devs in groups.items()
         ]
 
@@ -142,24 +148,24 @@ class Agent:
         body = telemetry_body(self.cfg.gateway_id, dev.id, ts_ms, results, self._units[dev.id])
         self.writer.submit(self._topics[dev.id], body, ts_ms)
 
-    async def _forward_wakeups(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            self.publisher.notify()
-
     async def run(self) -> int:
         """Run until :attr:`stop_event` is set; return the process exit code."""
         stats = await self.buffer.stats()
-        log.info("gateway %s: %d device(s) on %d bus(es); buffer %s holds %d unsent "
-                 "message(s), last seq %d, %d dropped so far", self.cfg.gateway_id,
-                 len(self.cfg.devices), len(self.pollers), self.buffer.sync.path,
-                 stats.pending, stats.last_seq, stats.dropped)
+        log.info(
+            "gateway %s: %d device(s) on %d bus(es); buffer %s holds %d unsent "
+            "message(s), last seq %d, %d dropped so far",
+            self.cfg.gateway_id,
+            len(self.cfg.devices),
+            len(self.pollers),
+            self.buffer.sync.path,
+            stats.pending,
+            stats.last_seq,
+            stats.dropped,
+        )
         bg = [
             asyncio.create_task(self.writer.run(), name="buffer-writer"),
             asyncio.create_task(self.publisher.run(), name="publisher"),
             asyncio.create_task(self.publisher.run_acks(), name="acks"),
-            asyncio.create_task(self._forward_wakeups(), name="wakeups"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         polls = [asyncio.create_task(p.run(), name=f"poll:{p.name}") for p in self.pollers]
@@ -174,8 +180,13 @@ class Agent:
         await self._shutdown(polls, bg, link_task, stop_wait)
         return code
 
-    async def _shutdown(self, polls: list[asyncio.Task[None]], bg: list[asyncio.Task[None]],
-                        link_task: asyncio.Task[None], stop_wait: asyncio.Task[bool]) -> None:
+    async def _shutdown(
+        self,
+        polls: list[asyncio.Task[None]],
+        bg: list[asyncio.Task[None]],
+        link_task: asyncio.Task[None],
+        stop_wait: asyncio.Task[bool],
+    ) -> None:
         log.info("stopping: polling stopped, flushing buffer and publishes")
         for t in polls:
             t.cancel()
@@ -190,16 +201,19 @@ class Agent:
         await self.publisher.flush_acks()
         sent = await self.publisher.publish_offline(OFFLINE, STOP_BUDGET_S / 4)
         if not sent:
-            log.warning("could not publish 'offline' (broker unreachable); the broker's last "
-                        "will announces it when the connection times out")
+            log.warning(
+                "could not publish 'offline' (broker unreachable); the broker's last "
+                "will announces it when the connection times out"
+            )
         await self.link.stop(timeout=1.0)
         link_task.cancel()
         stop_wait.cancel()
         await asyncio.gather(link_task, stop_wait, return_exceptions=True)
         stats = await self.buffer.stats()
         await self.buffer.close()
-        log.info("stopped; %d unsent message(s) kept in the buffer for the next start",
-                 stats.pending)
+        log.info(
+            "stopped; %d unsent message(s) kept in the buffer for the next start", stats.pending
+        )
 
 
 async def run_agent(cfg: AgentConfig) -> int:

@@ -83,8 +83,9 @@ class Buffer:
         BufferError: the file cannot be created, is not a database, or is corrupt.
     """
 
-    def __init__(self, path: Path, max_messages: int = 200_000, synchronous: str = "normal"
-                 ) -> None:
+    def __init__(
+        self, path: Path, max_messages: int = 200_000, synchronous: str = "normal"
+    ) -> None:
         self.path = path
         self.max_messages = max_messages
         try:
@@ -126,19 +127,23 @@ class Buffer:
             excess = self._count + len(items) - self.max_messages
             if excess > 0:
                 db.execute(
-                    "DELETE FROM outbox WHERE seq IN "
-                    "(SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
+                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
                     (excess,),
                 )
-                db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'",
-                           (excess,))
+                db.execute(
+                    "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,)
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         if excess > 0:
-            log.warning("buffer %s full (%d messages): dropped the %d oldest", self.path,
-                        self.max_messages, excess)
+            log.warning(
+                "buffer %s full (%d messages): dropped the %d oldest",
+                self.path,
+                self.max_messages,
+                excess,
+            )
             self._count = self.max_messages
         else:
             self._count += len(items)
@@ -165,7 +170,8 @@ class Buffer:
             deleted = 0
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
-                q = "DELETE FROM outbox WHERE seq IN (%s)" % ",".join("?" * len(chunk))
+                marks = ",".join("?" * len(chunk))
+                q = f"DELETE FROM outbox WHERE seq IN ({marks})"
                 deleted += db.execute(q, chunk).rowcount
             db.execute("COMMIT")
         except BaseException:

@@ -23,8 +23,9 @@ def setup_logging(level: str) -> None:
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr,
-                        force=True)
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr, force=True
+    )
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
@@ -56,15 +57,27 @@ def validate(config_file: str) -> None:
     cfg = _load_or_exit(config_file)
     assert isinstance(cfg, AgentConfig)
     points = sum(len(d.points) for d in cfg.devices)
-    click.echo(f"{config_file}: OK (gateway {cfg.gateway_id}, {len(cfg.devices)} device(s), "
-               f"{points} point(s))")
+    click.echo(
+        f"{config_file}: OK (gateway {cfg.gateway_id}, {len(cfg.devices)} device(s), "
+        f"{points} point(s))"
+    )
 
 
 @main.command()
-@click.option("--config", "-c", "config_file", required=True,
-              type=click.Path(dir_okay=False), help="The agent's YAML config file.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default=None, help="Overrides log_level of the config.")
+@click.option(
+    "--config",
+    "-c",
+    "config_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The agent's YAML config file.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="Overrides log_level of the config.",
+)
 def run(config_file: str, log_level: str | None) -> None:
     """Poll, buffer and publish until SIGTERM/SIGINT."""
     from agent.app import run_agent
@@ -83,10 +96,18 @@ def run(config_file: str, log_level: str | None) -> None:
 
 
 @main.command()
-@click.option("--duration", default=30.0, show_default=True,
-              help="Seconds to run before stopping (0 = until Ctrl-C).")
-@click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to keep the demo's config, buffer and broker files.")
+@click.option(
+    "--duration",
+    default=30.0,
+    show_default=True,
+    help="Seconds to run before stopping (0 = until Ctrl-C).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to keep the demo's config, buffer and broker files.",
+)
 def demo(duration: float, workdir: str | None) -> None:
     """Run simulated water-level and gas-pressure devices, a broker and the agent, and show
     what the platform receives."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -43,8 +44,9 @@ def start_mosquitto(workdir: Path, port: int) -> subprocess.Popen[bytes]:
     """Start ``mosquitto`` on 127.0.0.1:``port`` with anonymous access."""
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
@@ -69,8 +71,9 @@ class EmbeddedBroker:
 
         cfg = {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                        {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
         asyncio.set_event_loop(self._loop)
         self._broker = Broker(cfg, loop=self._loop)
@@ -139,8 +142,7 @@ def _format(topic: str, payload: bytes) -> str:
             parts.append(f"{name}={p['value']}{unit}")
         else:
             parts.append(f"{name}=<{p['quality']}>")
-    return f"seq {doc.get('seq'):>5}  {doc.get('ts')}  {doc.get('device'):<16} " + "  ".join(
-        parts)
+    return f"seq {doc.get('seq'):>5}  {doc.get('ts')}  {doc.get('device'):<16} " + "  ".join(parts)
 
 
 def run_demo(duration: float, workdir: Path | None) -> int:
@@ -166,48 +168,77 @@ def run_demo(duration: float, workdir: Path | None) -> int:
         try:
             import amqtt  # noqa: F401
         except ImportError:
-            print("neither mosquitto nor amqtt is installed: install one "
-                  "(apt-get install mosquitto, or pip install '.[demo]')", file=sys.stderr)
+            print(
+                "neither mosquitto nor amqtt is installed: install one "
+                "(apt-get install mosquitto, or pip install '.[demo]')",
+                file=sys.stderr,
+            )
             return 1
         print(f"broker: embedded amqtt on 127.0.0.1:{broker_port} (mosquitto not installed)")
         broker = EmbeddedBroker(broker_port)
         broker.start()
 
     water = ModbusSimulator()
-    water.add_device(1, profiles["radar-water-level"].points, {
-        "water_level": flood_level,
-        "air_gap": lambda t: 4.5 - flood_level(t),
-        "install_height": lambda t: 4.5,
-    })
-    water.add_device(2, profiles["submersible-water-level"].points, {
-        "unit_code": lambda t: 7, "decimals": lambda t: 3,
-        "level": lambda t: flood_level(t, base=0.35, rise=1.6, tau=90.0),
-        "range_zero": lambda t: 0.0, "range_full": lambda t: 5.0,
-    })
+    water.add_device(
+        1,
+        profiles["radar-water-level"].points,
+        {
+            "water_level": flood_level,
+            "air_gap": lambda t: 4.5 - flood_level(t),
+            "install_height": lambda t: 4.5,
+        },
+    )
+    water.add_device(
+        2,
+        profiles["submersible-water-level"].points,
+        {
+            "unit_code": lambda t: 7,
+            "decimals": lambda t: 3,
+            "level": lambda t: flood_level(t, base=0.35, rise=1.6, tau=90.0),
+            "range_zero": lambda t: 0.0,
+            "range_full": lambda t: 5.0,
+        },
+    )
     gas = ModbusSimulator()
-    gas.add_device(1, profiles["gas-pressure"].points, {
-        "unit_code": lambda t: 1, "decimals": lambda t: 1,
-        "pressure": gas_pressure, "pressure_f": gas_pressure,
-        "range_zero": lambda t: 0.0, "range_full": lambda t: 600.0,
-        "temperature": lambda t: 12.5,
-    })
+    gas.add_device(
+        1,
+        profiles["gas-pressure"].points,
+        {
+            "unit_code": lambda t: 1,
+            "decimals": lambda t: 1,
+            "pressure": gas_pressure,
+            "pressure_f": gas_pressure,
+            "range_zero": lambda t: 0.0,
+            "range_full": lambda t: 600.0,
+            "temperature": lambda t: 12.5,
+        },
+    )
     water.start_thread()
     gas.start_thread()
-    print(f"simulated devices: water-level converter on 127.0.0.1:{water.port} (units 1, 2), "
-          f"gas-pressure transmitter on 127.0.0.1:{gas.port}")
+    print(
+        f"simulated devices: water-level converter on 127.0.0.1:{water.port} (units 1, 2), "
+        f"gas-pressure transmitter on 127.0.0.1:{gas.port}"
+    )
 
     cfg_path = workdir / "demo.yaml"
-    cfg_path.write_text(DEMO_CONFIG.format(
-        state=workdir / "state", profiles=REPO_CONFIG / "profiles", broker=broker_port,
-        water=water.port, gas=gas.port))
+    cfg_path.write_text(
+        DEMO_CONFIG.format(
+            state=workdir / "state",
+            profiles=REPO_CONFIG / "profiles",
+            broker=broker_port,
+            water=water.port,
+            gas=gas.port,
+        )
+    )
     print(f"agent config: {cfg_path}\n")
 
     received: list[tuple[str, bytes]] = []
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-platform")
 
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        received.append((msg.topic, msg.payload))
-        print(_format(msg.topic, msg.payload), flush=True)
+        payload = bytes(msg.payload)
+        received.append((msg.topic, payload))
+        print(_format(msg.topic, payload), flush=True)
 
     sub.on_message = on_message
     sub.connect("127.0.0.1", broker_port)
@@ -215,8 +246,9 @@ def run_demo(duration: float, workdir: Path | None) -> int:
     sub.loop_start()
 
     env = dict(os.environ, PYTHONPATH=str(REPO_CONFIG.parent))
-    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg_path)],
-                             env=env)
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(cfg_path)], env=env
+    )
     try:
         deadline = time.monotonic() + duration if duration > 0 else float("inf")
         while time.monotonic() < deadline and agent.poll() is None:
@@ -241,10 +273,12 @@ def run_demo(duration: float, workdir: Path | None) -> int:
             broker.terminate()
             broker.wait(5)
     seqs = sorted({json.loads(p)["seq"] for t, p in received if "/telemetry/" in t})
-    gaps = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b != a + 1]
-    print(f"\nplatform received {len(seqs)} telemetry messages, seq {seqs[0] if seqs else '-'}"
-          f"..{seqs[-1] if seqs else '-'}, gaps: {gaps or 'none'}; agent exit code "
-          f"{agent.returncode}")
+    gaps = [(a, b) for a, b in itertools.pairwise(seqs) if b != a + 1]
+    print(
+        f"\nplatform received {len(seqs)} telemetry messages, seq {seqs[0] if seqs else '-'}"
+        f"..{seqs[-1] if seqs else '-'}, gaps: {gaps or 'none'}; agent exit code "
+        f"{agent.returncode}"
+    )
     if tmp is not None:
         tmp.cleanup()
     return 0 if agent.returncode == 0 and seqs and not gaps else 1

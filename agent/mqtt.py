@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import socket
 import ssl
@@ -22,7 +23,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from tenacity import RetryCallState, wait_random_exponential
+from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from agent.config.model import MqttConfig
 
@@ -38,16 +39,22 @@ class MqttLink:
         cfg: the ``mqtt`` config section.
         client_id: MQTT client identifier.
         will_topic: the retained status topic; ``offline`` is set as last will (QoS 1).
+
+    Attributes:
         on_connected: called (in the loop) after every successful CONNACK.
         on_puback: called with ``(mid, ok, reason)`` when a QoS 1 publish is acknowledged.
     """
 
-    def __init__(self, cfg: MqttConfig, client_id: str, will_topic: str,
-                 on_connected: Callable[[], None], on_puback: PubackHandler) -> None:
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        client_id: str,
+        will_topic: str,
+    ) -> None:
         self.cfg = cfg
         self.client_id = client_id
-        self._on_connected_cb = on_connected
-        self._on_puback_cb = on_puback
+        self.on_connected: Callable[[], None] = lambda: None
+        self.on_puback: PubackHandler = lambda mid, ok, reason: None
         self.connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[bool] | None = None
@@ -106,10 +113,8 @@ class MqttLink:
 
     def _remove(self, sock: socket.socket) -> None:
         for fn in (self._loop.remove_reader, self._loop.remove_writer):
-            try:
+            with contextlib.suppress(ValueError, OSError):  # already closed
                 fn(sock)
-            except (ValueError, OSError):  # already closed
-                pass
         if self._sock is sock:
             self._sock = None
 
@@ -124,10 +129,8 @@ class MqttLink:
         self._call(self._remove_writer, sock)
 
     def _remove_writer(self, sock: socket.socket) -> None:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             self._loop.remove_writer(sock)
-        except (ValueError, OSError):
-            pass
 
     def _read(self) -> None:
         self.client.loop_read(max_packets=1000)
@@ -144,8 +147,9 @@ class MqttLink:
                 break
             await asyncio.sleep(0.5)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         ok = not reason.is_failure
         self._call(self._connack_done, ok, str(reason))
 
@@ -157,15 +161,18 @@ class MqttLink:
             self._connected_at = time.monotonic()
             self._disconnected.clear()
             self.connected.set()
-            log.info("connected to mqtt://%s:%d as %r", self.cfg.host, self.cfg.port,
-                     self.client_id)
-            self._on_connected_cb()
+            log.info(
+                "connected to mqtt://%s:%d as %r", self.cfg.host, self.cfg.port, self.client_id
+            )
+            self.on_connected()
         else:
-            log.error("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port,
-                      reason)
+            log.error(
+                "broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason
+            )
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         self._call(self._disconnect_done, str(reason))
 
     def _disconnect_done(self, reason: str) -> None:
@@ -178,22 +185,33 @@ class MqttLink:
             return
         if was:
             held = time.monotonic() - self._connected_at
-            log.warning("lost connection to broker %s:%d (%s) after %.1fs; buffering",
-                        self.cfg.host, self.cfg.port, reason, held)
+            log.warning(
+                "lost connection to broker %s:%d (%s) after %.1fs; buffering",
+                self.cfg.host,
+                self.cfg.port,
+                reason,
+                held,
+            )
             if held < 5.0:
                 now = time.monotonic()
                 self._short_sessions.append(now)
                 if len(self._short_sessions) == 5 and now - self._short_sessions[0] < 60:
-                    log.error("the broker dropped this client 5 times within a minute right "
-                              "after connecting: possibly another client uses the same "
-                              "client id %r (cloned SD card?). Set a unique mqtt.client_id.",
-                              self.client_id)
+                    log.error(
+                        "the broker dropped this client 5 times within a minute right "
+                        "after connecting: possibly another client uses the same "
+                        "client id %r (cloned SD card?). Set a unique mqtt.client_id.",
+                        self.client_id,
+                    )
                     self._short_sessions.clear()
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
-                    properties: Any) -> None:
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
         ok = not getattr(reason, "is_failure", False)
-        self._call(self._on_puback_cb, mid, ok, str(reason))
+        self._call(self._puback, mid, ok, str(reason))
+
+    def _puback(self, mid: int, ok: bool, reason: str) -> None:
+        self.on_puback(mid, ok, reason)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -202,9 +220,10 @@ class MqttLink:
 
     async def run(self) -> None:
         """Connect and stay connected until :meth:`stop`; never raises for network errors."""
-        wait = wait_random_exponential(multiplier=self.cfg.reconnect_min,
-                                       max=self.cfg.reconnect_max)
-        state = RetryCallState(None, None, (), {})
+        wait = wait_random_exponential(
+            multiplier=self.cfg.reconnect_min, max=self.cfg.reconnect_max
+        )
+        state = RetryCallState(AsyncRetrying(), None, (), {})
         first = True
         while not self._stopping:
             self._connack = self._loop.create_future()
@@ -218,8 +237,13 @@ class MqttLink:
             except (OSError, ssl.SSLError, TimeoutError, mqtt.WebsocketConnectionError) as exc:
                 ok = False
                 level = logging.DEBUG if self._refused_logged else logging.WARNING
-                log.log(level, "cannot connect to broker %s:%d: %s; retrying with backoff",
-                        self.cfg.host, self.cfg.port, exc)
+                log.log(
+                    level,
+                    "cannot connect to broker %s:%d: %s; retrying with backoff",
+                    self.cfg.host,
+                    self.cfg.port,
+                    exc,
+                )
                 self._refused_logged = True
                 if self.client.socket() is not None:
                     self.client.disconnect()
@@ -232,10 +256,8 @@ class MqttLink:
             delay = wait(state)
             state.attempt_number += 1
             log.debug("reconnecting to broker in %.2fs", delay)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), timeout=delay)
-            except TimeoutError:
-                pass
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; return its message id (PUBACK arrives via ``on_puback``)."""

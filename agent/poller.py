@@ -51,8 +51,9 @@ class BusPoller:
         sink: called synchronously after each poll (must not block).
     """
 
-    def __init__(self, name: str, bus: ModbusTcpBus, devices: Sequence[ModbusTcpDevice],
-                 sink: PollSink) -> None:
+    def __init__(
+        self, name: str, bus: ModbusTcpBus, devices: Sequence[ModbusTcpDevice], sink: PollSink
+    ) -> None:
         self.name = name
         self.bus = bus
         self.sink = sink
@@ -78,8 +79,11 @@ class BusPoller:
             self._backoff = 1.0
             return True
         if not self._bus_down_logged:
-            log.warning("bus %s: cannot connect; retrying with backoff (devices: %s)",
-                        self.name, ", ".join(s.device.id for s in self.states))
+            log.warning(
+                "bus %s: cannot connect; retrying with backoff (devices: %s)",
+                self.name,
+                ", ".join(s.device.id for s in self.states),
+            )
             self._bus_down_logged = True
         self._next_connect = now + random.uniform(0.5, 1.0) * self._backoff
         self._backoff = min(self._backoff * 2, 30.0)
@@ -92,8 +96,10 @@ class BusPoller:
         if await self._ensure_connected():
             results = await self.bus.read_device(dev.unit_id, st.blocks)
         else:
-            results = [PointResult(p.name, None, "no_connection",
-                                   f"bus {self.name} is not connected") for p in dev.points]
+            results = [
+                PointResult(p.name, None, "no_connection", f"bus {self.name} is not connected")
+                for p in dev.points
+            ]
         self._log_health(st, results)
         st.polls += 1
         self.sink(dev, ts, results)
@@ -106,8 +112,12 @@ class BusPoller:
             st.failed_polls += 1
             if not st.failing:
                 st.failing = True
-                log.warning("%s: %s: %s; readings are published with bad quality until it "
-                            "answers again", where, results[0].quality, results[0].error)
+                log.warning(
+                    "%s: %s: %s; readings are published with bad quality until it answers again",
+                    where,
+                    results[0].quality,
+                    results[0].error,
+                )
             else:
                 log.debug("%s: still failing (%d polls)", where, st.failed_polls)
             return
@@ -120,13 +130,20 @@ class BusPoller:
             prev = st.bad_points.get(r.point)
             if r.quality == GOOD:
                 if prev is not None:
-                    log.info("%s point %s (address %d): good again", where, r.point,
-                             addresses[r.point])
+                    log.info(
+                        "%s point %s (address %d): good again", where, r.point, addresses[r.point]
+                    )
                     del st.bad_points[r.point]
             elif prev != r.quality:
                 st.bad_points[r.point] = r.quality
-                log.warning("%s point %s (address %d): %s: %s", where, r.point,
-                            addresses[r.point], r.quality, r.error)
+                log.warning(
+                    "%s point %s (address %d): %s: %s",
+                    where,
+                    r.point,
+                    addresses[r.point],
+                    r.quality,
+                    r.error,
+                )
 
     async def run(self) -> None:
         """Poll until cancelled. Missed cycles are skipped, not bunched up."""

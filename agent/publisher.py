@@ -22,8 +22,7 @@ class Publisher:
     is the at-least-once contract of ``docs/mqtt.md``.
     """
 
-    def __init__(self, buffer: AsyncBuffer, link: MqttLink, status_topic: str,
-                 window: int) -> None:
+    def __init__(self, buffer: AsyncBuffer, link: MqttLink, status_topic: str, window: int) -> None:
         self.buffer = buffer
         self.link = link
         self.status_topic = status_topic
@@ -37,6 +36,8 @@ class Publisher:
         self._status_acked = asyncio.Event()
         self.published = 0
         self.acked_total = 0
+        link.on_connected = self.on_connected
+        link.on_puback = self.on_puback
 
     def notify(self) -> None:
         """New rows were committed."""

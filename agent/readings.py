@@ -109,7 +109,16 @@ def parse_telemetry(payload: bytes | str) -> list[Reading]:
         raise ValueError("not a telemetry message")
     ts = parse_iso_ms(doc["ts"])
     return [
-        Reading(doc["gateway"], doc["device"], name, p["value"], p.get("unit"), p["quality"],
-                p.get("error"), ts, doc.get("seq"))
+        Reading(
+            doc["gateway"],
+            doc["device"],
+            name,
+            p["value"],
+            p.get("unit"),
+            p["quality"],
+            p.get("error"),
+            ts,
+            doc.get("seq"),
+        )
         for name, p in doc["points"].items()
     ]

@@ -70,12 +70,15 @@ class ModbusSimulator:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add_device(self, unit_id: int, points: list[ModbusPoint],
-                   curves: dict[str, Curve] | None = None) -> SimDevice:
+    def add_device(
+        self, unit_id: int, points: list[ModbusPoint], curves: dict[str, Curve] | None = None
+    ) -> SimDevice:
         """Serve ``points`` as unit ``unit_id``; ``curves`` map point names to f(t)."""
         ctx = ModbusDeviceContext(
-            co=_sparse(points, "coil"), di=_sparse(points, "discrete_input"),
-            hr=_sparse(points, "holding"), ir=_sparse(points, "input"),
+            co=_sparse(points, "coil"),
+            di=_sparse(points, "discrete_input"),
+            hr=_sparse(points, "holding"),
+            ir=_sparse(points, "input"),
         )
         dev = SimDevice(unit_id, {p.name: p for p in points}, dict(curves or {}), ctx)
         self.devices[unit_id] = dev
@@ -87,8 +90,9 @@ class ModbusSimulator:
         p = dev.points[point]
         self.set_raw(unit_id, p.table, p.address, raw_for(p, value))
 
-    def set_raw(self, unit_id: int, table: str, address: int,
-                values: list[int] | list[bool]) -> None:
+    def set_raw(
+        self, unit_id: int, table: str, address: int, values: list[int] | list[bool]
+    ) -> None:
         """Store raw register values (or bits) at zero-based ``address``."""
         ctx = self.devices[unit_id].context
         assert ctx is not None
@@ -114,7 +118,7 @@ class ModbusSimulator:
         self._server = ModbusTcpServer(context, address=(self.host, self.port))
         await self._server.serve_forever(background=True)
         if self.port == 0:
-            self.port = int(self._server.transport.sockets[0].getsockname()[1])
+            self.port = int(self._server.transport.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         self._t0 = asyncio.get_running_loop().time()
         self._apply_curves(0.0)
         self._task = asyncio.create_task(self._run_curves(), name="sim-curves")

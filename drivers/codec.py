@@ -116,9 +116,7 @@ def decode_registers(
         raise DecodeError(f"type {data_type!r} is not a register type")
     need = REGISTER_COUNT[data_type]
     if len(registers) != need:
-        raise DecodeError(
-            f"{data_type} needs exactly {need} register(s), got {len(registers)}"
-        )
+        raise DecodeError(f"{data_type} needs exactly {need} register(s), got {len(registers)}")
     raw = to_big_endian(registers_to_bytes(registers), byte_order)
     value: int | float = struct.unpack(fmt, raw)[0]
     return value

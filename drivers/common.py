@@ -28,9 +28,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration; write a number with a unit, e.g. '5s'")
     if isinstance(value, int | float):
-        raise ValueError(
-            f"bare number {value!r} has no unit; write e.g. '{value}s' or '{value}ms'"
-        )
+        raise ValueError(f"bare number {value!r} has no unit; write e.g. '{value}s' or '{value}ms'")
     if not isinstance(value, str):
         raise ValueError(f"{value!r} is not a duration; write e.g. '500ms', '5s', '1min'")
     match = _DURATION_RE.match(value)

@@ -43,8 +43,9 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float =
 
 
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
-                                          if os.path.exists("/usr/sbin/mosquitto") else None)
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
     if found is None:
         raise RuntimeError("the tests need mosquitto: sudo apt-get install -y mosquitto")
     return found
@@ -76,12 +77,17 @@ class Mosquitto:
             f"log_dest file {self.log}\n"
             "log_type all\n" + self.extra_conf
         )
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
         def up() -> bool:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
                 return True
             assert self.proc is not None and self.proc.poll() is None, "mosquitto died"
             return False
@@ -109,13 +115,16 @@ class Message:
 class Subscriber:
     """The platform: a persistent-session QoS 1 subscriber collecting every message."""
 
-    def __init__(self, port: int, topic: str = "#", client_id: str | None = None,
-                 clean: bool = False) -> None:
+    def __init__(
+        self, port: int, topic: str = "#", client_id: str | None = None, clean: bool = False
+    ) -> None:
         self.messages: list[Message] = []
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or f"platform-{os.getpid()}-{id(self)}",
-                                  clean_session=clean)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"platform-{os.getpid()}-{id(self)}",
+            clean_session=clean,
+        )
         self.client.reconnect_delay_set(0.1, 0.5)
         self.topic = topic
         self.connected = threading.Event()
@@ -126,8 +135,9 @@ class Subscriber:
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
             with self._lock:
-                self.messages.append(Message(msg.topic, msg.payload, bool(msg.retain),
-                                             time.monotonic()))
+                self.messages.append(
+                    Message(msg.topic, msg.payload, bool(msg.retain), time.monotonic())
+                )
 
         self.client.on_connect = on_connect
         self.client.on_message = on_message
@@ -162,7 +172,11 @@ class AgentProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-            stdout=self._log, stderr=self._log, env=env, cwd=REPO)
+            stdout=self._log,
+            stderr=self._log,
+            env=env,
+            cwd=REPO,
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         assert self.proc is not None
@@ -211,7 +225,6 @@ def write_config(path: Path, broker_port: int, devices_yaml: str, extra: str = "
         "  client_id: test-gw\n"
         "  reconnect_min: 100ms\n"
         "  reconnect_max: 500ms\n"
-        "  keepalive: 5s\n" + extra +
-        "devices:\n" + devices_yaml
+        "  keepalive: 5s\n" + extra + "devices:\n" + devices_yaml
     )
     return path

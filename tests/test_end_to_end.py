@@ -27,8 +27,9 @@ from tests.helpers import (
 
 # Device A: registers set by hand; the expected values are decoded by hand below.
 POINTS_A = [
-    ModbusPoint(name="level", table="holding", address=0, type="float32", byte_order="CDAB",
-                unit="m"),
+    ModbusPoint(
+        name="level", table="holding", address=0, type="float32", byte_order="CDAB", unit="m"
+    ),
     ModbusPoint(name="temp", table="holding", address=2, type="int16", scale=0.1, unit="degC"),
     ModbusPoint(name="counter", table="holding", address=3, type="uint16"),
     ModbusPoint(name="total", table="input", address=0, type="uint32", unit="m3"),
@@ -62,8 +63,15 @@ DEVICE_B = """\
 # 0xFFFE as int16 = -2, x 0.1 = -0.2 ; [0x0001, 0x270F] ABCD = 0x0001270F = 75535
 EXPECTED_A = {"level": 77.51460266113281, "temp": -0.2, "total": 75535, "pump_on": True}
 # gas-pressure: 0x0BC4 = 3012 x 0.1 = 301.2 kPa ; float32 0x43969A3D ~ 301.205 (2 decimals)
-EXPECTED_B = {"unit_code": 1, "decimals": 1, "pressure": 301.2, "range_zero": 0.0,
-              "range_full": 600.0, "pressure_f": 301.2, "temperature": 12.5}
+EXPECTED_B = {
+    "unit_code": 1,
+    "decimals": 1,
+    "pressure": 301.2,
+    "range_zero": 0.0,
+    "range_full": 600.0,
+    "pressure_f": 301.2,
+    "temperature": 12.5,
+}
 
 
 def _fill(sim_a: ModbusSimulator, sim_b: ModbusSimulator) -> None:
@@ -92,8 +100,12 @@ def sims() -> Iterator[tuple[ModbusSimulator, ModbusSimulator]]:
     b.stop_thread()
 
 
-def _config(tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator],
-            extra: str = "") -> Path:
+def _config(
+    tmp_path: Path,
+    broker: Mosquitto,
+    sims: tuple[ModbusSimulator, ModbusSimulator],
+    extra: str = "",
+) -> Path:
     a, b = sims
     devices = DEVICE_A.format(port_a=a.port) + DEVICE_B.format(port_b=b.port)
     return write_config(tmp_path / "agent.yaml", broker.port, devices, extra)
@@ -103,8 +115,9 @@ def _check_values(sub: Subscriber) -> dict[str, int]:
     polls: dict[str, int] = {}
     last_counter = -1
     last_ts: dict[str, int] = {}
-    for m in sorted({m.json()["seq"]: m for m in sub.telemetry()}.values(),
-                    key=lambda m: m.json()["seq"]):
+    for m in sorted(
+        {m.json()["seq"]: m for m in sub.telemetry()}.values(), key=lambda m: m.json()["seq"]
+    ):
         doc = m.json()
         dev = doc["device"]
         polls[dev] = polls.get(dev, 0) + 1
@@ -123,8 +136,9 @@ def _check_values(sub: Subscriber) -> dict[str, int]:
     return polls
 
 
-def test_two_devices_5hz_every_reading_arrives(tmp_path: Path, broker: Mosquitto, sims: tuple[
-        ModbusSimulator, ModbusSimulator]) -> None:
+def test_two_devices_5hz_every_reading_arrives(
+    tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
+) -> None:
     cfg = _config(tmp_path, broker, sims)
     sub = Subscriber(broker.port, "lifeline/#")
     agent = AgentProcess(cfg, tmp_path / "agent.log")
@@ -132,8 +146,11 @@ def test_two_devices_5hz_every_reading_arrives(tmp_path: Path, broker: Mosquitto
     time.sleep(10)
     assert agent.stop() == 0, agent.log()
     pending, last_seq = buffer_rows(tmp_path / "state")
-    wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 5,
-               "every committed message")
+    wait_until(
+        lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq,
+        5,
+        "every committed message",
+    )
     sub.close()
     assert pending == 0
     seqs = seqs_of(sub.telemetry())
@@ -150,8 +167,9 @@ def test_two_devices_5hz_every_reading_arrives(tmp_path: Path, broker: Mosquitto
     assert order == sorted(order)
 
 
-def test_case_023_broker_outage_nothing_lost(tmp_path: Path, broker: Mosquitto, sims: tuple[
-        ModbusSimulator, ModbusSimulator]) -> None:
+def test_case_023_broker_outage_nothing_lost(
+    tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
+) -> None:
     """Broker stopped for 5 s mid-run: every reading of the outage arrives afterwards, in
     order, with its original acquisition time; no seq is missing."""
     cfg = _config(tmp_path, broker, sims)
@@ -167,16 +185,22 @@ def test_case_023_broker_outage_nothing_lost(tmp_path: Path, broker: Mosquitto, 
     time.sleep(5)
     assert agent.stop() == 0, agent.log()
     pending, last_seq = buffer_rows(tmp_path / "state")
-    wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 10,
-               "every committed message")
+    wait_until(
+        lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq,
+        10,
+        "every committed message",
+    )
     sub.close()
     assert pending == 0
     seqs = seqs_of(sub.telemetry())
     assert sorted(set(seqs)) == list(range(1, last_seq + 1))
     _check_values(sub)
     # readings taken during the outage, with their original timestamps
-    during = [m for m in sub.telemetry()
-              if down_at + 0.5 < parse_iso_ms(m.json()["ts"]) / 1000 < up_at - 0.5]
+    during = [
+        m
+        for m in sub.telemetry()
+        if down_at + 0.5 < parse_iso_ms(m.json()["ts"]) / 1000 < up_at - 0.5
+    ]
     assert len({m.json()["seq"] for m in during}) >= 2 * 4 * 5 * 0.8, len(during)
     # in order: by seq, acquisition times never go backwards per device
     by_seq = sorted({m.json()["seq"]: m.json() for m in sub.telemetry()}.items())
@@ -187,7 +211,7 @@ def test_case_023_broker_outage_nothing_lost(tmp_path: Path, broker: Mosquitto, 
 
 
 def test_case_026_027_sigkill_restart_resends_committed(
-        tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
+    tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
 ) -> None:
     """SIGKILL with a backlog on disk, restart with a clean MQTT session: every committed
     reading arrives; duplicates are byte-identical and share their seq; seqs continue."""
@@ -208,8 +232,11 @@ def test_case_026_027_sigkill_restart_resends_committed(
     time.sleep(3)
     assert agent2.stop() == 0, agent2.log()
     pending, last_seq = buffer_rows(tmp_path / "state")
-    wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 10,
-               "every committed message")
+    wait_until(
+        lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq,
+        10,
+        "every committed message",
+    )
     sub.close()
     assert pending == 0
     assert last_seq > seq_at_kill, "new readings after the restart get new seqs"
@@ -224,7 +251,7 @@ def test_case_026_027_sigkill_restart_resends_committed(
 
 
 def test_case_029_sigterm_publishes_offline_retained(
-        tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
+    tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
 ) -> None:
     cfg = _config(tmp_path, broker, sims)
     agent = AgentProcess(cfg, tmp_path / "agent.log")
@@ -244,7 +271,7 @@ def test_case_029_sigterm_publishes_offline_retained(
 
 
 def test_sigkill_makes_broker_publish_last_will(
-        tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
+    tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
 ) -> None:
     cfg = _config(tmp_path, broker, sims)
     agent = AgentProcess(cfg, tmp_path / "agent.log")
@@ -252,8 +279,7 @@ def test_sigkill_makes_broker_publish_last_will(
     live = Subscriber(broker.port, "lifeline/test-gw/status", clean=True)
     wait_until(lambda: [m for m in live.messages if m.payload == b"online"], 10, "online")
     agent.stop(signal.SIGKILL)
-    wait_until(lambda: [m for m in live.messages if m.payload == b"offline"], 10,
-               "the last will")
+    wait_until(lambda: [m for m in live.messages if m.payload == b"offline"], 10, "the last will")
     live.close()
     later = Subscriber(broker.port, "lifeline/test-gw/status", clean=True)
     got = wait_until(lambda: list(later.messages), 5, "the retained will")

@@ -73,7 +73,8 @@ def vent_sim() -> Iterator[ModbusSimulator]:
 
 
 def test_case_017_exception_and_timeout_stay_with_their_device(
-        tmp_path: Path, broker: Mosquitto, vent_sim: ModbusSimulator) -> None:
+    tmp_path: Path, broker: Mosquitto, vent_sim: ModbusSimulator
+) -> None:
     """vent-1 answers exception 2 for coil 72 and for register 8 inside a block; dead-1
     never answers; vent-1's valid points and vent-2 keep publishing good readings."""
     hole = BlackHole()
@@ -121,8 +122,10 @@ def test_case_017_exception_and_timeout_stay_with_their_device(
         by_dev.setdefault(doc["device"], []).append(doc["points"])
     # vent-2 is untouched by its neighbour's faults: ~20 good polls in 4 s
     assert len(by_dev["vent-2"]) >= 15
-    assert all(p["supply_temp"] == {"value": -2.0, "unit": None, "quality": "good"}
-               for p in by_dev["vent-2"])
+    assert all(
+        p["supply_temp"] == {"value": -2.0, "unit": None, "quality": "good"}
+        for p in by_dev["vent-2"]
+    )
     # vent-1: valid points of the failing block still read; the bad ones named
     assert len(by_dev["vent-1"]) >= 15
     for p in by_dev["vent-1"]:
@@ -169,8 +172,11 @@ def test_device_recovery_is_logged_once(tmp_path: Path, broker: Mosquitto) -> No
     sim2.add_device(1, [ModbusPoint(name="v", address=0)])
     sim2.set_raw(1, "holding", 0, [43])
     sim2.start_thread()
-    wait_until(lambda: any(m.json()["points"]["v"]["value"] == 43 for m in sub.telemetry()),
-               20, "readings after the device came back")
+    wait_until(
+        lambda: any(m.json()["points"]["v"]["value"] == 43 for m in sub.telemetry()),
+        20,
+        "readings after the device came back",
+    )
     assert agent.stop() == 0
     sim2.stop_thread()
     sub.close()
@@ -180,8 +186,7 @@ def test_device_recovery_is_logged_once(tmp_path: Path, broker: Mosquitto) -> No
     assert log.count("answering again") == 1 or log.count("connected again") == 1, log
 
 
-def test_case_035_buffer_survives_reconnects(
-        tmp_path: Path, broker: Mosquitto) -> None:
+def test_case_035_buffer_survives_reconnects(tmp_path: Path, broker: Mosquitto) -> None:
     """Two broker restarts: the buffer file is never recreated (same inode), seqs keep
     increasing, and the readings buffered in between are all delivered."""
     sim = ModbusSimulator()
@@ -213,8 +218,7 @@ def test_case_035_buffer_survives_reconnects(
     assert os.stat(db).st_ino == inode
     pending, last_seq = buffer_rows(tmp_path / "state")
     try:
-        wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 10,
-                   "all")
+        wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 10, "all")
     finally:
         sub.close()
         got = set(seqs_of(sub.telemetry()))
@@ -239,8 +243,9 @@ def test_case_030_client_id_derived_and_stable(tmp_path: Path) -> None:
     assert cid.startswith("gw-017") and cid == default_client_id("gw-017")
 
 
-def test_case_030_duplicate_client_id_is_named(tmp_path: Path, broker: Mosquitto,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_case_030_duplicate_client_id_is_named(
+    tmp_path: Path, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
     """Two agents configured with one client id knock each other off; the agent says what
     is probably wrong instead of only reconnecting, and backs off."""
     sim = ModbusSimulator()
@@ -262,8 +267,11 @@ def test_case_030_duplicate_client_id_is_named(tmp_path: Path, broker: Mosquitto
     for a in agents:
         a.start()
     try:
-        wait_until(lambda: any("same client id" in a.log() for a in agents), 60,
-                   "the duplicate client id hint")
+        wait_until(
+            lambda: any("same client id" in a.log() for a in agents),
+            60,
+            "the duplicate client id hint",
+        )
     finally:
         for a in agents:
             a.stop()

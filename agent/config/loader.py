@@ -66,7 +66,10 @@ def _duplicate_keys(node: Node, file: str, path: str = "") -> Iterator[ConfigIss
                 m = key.start_mark
                 prev = first[k].start_mark.line + 1
                 yield ConfigIssue(
-                    file, m.line + 1, m.column + 1, sub,
+                    file,
+                    m.line + 1,
+                    m.column + 1,
+                    sub,
                     f"duplicate key {k!r} (first defined at line {prev}); remove one",
                 )
             else:
@@ -215,8 +218,12 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{value!r} is not one of {', '.join(options)}{hint}"
     msg = str(err["msg"])
-    bounds = {"greater_than_equal": ("ge", "at least"), "less_than_equal": ("le", "at most"),
-              "greater_than": ("gt", "more than"), "less_than": ("lt", "less than")}
+    bounds = {
+        "greater_than_equal": ("ge", "at least"),
+        "less_than_equal": ("le", "at most"),
+        "greater_than": ("gt", "more than"),
+        "less_than": ("lt", "less than"),
+    }
     if kind in bounds:
         key, words = bounds[kind]
         return f"{value!r} is out of range: must be {words} {err.get('ctx', {}).get(key)}"
@@ -245,15 +252,17 @@ def _to_plain(data: Any) -> Any:
 
 
 def _pydantic_issues(
-    exc: ValidationError, model: type[BaseModel], root: Any, file: str, origins: _Origins,
+    exc: ValidationError,
+    model: type[BaseModel],
+    root: Any,
+    file: str,
+    origins: _Origins,
     prefix: tuple[int | str, ...] = (),
 ) -> list[ConfigIssue]:
     issues: dict[str, ConfigIssue] = {}
     for err in exc.errors():
         loc = prefix + tuple(err["loc"])
-        f, line, col, path = _locate(
-            root, loc, file, origins, key=err["type"] == "extra_forbidden"
-        )
+        f, line, col, path = _locate(root, loc, file, origins, key=err["type"] == "extra_forbidden")
         issue = ConfigIssue(f, line, col, path, _message(err, model))
         issues.setdefault(f"{f}:{line}:{col}:{path}", issue)
     return list(issues.values())
@@ -303,9 +312,15 @@ def load_profiles(directory: Path) -> Profiles:
             continue
         if prof.name in profiles:
             line, col = _pos_of_node(data)
-            issues.append(ConfigIssue(disp, line, col, "name",
-                                      f"profile {prof.name!r} is also defined in "
-                                      f"{where[prof.name]}; rename one"))
+            issues.append(
+                ConfigIssue(
+                    disp,
+                    line,
+                    col,
+                    "name",
+                    f"profile {prof.name!r} is also defined in {where[prof.name]}; rename one",
+                )
+            )
             continue
         profiles[prof.name] = prof
         where[prof.name] = disp
@@ -332,9 +347,19 @@ def load_config(path: str | Path) -> AgentConfig:
         raise ConfigError(issues)
     if not isinstance(data, CommentedMap):
         what = "is empty" if data is None else f"holds a {type(data).__name__}"
-        raise ConfigError(issues + [ConfigIssue(
-            display, 1, 1, "", f"the config file {what}; it must be a mapping of keys "
-            "(see config/agent.example.yaml)")])
+        raise ConfigError(
+            [
+                *issues,
+                ConfigIssue(
+                    display,
+                    1,
+                    1,
+                    "",
+                    f"the config file {what}; it must be a mapping of keys "
+                    "(see config/agent.example.yaml)",
+                ),
+            ]
+        )
     origins = _Origins({})
 
     # includes: each file holds one device (mapping) or a list of devices
@@ -350,8 +375,7 @@ def load_config(path: str | Path) -> AgentConfig:
             matches = sorted(glob.glob(str(base / str(pattern))))
             if not matches:
                 f, line, col, p = _locate(data, ("include",), display, origins, key=False)
-                issues.append(ConfigIssue(f, line, col, p,
-                                          f"include {pattern!r} matches no file"))
+                issues.append(ConfigIssue(f, line, col, p, f"include {pattern!r} matches no file"))
             for m in matches:
                 mdisp = _display(Path(m))
                 part, errs = _parse(Path(m), mdisp)
@@ -364,9 +388,15 @@ def load_config(path: str | Path) -> AgentConfig:
                         origins.files[id(item)] = mdisp
                         devices.append(item)
                     else:
-                        issues.append(ConfigIssue(mdisp, 1, 1, "",
-                                                  "an included file holds a device mapping "
-                                                  "or a list of them"))
+                        issues.append(
+                            ConfigIssue(
+                                mdisp,
+                                1,
+                                1,
+                                "",
+                                "an included file holds a device mapping or a list of them",
+                            )
+                        )
 
     # duplicate device ids
     devs = data.get("devices")
@@ -376,12 +406,20 @@ def load_config(path: str | Path) -> AgentConfig:
             if isinstance(d, dict) and isinstance(d.get("id"), str):
                 did = d["id"]
                 if did in seen:
-                    f, line, col, p = _locate(data, ("devices", i, "id"), display, origins,
-                                              key=False)
-                    issues.append(ConfigIssue(f, line, col, p,
-                                              f"duplicate device id {did!r} (also "
-                                              f"devices[{seen[did]}]); device ids must be "
-                                              "unique"))
+                    f, line, col, p = _locate(
+                        data, ("devices", i, "id"), display, origins, key=False
+                    )
+                    issues.append(
+                        ConfigIssue(
+                            f,
+                            line,
+                            col,
+                            p,
+                            f"duplicate device id {did!r} (also "
+                            f"devices[{seen[did]}]); device ids must be "
+                            "unique",
+                        )
+                    )
                 else:
                     seen[did] = i
 
@@ -399,8 +437,9 @@ def load_config(path: str | Path) -> AgentConfig:
     broken: set[str] = set()
     if pdir_raw and not pdir.is_dir():
         f, line, col, p = _locate(data, ("profiles_dir",), display, origins, key=False)
-        issues.append(ConfigIssue(f, line, col, p, f"profiles_dir {str(pdir)!r} is not a "
-                                  "directory"))
+        issues.append(
+            ConfigIssue(f, line, col, p, f"profiles_dir {str(pdir)!r} is not a directory")
+        )
     elif pdir.is_dir():
         loaded = load_profiles(pdir)
         profiles, broken = loaded.valid, loaded.broken
@@ -413,8 +452,7 @@ def load_config(path: str | Path) -> AgentConfig:
             ref = d.get("profile") if isinstance(d, dict) else None
             if not isinstance(ref, str) or ref in profiles or ref in broken:
                 continue
-            f, line, col, p = _locate(data, ("devices", i, "profile"), display, origins,
-                                      key=False)
+            f, line, col, p = _locate(data, ("devices", i, "profile"), display, origins, key=False)
             close = difflib.get_close_matches(ref, list(profiles), n=1)
             known = ", ".join(sorted(profiles)) or f"none found in {_display(pdir)}"
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known profiles: {known}"
@@ -431,11 +469,18 @@ def load_config(path: str | Path) -> AgentConfig:
         names = {pt.name for pt in prof.points}
         for j, pt in enumerate(dev.points):
             if pt.name in names:
-                f, line, col, p = _locate(data, ("devices", i, "points", j, "name"), display,
-                                          origins, key=False)
-                issues.append(ConfigIssue(f, line, col, p,
-                                          f"point {pt.name!r} is already defined by profile "
-                                          f"{prof.name!r}"))
+                f, line, col, p = _locate(
+                    data, ("devices", i, "points", j, "name"), display, origins, key=False
+                )
+                issues.append(
+                    ConfigIssue(
+                        f,
+                        line,
+                        col,
+                        p,
+                        f"point {pt.name!r} is already defined by profile {prof.name!r}",
+                    )
+                )
         resolved.append(dev.model_copy(update={"points": [*prof.points, *dev.points]}))
     if issues:
         raise ConfigError(issues)
@@ -445,15 +490,19 @@ def load_config(path: str | Path) -> AgentConfig:
 
     mqtt = cfg.mqtt
     if mqtt.tls is not None:
-        tls = mqtt.tls.model_copy(update={
-            "ca_file": _abs(mqtt.tls.ca_file),
-            "cert_file": _abs(mqtt.tls.cert_file),
-            "key_file": _abs(mqtt.tls.key_file),
-        })
+        tls = mqtt.tls.model_copy(
+            update={
+                "ca_file": _abs(mqtt.tls.ca_file),
+                "cert_file": _abs(mqtt.tls.cert_file),
+                "key_file": _abs(mqtt.tls.key_file),
+            }
+        )
         mqtt = mqtt.model_copy(update={"tls": tls})
-    return cfg.model_copy(update={
-        "devices": resolved,
-        "mqtt": mqtt,
-        "state_dir": _abs(cfg.state_dir),
-        "profiles_dir": str(pdir),
-    })
+    return cfg.model_copy(
+        update={
+            "devices": resolved,
+            "mqtt": mqtt,
+            "state_dir": _abs(cfg.state_dir),
+            "profiles_dir": str(pdir),
+        }
+    )

@@ -97,9 +97,8 @@ class AgentConfig(StrictModel):
     profiles_dir: str | None = Field(
         default=None, description="Directory of device profiles (default: profiles/ beside file)"
     )
-    include: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)
-                       ] = Field(
-        default_factory=list, description="Further files (globs) each holding devices"
+    include: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = (
+        Field(default_factory=list, description="Further files (globs) each holding devices")
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttConfig = Field(default_factory=MqttConfig)

@@ -43,10 +43,12 @@ class ModbusPoint(StrictModel):
     count: int | None = Field(
         default=None, ge=1, le=4, description="Registers used; derived from type when omitted"
     )
-    scale: int | float = Field(default=1, allow_inf_nan=False,
-                               description="value = raw × scale + offset")
-    offset: int | float = Field(default=0, allow_inf_nan=False,
-                                description="value = raw × scale + offset")
+    scale: int | float = Field(
+        default=1, allow_inf_nan=False, description="value = raw × scale + offset"
+    )
+    offset: int | float = Field(
+        default=0, allow_inf_nan=False, description="value = raw × scale + offset"
+    )
     decimals: int | None = Field(default=None, ge=0, le=9, description="Round to N decimals")
     unit: str | None = Field(default=None, max_length=32, description="Engineering unit")
     description: str | None = Field(default=None, description="Free text for people")

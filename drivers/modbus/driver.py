@@ -8,7 +8,6 @@ caller (the agent's bus task): pymodbus's own reconnect is switched off
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,8 +108,9 @@ def decode_block(block: Block, words: Sequence[int] | Sequence[bool]) -> list[Po
     return out
 
 
-def _bad(points: Sequence[ModbusPoint], quality: str, error: str, code: int | None = None
-         ) -> list[PointResult]:
+def _bad(
+    points: Sequence[ModbusPoint], quality: str, error: str, code: int | None = None
+) -> list[PointResult]:
     return [PointResult(p.name, None, quality, error, code) for p in points]
 
 
@@ -171,7 +171,7 @@ class ModbusTcpBus:
             resp = await self._read(block.table, block.start, block.count, unit_id)
         except ConnectionException as exc:
             return _bad(block.points, "no_connection", f"not connected to {self.name}: {exc}")
-        except (ModbusIOException, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ModbusIOException) as exc:
             return _bad(block.points, "timeout", f"no response from unit {unit_id}: {exc}")
         except (ModbusException, OSError) as exc:
             return _bad(block.points, "no_connection", str(exc))
@@ -218,8 +218,10 @@ class ModbusTcpBus:
                 continue
             results = await self.read_block(unit_id, block)
             out.extend(results)
-            if results and results[0].quality in ("timeout", "no_connection") and all(
-                r.quality == results[0].quality for r in results
+            if (
+                results
+                and results[0].quality in ("timeout", "no_connection")
+                and all(r.quality == results[0].quality for r in results)
             ):
                 failed = results[0]
         return out

@@ -1,0 +1,76 @@
+"""The SQLite outbox on real files."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.buffer import Buffer, BufferError, payload_with_seq
+
+
+def test_seq_is_monotonic_across_reopen_and_never_reused(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    b = Buffer(path)
+    assert b.append_many([("t", b'{"a":1}', 1), ("t", b'{"a":2}', 2)]) == [1, 2]
+    b.ack([1, 2])  # the newest rows are gone; their seqs must still never come back
+    b.close()
+    b = Buffer(path)
+    assert b.append_many([("t", b'{"a":3}', 3)]) == [3]
+    assert b.stats().last_seq == 3
+    b.close()
+
+
+def test_one_transaction_per_append_many(tmp_path: Path) -> None:
+    b = Buffer(tmp_path / "buffer.db")
+    seqs = b.append_many([("t", b"{}", i) for i in range(100)])
+    assert seqs == list(range(1, 101))
+    rows = b.fetch(0, 1000)
+    assert [r.seq for r in rows] == seqs
+    assert b.fetch(95, 3)[0].seq == 96
+    b.close()
+
+
+def test_wal_mode(tmp_path: Path) -> None:
+    b = Buffer(tmp_path / "buffer.db")
+    b.close()
+    db = sqlite3.connect(tmp_path / "buffer.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+
+
+def test_cap_drops_oldest_and_counts(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    b = Buffer(path, max_messages=10)
+    b.append_many([("t", b"{}", i) for i in range(8)])
+    b.append_many([("t", b"{}", i) for i in range(5)])
+    st = b.stats()
+    assert (st.pending, st.dropped, st.last_seq) == (10, 3, 13)
+    assert [r.seq for r in b.fetch(0, 100)] == list(range(4, 14))
+    b.close()
+    b = Buffer(path, max_messages=10)
+    assert b.stats().dropped == 3  # the counter is on disk
+    b.close()
+
+
+def test_ack_deletes_only_acknowledged(tmp_path: Path) -> None:
+    b = Buffer(tmp_path / "buffer.db")
+    b.append_many([("t", b"{}", i) for i in range(5)])
+    b.ack([2, 4, 99])
+    assert [r.seq for r in b.fetch(0, 10)] == [1, 3, 5]
+    assert b.stats().pending == 3
+    b.close()
+
+
+def test_corrupt_file_names_file_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(BufferError) as err:
+        Buffer(path)
+    assert str(path) in str(err.value) and "move it aside" in str(err.value)
+
+
+def test_payload_with_seq() -> None:
+    assert payload_with_seq(7, b'{"a":1}') == b'{"seq":7,"a":1}'
+    assert payload_with_seq(7, b"{}") == b'{"seq":7}'

@@ -1,0 +1,42 @@
+"""Project structure rules that keep the tree honest."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_drivers_never_import_agent() -> None:
+    offenders = []
+    for path in (REPO / "drivers").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path}: {n}" for n in names if n == "agent" or n.startswith("agent.")]
+    assert not offenders
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "```sh\nscripts/test\n```" in readme
+    assert "\nscripts/test\n" in ci
+
+
+def test_python_m_agent_and_version() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    assert "edge-agent" in out.stdout
