@@ -107,6 +107,7 @@ class Message:
     payload: bytes
     retain: bool
     t: float
+    wall_ms: int = 0
 
     def json(self) -> Any:
         return json.loads(self.payload)
@@ -136,7 +137,13 @@ class Subscriber:
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
             with self._lock:
                 self.messages.append(
-                    Message(msg.topic, msg.payload, bool(msg.retain), time.monotonic())
+                    Message(
+                        msg.topic,
+                        msg.payload,
+                        bool(msg.retain),
+                        time.monotonic(),
+                        time.time_ns() // 1_000_000,
+                    )
                 )
 
         self.client.on_connect = on_connect
