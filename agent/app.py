@@ -16,12 +16,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.buffer import AsyncBuffer, Buffer
+from agent.buffer import AsyncBuffer, Buffer, Row
 from agent.config.model import AgentConfig
 from agent.mqtt import MqttLink
 from agent.poller import BusPoller
 from agent.publisher import Publisher
-from agent.readings import telemetry_body
+from agent.readings import TelemetryEncoder
 from agent.topics import OFFLINE, status_topic, telemetry_topic
 from drivers.base import PointResult
 from drivers.modbus.config import ModbusTcpDevice
@@ -58,7 +58,8 @@ class BufferWriter:
     :attr:`lost`).
 
     Attributes:
-        on_commit: called after every successful commit (the publisher's wake-up).
+        on_commit: called with the committed rows after every successful commit (the
+            publisher takes fresh rows from there instead of reading them back).
     """
 
     def __init__(self, buffer: AsyncBuffer, max_pending: int = 100_000) -> None:
@@ -66,17 +67,21 @@ class BufferWriter:
         self.pending: list[tuple[str, bytes, int]] = []
         self.max_pending = max_pending
         self.lost = 0
-        self.on_commit: Callable[[], None] = lambda: None
+        self.on_commit: Callable[[list[Row]], None] = lambda rows: None
         self._event = asyncio.Event()
         self._failing = False
 
     def submit(self, topic: str, body: bytes, ts_ms: int) -> None:
-        """Queue one message for the next commit (never blocks)."""
+        """Queue one message for the next commit (never blocks); see :meth:`kick`."""
         self.pending.append((topic, body, ts_ms))
         if len(self.pending) > self.max_pending:
             del self.pending[0]
             self.lost += 1
-        self._event.set()
+
+    def kick(self) -> None:
+        """Commit what is pending (called at the end of each polling cycle)."""
+        if self.pending:
+            self._event.set()
 
     async def commit(self) -> bool:
         """Commit everything pending now; return False if the commit failed."""
@@ -84,7 +89,7 @@ class BufferWriter:
             return True
         batch, self.pending = self.pending, []
         try:
-            await self.buffer.append_many(batch)
+            seqs = await self.buffer.append_many(batch)
         except sqlite3.Error as exc:
             self.pending = batch + self.pending
             if not self._failing:
@@ -99,7 +104,7 @@ class BufferWriter:
         if self._failing:
             log.info("buffer %s is writable again", self.buffer.sync.path)
             self._failing = False
-        self.on_commit()
+        self.on_commit([Row(s, t, b, ts) for s, (t, b, ts) in zip(seqs, batch, strict=True)])
         return True
 
     async def run(self) -> None:
@@ -126,11 +131,14 @@ class Agent:
         prefix = cfg.mqtt.topic_prefix
         self.status_topic = status_topic(prefix, cfg.gateway_id)
         self._topics = {d.id: telemetry_topic(prefix, cfg.gateway_id, d.id) for d in cfg.devices}
-        self._units = {d.id: {p.name: p.unit for p in d.points} for d in cfg.devices}
+        self._encoders = {
+            d.id: TelemetryEncoder(cfg.gateway_id, d.id, {p.name: p.unit for p in d.points})
+            for d in cfg.devices
+        }
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
         self.link = MqttLink(cfg.mqtt, client_id, self.status_topic)
         self.publisher = Publisher(self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight)
-        self.writer.on_commit = self.publisher.notify
+        self.writer.on_commit = self.publisher.offer
         groups: dict[tuple[str, int], list[ModbusTcpDevice]] = defaultdict(list)
         for d in cfg.devices:
             groups[(d.host, d.port)].append(d)
@@ -143,9 +151,11 @@ class Agent:
             )
             for (h, p), devs in groups.items()
         ]
+        for poller in self.pollers:
+            poller.on_cycle_end = self.writer.kick
 
     def _on_poll(self, dev: ModbusTcpDevice, ts_ms: int, results: list[PointResult]) -> None:
-        body = telemetry_body(self.cfg.gateway_id, dev.id, ts_ms, results, self._units[dev.id])
+        body = self._encoders[dev.id].encode(ts_ms, results)
         self.writer.submit(self._topics[dev.id], body, ts_ms)
 
     async def run(self) -> int:
@@ -192,7 +202,6 @@ class Agent:
             t.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
         await self.writer.commit()
-        self.publisher.notify()
         await asyncio.sleep(0)  # let the publisher hand freshly committed rows to MQTT
         await self.publisher.drain_inflight(STOP_BUDGET_S / 2)
         for t in bg:

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +60,7 @@ class MqttLink:
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[bool] | None = None
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._stopping = False
         self._stop_event = asyncio.Event()
         self._refused_logged = False
@@ -95,7 +97,12 @@ class MqttLink:
     # -- paho callbacks (may run on an executor thread during connect) -------------------
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._loop.call_soon_threadsafe(fn, *args)
+        # On the loop's own thread run at once (no self-pipe wake-up per packet); from the
+        # executor thread of connect()/reconnect() hand over thread-safely.
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._call(self._add_reader, sock)

@@ -26,6 +26,10 @@ PollSink = Callable[[ModbusTcpDevice, int, list[PointResult]], None]
 """Receives (device, acquisition time in UTC ms, one result per point) after every poll."""
 
 COMM_QUALITIES = frozenset({"timeout", "no_connection"})
+CYCLE_SLACK_S = 0.002
+"""Devices due within this much of the first due one are polled in the same cycle."""
+HANDOVER_S = 0.005
+"""Within a long cycle, polls are handed to the buffer at least this often."""
 
 
 @dataclass
@@ -39,6 +43,10 @@ class DeviceState:
     failed_polls: int = 0
     bad_points: dict[str, str] = field(default_factory=dict)
     polls: int = 0
+    addresses: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.addresses = {p.name: p.address for p in self.device.points}
 
 
 class BusPoller:
@@ -62,6 +70,8 @@ class BusPoller:
         self._next_connect = 0.0
         self._backoff = 1.0
         self._bus_down_logged = False
+        self.on_cycle_end: Callable[[], None] = lambda: None
+        """Called after each cycle of polls (the buffer writer commits then)."""
 
     async def _ensure_connected(self) -> bool:
         if self.bus.connected:
@@ -125,7 +135,7 @@ class BusPoller:
             log.info("%s: answering again after %d failed polls", where, st.failed_polls)
             st.failing = False
             st.failed_polls = 0
-        addresses = {p.name: p.address for p in dev.points}
+        addresses = st.addresses
         for r in results:
             prev = st.bad_points.get(r.point)
             if r.quality == GOOD:
@@ -149,16 +159,26 @@ class BusPoller:
         """Poll until cancelled. Missed cycles are skipped, not bunched up."""
         try:
             while True:
-                st = min(self.states, key=lambda s: s.next_due)
-                delay = st.next_due - time.monotonic()
+                first = min(s.next_due for s in self.states)
+                delay = first - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                await self.poll_once(st)
-                interval = st.device.poll_interval
-                st.next_due += interval
-                now = time.monotonic()
-                if st.next_due <= now:
-                    missed = int((now - st.next_due) // interval) + 1
-                    st.next_due += missed * interval
+                # one cycle: every device due now, then one hand-over (one transaction)
+                horizon = time.monotonic() + CYCLE_SLACK_S
+                handed = time.monotonic()
+                for st in sorted(self.states, key=lambda s: s.next_due):
+                    if st.next_due > horizon:
+                        break
+                    await self.poll_once(st)
+                    if time.monotonic() - handed > HANDOVER_S:  # long cycles: keep latency low
+                        self.on_cycle_end()
+                        handed = time.monotonic()
+                    interval = st.device.poll_interval
+                    st.next_due += interval
+                    now = time.monotonic()
+                    if st.next_due <= now:
+                        missed = int((now - st.next_due) // interval) + 1
+                        st.next_due += missed * interval
+                self.on_cycle_end()
         finally:
             self.bus.close()

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
-from agent.buffer import AsyncBuffer, payload_with_seq
+from agent.buffer import AsyncBuffer, Row, payload_with_seq
 from agent.mqtt import MqttLink
 from agent.topics import ONLINE
 
 log = logging.getLogger(__name__)
+
+FRESH_MAX = 4096
+"""Most freshly committed rows kept in memory for the publisher."""
 
 
 class Publisher:
@@ -30,6 +34,7 @@ class Publisher:
         self.cursor = 0  # highest seq handed to the MQTT client
         self.inflight: dict[int, int] = {}  # mid -> seq
         self._acked: list[int] = []
+        self._fresh: collections.deque[Row] = collections.deque()
         self._wake = asyncio.Event()
         self._ack_event = asyncio.Event()
         self._status_mid: int | None = None
@@ -39,9 +44,24 @@ class Publisher:
         link.on_connected = self.on_connected
         link.on_puback = self.on_puback
 
-    def notify(self) -> None:
-        """New rows were committed."""
+    def offer(self, rows: list[Row]) -> None:
+        """Rows were just committed: keep them in memory, so that a publisher that has no
+        backlog sends them without reading them back from the buffer."""
+        self._fresh.extend(rows)
+        if len(self._fresh) > FRESH_MAX:
+            self._fresh.clear()  # a backlog: the buffer file is read instead
         self._wake.set()
+
+    def _take_fresh(self, room: int) -> list[Row] | None:
+        fresh = self._fresh
+        while fresh and fresh[0].seq <= self.cursor:
+            fresh.popleft()
+        if not fresh or fresh[0].seq != self.cursor + 1:
+            return None  # older rows wait in the buffer file
+        out: list[Row] = []
+        while fresh and len(out) < room and fresh[0].seq == self.cursor + 1 + len(out):
+            out.append(fresh.popleft())
+        return out
 
     def on_connected(self) -> None:
         """Announce ``online`` (retained) after every CONNACK."""
@@ -75,7 +95,7 @@ class Publisher:
                 await self._wake.wait()
                 continue
             self._wake.clear()
-            rows = await self.buffer.fetch(self.cursor, room)
+            rows = self._take_fresh(room) or await self.buffer.fetch(self.cursor, room)
             if not rows:
                 await self._wake.wait()
                 continue
@@ -87,7 +107,7 @@ class Publisher:
                 self.cursor = row.seq
                 self.published += 1
 
-    async def run_acks(self, interval: float = 0.2) -> None:
+    async def run_acks(self, interval: float = 0.5) -> None:
         """Delete acknowledged rows in batches; cancel to stop (call :meth:`flush_acks`)."""
         while True:
             await self._ack_event.wait()

@@ -49,14 +49,86 @@ def now_ms() -> int:
 
 def iso_ms(ts_ms: int) -> str:
     """``1700000000123`` → ``"2023-11-14T22:13:20.123Z"`` (ISO 8601, UTC, ms)."""
-    dt = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+    sec, ms = divmod(ts_ms, 1000)
+    t = time.gmtime(sec)
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{ms:03d}Z"
+    )
 
 
 def parse_iso_ms(text: str) -> int:
     """Inverse of :func:`iso_ms`."""
     dt = datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     return round(dt.timestamp() * 1000)
+
+
+def _json_value(value: int | float | bool) -> str | None:
+    """JSON text of a good value, or None when it cannot be a JSON number (NaN, ±Inf)."""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if math.isfinite(value):
+        return float.__repr__(value)  # what json.dumps writes for a float
+    return None
+
+
+class TelemetryEncoder:
+    """Encodes the polls of one device as telemetry JSON objects, without ``seq``.
+
+    Shape (see ``docs/mqtt.md``)::
+
+        {"gateway": str, "device": str, "ts": "…Z",
+         "points": {name: {"value": number|bool|null, "unit": str|null,
+                           "quality": "good"|code, ["error": str], ["exception_code": int]}}}
+
+    The constant parts (names, units) are escaped once with :func:`json.dumps`; per poll only
+    values are formatted. Non-finite floats never reach the JSON: they are published as
+    ``null`` with quality ``nan``/``inf`` (JSON has no such tokens, RFC 8259 section 6).
+    """
+
+    def __init__(self, gateway_id: str, device_id: str, units: dict[str, str | None]) -> None:
+        self._head = f'{{"gateway":{json.dumps(gateway_id)},"device":{json.dumps(device_id)},"ts":"'
+        self._units = units
+        self._key: dict[str, str] = {}
+        self._good_tail: dict[str, str] = {}
+
+    def _prepare(self, point: str) -> None:
+        unit = json.dumps(self._units.get(point))
+        self._key[point] = f'{json.dumps(point)}:{{"value":'
+        self._good_tail[point] = f',"unit":{unit},"quality":"good"}}'
+
+    def encode(self, ts_ms: int, results: Sequence[PointResult]) -> bytes:
+        """One poll (acquisition time in UTC ms, one result per point) as UTF-8 JSON."""
+        parts = []
+        for r in results:
+            if r.point not in self._key:
+                self._prepare(r.point)
+            text = None
+            if r.quality == GOOD and r.value is not None:
+                text = _json_value(r.value)
+            if text is not None:
+                parts.append(self._key[r.point] + text + self._good_tail[r.point])
+                continue
+            quality, error = r.quality, r.error
+            if quality == GOOD:  # a non-finite float that slipped through
+                assert isinstance(r.value, float)
+                quality = "nan" if math.isnan(r.value) else "inf"
+                error = f"device sent {r.value!r}"
+            entry: dict[str, Any] = {
+                "value": None,
+                "unit": self._units.get(r.point),
+                "quality": quality,
+                "error": error or quality,
+            }
+            if r.exception_code is not None:
+                entry["exception_code"] = r.exception_code
+            body = json.dumps(entry, separators=(",", ":"), allow_nan=False)
+            parts.append(f"{json.dumps(r.point)}:{body}")
+        return f'{self._head}{iso_ms(ts_ms)}","points":{{{",".join(parts)}}}}}'.encode()
 
 
 def telemetry_body(
@@ -66,36 +138,8 @@ def telemetry_body(
     results: Sequence[PointResult],
     units: dict[str, str | None],
 ) -> bytes:
-    """Encode one device poll as the telemetry JSON object, without ``seq``.
-
-    Shape (see ``docs/mqtt.md``)::
-
-        {"gateway": str, "device": str, "ts": "…Z",
-         "points": {name: {"value": number|bool|null, "unit": str|null,
-                           "quality": "good"|code, ["error": str], ["exception_code": int]}}}
-
-    Non-finite floats never reach the JSON: they are published as ``null`` with quality
-    ``nan``/``inf`` (JSON has no such tokens, RFC 8259 section 6); the encoder runs with
-    ``allow_nan=False`` as a second guard.
-    """
-    points: dict[str, dict[str, Any]] = {}
-    for r in results:
-        value = r.value
-        quality = r.quality
-        error = r.error
-        if isinstance(value, float) and not math.isfinite(value):
-            quality = "nan" if math.isnan(value) else "inf"
-            error = f"device sent {value!r}"
-            value = None
-        entry: dict[str, Any] = {"value": value, "unit": units.get(r.point), "quality": quality}
-        if quality != GOOD:
-            entry["value"] = None
-            entry["error"] = error or quality
-            if r.exception_code is not None:
-                entry["exception_code"] = r.exception_code
-        points[r.point] = entry
-    doc = {"gateway": gateway_id, "device": device_id, "ts": iso_ms(ts_ms), "points": points}
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    """One-off form of :meth:`TelemetryEncoder.encode`."""
+    return TelemetryEncoder(gateway_id, device_id, units).encode(ts_ms, results)
 
 
 def parse_telemetry(payload: bytes | str) -> list[Reading]:

@@ -58,21 +58,36 @@ def run(devices: int, registers: int, seconds: float, warmup: float, interval: s
         broker = Mosquitto(d / "broker")
         broker.start()
         port_file = d / "sim.port"
-        sim = subprocess.Popen([sys.executable, "-m", "bench.sim", "--devices", str(devices),
-                                "--registers", str(registers), "--port-file", str(port_file)])
+        sim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.sim",
+                "--devices",
+                str(devices),
+                "--registers",
+                str(registers),
+                "--port-file",
+                str(port_file),
+            ]
+        )
         wait_until(lambda: port_file.exists() and port_file.read_text(), 20, "simulator")
         sim_port = int(port_file.read_text())
         cfg = d / "agent.yaml"
         devs = "".join(
             f"  - id: dev{u}\n    host: 127.0.0.1\n    port: {sim_port}\n    unit_id: {u}\n"
-            f"    poll_interval: {interval}\n    points:\n" + "".join(
+            f"    poll_interval: {interval}\n    points:\n"
+            + "".join(
                 f"      - {{name: r{i}, address: {i}, type: int16, scale: 0.1, unit: kPa}}\n"
-                for i in range(registers))
-            for u in range(1, devices + 1))
+                for i in range(registers)
+            )
+            for u in range(1, devices + 1)
+        )
         cfg.write_text(
             f"gateway_id: bench\nstate_dir: {d / 'state'}\nprofiles_dir: {PROFILES}\n"
             f"log_level: warning\nmqtt:\n  port: {broker.port}\n  client_id: bench\n"
-            f"devices:\n{devs}")
+            f"devices:\n{devs}"
+        )
         sub = Subscriber(broker.port, "lifeline/#")
         agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)])
         time.sleep(warmup)
@@ -100,8 +115,12 @@ def run(devices: int, registers: int, seconds: float, warmup: float, interval: s
     readings = (n1 - n0) * registers
     lat.sort()
     return {
-        "devices": devices, "registers": registers, "interval": interval,
-        "seconds": round(elapsed, 1), "messages": n1 - n0, "readings": readings,
+        "devices": devices,
+        "registers": registers,
+        "interval": interval,
+        "seconds": round(elapsed, 1),
+        "messages": n1 - n0,
+        "readings": readings,
         "cpu_s": round(cpu1 - cpu0, 3),
         "cpu_s_per_1000_readings": round((cpu1 - cpu0) / readings * 1000, 5),
         "cpu_s_by_thread": per_thread,

@@ -1,6 +1,6 @@
 """Simulated devices for the benchmark, in their own process so their CPU is not counted.
 
-    python -m bench.sim --devices 10 --registers 10 --port-file FILE
+python -m bench.sim --devices 10 --registers 10 --port-file FILE
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ def main() -> None:
     ap.add_argument("--port-file", type=Path, required=True)
     args = ap.parse_args()
     sim = ModbusSimulator(tick=0.5)
-    points = [ModbusPoint(name=f"r{i}", address=i, type="int16", scale=0.1, unit="kPa")
-              for i in range(args.registers)]
+    points = [
+        ModbusPoint(name=f"r{i}", address=i, type="int16", scale=0.1, unit="kPa")
+        for i in range(args.registers)
+    ]
     for unit in range(1, args.devices + 1):
         sim.add_device(unit, points, {"r0": lambda t: round(100 + 5 * math.sin(t), 1)})
 

@@ -71,8 +71,8 @@ def registers_to_bytes(registers: Sequence[int]) -> bytes:
         DecodeError: a register is outside 0..65535.
     """
     try:
-        return b"".join(r.to_bytes(2, "big") for r in registers)
-    except OverflowError as exc:
+        return struct.pack(f">{len(registers)}H", *registers)
+    except struct.error as exc:
         raise DecodeError(f"register value out of range 0..65535 in {list(registers)}") from exc
 
 
@@ -111,14 +111,29 @@ def decode_registers(
         DecodeError: the register count does not match the type (no zero-padding, ever),
             or the type is not a register type.
     """
-    fmt = _STRUCT.get(data_type)
-    if fmt is None:
+    return decode_bytes(registers_to_bytes(registers), data_type, byte_order)
+
+
+_UNPACK = {name: struct.Struct(fmt).unpack for name, fmt in _STRUCT.items()}
+
+
+def decode_bytes(wire: bytes, data_type: DataType, byte_order: ByteOrder = "ABCD") -> int | float:
+    """Decode one point from its wire bytes (2 per register, as received).
+
+    Same contract as :func:`decode_registers`, for callers that hold a whole block's bytes.
+
+    Raises:
+        DecodeError: the byte count does not match the type, or not a register type.
+    """
+    unpack = _UNPACK.get(data_type)
+    if unpack is None:
         raise DecodeError(f"type {data_type!r} is not a register type")
     need = REGISTER_COUNT[data_type]
-    if len(registers) != need:
-        raise DecodeError(f"{data_type} needs exactly {need} register(s), got {len(registers)}")
-    raw = to_big_endian(registers_to_bytes(registers), byte_order)
-    value: int | float = struct.unpack(fmt, raw)[0]
+    if len(wire) != 2 * need:
+        raise DecodeError(f"{data_type} needs exactly {need} register(s), got {len(wire) / 2:g}")
+    if byte_order != "ABCD":
+        wire = to_big_endian(wire, byte_order)
+    value: int | float = unpack(wire)[0]
     return value
 
 

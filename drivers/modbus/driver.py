@@ -16,7 +16,13 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
 from drivers.base import GOOD, PointResult
-from drivers.codec import DecodeError, decode_registers, non_finite_quality, scale_value
+from drivers.codec import (
+    DecodeError,
+    decode_bytes,
+    non_finite_quality,
+    registers_to_bytes,
+    scale_value,
+)
 from drivers.modbus.config import (
     BIT_TABLES,
     MAX_BITS_PER_READ,
@@ -87,8 +93,16 @@ def decode_point(point: ModbusPoint, words: Sequence[int] | Sequence[bool]) -> P
     if point.table in BIT_TABLES:
         return PointResult(point.name, bool(words[0]))
     try:
+        wire = registers_to_bytes([int(w) for w in words])
+    except DecodeError as exc:
+        return PointResult(point.name, None, "decode_error", str(exc))
+    return _decode_wire(point, wire)
+
+
+def _decode_wire(point: ModbusPoint, wire: bytes) -> PointResult:
+    try:
         assert point.type is not None and point.type != "bool"
-        raw = decode_registers([int(w) for w in words], point.type, point.byte_order)
+        raw = decode_bytes(wire, point.type, point.byte_order)
     except DecodeError as exc:
         return PointResult(point.name, None, "decode_error", str(exc))
     value = scale_value(raw, point.scale, point.offset, point.decimals)
@@ -100,12 +114,21 @@ def decode_point(point: ModbusPoint, words: Sequence[int] | Sequence[bool]) -> P
 
 
 def decode_block(block: Block, words: Sequence[int] | Sequence[bool]) -> list[PointResult]:
-    """Decode every point of ``block`` from the words (or bits) read for the whole block."""
-    out = []
-    for p in block.points:
-        i = p.address - block.start
-        out.append(decode_point(p, words[i : i + p.register_count]))
-    return out
+    """Decode every point of ``block`` from the words (or bits) read for the whole block.
+
+    The block's registers are turned into wire bytes once; each point decodes its slice.
+    """
+    if block.table in BIT_TABLES:
+        return [PointResult(p.name, bool(words[p.address - block.start])) for p in block.points]
+    try:
+        wire = registers_to_bytes([int(w) for w in words])
+    except DecodeError as exc:
+        return _bad(block.points, "decode_error", str(exc))
+    start = block.start
+    return [
+        _decode_wire(p, wire[2 * (p.address - start) : 2 * (p.address - start + p.register_count)])
+        for p in block.points
+    ]
 
 
 def _bad(
