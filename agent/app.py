@@ -77,6 +77,13 @@ class BufferWriter:
         if len(self.pending) > self.max_pending:
             del self.pending[0]
             self.lost += 1
+            if self.lost == 1 or self.lost % 1000 == 0:
+                log.error(
+                    "buffer %s unwritable and %d messages waiting in memory: %d oldest lost",
+                    self.buffer.sync.path,
+                    self.max_pending,
+                    self.lost,
+                )
 
     def kick(self) -> None:
         """Commit what is pending (called at the end of each polling cycle)."""
@@ -201,13 +208,19 @@ class Agent:
         for t in polls:
             t.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
-        await self.writer.commit()
+        if not await self.writer.commit():
+            log.error(
+                "%d poll(s) could not be written to buffer %s and are lost at this stop",
+                len(self.writer.pending),
+                self.buffer.sync.path,
+            )
         await asyncio.sleep(0)  # let the publisher hand freshly committed rows to MQTT
         await self.publisher.drain_inflight(STOP_BUDGET_S / 2)
         for t in bg:
             t.cancel()
         await asyncio.gather(*bg, return_exceptions=True)
-        await self.publisher.flush_acks()
+        if not await self.publisher.flush_acks():
+            log.warning("some acknowledged messages stay in the buffer; they will be sent again")
         sent = await self.publisher.publish_offline(OFFLINE, STOP_BUDGET_S / 4)
         if not sent:
             log.warning(

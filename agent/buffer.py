@@ -12,8 +12,10 @@ thread, because a commit on an SD card can stall for a long time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,20 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 INSERT OR IGNORE INTO counters(name, value) VALUES ('dropped', 0);
 """
+
+
+def _open_advice(path: Path, exc: sqlite3.DatabaseError) -> str:
+    text = str(exc)
+    if "full" in text or "disk I/O" in text or "readonly" in text or "unable to open" in text:
+        return (
+            f"cannot open buffer {path}: {text}. Free space on (or fix the permissions of) "
+            f"the filesystem of {path.parent}; the file itself is kept as it is."
+        )
+    return (
+        f"cannot open buffer {path}: {text}. If the file is corrupt or not an edge-agent "
+        f"buffer, stop the agent, move it aside (mv {path} {path}.bad) and start again; its "
+        "unsent readings can still be inspected with sqlite3."
+    )
 
 
 class BufferError(RuntimeError):
@@ -88,6 +104,8 @@ class Buffer:
     ) -> None:
         self.path = path
         self.max_messages = max_messages
+        self._drop_logged_at = -1e9
+        self._dropped_unlogged = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -96,15 +114,31 @@ class Buffer:
             self._db.execute("PRAGMA journal_size_limit=8388608")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
+            self._check_schema()
             self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         except sqlite3.DatabaseError as exc:
-            raise BufferError(
-                f"cannot open buffer {path}: {exc}. If the file is corrupt, stop the agent, "
-                f"move it aside (mv {path} {path}.bad) and start again; unsent readings in "
-                "the old file are then lost to this agent but can be inspected with sqlite3."
-            ) from exc
+            raise BufferError(_open_advice(path, exc)) from exc
         except OSError as exc:
             raise BufferError(f"cannot create buffer directory {path.parent}: {exc}") from exc
+
+    def _check_schema(self) -> None:
+        cols = [r[1] for r in self._db.execute("PRAGMA table_info(outbox)")]
+        has_seq = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'"
+        ).fetchone()
+        if cols != ["seq", "topic", "body", "ts_ms"] or (has_seq is None and self._has_rows()):
+            raise sqlite3.DatabaseError(
+                f"not an edge-agent buffer: table outbox has columns {cols}"
+            )
+
+    def _has_rows(self) -> bool:
+        return self._db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone() is not None
+
+    def _rollback(self) -> None:
+        # Keep the original error: after some failures SQLite has already rolled back.
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     def append_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[int]:
         """Commit ``(topic, body, ts_ms)`` items in one transaction; return their seqs.
@@ -135,15 +169,21 @@ class Buffer:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         if excess > 0:
-            log.warning(
-                "buffer %s full (%d messages): dropped the %d oldest",
-                self.path,
-                self.max_messages,
-                excess,
-            )
+            self._dropped_unlogged += excess
+            now = time.monotonic()
+            if now - self._drop_logged_at >= 60.0:
+                log.warning(
+                    "buffer %s is full (%d messages): dropped the %d oldest since the last "
+                    "report; the platform will see these seqs missing",
+                    self.path,
+                    self.max_messages,
+                    self._dropped_unlogged,
+                )
+                self._drop_logged_at = now
+                self._dropped_unlogged = 0
             self._count = self.max_messages
         else:
             self._count += len(items)
@@ -175,7 +215,7 @@ class Buffer:
                 deleted += db.execute(q, chunk).rowcount
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            self._rollback()
             raise
         self._count = max(0, self._count - deleted)
 
@@ -183,7 +223,9 @@ class Buffer:
         """Current counters (cheap: one indexed query each)."""
         db = self._db
         dropped = int(db.execute("SELECT value FROM counters WHERE name='dropped'").fetchone()[0])
-        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        row = None
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'").fetchone():
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
         return BufferStats(self._count, dropped, int(row[0]) if row else 0)
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sqlite3
 import time
 
 from agent.buffer import AsyncBuffer, Row, payload_with_seq
@@ -35,6 +36,7 @@ class Publisher:
         self.inflight: dict[int, int] = {}  # mid -> seq
         self._acked: list[int] = []
         self._fresh: collections.deque[Row] = collections.deque()
+        self._ack_failing = False
         self._wake = asyncio.Event()
         self._ack_event = asyncio.Event()
         self._status_mid: int | None = None
@@ -115,11 +117,33 @@ class Publisher:
             await asyncio.sleep(interval)
             await self.flush_acks()
 
-    async def flush_acks(self) -> None:
-        """Delete every acknowledged row now."""
-        if self._acked:
-            done, self._acked = self._acked, []
+    async def flush_acks(self) -> bool:
+        """Delete every acknowledged row now; on a write error keep them for the next try.
+
+        A failed delete is not fatal: the rows are already at the broker, and at worst they
+        are sent once more after a restart (same seq).
+        """
+        if not self._acked:
+            return True
+        done, self._acked = self._acked, []
+        try:
             await self.buffer.ack(done)
+        except sqlite3.Error as exc:
+            self._acked = done + self._acked
+            if not self._ack_failing:
+                log.error(
+                    "cannot delete %d acknowledged message(s) from buffer %s: %s; retrying",
+                    len(done),
+                    self.buffer.sync.path,
+                    exc,
+                )
+                self._ack_failing = True
+            self._ack_event.set()
+            return False
+        if self._ack_failing:
+            log.info("acknowledged messages are deleted from the buffer again")
+            self._ack_failing = False
+        return True
 
     async def drain_inflight(self, timeout: float) -> None:
         """Wait until nothing is in flight (or ``timeout``), for a clean shutdown."""
