@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import signal
 import sqlite3
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.buffer import AsyncBuffer, Buffer, Row
+from agent.buffer import AsyncBuffer, Buffer, Row, lock_state_dir
 from agent.config.model import AgentConfig
 from agent.mqtt import MqttLink
 from agent.poller import BusPoller
@@ -131,6 +132,7 @@ class Agent:
         self.cfg = cfg
         self.stop_event = asyncio.Event()
         state = Path(cfg.state_dir)
+        self._lock_fd = lock_state_dir(state)
         self.buffer = AsyncBuffer(
             Buffer(state / "buffer.db", cfg.buffer.max_messages, cfg.buffer.synchronous)
         )
@@ -233,6 +235,7 @@ class Agent:
         await asyncio.gather(link_task, stop_wait, return_exceptions=True)
         stats = await self.buffer.stats()
         await self.buffer.close()
+        os.close(self._lock_fd)
         log.info(
             "stopped; %d unsent message(s) kept in the buffer for the next start", stats.pending
         )

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -74,6 +76,35 @@ class BufferStats:
     pending: int
     dropped: int
     last_seq: int
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the exclusive lock ``state_dir/agent.lock`` for this process (released by the
+    kernel when the process ends, however it ends). Two agents on one buffer would send each
+    other's rows and fight over the MQTT client id.
+
+    Returns:
+        the open file descriptor holding the lock (keep it open).
+    Raises:
+        BufferError: another process holds the lock, or the directory is unusable.
+    """
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise BufferError(f"cannot use state_dir {state_dir}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise BufferError(
+            f"another edge-agent (pid {other}) is running with state_dir {state_dir}; "
+            "stop it first, or give this one its own state_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def payload_with_seq(seq: int, body: bytes) -> bytes:

@@ -45,7 +45,10 @@ def start_mosquitto(workdir: Path, port: int) -> subprocess.Popen[bytes]:
     conf = workdir / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     proc = subprocess.Popen(
-        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["mosquitto", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches the demo only; it stops the broker last
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -128,9 +131,10 @@ devices:
 """
 
 
-def _format(topic: str, payload: bytes) -> str:
+def _format(topic: str, payload: bytes, retained: bool) -> str:
     if topic.endswith("/status"):
-        return f"{topic}  {payload.decode(errors='replace')}  (retained status)"
+        how = "retained, from before this subscription" if retained else "live"
+        return f"{topic}  {payload.decode(errors='replace')}  (status, {how})"
     try:
         doc = json.loads(payload)
     except ValueError:
@@ -238,7 +242,7 @@ def run_demo(duration: float, workdir: Path | None) -> int:
     def on_message(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
         received.append((msg.topic, payload))
-        print(_format(msg.topic, payload), flush=True)
+        print(_format(msg.topic, payload, bool(msg.retain)), flush=True)
 
     sub.on_message = on_message
     sub.connect("127.0.0.1", broker_port)
@@ -247,8 +251,16 @@ def run_demo(duration: float, workdir: Path | None) -> int:
 
     env = dict(os.environ, PYTHONPATH=str(REPO_CONFIG.parent))
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(cfg_path)], env=env
+        [sys.executable, "-m", "agent", "run", "--config", str(cfg_path)],
+        env=env,
+        start_new_session=True,
     )
+
+    def stop_demo(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_demo)
+    signal.signal(signal.SIGINT, stop_demo)  # also when started with SIGINT ignored
     try:
         deadline = time.monotonic() + duration if duration > 0 else float("inf")
         while time.monotonic() < deadline and agent.poll() is None:

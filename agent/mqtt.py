@@ -63,7 +63,7 @@ class MqttLink:
         self._loop_thread = threading.get_ident()
         self._stopping = False
         self._stop_event = asyncio.Event()
-        self._refused_logged = False
+        self._problem_logged = False
         self._sock: socket.socket | None = None
         self._misc_task: asyncio.Task[None] | None = None
         self._short_sessions: collections.deque[float] = collections.deque(maxlen=5)
@@ -97,6 +97,8 @@ class MqttLink:
     # -- paho callbacks (may run on an executor thread during connect) -------------------
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._loop.is_closed():  # paho's __del__ after shutdown
+            return
         # On the loop's own thread run at once (no self-pipe wake-up per packet); from the
         # executor thread of connect()/reconnect() hand over thread-safely.
         if threading.get_ident() == self._loop_thread:
@@ -164,7 +166,7 @@ class MqttLink:
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(ok)
         if ok:
-            self._refused_logged = False
+            self._problem_logged = False
             self._connected_at = time.monotonic()
             self._disconnected.clear()
             self.connected.set()
@@ -173,9 +175,18 @@ class MqttLink:
             )
             self.on_connected()
         else:
-            log.error(
-                "broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason
-            )
+            self._problem(logging.ERROR, "broker %s:%d refused the connection: %s", reason)
+
+    def _problem(self, level: int, msg: str, detail: object) -> None:
+        """Log a connection problem loudly once; repeats go to DEBUG until a CONNACK."""
+        log.log(
+            logging.DEBUG if self._problem_logged else level,
+            msg,
+            self.cfg.host,
+            self.cfg.port,
+            detail,
+        )
+        self._problem_logged = True
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -188,6 +199,13 @@ class MqttLink:
         self._disconnected.set()
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(False)
+            if not self._stopping:
+                self._problem(
+                    logging.WARNING,
+                    "%s:%d closed the connection before answering CONNECT (%s): is it an MQTT "
+                    "broker, and does it expect TLS (mqtt.tls) on this port?",
+                    reason,
+                )
         if self._stopping:
             return
         if was:
@@ -243,15 +261,11 @@ class MqttLink:
                 ok = await asyncio.wait_for(asyncio.shield(self._connack), timeout=30)
             except (OSError, ssl.SSLError, TimeoutError, mqtt.WebsocketConnectionError) as exc:
                 ok = False
-                level = logging.DEBUG if self._refused_logged else logging.WARNING
-                log.log(
-                    level,
+                self._problem(
+                    logging.WARNING,
                     "cannot connect to broker %s:%d: %s; retrying with backoff",
-                    self.cfg.host,
-                    self.cfg.port,
                     exc,
                 )
-                self._refused_logged = True
                 if self.client.socket() is not None:
                     self.client.disconnect()
             if ok:

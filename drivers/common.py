@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|h)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0}
@@ -42,6 +42,19 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """A duration in seconds, written in YAML as a string with a unit (``500ms``, ``5s``, ``1min``)."""
+
+
+def at_least(minimum: str) -> AfterValidator:
+    """A validator for :data:`Duration` fields: refuse durations shorter than ``minimum``
+    (written with its unit, e.g. ``"50ms"``), with a message in the user's units."""
+    floor = parse_duration(minimum)
+
+    def check(value: float) -> float:
+        if value < floor:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+
+    return AfterValidator(check)
 
 
 class StrictModel(BaseModel):

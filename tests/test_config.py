@@ -694,3 +694,90 @@ def test_broken_profile_is_not_called_unknown(tmp_path: Path) -> None:
 def test_non_finite_scale_or_offset_refused(bad: float, key: str) -> None:
     with pytest.raises(ValidationError):
         ModbusPoint.model_validate({"name": "v", "address": 0, key: bad})
+
+
+ONE_DEVICE = "devices:\n  - {id: d1, host: 192.0.2.1, points: [{name: v, address: 0}]}\n"
+
+
+def test_tls_files_are_checked_at_load(cfgdir: Path) -> None:
+    write(cfgdir, "garbage.pem", "not a certificate\n")
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD + "mqtt:\n  tls:\n    ca_file: garbage.pem\n    cert_file: nope.pem\n"
+        "    key_file: nope.key\n" + ONE_DEVICE,
+    )
+    got = [where(i) for i in issues_of(name)]
+    assert got == [
+        ("agent.yaml", 6, 16, "mqtt.tls.cert_file"),
+        ("agent.yaml", 7, 15, "mqtt.tls.key_file"),
+    ]
+    name = write(cfgdir, "b.yaml", HEAD + "mqtt:\n  tls:\n    ca_file: garbage.pem\n" + ONE_DEVICE)
+    issues = issues_of(name)
+    assert [where(i) for i in issues] == [("b.yaml", 5, 14, "mqtt.tls.ca_file")]
+    assert "cannot load CA certificates" in issues[0].message
+
+
+def test_reconnect_min_zero_refused_at_its_key(cfgdir: Path) -> None:
+    name = write(cfgdir, "agent.yaml", HEAD + "mqtt:\n  reconnect_min: 0s\n" + ONE_DEVICE)
+    issues = issues_of(name)
+    assert [where(i) for i in issues] == [("agent.yaml", 4, 18, "mqtt.reconnect_min")]
+    assert issues[0].message == "must be at least 100ms"
+
+
+def test_poll_interval_floor_points_at_the_key(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD + "devices:\n  - id: d1\n    host: 192.0.2.1\n    poll_interval: 10ms\n"
+        "    points: [{name: v, address: 0}]\n",
+    )
+    issues = issues_of(name)
+    assert [where(i) for i in issues] == [("agent.yaml", 6, 20, "devices[0].poll_interval")]
+    assert issues[0].message == "must be at least 50ms"
+
+
+def test_control_character_is_an_error_not_a_traceback(cfgdir: Path) -> None:
+    (cfgdir / "agent.yaml").write_bytes(b"gateway_id: gw1\nstate_dir: s\x00\n")
+    code, lines = validate("agent.yaml")
+    assert code == EX_CONFIG
+    assert lines[0].startswith("agent.yaml:2:") and "not YAML text" in lines[0]
+
+
+def test_merge_keys_do_not_crash_positions(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD + "devices:\n"
+        "  - &d {id: d0, host: h, port: 99999, points: [{name: v, address: 0}]}\n"
+        "  - <<: *d\n    id: d1\n"
+        "  - <<: *d\n",
+    )
+    issues = issues_of(name)
+    paths = {i.path for i in issues}
+    assert "devices[0].port" in paths and "devices[1].port" in paths
+    assert any("duplicate device id 'd0'" in i.message for i in issues)
+
+
+def test_include_patterns_reported_at_their_own_line(cfgdir: Path) -> None:
+    name = write(
+        cfgdir, "agent.yaml", HEAD + "include:\n  - inc/*.yaml\n  - missing/*.yaml\n  - ''\n"
+    )
+    got = [(i.line, i.message) for i in issues_of(name) if i.path.startswith("include")]
+    assert got == [
+        (4, "include 'inc/*.yaml' matches no file"),
+        (5, "include 'missing/*.yaml' matches no file"),
+        (6, "empty include pattern"),
+    ]
+
+
+def test_version_as_string_says_how_to_fix(cfgdir: Path) -> None:
+    name = write(cfgdir, "agent.yaml", 'version: "1"\n' + HEAD + ONE_DEVICE)
+    assert [i.message for i in issues_of(name)] == ["write 1 as a number, without quotes"]
+
+
+def test_config_that_is_a_list_or_a_directory(cfgdir: Path) -> None:
+    name = write(cfgdir, "agent.yaml", "- a\n- b\n")
+    assert "holds a list" in issues_of(name)[0].message
+    (cfgdir / "adir").mkdir()
+    assert "is a directory" in issues_of("adir")[0].message

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-import sqlite3
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -337,7 +338,27 @@ def test_full_disk_keeps_polling_and_loses_nothing(
     assert [s for s, _ in docs] == list(range(1, last_seq + 1))
     ts = [parse_iso_ms(d["ts"]) for _, d in docs]
     # a poll every 100 ms throughout, also while the disk was full: no hole in time
-    assert max(b - a for a, b in zip(ts, ts[1:], strict=False)) < 400
+    assert max(b - a for a, b in itertools.pairwise(ts)) < 400
     assert len(ts) >= 40
     assert "database or disk is full" in caplog.text
     assert "writable again" in caplog.text
+
+
+def test_second_agent_on_one_state_dir_is_refused(tmp_path: Path, broker: Mosquitto) -> None:
+    devices = """\
+  - id: d1
+    host: 127.0.0.1
+    port: 1
+    poll_interval: 1s
+    points: [{name: v, address: 0}]
+"""
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    first = AgentProcess(cfg, tmp_path / "first.log")
+    first.start()
+    wait_until(lambda: "connected to mqtt" in first.log(), 10, "the first agent")
+    second = AgentProcess(cfg, tmp_path / "second.log")
+    second.start()
+    assert second.proc is not None and second.proc.wait(10) == 1
+    assert "another edge-agent (pid " in second.log()
+    assert first.proc is not None and first.proc.poll() is None
+    assert first.stop() == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import ssl
 import types
 import typing
 from collections.abc import Iterator
@@ -20,10 +21,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
+from ruamel.yaml.reader import ReaderError
 
-from agent.config.model import AgentConfig
+from agent.config.model import AgentConfig, TlsConfig
 from drivers.modbus.config import ModbusProfile
 
 
@@ -80,8 +82,16 @@ def _duplicate_keys(node: Node, file: str, path: str = "") -> Iterator[ConfigIss
             yield from _duplicate_keys(item, file, f"{path}[{i}]")
 
 
+def _offset_to_pos(text: str, offset: int) -> tuple[int, int]:
+    before = text[:offset]
+    return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
+
+
 def _parse(path: Path, display: str) -> tuple[Any, list[ConfigIssue]]:
     """Parse one YAML file; return its data and any syntax / duplicate-key issues."""
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        return None, [ConfigIssue(display, 1, 1, "", f"cannot read: {path} is {kind}")]
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -98,6 +108,15 @@ def _parse(path: Path, display: str) -> tuple[Any, list[ConfigIssue]]:
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(s for s in (exc.context, exc.problem) if s)
         return None, [ConfigIssue(display, line, col, "", f"YAML syntax error: {what}")]
+    except ReaderError as exc:
+        line, col = _offset_to_pos(text, exc.position)
+        return None, [
+            ConfigIssue(
+                display, line, col, "", f"not YAML text: {exc.reason} (character {exc.character!r})"
+            )
+        ]
+    except YAMLError as exc:
+        return None, [ConfigIssue(display, 1, 1, "", f"YAML error: {exc}")]
     return data, issues
 
 
@@ -122,6 +141,27 @@ def _pos_of_node(node: Any) -> tuple[int, int]:
     return (lc.line + 1, lc.col + 1)
 
 
+def _key_pos(node: CommentedMap, key: str, *, value: bool) -> tuple[int, int] | None:
+    """1-based position of a key (or its value); None for keys merged in with ``<<``."""
+    try:
+        pos = node.lc.value(key) if value else node.lc.key(key)
+    except (KeyError, TypeError):
+        return None
+    if not pos or pos[0] is None:
+        return None
+    return (pos[0] + 1, pos[1] + 1)
+
+
+def _item_pos(node: CommentedSeq, index: int) -> tuple[int, int] | None:
+    try:
+        pos = node.lc.item(index)
+    except (KeyError, TypeError):
+        return None
+    if not pos or pos[0] is None:
+        return None
+    return (pos[0] + 1, pos[1] + 1)
+
+
 def _locate(
     root: Any, loc: tuple[int | str, ...], main_file: str, origins: _Origins, *, key: bool
 ) -> tuple[str, int, int, str]:
@@ -138,9 +178,9 @@ def _locate(
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
         if isinstance(node, CommentedMap) and isinstance(part, str) and part in node:
-            kl, kc = node.lc.key(part)
-            vl, vc = node.lc.value(part)
-            line, col = (kl + 1, kc + 1) if (key and last) else (vl + 1, vc + 1)
+            pos = _key_pos(node, part, value=not (key and last))
+            if pos is not None:
+                line, col = pos
             child = node[part]
             path = f"{path}.{part}" if path else part
         elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
@@ -150,8 +190,9 @@ def _locate(
                 file = origins.files[id(child)]
                 line, col = _pos_of_node(child)
             else:
-                il, ic = node.lc.item(part)
-                line, col = il + 1, ic + 1
+                pos = _item_pos(node, part)
+                if pos is not None:
+                    line, col = pos
         elif isinstance(node, CommentedMap) and isinstance(part, str) and key and last:
             path = f"{path}.{part}" if path else part
             break
@@ -214,6 +255,8 @@ def _message(err: Any, model: type[BaseModel]) -> str:
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         options = [o.strip().strip("'") for o in expected.replace(" or ", ", ").split(",")]
+        if isinstance(value, str) and value in options and f"'{value}'" not in expected:
+            return f"write {value} as a number, without quotes"
         close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{value!r} is not one of {', '.join(options)}{hint}"
@@ -327,6 +370,87 @@ def load_profiles(directory: Path) -> Profiles:
     return Profiles(profiles, broken, issues)
 
 
+def _splice_includes(
+    data: CommentedMap, base: Path, display: str, origins: _Origins, issues: list[ConfigIssue]
+) -> None:
+    """Append the devices of every ``include`` file to ``devices`` (type errors of the
+    ``include`` value itself are left to the model)."""
+    inc = data.get("include", [])
+    patterns = (
+        [(("include",), inc)]
+        if isinstance(inc, str)
+        else ([(("include", i), v) for i, v in enumerate(inc)] if isinstance(inc, list) else [])
+    )
+    devices = data.get("devices")
+    if devices is None and patterns:
+        devices = CommentedSeq()
+        data["devices"] = devices
+    if not isinstance(devices, list):
+        return  # the model reports that 'devices' must be a list
+    for loc, pattern in patterns:
+        if not isinstance(pattern, str):
+            continue
+        f, line, col, p = _locate(data, loc, display, origins, key=False)
+        if not pattern.strip():
+            issues.append(ConfigIssue(f, line, col, p, "empty include pattern"))
+            continue
+        matches = sorted(m for m in glob.glob(str(base / pattern)) if Path(m).is_file())
+        if not matches:
+            issues.append(ConfigIssue(f, line, col, p, f"include {pattern!r} matches no file"))
+        for m in matches:
+            mdisp = _display(Path(m))
+            part, errs = _parse(Path(m), mdisp)
+            issues += errs
+            if part is None and not errs:
+                issues.append(ConfigIssue(mdisp, 1, 1, "", "included file is empty"))
+            items = part if isinstance(part, list) else [part] if part is not None else []
+            for k, item in enumerate(items):
+                if isinstance(item, CommentedMap):
+                    origins.files[id(item)] = mdisp
+                    devices.append(item)
+                    continue
+                pos = _item_pos(part, k) if isinstance(part, CommentedSeq) else None
+                line_i, col_i = pos or (1, 1)
+                issues.append(
+                    ConfigIssue(
+                        mdisp,
+                        line_i,
+                        col_i,
+                        "",
+                        "an included file holds one device (a mapping of keys) or a list of them",
+                    )
+                )
+
+
+def _check_tls(tls: TlsConfig, data: Any, display: str, origins: _Origins) -> list[ConfigIssue]:
+    """Load the TLS files the way the MQTT client will, so a missing or unreadable file is
+    a config error at its line, not a crash at connect time."""
+    issues: list[ConfigIssue] = []
+
+    def issue(key: str, message: str) -> None:
+        f, line, col, p = _locate(data, ("mqtt", "tls", key), display, origins, key=False)
+        issues.append(ConfigIssue(f, line, col, p, message))
+
+    for key in ("ca_file", "cert_file", "key_file"):
+        name = getattr(tls, key)
+        if name is not None and not Path(name).is_file():
+            issue(key, f"no such file: {name}")
+    if issues:
+        return issues
+    ctx = ssl.create_default_context()
+    if tls.ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=tls.ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            issue("ca_file", f"cannot load CA certificates from {tls.ca_file}: {exc}")
+    if tls.cert_file is not None and tls.key_file is not None:
+        try:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            issue("cert_file", f"cannot load client certificate/key: {exc}")
+    return issues
+
+
 def load_config(path: str | Path) -> AgentConfig:
     """Load, validate and resolve the config at ``path``.
 
@@ -346,7 +470,11 @@ def load_config(path: str | Path) -> AgentConfig:
     if data is None and issues:
         raise ConfigError(issues)
     if not isinstance(data, CommentedMap):
-        what = "is empty" if data is None else f"holds a {type(data).__name__}"
+        what = (
+            "is empty"
+            if data is None
+            else ("holds a list" if isinstance(data, list) else f"holds a single value ({data!r})")
+        )
         raise ConfigError(
             [
                 *issues,
@@ -363,40 +491,7 @@ def load_config(path: str | Path) -> AgentConfig:
     origins = _Origins({})
 
     # includes: each file holds one device (mapping) or a list of devices
-    inc = data.get("include", [])
-    if isinstance(inc, str):
-        inc = [inc]
-    if isinstance(inc, list):
-        devices = data.get("devices")
-        if devices is None:
-            devices = CommentedSeq()
-            data["devices"] = devices
-        for pattern in inc:
-            matches = sorted(glob.glob(str(base / str(pattern))))
-            if not matches:
-                f, line, col, p = _locate(data, ("include",), display, origins, key=False)
-                issues.append(ConfigIssue(f, line, col, p, f"include {pattern!r} matches no file"))
-            for m in matches:
-                mdisp = _display(Path(m))
-                part, errs = _parse(Path(m), mdisp)
-                issues += errs
-                if part is None and not errs:
-                    issues.append(ConfigIssue(mdisp, 1, 1, "", "included file is empty"))
-                items = part if isinstance(part, list) else [part] if part is not None else []
-                for item in items:
-                    if isinstance(item, CommentedMap) and isinstance(devices, list):
-                        origins.files[id(item)] = mdisp
-                        devices.append(item)
-                    else:
-                        issues.append(
-                            ConfigIssue(
-                                mdisp,
-                                1,
-                                1,
-                                "",
-                                "an included file holds a device mapping or a list of them",
-                            )
-                        )
+    _splice_includes(data, base, display, origins, issues)
 
     # duplicate device ids
     devs = data.get("devices")
@@ -497,6 +592,9 @@ def load_config(path: str | Path) -> AgentConfig:
                 "key_file": _abs(mqtt.tls.key_file),
             }
         )
+        tls_issues = _check_tls(tls, data, display, origins)
+        if tls_issues:
+            raise ConfigError(tls_issues)
         mqtt = mqtt.model_copy(update={"tls": tls})
     return cfg.model_copy(
         update={

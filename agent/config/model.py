@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from drivers.common import Duration, StrictModel
+from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.config import ModbusTcpDevice, Name
 
 Device = ModbusTcpDevice
@@ -51,12 +51,16 @@ class MqttConfig(StrictModel):
     username: str | None = None
     password: str | None = None
     tls: TlsConfig | None = None
-    keepalive: Duration = Field(default=60.0, description="MQTT keep-alive, e.g. '60s'")
+    keepalive: Annotated[Duration, at_least("5s")] = Field(
+        default=60.0, description="MQTT keep-alive, e.g. '60s'"
+    )
     clean_session: bool = Field(
         default=True,
         description="MQTT clean session / clean start; the disk buffer is kept either way",
     )
-    reconnect_min: Duration = Field(default=1.0, description="First reconnect delay")
+    reconnect_min: Annotated[Duration, at_least("100ms")] = Field(
+        default=1.0, description="First reconnect delay"
+    )
     reconnect_max: Duration = Field(default=60.0, description="Longest reconnect delay")
     max_inflight: int = Field(default=64, ge=1, le=65535, description="Unacknowledged messages")
 
@@ -66,8 +70,8 @@ class MqttConfig(StrictModel):
             raise ValueError("password given without username")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max must not be shorter than reconnect_min")
-        if not 5 <= self.keepalive <= 65535:
-            raise ValueError("keepalive must be between 5s and 65535s")
+        if self.keepalive > 65535:
+            raise ValueError("keepalive must be at most 65535s (MQTT 3.1.1 section 3.1.2.10)")
         return self
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from drivers.codec import REGISTER_COUNT, ByteOrder, DataType
-from drivers.common import Duration, StrictModel
+from drivers.common import Duration, StrictModel, at_least
 
 Table = Literal["holding", "input", "coil", "discrete_input"]
 BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete_input"})
@@ -112,17 +112,17 @@ class ModbusTcpDevice(StrictModel):
     host: str = Field(min_length=1)
     port: int = Field(default=502, ge=1, le=65535)
     unit_id: int = Field(default=1, ge=1, le=247, description="Modbus unit id (1–247)")
-    poll_interval: Duration = Field(default=1.0, description="e.g. '200ms', '1s', '1min'")
-    timeout: Duration = Field(default=1.0, description="Response timeout per request")
+    poll_interval: Annotated[Duration, at_least("50ms")] = Field(
+        default=1.0, description="e.g. '200ms', '1s', '1min'"
+    )
+    timeout: Annotated[Duration, at_least("10ms")] = Field(
+        default=1.0, description="Response timeout per request"
+    )
     profile: Name | None = Field(default=None, description="Register map from the profile dir")
     points: list[ModbusPoint] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> ModbusTcpDevice:
-        if self.poll_interval < 0.05:
-            raise ValueError("poll_interval must be at least 50ms")
-        if self.timeout < 0.01:
-            raise ValueError("timeout must be at least 10ms")
         if self.profile is None and not self.points:
             raise ValueError("a device needs 'points' or a 'profile'")
         _check_unique_names(self.points, f"device {self.id!r}")
