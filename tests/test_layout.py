@@ -40,3 +40,18 @@ def test_python_m_agent_and_version() -> None:
         check=True,
     )
     assert "edge-agent" in out.stdout
+
+
+def test_ruff_and_mypy_strict_are_clean() -> None:
+    ruff = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "."],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert ruff.returncode == 0, ruff.stdout
+    mypy = subprocess.run(
+        [sys.executable, "-m", "mypy"], capture_output=True, text=True, cwd=REPO, check=False
+    )
+    assert mypy.returncode == 0, mypy.stdout
