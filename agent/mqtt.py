@@ -64,6 +64,7 @@ class MqttLink:
         self._stopping = False
         self._stop_event = asyncio.Event()
         self._problem_logged = False
+        self._write_soon = False
         self._sock: socket.socket | None = None
         self._misc_task: asyncio.Task[None] | None = None
         self._short_sessions: collections.deque[float] = collections.deque(maxlen=5)
@@ -131,7 +132,16 @@ class MqttLink:
         self._call(self._add_writer, sock)
 
     def _add_writer(self, sock: socket.socket) -> None:
-        if sock.fileno() >= 0:
+        # Write once at the end of this loop iteration (all publishes of a batch together);
+        # only a full socket buffer needs the selector to say when it is writable again.
+        if not self._write_soon:
+            self._write_soon = True
+            self._loop.call_soon(self._flush, sock)
+
+    def _flush(self, sock: socket.socket) -> None:
+        self._write_soon = False
+        self.client.loop_write()
+        if self.client.want_write() and sock.fileno() >= 0:
             self._loop.add_writer(sock, self._write)
 
     def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:

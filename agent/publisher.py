@@ -37,6 +37,7 @@ class Publisher:
         self._acked: list[int] = []
         self._fresh: collections.deque[Row] = collections.deque()
         self._ack_failing = False
+        self._caught_up = False  # True: the file holds nothing unsent beyond _fresh
         self._wake = asyncio.Event()
         self._ack_event = asyncio.Event()
         self._status_mid: int | None = None
@@ -52,6 +53,7 @@ class Publisher:
         self._fresh.extend(rows)
         if len(self._fresh) > FRESH_MAX:
             self._fresh.clear()  # a backlog: the buffer file is read instead
+            self._caught_up = False
         self._wake.set()
 
     def _take_fresh(self, room: int) -> list[Row] | None:
@@ -75,6 +77,7 @@ class Publisher:
         if mid == self._status_mid:
             self._status_acked.set()
             return
+        was_full = len(self.inflight) >= self.window
         seq = self.inflight.pop(mid, None)
         if seq is None:
             return
@@ -84,8 +87,11 @@ class Publisher:
         else:
             log.error("broker refused message seq %d: %s; it stays buffered", seq, reason)
             self.cursor = min(self.cursor, seq - 1)
+            self._caught_up = False
+            was_full = True
         self._ack_event.set()
-        self._wake.set()
+        if was_full:
+            self._wake.set()
 
     async def run(self) -> None:
         """Publish forever; cancel to stop."""
@@ -97,12 +103,19 @@ class Publisher:
                 await self._wake.wait()
                 continue
             self._wake.clear()
-            rows = self._take_fresh(room) or await self.buffer.fetch(self.cursor, room)
-            if not rows:
-                await self._wake.wait()
-                continue
+            rows = self._take_fresh(room)
+            if rows is None:
+                if self._caught_up and not self._fresh:
+                    await self._wake.wait()  # nothing in the file beyond what was sent
+                    continue
+                rows = await self.buffer.fetch(self.cursor, room)
+                self._caught_up = len(rows) < room
+                if not rows:
+                    await self._wake.wait()
+                    continue
             for row in rows:
                 if not self.link.connected.is_set():
+                    self._caught_up = False  # the rest is read back from the file
                     break
                 mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
                 self.inflight[mid] = row.seq
@@ -143,6 +156,7 @@ class Publisher:
         if self._ack_failing:
             log.info("acknowledged messages are deleted from the buffer again")
             self._ack_failing = False
+        self._caught_up = False  # True: the file holds nothing unsent beyond _fresh
         return True
 
     async def drain_inflight(self, timeout: float) -> None:

@@ -27,9 +27,10 @@ from tests.helpers import PROFILES, Mosquitto, Subscriber, wait_until
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, from /proc/PID/stat (utime, stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -91,11 +92,12 @@ def run(devices: int, registers: int, seconds: float, warmup: float, interval: s
         sub = Subscriber(broker.port, "lifeline/#")
         agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(cfg)])
         time.sleep(warmup)
-        cpu0, n0 = cpu_seconds(agent.pid), len(sub.telemetry())
+        (u0, s0), n0 = cpu_times(agent.pid), len(sub.telemetry())
         threads0 = thread_cpu(agent.pid)
         t0 = time.monotonic()
         time.sleep(seconds)
-        cpu1, n1 = cpu_seconds(agent.pid), len(sub.telemetry())
+        (u1, s1), n1 = cpu_times(agent.pid), len(sub.telemetry())
+        cpu0, cpu1 = u0 + s0, u1 + s1
         elapsed = time.monotonic() - t0
         rss = peak_rss_mb(agent.pid)
         threads1 = thread_cpu(agent.pid)
@@ -122,6 +124,8 @@ def run(devices: int, registers: int, seconds: float, warmup: float, interval: s
         "messages": n1 - n0,
         "readings": readings,
         "cpu_s": round(cpu1 - cpu0, 3),
+        "cpu_s_user": round(u1 - u0, 3),
+        "cpu_s_system": round(s1 - s0, 3),
         "cpu_s_per_1000_readings": round((cpu1 - cpu0) / readings * 1000, 5),
         "cpu_s_by_thread": per_thread,
         "peak_rss_mb": round(rss, 1),

@@ -87,8 +87,12 @@ def _offset_to_pos(text: str, offset: int) -> tuple[int, int]:
     return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
 
 
-def _parse(path: Path, display: str) -> tuple[Any, list[ConfigIssue]]:
-    """Parse one YAML file; return its data and any syntax / duplicate-key issues."""
+def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[ConfigIssue]]:
+    """Parse one YAML file; return its data and any syntax / duplicate-key issues.
+
+    ``fast`` uses the small safe loader (plain dicts, no positions; a duplicate key raises
+    at the first one): good enough to accept a valid file, not to explain an invalid one.
+    """
     if path.exists() and not path.is_file():
         kind = "a directory" if path.is_dir() else "not a regular file"
         return None, [ConfigIssue(display, 1, 1, "", f"cannot read: {path} is {kind}")]
@@ -98,8 +102,10 @@ def _parse(path: Path, display: str) -> tuple[Any, list[ConfigIssue]]:
         return None, [ConfigIssue(display, 1, 1, "", f"cannot read file: {exc.strerror}")]
     except UnicodeDecodeError as exc:
         return None, [ConfigIssue(display, 1, 1, "", f"not UTF-8 text: {exc}")]
-    y = _yaml()
     try:
+        if fast:
+            return YAML(typ="safe").load(text), []
+        y = _yaml()
         node = y.compose(text)
         issues = list(_duplicate_keys(node, display)) if node is not None else []
         data = y.load(text)
@@ -334,7 +340,7 @@ class Profiles:
     issues: list[ConfigIssue]
 
 
-def load_profiles(directory: Path) -> Profiles:
+def load_profiles(directory: Path, fast: bool = False) -> Profiles:
     """Load and validate every ``*.yaml``/``*.yml`` profile in ``directory``."""
     profiles: dict[str, ModbusProfile] = {}
     broken: set[str] = set()
@@ -342,7 +348,7 @@ def load_profiles(directory: Path) -> Profiles:
     issues: list[ConfigIssue] = []
     for p in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
         disp = _display(p)
-        data, errs = _parse(p, disp)
+        data, errs = _parse(p, disp, fast)
         issues += errs
         if data is None:
             continue
@@ -371,7 +377,12 @@ def load_profiles(directory: Path) -> Profiles:
 
 
 def _splice_includes(
-    data: CommentedMap, base: Path, display: str, origins: _Origins, issues: list[ConfigIssue]
+    data: dict[str, Any],
+    base: Path,
+    display: str,
+    origins: _Origins,
+    issues: list[ConfigIssue],
+    fast: bool,
 ) -> None:
     """Append the devices of every ``include`` file to ``devices`` (type errors of the
     ``include`` value itself are left to the model)."""
@@ -399,13 +410,13 @@ def _splice_includes(
             issues.append(ConfigIssue(f, line, col, p, f"include {pattern!r} matches no file"))
         for m in matches:
             mdisp = _display(Path(m))
-            part, errs = _parse(Path(m), mdisp)
+            part, errs = _parse(Path(m), mdisp, fast)
             issues += errs
             if part is None and not errs:
                 issues.append(ConfigIssue(mdisp, 1, 1, "", "included file is empty"))
             items = part if isinstance(part, list) else [part] if part is not None else []
             for k, item in enumerate(items):
-                if isinstance(item, CommentedMap):
+                if isinstance(item, dict):
                     origins.files[id(item)] = mdisp
                     devices.append(item)
                     continue
@@ -458,18 +469,30 @@ def load_config(path: str | Path) -> AgentConfig:
     are resolved against the file's directory. Device profiles are merged into each
     device's ``points`` (profile points first).
 
+    A valid file is read once with the small safe YAML loader; only an invalid one is read
+    again with positions (ruamel's round-trip mode, several times the memory for a big
+    file) to say where each problem is.
+
     Returns:
         the validated :class:`AgentConfig`.
     Raises:
         ConfigError: with every problem found, each at ``file:line:col``.
     """
+    try:
+        return _load(Path(path), fast=True)
+    except (ConfigError, YAMLError, ValueError, TypeError, KeyError, OSError):
+        pass
+    return _load(Path(path), fast=False)
+
+
+def _load(path: Path, fast: bool) -> AgentConfig:
     main = Path(path).resolve()
     base = main.parent
     display = _display(main)
-    data, issues = _parse(main, display)
+    data, issues = _parse(main, display, fast)
     if data is None and issues:
         raise ConfigError(issues)
-    if not isinstance(data, CommentedMap):
+    if not isinstance(data, dict):
         what = (
             "is empty"
             if data is None
@@ -491,7 +514,7 @@ def load_config(path: str | Path) -> AgentConfig:
     origins = _Origins({})
 
     # includes: each file holds one device (mapping) or a list of devices
-    _splice_includes(data, base, display, origins, issues)
+    _splice_includes(data, base, display, origins, issues, fast)
 
     # duplicate device ids
     devs = data.get("devices")
@@ -536,7 +559,7 @@ def load_config(path: str | Path) -> AgentConfig:
             ConfigIssue(f, line, col, p, f"profiles_dir {str(pdir)!r} is not a directory")
         )
     elif pdir.is_dir():
-        loaded = load_profiles(pdir)
+        loaded = load_profiles(pdir, fast)
         profiles, broken = loaded.valid, loaded.broken
         issues += loaded.issues
 
