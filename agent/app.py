@@ -70,6 +70,7 @@ class BufferWriter:
         self.lost = 0
         self.on_commit: Callable[[list[Row]], None] = lambda rows: None
         self._event = asyncio.Event()
+        self._lock = asyncio.Lock()
         self._failing = False
 
     def submit(self, topic: str, body: bytes, ts_ms: int) -> None:
@@ -92,7 +93,15 @@ class BufferWriter:
             self._event.set()
 
     async def commit(self) -> bool:
-        """Commit everything pending now; return False if the commit failed."""
+        """Commit everything pending now; return False if the commit failed.
+
+        Commits never overlap: a second caller (the clean stop) waits for the running one,
+        so nothing committed escapes :attr:`on_commit`.
+        """
+        async with self._lock:
+            return await self._commit()
+
+    async def _commit(self) -> bool:
         if not self.pending:
             return True
         batch, self.pending = self.pending, []
@@ -216,8 +225,7 @@ class Agent:
                 len(self.writer.pending),
                 self.buffer.sync.path,
             )
-        await asyncio.sleep(0)  # let the publisher hand freshly committed rows to MQTT
-        await self.publisher.drain_inflight(STOP_BUDGET_S / 2)
+        await self.publisher.drain(STOP_BUDGET_S / 2)
         for t in bg:
             t.cancel()
         await asyncio.gather(*bg, return_exceptions=True)

@@ -38,6 +38,7 @@ class Publisher:
         self._fresh: collections.deque[Row] = collections.deque()
         self._ack_failing = False
         self._caught_up = False  # True: the file holds nothing unsent beyond _fresh
+        self.last_offered = 0  # highest seq committed by this process
         self._wake = asyncio.Event()
         self._ack_event = asyncio.Event()
         self._status_mid: int | None = None
@@ -51,6 +52,8 @@ class Publisher:
         """Rows were just committed: keep them in memory, so that a publisher that has no
         backlog sends them without reading them back from the buffer."""
         self._fresh.extend(rows)
+        if rows:
+            self.last_offered = rows[-1].seq
         if len(self._fresh) > FRESH_MAX:
             self._fresh.clear()  # a backlog: the buffer file is read instead
             self._caught_up = False
@@ -156,21 +159,17 @@ class Publisher:
         if self._ack_failing:
             log.info("acknowledged messages are deleted from the buffer again")
             self._ack_failing = False
-        self._caught_up = False  # True: the file holds nothing unsent beyond _fresh
         return True
 
-    async def drain_inflight(self, timeout: float) -> None:
-        """Wait until nothing is in flight (or ``timeout``), for a clean shutdown."""
+    async def drain(self, timeout: float) -> bool:
+        """For a clean stop: wait until every committed row was published and acknowledged,
+        or ``timeout`` passed, or the broker is unreachable. Return True when drained."""
         deadline = time.monotonic() + timeout
-        while self.inflight and self.link.connected.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            self._ack_event.clear()
-            try:
-                await asyncio.wait_for(self._ack_event.wait(), left)
-            except TimeoutError:
-                break
+        while self.link.connected.is_set() and time.monotonic() < deadline:
+            if not self.inflight and self.cursor >= self.last_offered:
+                return True
+            await asyncio.sleep(0.01)
+        return not self.inflight and self.cursor >= self.last_offered
 
     async def publish_offline(self, payload: bytes, timeout: float) -> bool:
         """Publish the retained ``offline`` status and wait for its PUBACK."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import signal
 import socket
 import sqlite3
 import threading
@@ -362,3 +363,25 @@ def test_second_agent_on_one_state_dir_is_refused(tmp_path: Path, broker: Mosqui
     assert "another edge-agent (pid " in second.log()
     assert first.proc is not None and first.proc.poll() is None
     assert first.stop() == 0
+
+
+def test_sigterm_during_a_hung_request_stops_promptly(tmp_path: Path, broker: Mosquitto) -> None:
+    """A request waiting on a silent device (5 s timeout) must not hold up a clean stop."""
+    hole = BlackHole()
+    devices = f"""\
+  - id: hung
+    host: 127.0.0.1
+    port: {hole.port}
+    poll_interval: 200ms
+    timeout: 5s
+    points: [{{name: v, address: 0}}]
+"""
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    wait_until(lambda: "bus tcp://" in agent.log(), 10, "the bus to connect")
+    time.sleep(0.5)  # a request is now waiting for its 5 s timeout
+    t0 = time.monotonic()
+    assert agent.stop(signal.SIGTERM, timeout=10) == 0, agent.log()
+    assert time.monotonic() - t0 < 3.0, agent.log()
+    hole.close()

@@ -8,12 +8,13 @@ caller (the agent's bus task): pymodbus's own reconnect is switched off
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from drivers.base import GOOD, PointResult
 from drivers.codec import (
@@ -192,12 +193,15 @@ class ModbusTcpBus:
         """
         try:
             resp = await self._read(block.table, block.start, block.count, unit_id)
-        except ConnectionException as exc:
-            return _bad(block.points, "no_connection", f"not connected to {self.name}: {exc}")
-        except (TimeoutError, ModbusIOException) as exc:
-            return _bad(block.points, "timeout", f"no response from unit {unit_id}: {exc}")
-        except (ModbusException, OSError) as exc:
-            return _bad(block.points, "no_connection", str(exc))
+        except (TimeoutError, ModbusException, OSError) as exc:
+            # pymodbus turns a cancellation into ModbusIOException("Request cancelled
+            # outside library"): give the caller its cancellation back.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
+            if isinstance(exc, TimeoutError | ModbusIOException):
+                return _bad(block.points, "timeout", f"no response from unit {unit_id}: {exc}")
+            return _bad(block.points, "no_connection", f"{self.name}: {exc}")
         if resp.isError():  # type: ignore[attr-defined]
             code = int(getattr(resp, "exception_code", 0))
             if len(block.points) > 1:
