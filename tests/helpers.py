@@ -208,6 +208,23 @@ def buffer_rows(state_dir: Path) -> tuple[int, int]:
         db.close()
 
 
+def assert_all_delivered(sub: Subscriber, state_dir: Path, timeout: float = 10) -> int:
+    """After the agent stopped: the buffer holds nothing, and the subscriber got exactly the
+    seqs 1..last ever handed out (duplicates allowed). Closes ``sub``; returns last seq."""
+    pending, last_seq = buffer_rows(state_dir)
+    try:
+        wait_until(
+            lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq,
+            timeout,
+            f"every committed message (1..{last_seq})",
+        )
+    finally:
+        sub.close()
+    assert pending == 0, f"{pending} rows left in the buffer"
+    assert sorted(set(seqs_of(sub.telemetry()))) == list(range(1, last_seq + 1))
+    return last_seq
+
+
 def seqs_of(messages: list[Message]) -> list[int]:
     return [int(m.json()["seq"]) for m in messages]
 
@@ -217,6 +234,17 @@ def assert_no_gaps(seqs: list[int], start: int = 1) -> None:
     assert unique, "no telemetry received"
     missing = sorted(set(range(start, unique[-1] + 1)) - set(unique))
     assert not missing, f"missing seqs: {missing[:20]} (of {len(missing)})"
+
+
+def one_point_device(
+    port: int, poll: str = "100ms", device_id: str = "d1", timeout: str = "1s"
+) -> str:
+    """The ``devices:`` items of one device with one holding register ``v`` at address 0."""
+    return (
+        f"  - id: {device_id}\n    host: 127.0.0.1\n    port: {port}\n"
+        f"    poll_interval: {poll}\n    timeout: {timeout}\n"
+        "    points: [{name: v, address: 0}]\n"
+    )
 
 
 def write_config(path: Path, broker_port: int, devices_yaml: str, extra: str = "") -> Path:

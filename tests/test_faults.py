@@ -22,9 +22,8 @@ from tests.helpers import (
     AgentProcess,
     Mosquitto,
     Subscriber,
-    assert_no_gaps,
-    buffer_rows,
-    seqs_of,
+    assert_all_delivered,
+    one_point_device,
     wait_until,
     write_config,
 )
@@ -115,11 +114,8 @@ def test_case_017_exception_and_timeout_stay_with_their_device(
     time.sleep(4)
     assert agent.stop() == 0, agent.log()
     hole.close()
-    _, last_seq = buffer_rows(tmp_path / "state")
-    wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 5, "all")
-    sub.close()
+    assert_all_delivered(sub, tmp_path / "state")
     msgs = {m.json()["seq"]: m.json() for m in sub.telemetry()}
-    assert_no_gaps(list(msgs))
     by_dev: dict[str, list[dict]] = {}
     for doc in msgs.values():
         by_dev.setdefault(doc["device"], []).append(doc["points"])
@@ -156,14 +152,7 @@ def test_device_recovery_is_logged_once(tmp_path: Path, broker: Mosquitto) -> No
     sim.set_raw(1, "holding", 0, [42])
     sim.start_thread()
     port = sim.port
-    devices = f"""\
-  - id: flaky
-    host: 127.0.0.1
-    port: {port}
-    poll_interval: 200ms
-    timeout: 300ms
-    points: [{{name: v, address: 0}}]
-"""
+    devices = one_point_device(port, "200ms", device_id="flaky", timeout="300ms")
     cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
     sub = Subscriber(broker.port, "lifeline/#")
     agent = AgentProcess(cfg, tmp_path / "agent.log")
@@ -195,13 +184,7 @@ def test_case_035_buffer_survives_reconnects(tmp_path: Path, broker: Mosquitto) 
     sim = ModbusSimulator()
     sim.add_device(1, [ModbusPoint(name="v", address=0)])
     sim.start_thread()
-    devices = f"""\
-  - id: d1
-    host: 127.0.0.1
-    port: {sim.port}
-    poll_interval: 100ms
-    points: [{{name: v, address: 0}}]
-"""
+    devices = one_point_device(sim.port, "100ms")
     cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
     sub = Subscriber(broker.port, "lifeline/#", client_id="platform-035")
     agent = AgentProcess(cfg, tmp_path / "agent.log")
@@ -219,16 +202,7 @@ def test_case_035_buffer_survives_reconnects(tmp_path: Path, broker: Mosquitto) 
     assert agent.stop() == 0, agent.log()
     sim.stop_thread()
     assert os.stat(db).st_ino == inode
-    pending, last_seq = buffer_rows(tmp_path / "state")
-    try:
-        wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 10, "all")
-    finally:
-        sub.close()
-        got = set(seqs_of(sub.telemetry()))
-        print("missing", sorted(set(range(1, last_seq + 1)) - got), "last", last_seq)
-        print(agent.log())
-    assert pending == 0
-    assert sorted(got) == list(range(1, last_seq + 1))
+    assert_all_delivered(sub, tmp_path / "state")
 
 
 def test_case_030_client_id_derived_and_stable(tmp_path: Path) -> None:
@@ -254,13 +228,7 @@ def test_case_030_duplicate_client_id_is_named(
     sim = ModbusSimulator()
     sim.add_device(1, [ModbusPoint(name="v", address=0)])
     sim.start_thread()
-    devices = f"""\
-  - id: d1
-    host: 127.0.0.1
-    port: {sim.port}
-    poll_interval: 1s
-    points: [{{name: v, address: 0}}]
-"""
+    devices = one_point_device(sim.port, "1s")
     agents = []
     for i in range(2):
         d = tmp_path / f"gw{i}"
@@ -296,13 +264,7 @@ def test_full_disk_keeps_polling_and_loses_nothing(
     sim = ModbusSimulator()
     sim.add_device(1, [ModbusPoint(name="v", address=0)], {"v": lambda t: int(t * 10)})
     sim.start_thread()
-    devices = f"""\
-  - id: d1
-    host: 127.0.0.1
-    port: {sim.port}
-    poll_interval: 100ms
-    points: [{{name: v, address: 0}}]
-"""
+    devices = one_point_device(sim.port, "100ms")
     cfg = load_config(write_config(tmp_path / "agent.yaml", broker.port, devices))
     sub = Subscriber(broker.port, "lifeline/#")
 
@@ -331,12 +293,8 @@ def test_full_disk_keeps_polling_and_loses_nothing(
     with caplog.at_level(logging.INFO):
         asyncio.run(scenario())
     sim.stop_thread()
-    pending, last_seq = buffer_rows(tmp_path / "state")
-    wait_until(lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq, 10, "all")
-    sub.close()
-    assert pending == 0
+    assert_all_delivered(sub, tmp_path / "state")
     docs = sorted({m.json()["seq"]: m.json() for m in sub.telemetry()}.items())
-    assert [s for s, _ in docs] == list(range(1, last_seq + 1))
     ts = [parse_iso_ms(d["ts"]) for _, d in docs]
     # a poll every 100 ms throughout, also while the disk was full: no hole in time
     assert max(b - a for a, b in itertools.pairwise(ts)) < 400
@@ -346,13 +304,7 @@ def test_full_disk_keeps_polling_and_loses_nothing(
 
 
 def test_second_agent_on_one_state_dir_is_refused(tmp_path: Path, broker: Mosquitto) -> None:
-    devices = """\
-  - id: d1
-    host: 127.0.0.1
-    port: 1
-    poll_interval: 1s
-    points: [{name: v, address: 0}]
-"""
+    devices = one_point_device(1, "1s")
     cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
     first = AgentProcess(cfg, tmp_path / "first.log")
     first.start()
@@ -368,14 +320,7 @@ def test_second_agent_on_one_state_dir_is_refused(tmp_path: Path, broker: Mosqui
 def test_sigterm_during_a_hung_request_stops_promptly(tmp_path: Path, broker: Mosquitto) -> None:
     """A request waiting on a silent device (5 s timeout) must not hold up a clean stop."""
     hole = BlackHole()
-    devices = f"""\
-  - id: hung
-    host: 127.0.0.1
-    port: {hole.port}
-    poll_interval: 200ms
-    timeout: 5s
-    points: [{{name: v, address: 0}}]
-"""
+    devices = one_point_device(hole.port, "200ms", device_id="hung", timeout="5s")
     cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
     agent = AgentProcess(cfg, tmp_path / "agent.log")
     agent.start()

@@ -16,7 +16,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
-from tests.helpers import AgentProcess, Mosquitto, free_port, wait_until, write_config
+from tests.helpers import (
+    AgentProcess,
+    Mosquitto,
+    free_port,
+    one_point_device,
+    wait_until,
+    write_config,
+)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -149,13 +156,7 @@ def test_tls_client_cert_auth_and_protocols(
     sub.connect("127.0.0.1", tls_port)
     sub.subscribe("lifeline/#", qos=1)
     sub.loop_start()
-    devices = f"""\
-  - id: d1
-    host: 127.0.0.1
-    port: {sim.port}
-    poll_interval: 200ms
-    points: [{{name: v, address: 0}}]
-"""
+    devices = one_point_device(sim.port, "200ms")
     extra = (
         f'  protocol: "{protocol}"\n'
         "  username: gw017\n"
@@ -180,13 +181,7 @@ def test_tls_client_cert_auth_and_protocols(
 
 def test_wrong_password_is_reported_not_fatal(tmp_path: Path, secure_broker: SecureBroker) -> None:
     pki, tls_port = secure_broker.pki, secure_broker.tls_port
-    devices = """\
-  - id: d1
-    host: 127.0.0.1
-    port: 1
-    poll_interval: 1s
-    points: [{name: v, address: 0}]
-"""
+    devices = one_point_device(1, "1s")
     extra = (
         "  username: gw017\n  password: wrong\n  tls:\n"
         f"    ca_file: {pki / 'ca.pem'}\n    cert_file: {pki / 'client.pem'}\n"
