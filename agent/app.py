@@ -59,8 +59,11 @@ class BufferWriter:
     :attr:`lost`).
 
     Attributes:
-        on_commit: called with the committed rows after every successful commit (the
-            publisher takes fresh rows from there instead of reading them back).
+        on_commit: called with the committed rows and the buffer's ``dropped_upto`` after
+            every successful commit (the publisher takes fresh rows from there instead of
+            reading them back, and forgets rows the size cap deleted).
+        handed_upto: the highest seq already given to the MQTT client (not counted as
+            dropped when the size cap deletes it).
     """
 
     def __init__(self, buffer: AsyncBuffer, max_pending: int = 100_000) -> None:
@@ -68,7 +71,8 @@ class BufferWriter:
         self.pending: list[tuple[str, bytes, int]] = []
         self.max_pending = max_pending
         self.lost = 0
-        self.on_commit: Callable[[list[Row]], None] = lambda rows: None
+        self.on_commit: Callable[[list[Row], int], None] = lambda rows, dropped_upto: None
+        self.handed_upto: Callable[[], int] = lambda: 0
         self._event = asyncio.Event()
         self._lock = asyncio.Lock()
         self._failing = False
@@ -106,7 +110,7 @@ class BufferWriter:
             return True
         batch, self.pending = self.pending, []
         try:
-            seqs = await self.buffer.append_many(batch)
+            seqs = await self.buffer.append_many(batch, self.handed_upto())
         except sqlite3.Error as exc:
             self.pending = batch + self.pending
             if not self._failing:
@@ -121,7 +125,8 @@ class BufferWriter:
         if self._failing:
             log.info("buffer %s is writable again", self.buffer.sync.path)
             self._failing = False
-        self.on_commit([Row(s, t, b, ts) for s, (t, b, ts) in zip(seqs, batch, strict=True)])
+        rows = [Row(s, t, b, ts) for s, (t, b, ts) in zip(seqs, batch, strict=True)]
+        self.on_commit(rows, self.buffer.sync.dropped_upto)
         return True
 
     async def run(self) -> None:
@@ -157,6 +162,7 @@ class Agent:
         self.link = MqttLink(cfg.mqtt, client_id, self.status_topic)
         self.publisher = Publisher(self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight)
         self.writer.on_commit = self.publisher.offer
+        self.writer.handed_upto = lambda: self.publisher.cursor
         groups: dict[tuple[str, int], list[ModbusTcpDevice]] = defaultdict(list)
         for d in cfg.devices:
             groups[(d.host, d.port)].append(d)

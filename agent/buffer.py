@@ -135,8 +135,11 @@ class Buffer:
     ) -> None:
         self.path = path
         self.max_messages = max_messages
+        self.dropped_upto = 0
+        """Highest seq the size cap deleted so far (0: none)."""
         self._drop_logged_at = -1e9
-        self._dropped_unlogged = 0
+        self._drops_unlogged = 0
+        self._drops_first = self._drops_last = 0
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -171,16 +174,22 @@ class Buffer:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
 
-    def append_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[int]:
+    def append_many(
+        self, items: Sequence[tuple[str, bytes, int]], handed_upto: int = 0
+    ) -> list[int]:
         """Commit ``(topic, body, ts_ms)`` items in one transaction; return their seqs.
 
-        If the cap is exceeded, the oldest rows are deleted in the same transaction.
+        If the cap is exceeded, the oldest rows are deleted in the same transaction and
+        :attr:`dropped_upto` moves to the highest deleted seq. Only deleted rows with a seq
+        above ``handed_upto`` (the rows the publisher has not yet given to the MQTT client)
+        count as dropped: older ones are already on their way to the broker.
 
         Raises:
             sqlite3.OperationalError: e.g. the disk is full; nothing of this call is kept.
         """
         db = self._db
         seqs: list[int] = []
+        lost = first_lost = boundary = 0
         db.execute("BEGIN IMMEDIATE")
         try:
             for topic, body, ts_ms in items:
@@ -191,34 +200,53 @@ class Buffer:
                 seqs.append(int(cur.lastrowid or 0))
             excess = self._count + len(items) - self.max_messages
             if excess > 0:
-                db.execute(
-                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?)",
-                    (excess,),
+                boundary = int(
+                    db.execute(
+                        "SELECT seq FROM outbox ORDER BY seq LIMIT 1 OFFSET ?", (excess - 1,)
+                    ).fetchone()[0]
                 )
-                db.execute(
-                    "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (excess,)
-                )
+                lost, first = db.execute(
+                    "SELECT COUNT(*), MIN(seq) FROM outbox WHERE seq > ? AND seq <= ?",
+                    (handed_upto, boundary),
+                ).fetchone()
+                first_lost = int(first or 0)
+                db.execute("DELETE FROM outbox WHERE seq <= ?", (boundary,))
+                db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost,))
             db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+        self._count += len(items)
         if excess > 0:
-            self._dropped_unlogged += excess
-            now = time.monotonic()
-            if now - self._drop_logged_at >= 60.0:
-                log.warning(
-                    "buffer %s is full (%d messages): dropped the %d oldest since the last "
-                    "report; the platform will see these seqs missing",
-                    self.path,
-                    self.max_messages,
-                    self._dropped_unlogged,
-                )
-                self._drop_logged_at = now
-                self._dropped_unlogged = 0
-            self._count = self.max_messages
-        else:
-            self._count += len(items)
+            self._count -= excess
+            self.dropped_upto = boundary
+            if lost:
+                self._note_drops(int(lost), first_lost, boundary)
         return seqs
+
+    def _note_drops(self, n: int, first: int, last: int) -> None:
+        if not self._drops_unlogged:
+            self._drops_first = first
+        self._drops_unlogged += n
+        self._drops_last = last
+        if time.monotonic() - self._drop_logged_at >= 60.0:
+            self.report_drops()
+
+    def report_drops(self) -> None:
+        """Log the drops not reported yet (at most once a minute while the cap is hit)."""
+        if not self._drops_unlogged:
+            return
+        log.warning(
+            "buffer %s is full (%d messages): dropped %d unsent message(s), seq %d..%d; "
+            "the platform will see these seqs missing",
+            self.path,
+            self.max_messages,
+            self._drops_unlogged,
+            self._drops_first,
+            self._drops_last,
+        )
+        self._drop_logged_at = time.monotonic()
+        self._drops_unlogged = 0
 
     def fetch(self, after_seq: int, limit: int) -> list[Row]:
         """Return up to ``limit`` rows with ``seq > after_seq``, oldest first."""
@@ -260,7 +288,8 @@ class Buffer:
         return BufferStats(self._count, dropped, int(row[0]) if row else 0)
 
     def close(self) -> None:
-        """Checkpoint the WAL and close the file."""
+        """Report pending drops, checkpoint the WAL and close the file."""
+        self.report_drops()
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.DatabaseError as exc:
@@ -283,9 +312,11 @@ class AsyncBuffer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
 
-    async def append_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[int]:
+    async def append_many(
+        self, items: Sequence[tuple[str, bytes, int]], handed_upto: int = 0
+    ) -> list[int]:
         """See :meth:`Buffer.append_many`."""
-        return await self._run(self.sync.append_many, items)  # type: ignore[return-value]
+        return await self._run(self.sync.append_many, items, handed_upto)  # type: ignore[return-value]
 
     async def fetch(self, after_seq: int, limit: int) -> list[Row]:
         """See :meth:`Buffer.fetch`."""

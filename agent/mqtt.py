@@ -65,6 +65,7 @@ class MqttLink:
         self._stop_event = asyncio.Event()
         self._problem_logged = False
         self._write_soon = False
+        self._short_drop = False
         self._sock: socket.socket | None = None
         self._misc_task: asyncio.Task[None] | None = None
         self._short_sessions: collections.deque[float] = collections.deque(maxlen=5)
@@ -177,6 +178,9 @@ class MqttLink:
             self._connack.set_result(ok)
         if ok:
             self._problem_logged = False
+            if self._short_drop:
+                self._short_drop = False
+                self._count_short_session()
             self._connected_at = time.monotonic()
             self._disconnected.clear()
             self.connected.set()
@@ -227,17 +231,27 @@ class MqttLink:
                 reason,
                 held,
             )
-            if held < 5.0:
-                now = time.monotonic()
-                self._short_sessions.append(now)
-                if len(self._short_sessions) == 5 and now - self._short_sessions[0] < 60:
-                    log.error(
-                        "the broker dropped this client 5 times within a minute right "
-                        "after connecting: possibly another client uses the same "
-                        "client id %r (cloned SD card?). Set a unique mqtt.client_id.",
-                        self.client_id,
-                    )
-                    self._short_sessions.clear()
+            if "taken over" in reason.lower():  # MQTT 5 reason code 0x8E
+                self._duplicate_id_hint()
+            elif held < 5.0:
+                # a takeover if the broker takes us back at once; a broker restart if the
+                # next connect attempt fails (see run())
+                self._short_drop = True
+
+    def _duplicate_id_hint(self) -> None:
+        log.error(
+            "the broker keeps dropping this client right after it connects while accepting "
+            "new connections: probably another client uses the same client id %r (cloned "
+            "SD card?). Set a unique mqtt.client_id, or regenerate /etc/machine-id.",
+            self.client_id,
+        )
+
+    def _count_short_session(self) -> None:
+        now = time.monotonic()
+        self._short_sessions.append(now)
+        if len(self._short_sessions) == 5 and now - self._short_sessions[0] < 60:
+            self._duplicate_id_hint()
+            self._short_sessions.clear()
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
@@ -271,6 +285,7 @@ class MqttLink:
                 ok = await asyncio.wait_for(asyncio.shield(self._connack), timeout=30)
             except (OSError, ssl.SSLError, TimeoutError, mqtt.WebsocketConnectionError) as exc:
                 ok = False
+                self._short_drop = False  # the broker was away: not a client-id takeover
                 self._problem(
                     logging.WARNING,
                     "cannot connect to broker %s:%d: %s; retrying with backoff",

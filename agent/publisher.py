@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import sqlite3
 import time
@@ -16,6 +17,10 @@ log = logging.getLogger(__name__)
 
 FRESH_MAX = 4096
 """Most freshly committed rows kept in memory for the publisher."""
+REFUSED_RETRY_S = 60.0
+"""A message the broker refused (MQTT 5 reason code) is offered again after this long."""
+REFUSED_MAX = 1024
+"""Most refused rows kept in memory for a retry; more wait in the buffer for a restart."""
 
 
 class Publisher:
@@ -33,7 +38,9 @@ class Publisher:
         self.status_topic = status_topic
         self.window = window
         self.cursor = 0  # highest seq handed to the MQTT client
-        self.inflight: dict[int, int] = {}  # mid -> seq
+        self.inflight: dict[int, Row] = {}  # mid -> row
+        self._refused: dict[int, tuple[Row, float]] = {}  # seq -> (row, next try)
+        self._refused_topics: set[str] = set()
         self._acked: list[int] = []
         self._fresh: collections.deque[Row] = collections.deque()
         self._ack_failing = False
@@ -48,9 +55,18 @@ class Publisher:
         link.on_connected = self.on_connected
         link.on_puback = self.on_puback
 
-    def offer(self, rows: list[Row]) -> None:
+    def offer(self, rows: list[Row], dropped_upto: int = 0) -> None:
         """Rows were just committed: keep them in memory, so that a publisher that has no
-        backlog sends them without reading them back from the buffer."""
+        backlog sends them without reading them back from the buffer.
+
+        ``dropped_upto``: the size cap deleted every row up to this seq; those not yet sent
+        are skipped here too, so that what the platform misses is exactly what was counted
+        as dropped.
+        """
+        if dropped_upto > self.cursor:
+            self.cursor = dropped_upto
+            while self._fresh and self._fresh[0].seq <= dropped_upto:
+                self._fresh.popleft()
         self._fresh.extend(rows)
         if rows:
             self.last_offered = rows[-1].seq
@@ -81,49 +97,83 @@ class Publisher:
             self._status_acked.set()
             return
         was_full = len(self.inflight) >= self.window
-        seq = self.inflight.pop(mid, None)
-        if seq is None:
+        row = self.inflight.pop(mid, None)
+        if row is None:
             return
         if ok:
-            self._acked.append(seq)
+            self._acked.append(row.seq)
             self.acked_total += 1
+            self._ack_event.set()
         else:
-            log.error("broker refused message seq %d: %s; it stays buffered", seq, reason)
-            self.cursor = min(self.cursor, seq - 1)
-            self._caught_up = False
-            was_full = True
-        self._ack_event.set()
+            self._refuse(row, reason)
         if was_full:
             self._wake.set()
+
+    def _refuse(self, row: Row, reason: str) -> None:
+        """An MQTT 5 PUBACK with a failure reason code (e.g. 0x87 not authorized): the row
+        stays in the buffer and is offered again after :data:`REFUSED_RETRY_S`, alone; the
+        rows after it go on as usual."""
+        level = logging.DEBUG if row.topic in self._refused_topics else logging.ERROR
+        self._refused_topics.add(row.topic)
+        log.log(
+            level,
+            "broker refused the message seq %d on %s: %s; it stays buffered and is offered "
+            "again every %.0fs (check the broker's ACL for this topic)",
+            row.seq,
+            row.topic,
+            reason,
+            REFUSED_RETRY_S,
+        )
+        self._refused[row.seq] = (row, time.monotonic() + REFUSED_RETRY_S)
+        while len(self._refused) > REFUSED_MAX:  # the rest wait in the file for a restart
+            del self._refused[next(iter(self._refused))]
+
+    def _due_refused(self, room: int) -> tuple[list[Row], float | None]:
+        """Refused rows due for another try (up to ``room``), and the next due time."""
+        now = time.monotonic()
+        due = [s for s, (_, t) in self._refused.items() if t <= now][:room]
+        rows = [self._refused.pop(s)[0] for s in due]
+        nxt = min((t for _, t in self._refused.values()), default=None)
+        return rows, nxt
 
     async def run(self) -> None:
         """Publish forever; cancel to stop."""
         while True:
             await self.link.connected.wait()
             room = self.window - len(self.inflight)
+            self._wake.clear()
             if room <= 0:
-                self._wake.clear()
                 await self._wake.wait()
                 continue
-            self._wake.clear()
+            retry, next_retry = self._due_refused(room) if self._refused else ([], None)
+            if retry:
+                self._send(retry, advance=False)
+                continue
             rows = self._take_fresh(room)
-            if rows is None:
-                if self._caught_up and not self._fresh:
-                    await self._wake.wait()  # nothing in the file beyond what was sent
-                    continue
+            if rows is None and not (self._caught_up and not self._fresh):
                 rows = await self.buffer.fetch(self.cursor, room)
                 self._caught_up = len(rows) < room
-                if not rows:
-                    await self._wake.wait()
-                    continue
-            for row in rows:
-                if not self.link.connected.is_set():
+            if rows:
+                self._send(rows, advance=True)
+                continue
+            # nothing to send: wait for new rows, an ack, or the next refused row's retry
+            timeout = None if next_retry is None else max(0.0, next_retry - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _send(self, rows: list[Row], advance: bool) -> None:
+        for row in rows:
+            if not self.link.connected.is_set():
+                if advance:
                     self._caught_up = False  # the rest is read back from the file
-                    break
-                mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
-                self.inflight[mid] = row.seq
+                else:
+                    self._refused[row.seq] = (row, time.monotonic())
+                continue
+            mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
+            self.inflight[mid] = row
+            if advance:
                 self.cursor = row.seq
-                self.published += 1
+            self.published += 1
 
     async def run_acks(self, interval: float = 0.5) -> None:
         """Delete acknowledged rows in batches; cancel to stop (call :meth:`flush_acks`)."""

@@ -247,7 +247,11 @@ def one_point_device(
     )
 
 
-def write_config(path: Path, broker_port: int, devices_yaml: str, extra: str = "") -> Path:
+def write_config(
+    path: Path, broker_port: int, devices_yaml: str, extra: str = "", tail: str = ""
+) -> Path:
+    """An agent config for the tests: ``extra`` goes into the ``mqtt`` section, ``tail``
+    after ``devices``."""
     path.write_text(
         "version: 1\n"
         "gateway_id: test-gw\n"
@@ -260,6 +264,6 @@ def write_config(path: Path, broker_port: int, devices_yaml: str, extra: str = "
         "  client_id: test-gw\n"
         "  reconnect_min: 100ms\n"
         "  reconnect_max: 500ms\n"
-        "  keepalive: 5s\n" + extra + "devices:\n" + devices_yaml
+        "  keepalive: 5s\n" + extra + "devices:\n" + devices_yaml + tail
     )
     return path

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from tests.helpers import (
     Mosquitto,
     Subscriber,
     assert_all_delivered,
+    buffer_rows,
     one_point_device,
     wait_until,
     write_config,
@@ -192,10 +195,10 @@ def test_case_035_buffer_survives_reconnects(tmp_path: Path, broker: Mosquitto) 
     db = tmp_path / "state" / "buffer.db"
     wait_until(db.exists, 10, "buffer file")
     inode = os.stat(db).st_ino
-    for _ in range(2):
+    for _ in range(5):  # five short sessions within a minute, as a flapping uplink gives
         time.sleep(1)
         broker.stop()
-        time.sleep(1.5)
+        time.sleep(0.8)
         assert os.stat(db).st_ino == inode
         broker.start()
     time.sleep(2)
@@ -203,6 +206,7 @@ def test_case_035_buffer_survives_reconnects(tmp_path: Path, broker: Mosquitto) 
     sim.stop_thread()
     assert os.stat(db).st_ino == inode
     assert_all_delivered(sub, tmp_path / "state")
+    assert "same client id" not in agent.log(), "a restarting broker is no client-id clash"
 
 
 def test_case_030_client_id_derived_and_stable(tmp_path: Path) -> None:
@@ -330,3 +334,102 @@ def test_sigterm_during_a_hung_request_stops_promptly(tmp_path: Path, broker: Mo
     assert agent.stop(signal.SIGTERM, timeout=10) == 0, agent.log()
     assert time.monotonic() - t0 < 3.0, agent.log()
     hole.close()
+
+
+def test_size_cap_drops_exactly_what_is_counted(tmp_path: Path, broker: Mosquitto) -> None:
+    """buffer.max_messages during an outage: the oldest unsent rows are dropped, the
+    persistent counter and the log say how many, and the platform misses exactly those."""
+    sim = ModbusSimulator()
+    sim.add_device(1, [ModbusPoint(name="v", address=0)])
+    sim.start_thread()
+    devices = "".join(one_point_device(sim.port, "100ms", device_id=f"d{i}") for i in range(3))
+    cfg = write_config(
+        tmp_path / "agent.yaml",
+        broker.port,
+        devices,
+        extra="",
+        tail="buffer:\n  max_messages: 20\n",
+    )
+    sub = Subscriber(broker.port, "lifeline/#", client_id="platform-cap")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    time.sleep(1)
+    broker.stop()
+    time.sleep(3)  # about 90 polls, 20 kept
+    broker.start()
+    time.sleep(2)
+    assert agent.stop() == 0, agent.log()
+    sim.stop_thread()
+    pending, last_seq = buffer_rows(tmp_path / "state")
+    assert pending == 0
+    db = sqlite3.connect(tmp_path / "state" / "buffer.db")
+    dropped = db.execute("SELECT value FROM counters WHERE name='dropped'").fetchone()[0]
+    db.close()
+    assert dropped >= 40
+    wait_until(
+        lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq - dropped,
+        10,
+        "every message that was not dropped",
+    )
+    sub.close()
+    got = {m.json()["seq"] for m in sub.telemetry()}
+    missing = sorted(set(range(1, last_seq + 1)) - got)
+    assert len(missing) == dropped
+    assert missing == list(range(missing[0], missing[-1] + 1)), "one block of the oldest"
+    # the log accounts for every drop (first at once, then at most once a minute and at stop)
+    reports = re.findall(r"dropped (\d+) unsent message\(s\), seq (\d+)\.\.(\d+)", agent.log())
+    assert sum(int(n) for n, _, _ in reports) == dropped
+    assert int(reports[0][1]) == missing[0] and int(reports[-1][2]) == missing[-1]
+    assert len(reports) <= 3, "no log line per poll"
+
+
+def test_mqtt5_refused_publish_is_retried_slowly_not_flooded(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """MQTT 5 broker ACL refuses one device's topic (PUBACK reason 0x87): that device's rows
+    stay buffered and are offered again slowly; the other device is unaffected; no flood."""
+    broker.stop()
+    pw = tmp_path / "broker" / "passwd"
+    subprocess.run(
+        ["mosquitto_passwd", "-c", "-b", str(pw), "gw", "pw"], check=True, capture_output=True
+    )
+    acl = tmp_path / "broker" / "acl"
+    acl.write_text(
+        "topic read #\n"
+        "user gw\n"
+        "topic write lifeline/test-gw/status\n"
+        "topic write lifeline/test-gw/telemetry/ok\n"
+    )
+    for f in (pw, acl):
+        f.chmod(0o644)
+    broker.extra_conf = f"password_file {pw}\nacl_file {acl}\n"
+    broker.start()
+    sim = ModbusSimulator()
+    sim.add_device(1, [ModbusPoint(name="v", address=0)])
+    sim.start_thread()
+    devices = one_point_device(sim.port, "100ms", device_id="ok") + one_point_device(
+        sim.port, "100ms", device_id="denied"
+    )
+    extra = '  protocol: "5"\n  username: gw\n  password: pw\n'
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices, extra)
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    time.sleep(4)
+    assert agent.proc is not None
+    cpu = sum(
+        int(x)
+        for x in Path(f"/proc/{agent.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
+    ) / os.sysconf("SC_CLK_TCK")
+    assert agent.stop() == 0, agent.log()
+    sim.stop_thread()
+    sub.close()
+    devices_seen = {m.json()["device"] for m in sub.telemetry()}
+    assert devices_seen == {"ok"}
+    assert len(sub.telemetry()) >= 25
+    pending, _ = buffer_rows(tmp_path / "state")
+    assert pending >= 25, "the refused rows stay in the buffer"
+    log = agent.log()
+    assert log.count("broker refused the message") == 1, log[-2000:]
+    assert "telemetry/denied" in log and "Not authorized" in log
+    assert cpu < 3.0, f"{cpu} CPU-s in 4 s: a resend loop?"
