@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mosquitto
+from tests.helpers import RUNNING, Mosquitto
 
 
 @pytest.fixture
@@ -15,3 +15,11 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_left_behind() -> Iterator[None]:
+    """A failing test must not leave its agent process running."""
+    yield
+    while RUNNING:
+        RUNNING.pop().kill()

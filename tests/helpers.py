@@ -166,6 +166,10 @@ class Subscriber:
         self.client.disconnect()
 
 
+RUNNING: list[AgentProcess] = []
+"""Every agent process a test started; conftest kills the leftovers after each test."""
+
+
 class AgentProcess:
     """``python -m agent run --config FILE`` as a child process, stderr to a log file."""
 
@@ -175,6 +179,7 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        RUNNING.append(self)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -189,9 +194,18 @@ class AgentProcess:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
-        self._log.close()
-        return code
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        """Make sure the process is gone (also after a failed test)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        if not self._log.closed:
+            self._log.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
