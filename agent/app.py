@@ -251,7 +251,11 @@ class Agent:
         await self.buffer.close()
         os.close(self._lock_fd)
         log.info(
-            "stopped; %d unsent message(s) kept in the buffer for the next start", stats.pending
+            "stopped; this run published %d message(s), %d acknowledged; %d unsent kept in "
+            "the buffer for the next start",
+            self.publisher.published,
+            self.publisher.acked_total,
+            stats.pending,
         )
 
 

@@ -42,7 +42,6 @@ class DeviceState:
     failing: bool = False
     failed_polls: int = 0
     bad_points: dict[str, str] = field(default_factory=dict)
-    polls: int = 0
     addresses: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,7 +110,6 @@ class BusPoller:
                 for p in dev.points
             ]
         self._log_health(st, results)
-        st.polls += 1
         self.sink(dev, ts, results)
         return results
 
