@@ -95,6 +95,37 @@ def run(config_file: str, log_level: str | None) -> None:
     sys.exit(code)
 
 
+def _word(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a number (write 0x077A or 1914)") from None
+    if not 0 <= value <= 0xFFFF:
+        raise click.BadParameter(f"{text!r} is not a 16-bit register value (0..65535)")
+    return value
+
+
+@main.command()
+@click.argument("words", nargs=-1, required=True)
+def decode(words: tuple[str, ...]) -> None:
+    """Show register WORDS (hex 0x077A or decimal) as every type in every byte order.
+
+    For matching the value on a device's display: find it in the table, then use that
+    type and byte order in the config.
+    """
+    from drivers.codec import BYTE_ORDERS, decode_all
+
+    regs = [_word(w) for w in words]
+    click.echo("registers: " + " ".join(f"0x{r:04X}" for r in regs))
+    click.echo(f"{'type':<8}" + "".join(f"{o:>26}" for o in BYTE_ORDERS))
+    for dtype, values in decode_all(regs):
+        cells = []
+        for order in BYTE_ORDERS:
+            v = values[order]
+            cells.append(f"{v:>26.10g}" if isinstance(v, float) else f"{v:>26}")
+        click.echo(f"{dtype:<8}" + "".join(cells))
+
+
 @main.command()
 @click.option(
     "--duration",

@@ -188,3 +188,29 @@ def encode_registers(
     # every reordering above is its own inverse
     wire = to_big_endian(big, byte_order)
     return [int.from_bytes(wire[i : i + 2], "big") for i in range(0, len(wire), 2)]
+
+
+BYTE_ORDERS: Final[tuple[ByteOrder, ...]] = ("ABCD", "CDAB", "BADC", "DCBA")
+
+
+def decode_all(registers: Sequence[int]) -> list[tuple[str, dict[str, int | float]]]:
+    """Every register type that fits in ``registers`` (read from the first one), decoded in
+    every byte order: ``[(type, {order: value})]``. For matching a known reading on a
+    device's display against raw registers (the technician's decode explorer).
+
+    16-bit types only distinguish ``ABCD`` (as sent) from ``BADC`` (bytes swapped); their
+    ``CDAB``/``DCBA`` entries equal those.
+
+    Raises:
+        DecodeError: a register is outside 0..65535.
+    """
+    wire = registers_to_bytes(registers)
+    rows: list[tuple[str, dict[str, int | float]]] = []
+    for dtype, count in REGISTER_COUNT.items():
+        if count > len(registers):
+            continue
+        part = wire[: 2 * count]
+        rows.append(
+            (dtype, {order: decode_bytes(part, dtype, order) for order in BYTE_ORDERS})  # type: ignore[arg-type]
+        )
+    return rows
