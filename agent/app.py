@@ -238,11 +238,13 @@ class Agent:
         if not await self.publisher.flush_acks():
             log.warning("some acknowledged messages stay in the buffer; they will be sent again")
         sent = await self.publisher.publish_offline(OFFLINE, STOP_BUDGET_S / 4)
-        if not sent:
+        if not sent and self.link.ever_connected:
             log.warning(
                 "could not publish 'offline' (broker unreachable); the broker's last "
                 "will announces it when the connection times out"
             )
+        elif not sent:
+            log.warning("never reached the broker in this run: no status to take back")
         await self.link.stop(timeout=1.0)
         link_task.cancel()
         stop_wait.cancel()

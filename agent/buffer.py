@@ -59,6 +59,10 @@ class BufferError(RuntimeError):
     """The buffer file cannot be opened or written; the message names the file and a fix."""
 
 
+class StateDirError(BufferError):
+    """``state_dir`` cannot be created or written: fix the config, a restart will not help."""
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     """One buffered message. ``body`` is the JSON object without its ``seq`` member."""
@@ -86,13 +90,17 @@ def lock_state_dir(state_dir: Path) -> int:
     Returns:
         the open file descriptor holding the lock (keep it open).
     Raises:
-        BufferError: another process holds the lock, or the directory is unusable.
+        StateDirError: the directory cannot be created or written (a config problem).
+        BufferError: another process holds the lock.
     """
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise BufferError(f"cannot use state_dir {state_dir}: {exc}") from exc
+        raise StateDirError(
+            f"cannot use state_dir {state_dir}: {exc}; set state_dir in the config to a "
+            "writable directory (under systemd: /var/lib/edge-agent, its StateDirectory)"
+        ) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -81,7 +81,7 @@ def validate(config_file: str) -> None:
 def run(config_file: str, log_level: str | None) -> None:
     """Poll, buffer and publish until SIGTERM/SIGINT."""
     from agent.app import run_agent
-    from agent.buffer import BufferError
+    from agent.buffer import BufferError, StateDirError
     from agent.config.model import AgentConfig
 
     cfg = _load_or_exit(config_file)
@@ -91,7 +91,7 @@ def run(config_file: str, log_level: str | None) -> None:
         code = asyncio.run(run_agent(cfg))
     except BufferError as exc:
         logging.getLogger("agent").critical("%s", exc)
-        code = 1
+        code = EX_CONFIG if isinstance(exc, StateDirError) else 1
     sys.exit(code)
 
 

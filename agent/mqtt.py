@@ -66,6 +66,7 @@ class MqttLink:
         self._problem_logged = False
         self._write_soon = False
         self._short_drop = False
+        self.ever_connected = False
         self._sock: socket.socket | None = None
         self._misc_task: asyncio.Task[None] | None = None
         self._short_sessions: collections.deque[float] = collections.deque(maxlen=5)
@@ -178,6 +179,7 @@ class MqttLink:
             self._connack.set_result(ok)
         if ok:
             self._problem_logged = False
+            self.ever_connected = True
             if self._short_drop:
                 self._short_drop = False
                 self._count_short_session()

@@ -6,6 +6,7 @@ an unknown key is reported at the key, a bad value at the value).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -781,3 +782,51 @@ def test_config_that_is_a_list_or_a_directory(cfgdir: Path) -> None:
     assert "holds a list" in issues_of(name)[0].message
     (cfgdir / "adir").mkdir()
     assert "is a directory" in issues_of("adir")[0].message
+
+
+@pytest.mark.parametrize("prefix", ["lifeline/", "/lifeline", "a//b", "city/+", "a b"])
+def test_topic_prefix_must_be_clean_levels(cfgdir: Path, prefix: str) -> None:
+    name = write(cfgdir, "agent.yaml", HEAD + f"mqtt:\n  topic_prefix: '{prefix}'\n" + ONE_DEVICE)
+    (issue,) = issues_of(name)
+    assert issue.path == "mqtt.topic_prefix"
+    assert "topic levels separated by single '/'" in issue.message
+
+
+def test_duplicate_point_reported_at_the_second_one(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD + "devices:\n  - id: d1\n    host: h\n    points:\n"
+        "      - {name: temp, address: 0}\n      - {name: temp, address: 1}\n",
+    )
+    (issue,) = issues_of(name)
+    assert where(issue) == ("agent.yaml", 8, 16, "devices[0].points[1].name")
+    assert issue.message == "point name 'temp' appears twice in device 'd1' (also points[0])"
+
+
+def test_names_and_quoted_values_explained_in_words(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        "gateway_id: gw 17\nstate_dir: s\nmqtt: {username: u, password: 12345}\n" + ONE_DEVICE,
+    )
+    messages = {i.path: i.message for i in issues_of(name)}
+    assert "letters, digits" in messages["gateway_id"] and "^" not in messages["gateway_id"]
+    assert messages["mqtt.password"] == '12345 is not text: write it in quotes, e.g. "12345"'
+
+
+def test_unusable_state_dir_is_a_config_error(cfgdir: Path) -> None:
+    (cfgdir / "afile").write_text("x")
+    name = write(cfgdir, "agent.yaml", "gateway_id: g\nstate_dir: afile/state\n" + ONE_DEVICE)
+    (issue,) = issues_of(name)
+    assert issue.path == "state_dir" and "is not a directory" in issue.message
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", name],
+        capture_output=True,
+        text=True,
+        cwd=cfgdir,
+        check=False,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == EX_CONFIG, out.stderr

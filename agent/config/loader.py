@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import os
 import ssl
 import types
 import typing
@@ -241,6 +242,15 @@ def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMo
     return cur
 
 
+PATTERN_WORDS = {
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$": "use 1 to 64 letters, digits, '_', '.' or '-', "
+    "starting with a letter or digit",
+    r"^[^#+/\s]+(/[^#+/\s]+)*$": "topic levels separated by single '/', without "
+    "a leading or trailing '/', spaces, '+' or '#'",
+}
+"""Config patterns said in words (the regular expression means nothing to ops teams)."""
+
+
 def _message(err: Any, model: type[BaseModel]) -> str:
     kind = err["type"]
     loc = tuple(err["loc"])
@@ -267,6 +277,11 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{value!r} is not one of {', '.join(options)}{hint}"
     msg = str(err["msg"])
+    if kind == "string_pattern_mismatch":
+        pattern = err.get("ctx", {}).get("pattern", "")
+        return f"{value!r} is not allowed here: {PATTERN_WORDS.get(pattern, msg)}"
+    if kind == "string_type" and isinstance(value, int | float | bool):
+        return f'{value!r} is not text: write it in quotes, e.g. "{value}"'
     bounds = {
         "greater_than_equal": ("ge", "at least"),
         "less_than_equal": ("le", "at most"),
@@ -311,6 +326,8 @@ def _pydantic_issues(
     issues: dict[str, ConfigIssue] = {}
     for err in exc.errors():
         loc = prefix + tuple(err["loc"])
+        if err["type"] == "duplicate_point":  # point at the second occurrence
+            loc = (*loc, "points", err["ctx"]["index"], "name")
         f, line, col, path = _locate(root, loc, file, origins, key=err["type"] == "extra_forbidden")
         issue = ConfigIssue(f, line, col, path, _message(err, model))
         issues.setdefault(f"{f}:{line}:{col}:{path}", issue)
@@ -431,6 +448,26 @@ def _splice_includes(
                         "an included file holds one device (a mapping of keys) or a list of them",
                     )
                 )
+
+
+def _state_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as state_dir, or None. A missing directory is fine (the
+    agent, or systemd's StateDirectory=, creates it); its nearest existing parent must be a
+    directory."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} exists and is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"{path} is not writable by this user"
+        return None
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a directory, so {path} cannot be created"
+    if str(parent).startswith(("/proc", "/sys")):
+        return f"{path} cannot be created under {parent}"
+    return None
 
 
 def _check_tls(tls: TlsConfig, data: Any, display: str, origins: _Origins) -> list[ConfigIssue]:
@@ -606,6 +643,10 @@ def _load(path: Path, fast: bool) -> AgentConfig:
     def _abs(p: str | None) -> str | None:
         return None if p is None else str((base / p).resolve())
 
+    problem = _state_dir_problem(Path(_abs(cfg.state_dir) or cfg.state_dir))
+    if problem is not None:
+        f, line, col, p = _locate(data, ("state_dir",), display, origins, key=False)
+        raise ConfigError([ConfigIssue(f, line, col, p, problem)])
     mqtt = cfg.mqtt
     if mqtt.tls is not None:
         tls = mqtt.tls.model_copy(

@@ -41,7 +41,9 @@ class MqttConfig(StrictModel):
         default="3.1.1", description="MQTT protocol version: 3.1.1 or 5"
     )
     topic_prefix: str = Field(
-        default="lifeline", pattern=r"^[^#+\s]+$", description="First topic level(s)"
+        default="lifeline",
+        pattern=r"^[^#+/\s]+(/[^#+/\s]+)*$",
+        description="First topic level(s), e.g. 'lifeline' or 'city/zz/lifeline'",
     )
     client_id: str | None = Field(
         default=None,

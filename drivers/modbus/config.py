@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from drivers.codec import REGISTER_COUNT, ByteOrder, DataType
 from drivers.common import Duration, StrictModel, at_least
@@ -83,11 +84,17 @@ class ModbusPoint(StrictModel):
 
 
 def _check_unique_names(points: list[ModbusPoint], where: str) -> None:
-    seen: set[str] = set()
-    for p in points:
+    """Raise ``duplicate_point`` with the index of the second occurrence in ``ctx`` (so a
+    config loader can point at that point's line)."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(points):
         if p.name in seen:
-            raise ValueError(f"point name {p.name!r} appears twice in {where}")
-        seen.add(p.name)
+            raise PydanticCustomError(
+                "duplicate_point",
+                "point name '{name}' appears twice in {where} (also points[{first}])",
+                {"name": p.name, "where": where, "index": i, "first": seen[p.name]},
+            )
+        seen[p.name] = i
 
 
 class ModbusProfile(StrictModel):
