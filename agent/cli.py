@@ -52,10 +52,13 @@ def main() -> None:
 @click.argument("config_file", type=click.Path(dir_okay=False))
 def validate(config_file: str) -> None:
     """Check CONFIG_FILE and print every problem as FILE:LINE:COL: key.path: message."""
+    from agent.config.loader import config_notes
     from agent.config.model import AgentConfig
 
     cfg = _load_or_exit(config_file)
     assert isinstance(cfg, AgentConfig)
+    for note in config_notes(config_file):
+        click.echo(str(note), err=True)
     points = sum(len(d.points) for d in cfg.devices)
     click.echo(
         f"{config_file}: OK (gateway {cfg.gateway_id}, {len(cfg.devices)} device(s), "

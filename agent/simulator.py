@@ -14,6 +14,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pymodbus.datastore import ModbusDeviceContext, ModbusServerContext, ModbusSparseDataBlock
 from pymodbus.server import ModbusTcpServer
@@ -29,6 +30,9 @@ def raw_for(point: ModbusPoint, value: float | int | bool) -> list[int] | list[b
     """Registers (or bits) a device holds for engineering ``value`` (inverse of decoding)."""
     if point.table in BIT_TABLES:
         return [bool(value)]
+    if point.type == "bit":
+        assert point.bit is not None
+        return [(1 << point.bit) if value else 0]
     assert point.type is not None and point.type != "bool"
     raw: float | int = (float(value) - point.offset) / point.scale
     if not point.type.startswith("float"):
@@ -64,6 +68,8 @@ class ModbusSimulator:
         self.port = port
         self.tick = tick
         self.devices: dict[int, SimDevice] = {}
+        self.requests: list[tuple[int, int, int, int]] = []
+        """Every request received: (unit id, function code, address, count)."""
         self._server: ModbusTcpServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._t0 = 0.0
@@ -98,6 +104,18 @@ class ModbusSimulator:
         assert ctx is not None
         ctx.setValues(_FC[table], address, list(values))
 
+    def _trace(self, sending: bool, pdu: Any) -> Any:
+        if not sending:
+            self.requests.append(
+                (
+                    int(pdu.dev_id),
+                    int(pdu.function_code),
+                    int(getattr(pdu, "address", -1)),
+                    int(getattr(pdu, "count", 0)),
+                )
+            )
+        return pdu
+
     def _apply_curves(self, t: float) -> None:
         for dev in self.devices.values():
             for name, curve in dev.curves.items():
@@ -115,7 +133,9 @@ class ModbusSimulator:
         context = ModbusServerContext(
             devices={u: d.context for u, d in self.devices.items()}, single=False
         )
-        self._server = ModbusTcpServer(context, address=(self.host, self.port))
+        self._server = ModbusTcpServer(
+            context, address=(self.host, self.port), trace_pdu=self._trace
+        )
         await self._server.serve_forever(background=True)
         if self.port == 0:
             self.port = int(self._server.transport.sockets[0].getsockname()[1])  # type: ignore[attr-defined]

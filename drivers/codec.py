@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Final, Literal
 
 DataType = Literal[
-    "uint16", "int16", "uint32", "int32", "float32", "uint64", "int64", "float64", "bool"
+    "uint16", "int16", "uint32", "int32", "float32", "uint64", "int64", "float64", "bool", "bit"
 ]
 ByteOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
 
@@ -214,3 +214,23 @@ def decode_all(registers: Sequence[int]) -> list[tuple[str, dict[str, int | floa
             (dtype, {order: decode_bytes(part, dtype, order) for order in BYTE_ORDERS})  # type: ignore[arg-type]
         )
     return rows
+
+
+def raw_pattern(wire: bytes, byte_order: ByteOrder = "ABCD") -> int:
+    """The unsigned bit pattern of a value (its bytes reordered to big-endian), as vendors
+    write their "no value" markers: ``0x7FFF``, ``0xFFFF``, ``0x80000000``."""
+    return int.from_bytes(to_big_endian(wire, byte_order) if byte_order != "ABCD" else wire, "big")
+
+
+def register_bit(wire: bytes, bit: int, byte_order: ByteOrder = "ABCD") -> bool:
+    """Bit ``bit`` (0 = least significant) of one register, after the register's own byte
+    order (``BADC``/``DCBA`` swap its two bytes) is applied.
+
+    Raises:
+        DecodeError: not exactly one register, or ``bit`` outside 0..15.
+    """
+    if len(wire) != 2:
+        raise DecodeError(f"a bit point reads exactly 1 register, got {len(wire) / 2:g}")
+    if not 0 <= bit <= 15:
+        raise DecodeError(f"bit {bit} is outside 0..15")
+    return bool((raw_pattern(wire, byte_order) >> bit) & 1)

@@ -830,3 +830,26 @@ def test_unusable_state_dir_is_a_config_error(cfgdir: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert out.returncode == EX_CONFIG, out.stderr
+
+
+def test_case_014_validate_says_where_modicon_numbers_point(cfgdir: Path) -> None:
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD + "devices:\n  - id: d1\n    host: h\n    points:\n"
+        '      - {name: a, register: "40110"}\n'
+        "      - {name: f, table: holding, address: 40001}\n",
+    )
+    code, lines = validate(name)
+    assert code == 0
+    assert lines[0] == (
+        "agent.yaml:7:29: devices[0].points[0].register: note: Modicon 40110 is holding "
+        "address 109 (FC 03)"
+    )
+    assert lines[1].startswith("agent.yaml:8:44: devices[0].points[1].address: warning: ")
+    assert "looks like a Modicon register number" in lines[1]
+    cfg = load_config(name)
+    assert [(p.table, p.address) for p in cfg.devices[0].points] == [
+        ("holding", 109),
+        ("holding", 40001),  # used as written, never "fixed"
+    ]

@@ -27,7 +27,7 @@ from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
 from agent.config.model import AgentConfig, TlsConfig
-from drivers.modbus.config import ModbusProfile
+from drivers.modbus.config import ModbusProfile, modicon_address
 
 
 @dataclass(frozen=True, order=True)
@@ -39,10 +39,13 @@ class ConfigIssue:
     col: int
     path: str
     message: str
+    level: str = "error"
+    """``error`` (the file is refused), ``warning`` or ``note`` (printed by validate only)."""
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+        level = "" if self.level == "error" else f"{self.level}: "
+        return f"{self.file}:{self.line}:{self.col}: {where}{level}{self.message}"
 
 
 class ConfigError(Exception):
@@ -259,11 +262,12 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         owner = _model_at(model, loc[:-1])
         hint = ""
         if owner is not None:
-            close = difflib.get_close_matches(bad, list(owner.model_fields), n=1, cutoff=0.6)
+            keys = [f.alias or name for name, f in owner.model_fields.items()]
+            close = difflib.get_close_matches(bad, keys, n=1, cutoff=0.6)
             if close:
                 hint = f" (did you mean '{close[0]}'?)"
             else:
-                hint = f"; allowed keys: {', '.join(owner.model_fields)}"
+                hint = f"; allowed keys: {', '.join(keys)}"
         return f"unknown key '{bad}'{hint}"
     if kind == "missing":
         return f"required key '{loc[-1]}' is missing"
@@ -668,3 +672,90 @@ def _load(path: Path, fast: bool) -> AgentConfig:
             "profiles_dir": str(pdir),
         }
     )
+
+
+_FC = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
+_MODICON_RANGES = {
+    "holding": (40001, 49999, 400001, 465536),
+    "input": (30001, 39999, 300001, 365536),
+}
+
+
+def _point_notes(
+    points: Any, loc: tuple[int | str, ...], data: Any, display: str, origins: _Origins
+) -> list[ConfigIssue]:
+    out: list[ConfigIssue] = []
+    if not isinstance(points, list):
+        return out
+    for j, p in enumerate(points):
+        if not isinstance(p, dict):
+            continue
+        register = p.get("register")
+        if register is not None:
+            try:
+                table, address = modicon_address(register)
+            except ValueError:
+                continue
+            f, line, col, path = _locate(data, (*loc, j, "register"), display, origins, key=False)
+            out.append(
+                ConfigIssue(
+                    f,
+                    line,
+                    col,
+                    path,
+                    f"Modicon {register} is {table} address {address} (FC {_FC[table]:02d})",
+                    "note",
+                )
+            )
+            continue
+        raw_address = p.get("address")
+        ranges = _MODICON_RANGES.get(str(p.get("table", "holding")))
+        if ranges is None or not isinstance(raw_address, int):
+            continue
+        table, address = str(p.get("table", "holding")), raw_address
+        lo5, hi5, lo6, hi6 = ranges
+        if lo5 <= address <= hi5 or lo6 <= address <= hi6:
+            f, line, col, path = _locate(data, (*loc, j, "address"), display, origins, key=False)
+            out.append(
+                ConfigIssue(
+                    f,
+                    line,
+                    col,
+                    path,
+                    f"{table} address {address} looks like a Modicon register "
+                    f"number; if the manual means register {address}, write "
+                    f'register: "{address}" (address '
+                    f"{modicon_address(address)[1]}) instead; the address is "
+                    "used as written",
+                    "warning",
+                )
+            )
+    return out
+
+
+def config_notes(path: str | Path) -> list[ConfigIssue]:
+    """Warnings and notes for ``edge-agent validate`` about a config that loads: which PDU
+    address each Modicon ``register`` became, and ``address`` values that look like Modicon
+    numbers (used as written, never "fixed"). Reads the files again with positions."""
+    main = Path(path).resolve()
+    display = _display(main)
+    data, issues = _parse(main, display)
+    if issues or not isinstance(data, dict):
+        return []
+    origins = _Origins({})
+    _splice_includes(data, main.parent, display, origins, [], False)
+    out: list[ConfigIssue] = []
+    devices = data.get("devices")
+    for i, dev in enumerate(devices if isinstance(devices, list) else []):
+        if isinstance(dev, dict):
+            out += _point_notes(dev.get("points"), ("devices", i, "points"), data, display, origins)
+    pdir_raw = data.get("profiles_dir")
+    pdir = main.parent / str(pdir_raw) if pdir_raw else main.parent / "profiles"
+    if pdir.is_dir():
+        for p in sorted(pdir.glob("*.yaml")) + sorted(pdir.glob("*.yml")):
+            pdata, perrs = _parse(p, _display(p))
+            if not perrs and isinstance(pdata, dict):
+                out += _point_notes(
+                    pdata.get("points"), ("points",), pdata, _display(p), _Origins({})
+                )
+    return out

@@ -6,7 +6,7 @@ V1.1b3, clause 4.3): a register a manual calls "40001" or "register 1" is ``addr
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -53,6 +53,30 @@ class ModbusPoint(StrictModel):
     decimals: int | None = Field(default=None, ge=0, le=9, description="Round to N decimals")
     unit: str | None = Field(default=None, max_length=32, description="Engineering unit")
     description: str | None = Field(default=None, description="Free text for people")
+    bit: int | None = Field(
+        default=None, ge=0, le=15, description="For type bit: 0 = least significant bit"
+    )
+    invalid_values: list[int] = Field(
+        default_factory=list,
+        description="Raw values the device sends for 'no value' (e.g. 0x7FFF, 0x80000000), "
+        "compared before scaling; such a reading has quality 'invalid'",
+    )
+    modicon: str | None = Field(
+        default=None,
+        alias="register",
+        description="Modicon register number instead of table+address: 40001 / 400001 "
+        "(holding), 30001 (input), 10001 (discrete input), 00001 (coil)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _modicon(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("register") is None:
+            return data
+        if "address" in data or "table" in data:
+            raise ValueError("give either 'register' (Modicon number) or 'table' + 'address'")
+        table, address = modicon_address(data["register"])
+        return {**data, "register": str(data["register"]), "table": table, "address": address}
 
     @model_validator(mode="after")
     def _check_type(self) -> ModbusPoint:
@@ -65,8 +89,15 @@ class ModbusPoint(StrictModel):
             raise ValueError(f"a {self.table} holds one bit: type must be 'bool', not {dtype!r}")
         if not is_bit and dtype == "bool":
             raise ValueError(
-                f"{self.table} registers hold 16-bit words: use an integer type, not 'bool'"
+                f"{self.table} registers hold 16-bit words: use an integer type, or type "
+                "'bit' with 'bit: 0..15' for one bit of a register"
             )
+        if (dtype == "bit") != (self.bit is not None):
+            raise ValueError(
+                "type 'bit' needs 'bit: 0..15' (0 = least significant), and 'bit' needs type 'bit'"
+            )
+        if self.invalid_values and dtype in ("bool", "bit"):
+            raise ValueError("invalid_values apply to numeric register types only")
         need = self.register_count
         if self.count is not None and self.count != need:
             raise ValueError(
@@ -80,7 +111,40 @@ class ModbusPoint(StrictModel):
     @property
     def register_count(self) -> int:
         """Registers (or bits, for bit tables) this point occupies."""
-        return 1 if self.type in (None, "bool") else REGISTER_COUNT[self.type]
+        return 1 if self.type in (None, "bool", "bit") else REGISTER_COUNT[self.type]
+
+
+_MODICON_TABLES = {"0": "coil", "1": "discrete_input", "3": "input", "4": "holding"}
+
+
+def modicon_address(register: object) -> tuple[str, int]:
+    """Turn a Modicon register number into ``(table, zero-based PDU address)``.
+
+    ``40001`` (5 digits: 1–9999) and ``400001`` (6 digits: 1–65536) are holding register 1,
+    PDU address 0; the first digit names the table (0 coil, 1 discrete input, 3 input
+    register, 4 holding register). Source: Modicon convention as described in the Modbus
+    Application Protocol V1.1b3, clause 4.4 ("Modbus Addressing model": data element
+    numbered X is addressed in the PDU as X-1).
+
+    Raises:
+        ValueError: not a 5- or 6-digit number with a known first digit, or number 0.
+    """
+    text = str(register).strip()
+    if isinstance(register, int) and not isinstance(register, bool) and 0 < register < 10000:
+        text = f"{register:05d}"  # YAML drops the leading zeros of coil numbers 00001..09999
+    if not text.isdigit() or len(text) not in (5, 6) or text[0] not in _MODICON_TABLES:
+        raise ValueError(
+            f"register {register!r} is not a Modicon number: write 5 or 6 digits starting "
+            "with 4 (holding), 3 (input), 1 (discrete input) or 0 (coil), e.g. '40001'"
+        )
+    number = int(text[1:])
+    limit = 9999 if len(text) == 5 else 65536
+    if not 1 <= number <= limit:
+        raise ValueError(
+            f"register {register!r}: Modicon numbers count from 1 (here 1..{limit}); "
+            f"{text[0]}{'0' * (len(text) - 1)} does not exist"
+        )
+    return _MODICON_TABLES[text[0]], number - 1
 
 
 def _check_unique_names(points: list[ModbusPoint], where: str) -> None:

@@ -21,6 +21,8 @@ from drivers.codec import (
     DecodeError,
     decode_bytes,
     non_finite_quality,
+    raw_pattern,
+    register_bit,
     registers_to_bytes,
     scale_value,
 )
@@ -102,10 +104,19 @@ def decode_point(point: ModbusPoint, words: Sequence[int] | Sequence[bool]) -> P
 
 def _decode_wire(point: ModbusPoint, wire: bytes) -> PointResult:
     try:
+        if point.type == "bit":
+            assert point.bit is not None
+            return PointResult(point.name, register_bit(wire, point.bit, point.byte_order))
         assert point.type is not None and point.type != "bool"
         raw = decode_bytes(wire, point.type, point.byte_order)
     except DecodeError as exc:
         return PointResult(point.name, None, "decode_error", str(exc))
+    if point.invalid_values:
+        pattern = raw_pattern(wire, point.byte_order)
+        if pattern in point.invalid_values or raw in point.invalid_values:
+            return PointResult(
+                point.name, None, "invalid", f"device sent its 'no value' marker 0x{pattern:X}"
+            )
     value = scale_value(raw, point.scale, point.offset, point.decimals)
     if isinstance(value, float):
         bad = non_finite_quality(value)

@@ -1,0 +1,138 @@
+"""Bits in registers (case 012), 'no value' markers (case 008), Modicon numbers (case 014)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from agent.simulator import ModbusSimulator
+from drivers.codec import encode_registers, register_bit
+from drivers.modbus.config import ModbusPoint, modicon_address
+from drivers.modbus.driver import ModbusTcpBus, decode_block, plan_blocks
+
+
+def pt(**kw: object) -> ModbusPoint:
+    return ModbusPoint.model_validate(kw)
+
+
+def read_once(points: list[ModbusPoint], regs: dict[int, list[int]]) -> tuple[dict, list]:
+    """Serve ``regs`` (holding address -> words) and read ``points`` once over Modbus TCP."""
+
+    async def run() -> tuple[dict, list]:
+        sim = ModbusSimulator()
+        sim.add_device(1, [pt(name=f"r{a}", address=a) for a in regs])
+        await sim.start()
+        for address, words in regs.items():
+            sim.set_raw(1, "holding", address, words)
+        bus = ModbusTcpBus("127.0.0.1", sim.port, timeout=1.0)
+        assert await bus.connect()
+        results = await bus.read_device(1, plan_blocks(points))
+        bus.close()
+        await sim.stop()
+        return {r.point: r for r in results}, sim.requests
+
+    return asyncio.run(run())
+
+
+CASE_012 = [
+    pt(name="pump1_running", address=2, type="bit", bit=8),
+    pt(name="pump2_running", address=2, type="bit", bit=9),
+    pt(name="door_open", address=2, type="bit", bit=0),
+    pt(name="float_switch_high", address=3, type="bit", bit=2),
+]
+
+
+def test_case_012_bits_from_one_read() -> None:
+    got, requests = read_once(CASE_012, {2: [0x0300], 3: [0x0004]})
+    assert {k: r.value for k, r in got.items()} == {
+        "pump1_running": True,
+        "pump2_running": True,
+        "door_open": False,
+        "float_switch_high": True,
+    }
+    assert requests == [(1, 3, 2, 2)], "all four bits from one read of registers 2..3"
+
+
+def test_case_012_bit_numbering_and_config_errors() -> None:
+    assert register_bit(b"\x80\x00", 15) and not register_bit(b"\x80\x00", 0)
+    assert register_bit(b"\x00\x80", 15, "BADC")  # bytes swapped first, then bit 15
+    for bad in (16, -1):
+        with pytest.raises(ValidationError):
+            pt(name="b", address=0, type="bit", bit=bad)
+    with pytest.raises(ValidationError, match="needs 'bit"):
+        pt(name="b", address=0, type="bit")
+    with pytest.raises(ValidationError, match="needs type 'bit'"):
+        pt(name="b", address=0, type="uint16", bit=3)
+    with pytest.raises(ValidationError):
+        pt(name="b", table="coil", address=0, type="bit", bit=1)
+
+
+CASE_008 = [
+    pt(name="cos_phi_l1", address=0, type="int16", scale=0.001, invalid_values=[0x7FFF]),
+    pt(name="dc_voltage", address=1, type="uint16", scale=0.1, invalid_values=[0xFFFF]),
+    pt(name="ac_power", address=2, type="int32", invalid_values=[0x80000000]),
+]
+
+
+def test_case_008_no_value_markers_are_bad_quality() -> None:
+    block = plan_blocks(CASE_008)[0]
+    got = {r.point: r for r in decode_block(block, [0x7FFF, 0xFFFF, 0x8000, 0x0000])}
+    for name, marker in (
+        ("cos_phi_l1", "0x7FFF"),
+        ("dc_voltage", "0xFFFF"),
+        ("ac_power", "0x80000000"),
+    ):
+        assert got[name].value is None and got[name].quality == "invalid"
+        assert marker in (got[name].error or "")
+    normal = {r.point: r for r in decode_block(block, [0x01B3, 123, 0, 7])}
+    assert normal["cos_phi_l1"].value == pytest.approx(0.435)
+    assert normal["dc_voltage"].value == pytest.approx(12.3)
+    assert normal["ac_power"].value == 7
+
+
+def test_case_008_markers_by_bit_pattern_in_any_byte_order() -> None:
+    p = pt(name="p", address=0, type="int32", byte_order="CDAB", invalid_values=[0x80000000])
+    words = encode_registers(-(2**31), "int32", "CDAB")
+    (r,) = decode_block(plan_blocks([p])[0], words)
+    assert r.quality == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("register", "table", "address"),
+    [
+        ("40001", "holding", 0),
+        ("40110", "holding", 109),
+        ("400002", "holding", 1),
+        ("30001", "input", 0),
+        ("10001", "discrete_input", 0),
+        ("00001", "coil", 0),
+        (1, "coil", 0),  # YAML's unquoted 00001
+        ("465536", "holding", 65535),
+    ],
+)
+def test_case_014_modicon_numbers(register: object, table: str, address: int) -> None:
+    assert modicon_address(register) == (table, address)
+    p = pt(name="a", register=register)
+    assert (p.table, p.address) == (table, address)
+
+
+@pytest.mark.parametrize("bad", ["40000", "400000", "30000", "4001", "50001", "4000a", "2x"])
+def test_case_014_invalid_modicon_numbers_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        modicon_address(bad)
+    with pytest.raises(ValidationError):
+        pt(name="a", register=bad)
+
+
+def test_case_014_pdu_on_the_wire() -> None:
+    """Modicon 40001 is read as FC 03, start address 0, count 1 (PDU 03 00 00 00 01)."""
+    got, requests = read_once([pt(name="a", register="40001")], {0: [42]})
+    assert got["a"].value == 42
+    assert requests == [(1, 3, 0, 1)]
+
+
+def test_case_014_register_and_address_together_refused() -> None:
+    with pytest.raises(ValidationError, match="either 'register'"):
+        pt(name="a", register="40001", address=0)
