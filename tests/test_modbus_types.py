@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import pytest
 from pydantic import ValidationError
@@ -136,3 +137,82 @@ def test_case_014_pdu_on_the_wire() -> None:
 def test_case_014_register_and_address_together_refused() -> None:
     with pytest.raises(ValidationError, match="either 'register'"):
         pt(name="a", register="40001", address=0)
+
+
+class LateReplies:
+    """A Modbus TCP peer that answers the first request only after ``delay`` (a device that
+    is slow once), every later one at once; each reply holds ``1000 + address``, in
+    ``count + extra`` registers."""
+
+    def __init__(self, delay: float, extra: int = 0) -> None:
+        self.delay = delay
+        self.extra = extra
+        self.port = 0
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = int(server.sockets[0].getsockname()[1])
+        return server
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = True
+        try:
+            while True:
+                tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                fc, address, count = struct.unpack(">BHH", await reader.readexactly(length - 1))
+                n = count + self.extra
+                body = struct.pack(">BB", fc, 2 * n) + struct.pack(">H", 1000 + address) * n
+                frame = struct.pack(">HHHB", tid, 0, len(body) + 1, unit) + body
+                if first:
+                    first = False
+                    asyncio.get_running_loop().call_later(self.delay, writer.write, frame)
+                else:
+                    writer.write(frame)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+def test_case_019_late_reply_is_not_taken_for_the_next_request() -> None:
+    """Modbus TCP: the reply to a timed-out request arrives during the next request; it is
+    discarded by transaction id, the next request gets its own value, and the connection
+    stays in step afterwards."""
+
+    async def run() -> list[tuple[object, str]]:
+        peer = LateReplies(delay=0.5)
+        server = await peer.start()
+        bus = ModbusTcpBus("127.0.0.1", peer.port, timeout=0.3)
+        assert await bus.connect()
+        out = []
+        for address in (0, 10, 0, 10):
+            (r,) = await bus.read_device(1, plan_blocks([pt(name="p", address=address)]))
+            out.append((r.value, r.quality))
+        bus.close()
+        server.close()
+        return out
+
+    assert asyncio.run(run()) == [
+        (None, "timeout"),  # level: no value this cycle
+        (1010, "good"),  # pressure gets its own reply, never the late one (1000)
+        (1000, "good"),
+        (1010, "good"),
+    ]
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_reply_with_wrong_register_count_is_refused(extra: int) -> None:
+    """A long or short reply is an error, never shifted data."""
+
+    async def run() -> tuple[object, str, str]:
+        peer = LateReplies(delay=0.0, extra=extra)
+        server = await peer.start()
+        bus = ModbusTcpBus("127.0.0.1", peer.port, timeout=0.3)
+        assert await bus.connect()
+        points = [pt(name="a", address=4), pt(name="b", address=5)]
+        results = await bus.read_device(1, plan_blocks(points))
+        bus.close()
+        server.close()
+        return results[0].value, results[0].quality, results[0].error or ""
+
+    value, quality, error = asyncio.run(run())
+    assert value is None and quality == "decode_error"
+    assert ("long reply" if extra > 0 else "short reply") in error

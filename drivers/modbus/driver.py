@@ -234,11 +234,16 @@ class ModbusTcpBus:
             words: Sequence[int] | Sequence[bool] = resp.bits  # type: ignore[attr-defined]
         else:
             words = resp.registers  # type: ignore[attr-defined]
-        if len(words) < block.count:
+        # bits come padded to whole bytes (Modbus Application Protocol V1.1b3, 6.1/6.2)
+        longest = -(-block.count // 8) * 8 if block.table in BIT_TABLES else block.count
+        if not block.count <= len(words) <= longest:
+            what = "short" if len(words) < block.count else "long"
             return _bad(
                 block.points,
                 "decode_error",
-                f"short reply: asked {block.count}, got {len(words)}",
+                f"{what} reply from unit {unit_id}: asked {block.count} "
+                f"{'bits' if block.table in BIT_TABLES else 'registers'} at address "
+                f"{block.start}, got {len(words)}; nothing of it is used",
             )
         return decode_block(block, words)
 
