@@ -34,7 +34,7 @@ class Reading:
     gateway_id: str
     device_id: str
     point: str
-    value: int | float | bool | None
+    value: int | float | bool | str | None
     unit: str | None
     quality: str
     error: str | None
@@ -63,8 +63,10 @@ def parse_iso_ms(text: str) -> int:
     return round(dt.timestamp() * 1000)
 
 
-def _json_value(value: int | float | bool) -> str | None:
+def _json_value(value: int | float | bool | str) -> str | None:
     """JSON text of a good value, or None when it cannot be a JSON number (NaN, ±Inf)."""
+    if isinstance(value, str):
+        return json.dumps(value)
     if value is True:
         return "true"
     if value is False:

@@ -19,20 +19,24 @@ from typing import Any
 from pymodbus.datastore import ModbusDeviceContext, ModbusServerContext, ModbusSparseDataBlock
 from pymodbus.server import ModbusTcpServer
 
-from drivers.codec import encode_registers
+from drivers.codec import encode_registers, to_big_endian
 from drivers.modbus.config import BIT_TABLES, ModbusPoint
 
 Curve = Callable[[float], float | int | bool]
 _FC = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
 
 
-def raw_for(point: ModbusPoint, value: float | int | bool) -> list[int] | list[bool]:
+def raw_for(point: ModbusPoint, value: float | int | bool | str) -> list[int] | list[bool]:
     """Registers (or bits) a device holds for engineering ``value`` (inverse of decoding)."""
     if point.table in BIT_TABLES:
         return [bool(value)]
     if point.type == "bit":
         assert point.bit is not None
         return [(1 << point.bit) if value else 0]
+    if point.type == "string":
+        data = str(value).encode().ljust(2 * point.register_count, b"\0")
+        data = to_big_endian(data, point.byte_order)  # its own inverse
+        return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
     assert point.type is not None and point.type != "bool"
     raw: float | int = (float(value) - point.offset) / point.scale
     if not point.type.startswith("float"):
@@ -90,7 +94,7 @@ class ModbusSimulator:
         self.devices[unit_id] = dev
         return dev
 
-    def set_value(self, unit_id: int, point: str, value: float | int | bool) -> None:
+    def set_value(self, unit_id: int, point: str, value: float | int | bool | str) -> None:
         """Store engineering ``value`` for ``point`` (encoded like the real device would)."""
         dev = self.devices[unit_id]
         p = dev.points[point]

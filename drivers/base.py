@@ -21,7 +21,7 @@ class PointResult:
     """
 
     point: str
-    value: int | float | bool | None
+    value: int | float | bool | str | None
     quality: str = GOOD
     error: str | None = None
     exception_code: int | None = None

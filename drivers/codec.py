@@ -30,7 +30,17 @@ from collections.abc import Sequence
 from typing import Final, Literal
 
 DataType = Literal[
-    "uint16", "int16", "uint32", "int32", "float32", "uint64", "int64", "float64", "bool", "bit"
+    "uint16",
+    "int16",
+    "uint32",
+    "int32",
+    "float32",
+    "uint64",
+    "int64",
+    "float64",
+    "bool",
+    "bit",
+    "string",
 ]
 ByteOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
 
@@ -234,3 +244,14 @@ def register_bit(wire: bytes, bit: int, byte_order: ByteOrder = "ABCD") -> bool:
     if not 0 <= bit <= 15:
         raise DecodeError(f"bit {bit} is outside 0..15")
     return bool((raw_pattern(wire, byte_order) >> bit) & 1)
+
+
+def decode_string(wire: bytes, byte_order: ByteOrder = "ABCD") -> str:
+    """Text held in registers, two characters per register, first character in the high
+    byte (``ABCD``, as most devices send it) or the low byte (``BADC``). ``CDAB``/``DCBA``
+    also reverse the register order, and apply only when a point asks for them: a device's
+    numeric word order never applies to text. Trailing NULs and spaces are removed; bytes
+    that are not UTF-8 become U+FFFD."""
+    if byte_order != "ABCD":
+        wire = to_big_endian(wire, byte_order)
+    return wire.split(b"\0", 1)[0].decode("utf-8", errors="replace").rstrip()

@@ -216,3 +216,38 @@ def test_reply_with_wrong_register_count_is_refused(extra: int) -> None:
     value, quality, error = asyncio.run(run())
     assert value is None and quality == "decode_error"
     assert ("long reply" if extra > 0 else "short reply") in error
+
+
+def test_case_011_string_keeps_its_own_byte_order() -> None:
+    """Text is read first character first; a float's low-word-first order never applies."""
+    points = [
+        pt(name="tank_label", address=0, type="string", length=8),
+        pt(name="tank_level_m", address=4, type="float32", byte_order="CDAB"),
+    ]
+    (block,) = plan_blocks(points)
+    got = {
+        r.point: r.value
+        for r in decode_block(block, [0x5441, 0x4E4B, 0x2D30, 0x3720, 0x0000, 0x4050])
+    }
+    assert got == {"tank_label": "TANK-07", "tank_level_m": 3.25}
+    swapped = pt(name="s", address=0, type="string", length=4, byte_order="BADC")
+    (r,) = decode_block(plan_blocks([swapped])[0], [0x4154, 0x4B4E])
+    assert r.value == "TANK"
+
+
+def test_string_over_modbus_and_in_json() -> None:
+    from agent.readings import parse_telemetry, telemetry_body
+
+    label = pt(name="label", address=0, type="string", length=7)
+    got, requests = read_once([label], {0: [0x5441, 0x4E4B, 0x2D30, 0x3700]})
+    assert got["label"].value == "TANK-07" and requests == [(1, 3, 0, 4)]
+    body = telemetry_body("gw", "d", 0, [got["label"]], {"label": None})
+    assert parse_telemetry(body)[0].value == "TANK-07"
+
+
+def test_string_config_errors() -> None:
+    with pytest.raises(ValidationError, match="needs 'length'"):
+        pt(name="s", address=0, type="string")
+    with pytest.raises(ValidationError, match="do not apply"):
+        pt(name="s", address=0, type="string", length=4, scale=0.1)
+    assert pt(name="s", address=0, type="string", length=5).register_count == 3

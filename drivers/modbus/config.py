@@ -61,6 +61,9 @@ class ModbusPoint(StrictModel):
         description="Raw values the device sends for 'no value' (e.g. 0x7FFF, 0x80000000), "
         "compared before scaling; such a reading has quality 'invalid'",
     )
+    length: int | None = Field(
+        default=None, ge=1, le=250, description="For type string: characters (2 per register)"
+    )
     modicon: str | None = Field(
         default=None,
         alias="register",
@@ -96,8 +99,14 @@ class ModbusPoint(StrictModel):
             raise ValueError(
                 "type 'bit' needs 'bit: 0..15' (0 = least significant), and 'bit' needs type 'bit'"
             )
-        if self.invalid_values and dtype in ("bool", "bit"):
+        if self.invalid_values and dtype in ("bool", "bit", "string"):
             raise ValueError("invalid_values apply to numeric register types only")
+        if (dtype == "string") != (self.length is not None):
+            raise ValueError(
+                "type 'string' needs 'length' (characters), and 'length' needs type 'string'"
+            )
+        if dtype == "string" and (self.scale != 1 or self.offset != 0 or self.decimals):
+            raise ValueError("scale, offset and decimals do not apply to type 'string'")
         need = self.register_count
         if self.count is not None and self.count != need:
             raise ValueError(
@@ -111,6 +120,8 @@ class ModbusPoint(StrictModel):
     @property
     def register_count(self) -> int:
         """Registers (or bits, for bit tables) this point occupies."""
+        if self.type == "string":
+            return -(-(self.length or 0) // 2)
         return 1 if self.type in (None, "bool", "bit") else REGISTER_COUNT[self.type]
 
 

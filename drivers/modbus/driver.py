@@ -20,6 +20,7 @@ from drivers.base import GOOD, PointResult
 from drivers.codec import (
     DecodeError,
     decode_bytes,
+    decode_string,
     non_finite_quality,
     raw_pattern,
     register_bit,
@@ -107,6 +108,8 @@ def _decode_wire(point: ModbusPoint, wire: bytes) -> PointResult:
         if point.type == "bit":
             assert point.bit is not None
             return PointResult(point.name, register_bit(wire, point.bit, point.byte_order))
+        if point.type == "string":
+            return PointResult(point.name, decode_string(wire, point.byte_order))
         assert point.type is not None and point.type != "bool"
         raw = decode_bytes(wire, point.type, point.byte_order)
     except DecodeError as exc:
