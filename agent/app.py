@@ -25,8 +25,8 @@ from agent.publisher import Publisher
 from agent.readings import TelemetryEncoder
 from agent.topics import OFFLINE, status_topic, telemetry_topic
 from drivers.base import PointResult
-from drivers.modbus.config import ModbusTcpDevice
-from drivers.modbus.driver import ModbusTcpBus
+from drivers.modbus.config import ModbusDevice, ModbusRtuDevice, ModbusTcpDevice
+from drivers.modbus.driver import ModbusBus, ModbusRtuBus, ModbusTcpBus
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,17 @@ def default_client_id(gateway_id: str) -> str:
     once their machine id is regenerated (``systemd-machine-id-setup``)."""
     suffix = machine_suffix()
     return f"{gateway_id}-{suffix}" if suffix else gateway_id
+
+
+def make_bus(devices: list[ModbusDevice]) -> ModbusBus:
+    """The driver object for the bus these devices share (all of one kind and bus)."""
+    first = devices[0]
+    timeout = max(d.timeout for d in devices)
+    if isinstance(first, ModbusRtuDevice):
+        baudrate, parity, stopbits, bytesize = first.line_settings
+        return ModbusRtuBus(first.serial_port, baudrate, parity, stopbits, bytesize, timeout)
+    assert isinstance(first, ModbusTcpDevice)
+    return ModbusTcpBus(first.host, first.port, timeout)
 
 
 class BufferWriter:
@@ -163,22 +174,16 @@ class Agent:
         self.publisher = Publisher(self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight)
         self.writer.on_commit = self.publisher.offer
         self.writer.handed_upto = lambda: self.publisher.cursor
-        groups: dict[tuple[str, int], list[ModbusTcpDevice]] = defaultdict(list)
+        groups: dict[str, list[ModbusDevice]] = defaultdict(list)
         for d in cfg.devices:
-            groups[(d.host, d.port)].append(d)
+            groups[d.bus].append(d)
         self.pollers = [
-            BusPoller(
-                f"tcp://{h}:{p}",
-                ModbusTcpBus(h, p, max(d.timeout for d in devs)),
-                devs,
-                self._on_poll,
-            )
-            for (h, p), devs in groups.items()
+            BusPoller(name, make_bus(devs), devs, self._on_poll) for name, devs in groups.items()
         ]
         for poller in self.pollers:
             poller.on_cycle_end = self.writer.kick
 
-    def _on_poll(self, dev: ModbusTcpDevice, ts_ms: int, results: list[PointResult]) -> None:
+    def _on_poll(self, dev: ModbusDevice, ts_ms: int, results: list[PointResult]) -> None:
         body = self._encoders[dev.id].encode(ts_ms, results)
         self.writer.submit(self._topics[dev.id], body, ts_ms)
 

@@ -1,9 +1,9 @@
 """One task per bus: poll each device on its own interval, on the monotonic clock.
 
 A bus is one TCP endpoint (a Modbus TCP device, or a TCP-to-RS-485 converter shared by
-several unit ids). The bus task owns reconnecting (backoff with jitter); while the bus is
-down every due device still produces a poll with quality ``no_connection``, so the platform
-sees the gap as data, not as silence.
+several unit ids) or one serial line (RS-485, Modbus RTU). The bus task owns reconnecting
+(backoff with jitter); while the bus is down every due device still produces a poll with
+quality ``no_connection``, so the platform sees the gap as data, not as silence.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 from agent.readings import now_ms
 from drivers.base import GOOD, PointResult
-from drivers.modbus.config import ModbusTcpDevice
-from drivers.modbus.driver import Block, ModbusTcpBus, plan_blocks
+from drivers.modbus.config import ModbusDevice
+from drivers.modbus.driver import Block, ModbusBus, plan_blocks
 
 log = logging.getLogger(__name__)
 
-PollSink = Callable[[ModbusTcpDevice, int, list[PointResult]], None]
+PollSink = Callable[[ModbusDevice, int, list[PointResult]], None]
 """Receives (device, acquisition time in UTC ms, one result per point) after every poll."""
 
 COMM_QUALITIES = frozenset({"timeout", "no_connection"})
@@ -36,7 +36,7 @@ HANDOVER_S = 0.005
 class DeviceState:
     """Scheduling and health of one device on a bus."""
 
-    device: ModbusTcpDevice
+    device: ModbusDevice
     blocks: list[Block]
     next_due: float = 0.0
     failing: bool = False
@@ -59,7 +59,7 @@ class BusPoller:
     """
 
     def __init__(
-        self, name: str, bus: ModbusTcpBus, devices: Sequence[ModbusTcpDevice], sink: PollSink
+        self, name: str, bus: ModbusBus, devices: Sequence[ModbusDevice], sink: PollSink
     ) -> None:
         self.name = name
         self.bus = bus

@@ -231,18 +231,26 @@ def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
 
 
 def _model_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    cur = model
+    """The model a ``loc`` ends in; a union member is picked by the tag pydantic put in the
+    ``loc`` (the device's ``driver``)."""
+    candidates = [model]
     for part in loc:
         if isinstance(part, int):
             continue
-        field = cur.model_fields.get(part)
-        if field is None:
-            continue  # a union tag
-        found = next(_models_in(field.annotation), None)
-        if found is None:
+        field = candidates[0].model_fields.get(part)
+        if field is None:  # a union tag: keep the member whose driver it names
+            tagged = [m for m in candidates if part in _driver_names(m)]
+            candidates = tagged or candidates
+            continue
+        candidates = list(_models_in(field.annotation))
+        if not candidates:
             return None
-        cur = found
-    return cur
+    return candidates[0]
+
+
+def _driver_names(model: type[BaseModel]) -> tuple[Any, ...]:
+    field = model.model_fields.get("driver")
+    return typing.get_args(field.annotation) if field is not None else ()
 
 
 PATTERN_WORDS = {
@@ -271,6 +279,13 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         return f"unknown key '{bad}'{hint}"
     if kind == "missing":
         return f"required key '{loc[-1]}' is missing"
+    if kind == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        options = [o.strip().strip("'") for o in str(ctx.get("expected_tags", "")).split(",")]
+        tag = str(ctx.get("tag"))
+        close = difflib.get_close_matches(tag, options, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"driver '{tag}' is not one of {', '.join(options)}{hint}"
     value = err.get("input")
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
@@ -332,6 +347,8 @@ def _pydantic_issues(
         loc = prefix + tuple(err["loc"])
         if err["type"] == "duplicate_point":  # point at the second occurrence
             loc = (*loc, "points", err["ctx"]["index"], "name")
+        if err["type"] == "union_tag_invalid":  # point at the driver key itself
+            loc = (*loc, "driver")
         f, line, col, path = _locate(root, loc, file, origins, key=err["type"] == "extra_forbidden")
         issue = ConfigIssue(f, line, col, path, _message(err, model))
         issues.setdefault(f"{f}:{line}:{col}:{path}", issue)

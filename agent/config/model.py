@@ -6,15 +6,25 @@ field here.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
 
 from drivers.common import Duration, StrictModel, at_least
-from drivers.modbus.config import ModbusTcpDevice, Name
+from drivers.modbus.config import ModbusRtuDevice, ModbusTcpDevice, Name
 
-Device = ModbusTcpDevice
-"""Every device kind the agent knows (a discriminated union on ``driver`` as drivers grow)."""
+
+def _driver_of(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("driver", "modbus_tcp"))
+    return str(getattr(value, "driver", "modbus_tcp"))
+
+
+Device = Annotated[
+    Annotated[ModbusTcpDevice, Tag("modbus_tcp")] | Annotated[ModbusRtuDevice, Tag("modbus_rtu")],
+    Discriminator(_driver_of),
+]
+"""Every device kind the agent knows, chosen by ``driver`` (default ``modbus_tcp``)."""
 
 
 class TlsConfig(StrictModel):
@@ -115,4 +125,14 @@ class AgentConfig(StrictModel):
     def _check(self) -> AgentConfig:
         if not self.devices:
             raise ValueError("no devices configured: add at least one under 'devices'")
+        lines: dict[str, tuple[str, tuple[int, str, int, int]]] = {}
+        for d in self.devices:
+            if isinstance(d, ModbusRtuDevice):
+                first = lines.setdefault(d.serial_port, (d.id, d.line_settings))
+                if first[1] != d.line_settings:
+                    raise ValueError(
+                        f"devices {first[0]!r} and {d.id!r} share serial port {d.serial_port} "
+                        f"but not its settings {first[1]} vs {d.line_settings} (baudrate, "
+                        "parity, stopbits, bytesize): one line has one setting"
+                    )
         return self

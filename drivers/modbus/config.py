@@ -185,14 +185,10 @@ class ModbusProfile(StrictModel):
         return self
 
 
-class ModbusTcpDevice(StrictModel):
-    """A Modbus device reached over TCP (a native Modbus TCP device or a TCP-to-RS-485
-    converter; devices sharing ``host:port`` share one connection, the bus)."""
+class ModbusDevice(StrictModel):
+    """What every Modbus device has, whatever its transport."""
 
     id: Name = Field(description="Device id, unique on the gateway; used in MQTT topics")
-    driver: Literal["modbus_tcp"] = "modbus_tcp"
-    host: str = Field(min_length=1)
-    port: int = Field(default=502, ge=1, le=65535)
     unit_id: int = Field(default=1, ge=1, le=247, description="Modbus unit id (1–247)")
     poll_interval: Annotated[Duration, at_least("50ms")] = Field(
         default=1.0, description="e.g. '200ms', '1s', '1min'"
@@ -204,7 +200,7 @@ class ModbusTcpDevice(StrictModel):
     points: list[ModbusPoint] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _check(self) -> ModbusTcpDevice:
+    def _check(self) -> ModbusDevice:
         if self.profile is None and not self.points:
             raise ValueError("a device needs 'points' or a 'profile'")
         _check_unique_names(self.points, f"device {self.id!r}")
@@ -212,5 +208,49 @@ class ModbusTcpDevice(StrictModel):
 
     @property
     def bus(self) -> str:
+        """The bus this device sits on; devices with the same bus share one connection."""
+        raise NotImplementedError
+
+
+class ModbusTcpDevice(ModbusDevice):
+    """A Modbus device reached over TCP (a native Modbus TCP device or a TCP-to-RS-485
+    converter; devices sharing ``host:port`` share one connection, the bus)."""
+
+    driver: Literal["modbus_tcp"] = "modbus_tcp"
+    host: str = Field(min_length=1)
+    port: int = Field(default=502, ge=1, le=65535)
+
+    @property
+    def bus(self) -> str:
         """The bus this device sits on: its TCP endpoint."""
         return f"tcp://{self.host}:{self.port}"
+
+
+Baudrate = Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200]
+
+
+class ModbusRtuDevice(ModbusDevice):
+    """A Modbus RTU device on a serial line (RS-485 adapter). Devices on one
+    ``serial_port`` share the line and must agree on its settings (Modbus over Serial Line
+    V1.02, 2.5.1: 8 data bits, even parity by default; many sensors ship 9600 8N1)."""
+
+    driver: Literal["modbus_rtu"]
+    serial_port: str = Field(
+        min_length=1,
+        description="Serial device (/dev/ttyUSB0, /dev/serial/by-id/...) or pyserial URL "
+        "(rfc2217://host:port, spy:///dev/ttyUSB0)",
+    )
+    baudrate: Baudrate = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+    @property
+    def bus(self) -> str:
+        """The bus this device sits on: its serial port."""
+        return f"serial:{self.serial_port}"
+
+    @property
+    def line_settings(self) -> tuple[int, str, int, int]:
+        """(baudrate, parity, stopbits, bytesize): equal for every device of one line."""
+        return (self.baudrate, self.parity, self.stopbits, self.bytesize)

@@ -13,7 +13,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus import FramerType
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from drivers.base import GOOD, PointResult
@@ -152,32 +153,28 @@ def _bad(
     return [PointResult(p.name, None, quality, error, code) for p in points]
 
 
-class ModbusTcpBus:
-    """A Modbus TCP endpoint shared by one or more devices (unit ids).
+class ModbusBus:
+    """One physical bus (a TCP endpoint or a serial line) shared by one or more devices
+    (unit ids); requests on it run one at a time (the bus task owns it).
 
-    Args:
-        host, port: the endpoint.
-        timeout: seconds to wait for each response.
+    Subclasses only build the pymodbus client (``_client``) and set :attr:`name`.
     """
 
-    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
-        self.host = host
-        self.port = port
-        self.name = f"tcp://{host}:{port}"
-        self._client = AsyncModbusTcpClient(
-            host, port=port, timeout=timeout, retries=0, reconnect_delay=0, name=self.name
-        )
-        # Timeouts of one unit on a shared TCP-to-RS-485 converter must not close the
-        # connection that the other units still answer on.
+    name: str
+    _client: AsyncModbusTcpClient | AsyncModbusSerialClient
+
+    def _no_disconnect_on_timeouts(self) -> None:
+        # Timeouts of one unit on a shared line must not close the connection that the
+        # other units still answer on.
         self._client.set_max_no_responses(1_000_000)
 
     @property
     def connected(self) -> bool:
-        """True while the TCP connection is up."""
+        """True while the connection (or the serial port) is open."""
         return bool(self._client.connected)
 
     async def connect(self) -> bool:
-        """Open the TCP connection once; return whether it is up. Never raises."""
+        """Open the connection once; return whether it is up. Never raises."""
         try:
             return bool(await self._client.connect())
         except (OSError, ModbusException) as exc:
@@ -273,4 +270,64 @@ class ModbusTcpBus:
         return out
 
 
-__all__ = ["GOOD", "Block", "ModbusTcpBus", "decode_block", "decode_point", "plan_blocks"]
+class ModbusTcpBus(ModbusBus):
+    """A Modbus TCP endpoint: a Modbus TCP device or a TCP-to-RS-485 converter.
+
+    Args:
+        host, port: the endpoint.
+        timeout: seconds to wait for each response.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
+        self.name = f"tcp://{host}:{port}"
+        self._client = AsyncModbusTcpClient(
+            host, port=port, timeout=timeout, retries=0, reconnect_delay=0, name=self.name
+        )
+        self._no_disconnect_on_timeouts()
+
+
+class ModbusRtuBus(ModbusBus):
+    """A Modbus RTU serial line (RS-485), opened through pyserial, so ``serial_port`` may
+    also be a pyserial URL (``rfc2217://``, ``spy://``, ``socket://``).
+
+    Args:
+        serial_port: device path or URL.
+        baudrate, parity, stopbits, bytesize: the line settings.
+        timeout: seconds to wait for each response.
+    """
+
+    def __init__(
+        self,
+        serial_port: str,
+        baudrate: int = 9600,
+        parity: str = "N",
+        stopbits: int = 1,
+        bytesize: int = 8,
+        timeout: float = 1.0,
+    ) -> None:
+        self.name = f"serial:{serial_port}"
+        self._client = AsyncModbusSerialClient(
+            serial_port,
+            framer=FramerType.RTU,
+            baudrate=baudrate,
+            parity=parity,
+            stopbits=stopbits,
+            bytesize=bytesize,
+            timeout=timeout,
+            retries=0,
+            reconnect_delay=0,
+            name=self.name,
+        )
+        self._no_disconnect_on_timeouts()
+
+
+__all__ = [
+    "GOOD",
+    "Block",
+    "ModbusBus",
+    "ModbusRtuBus",
+    "ModbusTcpBus",
+    "decode_block",
+    "decode_point",
+    "plan_blocks",
+]
