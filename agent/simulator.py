@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pymodbus import FramerType
 from pymodbus.datastore import ModbusDeviceContext, ModbusServerContext, ModbusSparseDataBlock
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
 from drivers.codec import encode_registers, to_big_endian
 from drivers.modbus.config import BIT_TABLES, ModbusPoint
@@ -67,14 +68,24 @@ def _sparse(points: list[ModbusPoint], table: str) -> ModbusSparseDataBlock:
 class ModbusSimulator:
     """A pymodbus TCP server on ``host:port`` (port 0 picks a free one) with devices."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, tick: float = 0.1) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tick: float = 0.1,
+        serial_port: str | None = None,
+        baudrate: int = 9600,
+    ) -> None:
         self.host = host
         self.port = port
+        self.serial_port = serial_port
+        """Serve Modbus RTU on this serial port (e.g. one end of a pty pair) instead of TCP."""
+        self.baudrate = baudrate
         self.tick = tick
         self.devices: dict[int, SimDevice] = {}
         self.requests: list[tuple[int, int, int, int]] = []
         """Every request received: (unit id, function code, address, count)."""
-        self._server: ModbusTcpServer | None = None
+        self._server: ModbusTcpServer | ModbusSerialServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._t0 = 0.0
         self._thread: threading.Thread | None = None
@@ -137,11 +148,20 @@ class ModbusSimulator:
         context = ModbusServerContext(
             devices={u: d.context for u, d in self.devices.items()}, single=False
         )
-        self._server = ModbusTcpServer(
-            context, address=(self.host, self.port), trace_pdu=self._trace
-        )
+        if self.serial_port is not None:
+            self._server = ModbusSerialServer(
+                context,
+                framer=FramerType.RTU,
+                port=self.serial_port,
+                baudrate=self.baudrate,
+                trace_pdu=self._trace,
+            )
+        else:
+            self._server = ModbusTcpServer(
+                context, address=(self.host, self.port), trace_pdu=self._trace
+            )
         await self._server.serve_forever(background=True)
-        if self.port == 0:
+        if self.serial_port is None and self.port == 0:
             self.port = int(self._server.transport.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         self._t0 = asyncio.get_running_loop().time()
         self._apply_curves(0.0)

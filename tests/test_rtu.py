@@ -10,15 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pymodbus import FramerType
-from pymodbus.datastore import ModbusServerContext
-from pymodbus.server import ModbusSerialServer
 
 from agent.config.loader import ConfigError, load_config
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
 from drivers.modbus.driver import ModbusRtuBus, plan_blocks
-from tests.helpers import wait_until
+from tests.helpers import (
+    AgentProcess,
+    Mosquitto,
+    Subscriber,
+    assert_all_delivered,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -46,16 +50,12 @@ def test_rtu_devices_on_one_line(line: tuple[str, str]) -> None:
     ]
 
     async def run() -> list[list[object]]:
-        sim = ModbusSimulator()  # used for its device stores only
+        sim = ModbusSimulator(serial_port=server_end, baudrate=9600)
         for unit in (1, 2):
             sim.add_device(unit, points)
         sim.set_raw(1, "holding", 0, [0x077A, 0x429B, 0xFFFE])
         sim.set_raw(2, "holding", 0, [0x0000, 0x4040, 215])
-        context = ModbusServerContext(
-            devices={u: d.context for u, d in sim.devices.items()}, single=False
-        )
-        server = ModbusSerialServer(context, framer=FramerType.RTU, port=server_end, baudrate=9600)
-        await server.serve_forever(background=True)
+        await sim.start()
         bus = ModbusRtuBus(client_end, baudrate=9600, timeout=0.5)
         assert await bus.connect()
         blocks = plan_blocks(points)
@@ -64,7 +64,7 @@ def test_rtu_devices_on_one_line(line: tuple[str, str]) -> None:
             results = await bus.read_device(unit, blocks)
             out.append([(r.value, r.quality) for r in results])
         bus.close()
-        await server.shutdown()
+        await sim.stop()
         return out
 
     one, three, two = asyncio.run(run())
@@ -94,3 +94,37 @@ def test_rtu_config_and_line_settings(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="share serial port /dev/ttyUSB0 but not its settings"):
         load_config(cfg)
+
+
+def test_agent_polls_an_rtu_line_end_to_end(
+    tmp_path: Path, line: tuple[str, str], broker: Mosquitto
+) -> None:
+    """The agent process, a serial RTU line (pty), two units, mosquitto: readings arrive."""
+    server_end, client_end = line
+    sim = ModbusSimulator(serial_port=server_end, baudrate=19200)
+    for unit in (1, 2):
+        sim.add_device(unit, [ModbusPoint(name="v", address=0)])
+        sim.set_raw(unit, "holding", 0, [100 + unit])
+    sim.start_thread()
+    devices = "".join(
+        f"  - {{id: rtu{u}, driver: modbus_rtu, serial_port: {client_end}, baudrate: 19200, "
+        f"unit_id: {u}, poll_interval: 200ms, timeout: 300ms, "
+        "points: [{name: v, address: 0}]}\n"
+        for u in (1, 2)
+    )
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    wait_until(
+        lambda: {m.json()["device"] for m in sub.telemetry()} == {"rtu1", "rtu2"},
+        15,
+        "readings of both RTU units",
+    )
+    assert agent.stop() == 0, agent.log()
+    sim.stop_thread()
+    assert_all_delivered(sub, tmp_path / "state")
+    values = {(m.json()["device"], m.json()["points"]["v"]["value"]) for m in sub.telemetry()}
+    assert values == {("rtu1", 101), ("rtu2", 102)}
+    assert "bus serial:" in agent.log()
+    assert all(u in {r[0] for r in sim.requests} for u in (1, 2))
