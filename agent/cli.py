@@ -131,6 +131,57 @@ def decode(words: tuple[str, ...]) -> None:
 
 @main.command()
 @click.option(
+    "--config",
+    "-c",
+    "config_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The agent's YAML config file.",
+)
+@click.option("--device", "device_ids", multiple=True, help="Only this device (repeatable).")
+def read(config_file: str, device_ids: tuple[str, ...]) -> None:
+    """Poll every device (or --device) once and print its points; nothing is published."""
+    from agent.app import make_bus
+    from agent.config.model import AgentConfig
+    from drivers.modbus.driver import plan_blocks
+
+    cfg = _load_or_exit(config_file)
+    assert isinstance(cfg, AgentConfig)
+    unknown = set(device_ids) - {d.id for d in cfg.devices}
+    if unknown:
+        raise click.BadParameter(f"no device {', '.join(sorted(unknown))} in {config_file}")
+    devices = [d for d in cfg.devices if not device_ids or d.id in device_ids]
+
+    async def poll() -> int:
+        bad = 0
+        for dev in devices:
+            bus = make_bus([dev])
+            connected = await bus.connect()
+            click.echo(f"{dev.id}  ({dev.bus}, unit {dev.unit_id})")
+            if not connected:
+                click.echo(f"  cannot connect to {dev.bus}")
+                bad += 1
+                continue
+            results = {
+                r.point: r for r in await bus.read_device(dev.unit_id, plan_blocks(dev.points))
+            }
+            bus.close()
+            for p in dev.points:
+                r = results[p.name]
+                value = "" if r.value is None else str(r.value)
+                where = f"{p.table} {p.address}"
+                line = f"  {p.name:<20} {where:<20} {value:>16} {p.unit or '':<6} {r.quality}"
+                if r.error:
+                    line += f"  ({r.error})"
+                    bad += 1
+                click.echo(line)
+        return 0 if bad == 0 else 1
+
+    sys.exit(asyncio.run(poll()))
+
+
+@main.command()
+@click.option(
     "--duration",
     default=30.0,
     show_default=True,
