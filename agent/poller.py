@@ -28,6 +28,12 @@ PollSink = Callable[[ModbusDevice, int, list[PointResult]], None]
 COMM_QUALITIES = frozenset({"timeout", "no_connection"})
 CYCLE_SLACK_S = 0.002
 """Devices due within this much of the first due one are polled in the same cycle."""
+BACKOFF_AFTER = 3
+"""Consecutive failed polls after which a device is asked less often."""
+BACKOFF_FIRST_S = 1.0
+"""First pause (or the poll interval, if longer); it doubles with every further failure."""
+BACKOFF_MAX_S = 60.0
+"""Longest pause between two requests to a device that does not answer."""
 HANDOVER_S = 0.005
 """Within a long cycle, polls are handed to the buffer at least this often."""
 
@@ -43,6 +49,9 @@ class DeviceState:
     failed_polls: int = 0
     bad_points: dict[str, str] = field(default_factory=dict)
     addresses: dict[str, int] = field(default_factory=dict)
+    backoff: float = 0.0
+    retry_at: float = 0.0
+    last_quality: str = "timeout"
 
     def __post_init__(self) -> None:
         self.addresses = {p.name: p.address for p in self.device.points}
@@ -99,11 +108,30 @@ class BusPoller:
         return False
 
     async def poll_once(self, st: DeviceState) -> list[PointResult]:
-        """Poll one device now and hand the results to the sink."""
+        """Poll one device now and hand the results to the sink.
+
+        A device that failed :data:`BACKOFF_AFTER` polls in a row is asked less and less
+        often (up to :data:`BACKOFF_MAX_S`): meanwhile its polls are published as bad
+        quality without a request, so a dead meter does not take its timeout out of every
+        cycle of the devices sharing its line.
+        """
         dev = st.device
         ts = now_ms()
-        if await self._ensure_connected():
+        now = time.monotonic()
+        if st.failing and now < st.retry_at:
+            results = [
+                PointResult(
+                    p.name,
+                    None,
+                    st.last_quality,
+                    f"not asked: no answer in the last {st.failed_polls} polls; next try "
+                    f"in {st.retry_at - now:.0f}s",
+                )
+                for p in dev.points
+            ]
+        elif await self._ensure_connected():
             results = await self.bus.read_device(dev.unit_id, st.blocks)
+            self._schedule_retry(st, results)
         else:
             results = [
                 PointResult(p.name, None, "no_connection", f"bus {self.name} is not connected")
@@ -112,6 +140,17 @@ class BusPoller:
         self._log_health(st, results)
         self.sink(dev, ts, results)
         return results
+
+    def _schedule_retry(self, st: DeviceState, results: list[PointResult]) -> None:
+        if results and all(r.quality in COMM_QUALITIES for r in results):
+            st.last_quality = results[0].quality
+            if st.failed_polls + 1 >= BACKOFF_AFTER:
+                first = max(st.device.poll_interval, BACKOFF_FIRST_S)
+                st.backoff = min(max(st.backoff * 2, first), BACKOFF_MAX_S)
+                st.retry_at = time.monotonic() + st.backoff
+        else:
+            st.backoff = 0.0
+            st.retry_at = 0.0
 
     def _log_health(self, st: DeviceState, results: list[PointResult]) -> None:
         dev = st.device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -251,3 +252,75 @@ def test_string_config_errors() -> None:
     with pytest.raises(ValidationError, match="do not apply"):
         pt(name="s", address=0, type="string", length=4, scale=0.1)
     assert pt(name="s", address=0, type="string", length=5).register_count == 3
+
+
+class OneUnitPeer:
+    """A TCP-to-RS-485 converter where only unit 1 answers (unit 2 is powered off)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.requests: list[tuple[float, int]] = []
+
+    async def start(self) -> asyncio.Server:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = int(server.sockets[0].getsockname()[1])
+        return server
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                tid, _, length, unit = struct.unpack(">HHHB", await reader.readexactly(7))
+                fc, _address, count = struct.unpack(">BHH", await reader.readexactly(length - 1))
+                self.requests.append((time.monotonic(), unit))
+                if unit == 1:
+                    body = struct.pack(">BB", fc, 2 * count) + struct.pack(">H", 7) * count
+                    writer.write(struct.pack(">HHHB", tid, 0, len(body) + 1, unit) + body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+def test_dead_unit_backs_off_and_spares_its_neighbour() -> None:
+    """Unit 2 never answers: after 3 failed polls it is asked less and less often (its
+    polls still publish bad quality), so unit 1 on the same line keeps its rhythm."""
+    from agent.poller import BusPoller
+    from drivers.modbus.config import ModbusTcpDevice
+
+    polls: list[tuple[str, str, float]] = []
+
+    async def run(peer: OneUnitPeer) -> None:
+        server = await peer.start()
+        devices = [
+            ModbusTcpDevice.model_validate(
+                {
+                    "id": f"u{u}",
+                    "host": "127.0.0.1",
+                    "port": peer.port,
+                    "unit_id": u,
+                    "poll_interval": "100ms",
+                    "timeout": "300ms",
+                    "points": [{"name": "v", "address": 0}],
+                }
+            )
+            for u in (1, 2)
+        ]
+        bus = ModbusTcpBus("127.0.0.1", peer.port, timeout=0.3)
+        poller = BusPoller(
+            "tcp://peer",
+            bus,
+            devices,
+            lambda d, ts, rs: polls.append((d.id, rs[0].quality, time.monotonic())),
+        )
+        task = asyncio.create_task(poller.run())
+        await asyncio.sleep(4)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        server.close()
+
+    peer = OneUnitPeer()
+    asyncio.run(run(peer))
+    asked_2 = sum(1 for _, u in peer.requests if u == 2)
+    assert asked_2 <= 6, f"unit 2 asked {asked_2} times in 4 s"  # 3, then after 1 s, 2 s
+    dead = [q for d, q, _ in polls if d == "u2"]
+    assert len(dead) >= 15 and set(dead) == {"timeout"}, "bad quality keeps being published"
+    good = [t for d, q, t in polls if d == "u1" and q == "good"]
+    assert len(good) >= 25, f"unit 1 got only {len(good)} good polls in 4 s"
