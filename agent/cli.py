@@ -163,7 +163,10 @@ def read(config_file: str, device_ids: tuple[str, ...]) -> None:
                 bad += 1
                 continue
             results = {
-                r.point: r for r in await bus.read_device(dev.unit_id, plan_blocks(dev.points))
+                r.point: r
+                for r in await bus.read_device(
+                    dev.unit_id, plan_blocks(dev.points, dev.max_gap, dev.max_registers)
+                )
             }
             bus.close()
             for p in dev.points:

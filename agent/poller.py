@@ -74,7 +74,9 @@ class BusPoller:
         self.bus = bus
         self.sink = sink
         now = time.monotonic()
-        self.states = [DeviceState(d, plan_blocks(d.points), now) for d in devices]
+        self.states = [
+            DeviceState(d, plan_blocks(d.points, d.max_gap, d.max_registers), now) for d in devices
+        ]
         self._next_connect = 0.0
         self._backoff = 1.0
         self._bus_down_logged = False

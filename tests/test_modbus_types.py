@@ -324,3 +324,60 @@ def test_dead_unit_backs_off_and_spares_its_neighbour() -> None:
     assert len(dead) >= 15 and set(dead) == {"timeout"}, "bad quality keeps being published"
     good = [t for d, q, t in polls if d == "u1" and q == "good"]
     assert len(good) >= 25, f"unit 1 got only {len(good)} good polls in 4 s"
+
+
+SPREAD = [0, 1, 2, 10, 11, 30, 31, 32, 100, 101, 102, 103, 120, 200, 210, 220, 230, 250, 290, 300]
+
+
+@pytest.mark.parametrize(
+    ("max_gap", "max_registers", "expected"),
+    [
+        # runs of touching points: 0-2, 10-11, 30-32, 100-103, 120, then 7 singles
+        (
+            0,
+            125,
+            [
+                (0, 3),
+                (10, 2),
+                (30, 3),
+                (100, 4),
+                (120, 1),
+                (200, 1),
+                (210, 1),
+                (220, 1),
+                (230, 1),
+                (250, 1),
+                (290, 1),
+                (300, 1),
+            ],
+        ),
+        # gaps of up to 10 unused registers bridged
+        (10, 125, [(0, 12), (30, 3), (100, 4), (120, 1), (200, 31), (250, 1), (290, 11)]),
+        # everything bridged, split only by the 125-register limit
+        (123, 125, [(0, 121), (200, 101)]),
+        # a device that takes at most 50 registers per request
+        (123, 50, [(0, 33), (100, 21), (200, 31), (250, 41), (300, 1)]),
+    ],
+)
+def test_requests_per_poll_are_minimal(
+    max_gap: int, max_registers: int, expected: list[tuple[int, int]]
+) -> None:
+    """20 points over registers 0-300: exactly the requests the gap and size limits
+    allow, counted at the server."""
+
+    async def run() -> tuple[list[tuple[int, int, int, int]], dict[str, object]]:
+        sim = ModbusSimulator()
+        sim.add_device(1, [pt(name=f"r{a}", address=a) for a in range(301)])
+        await sim.start()
+        sim.set_raw(1, "holding", 0, list(range(1000, 1301)))
+        bus = ModbusTcpBus("127.0.0.1", sim.port, timeout=1.0)
+        assert await bus.connect()
+        points = [pt(name=f"p{a}", address=a) for a in SPREAD]
+        results = await bus.read_device(1, plan_blocks(points, max_gap, max_registers))
+        bus.close()
+        await sim.stop()
+        return sim.requests, {r.point: r.value for r in results}
+
+    requests, values = asyncio.run(run())
+    assert [(a, c) for _, _, a, c in requests] == expected
+    assert values == {f"p{a}": 1000 + a for a in SPREAD}, "no value shifted by a bridged gap"

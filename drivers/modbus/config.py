@@ -198,6 +198,19 @@ class ModbusDevice(StrictModel):
     )
     profile: Name | None = Field(default=None, description="Register map from the profile dir")
     points: list[ModbusPoint] = Field(default_factory=list)
+    max_gap: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_REGISTERS_PER_READ - 2,
+        description="Unused registers a request may span to read neighbouring points together "
+        "(0: never ask for an address no point names)",
+    )
+    max_registers: int = Field(
+        default=MAX_REGISTERS_PER_READ,
+        ge=1,
+        le=MAX_REGISTERS_PER_READ,
+        description="Most registers per request, for devices that accept fewer than 125",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModbusDevice:

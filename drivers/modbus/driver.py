@@ -63,12 +63,15 @@ class Block:
     points: tuple[ModbusPoint, ...]
 
 
-def plan_blocks(points: Sequence[ModbusPoint]) -> list[Block]:
-    """Group points into contiguous read blocks, one request per block.
+def plan_blocks(
+    points: Sequence[ModbusPoint], max_gap: int = 0, max_registers: int = MAX_REGISTERS_PER_READ
+) -> list[Block]:
+    """Group points into as few read requests as the limits allow.
 
-    Points are merged while they touch or overlap in the same table and the block stays
-    within the per-request limits (125 registers, 2000 bits). A gap starts a new block, so
-    no address the device may not implement is ever asked for.
+    Points of one table are merged while the unused addresses between them are at most
+    ``max_gap`` and the block stays within ``max_registers`` registers (at most 125,
+    Modbus Application Protocol V1.1b3 6.3/6.4) or 2000 bits (6.1/6.2). With the default
+    ``max_gap=0`` no address between points is ever asked for, which any device accepts.
     """
     blocks: list[Block] = []
     ordered = sorted(points, key=lambda p: (p.table, p.address))
@@ -76,9 +79,14 @@ def plan_blocks(points: Sequence[ModbusPoint]) -> list[Block]:
     start = end = 0
     table = ""
     for p in ordered:
-        limit = MAX_BITS_PER_READ if p.table in BIT_TABLES else MAX_REGISTERS_PER_READ
+        limit = MAX_BITS_PER_READ if p.table in BIT_TABLES else max_registers
         p_end = p.address + p.register_count
-        if cur and p.table == table and p.address <= end and max(end, p_end) - start <= limit:
+        if (
+            cur
+            and p.table == table
+            and p.address <= end + max_gap
+            and max(end, p_end) - start <= limit
+        ):
             cur.append(p)
             end = max(end, p_end)
             continue
