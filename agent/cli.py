@@ -183,6 +183,102 @@ def read(config_file: str, device_ids: tuple[str, ...]) -> None:
     sys.exit(asyncio.run(poll()))
 
 
+def _units(text: str) -> list[int]:
+    units: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            units += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: write unit ids like 1-247 or 1,5,10-20") from None
+    if not units or min(units) < 1 or max(units) > 247:
+        raise click.BadParameter(f"{text!r}: unit ids are 1..247")
+    return units
+
+
+@main.command()
+@click.option("--serial-port", help="Serial device or pyserial URL of an RS-485 line.")
+@click.option("--host", help="Or: a Modbus TCP device / TCP-to-RS-485 converter.")
+@click.option("--port", default=502, show_default=True, help="TCP port with --host.")
+@click.option("--baudrate", default=9600, show_default=True)
+@click.option("--parity", type=click.Choice(["N", "E", "O"]), default="N", show_default=True)
+@click.option("--stopbits", type=click.Choice(["1", "2"]), default="1", show_default=True)
+@click.option(
+    "--units",
+    "units_text",
+    default="1-247",
+    show_default=True,
+    help="Unit ids to try, e.g. 1-247 or 1,5,10-20.",
+)
+@click.option(
+    "--address", default=0, show_default=True, help="Holding register to ask each unit for."
+)
+@click.option(
+    "--timeout",
+    "timeout_text",
+    default="200ms",
+    show_default=True,
+    help="How long to wait for each unit.",
+)
+def scan(
+    serial_port: str | None,
+    host: str | None,
+    port: int,
+    baudrate: int,
+    parity: str,
+    stopbits: str,
+    units_text: str,
+    address: int,
+    timeout_text: str,
+) -> None:
+    """Find which unit ids answer on a bus. A unit answers if it replies at all, even with
+    a Modbus exception (except 10/11, which a gateway sends for an absent unit)."""
+    from drivers.common import parse_duration
+    from drivers.modbus.config import ModbusPoint
+    from drivers.modbus.driver import ModbusBus, ModbusRtuBus, ModbusTcpBus, plan_blocks
+
+    if (serial_port is None) == (host is None):
+        raise click.UsageError("give either --serial-port or --host")
+    try:
+        timeout = parse_duration(timeout_text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    units = _units(units_text)
+    blocks = plan_blocks([ModbusPoint(name="probe", address=address)])
+
+    async def run() -> tuple[str, list[tuple[int, str]]]:
+        bus: ModbusBus  # pymodbus clients need the running loop
+        if serial_port is not None:
+            bus = ModbusRtuBus(serial_port, baudrate, parity, int(stopbits), 8, timeout)
+        else:
+            assert host is not None
+            bus = ModbusTcpBus(host, port, timeout)
+        if not await bus.connect():
+            raise click.ClickException(f"cannot open {bus.name}")
+        found: list[tuple[int, str]] = []
+        with click.progressbar(
+            units,
+            label=f"scanning {bus.name}",
+            show_eta=True,
+            item_show_func=lambda u: f"unit {u}" if u else None,
+            file=sys.stderr,
+        ) as bar:
+            for unit in bar:
+                (r,) = await bus.read_device(unit, blocks)
+                if r.quality == "good":
+                    found.append((unit, f"answers: register {address} = {r.value}"))
+                elif r.quality == "exception" and r.exception_code not in (10, 11):
+                    found.append((unit, f"answers: {r.error}"))
+        bus.close()
+        return bus.name, found
+
+    name, found = asyncio.run(run())
+    for unit, what in found:
+        click.echo(f"unit {unit}: {what}")
+    click.echo(f"{len(found)} unit(s) answered on {name}")
+    sys.exit(0 if found else 1)
+
+
 @main.command()
 @click.option(
     "--duration",

@@ -128,3 +128,25 @@ def test_agent_polls_an_rtu_line_end_to_end(
     assert values == {("rtu1", 101), ("rtu2", 102)}
     assert "bus serial:" in agent.log()
     assert all(u in {r[0] for r in sim.requests} for u in (1, 2))
+
+
+def test_scan_finds_exactly_the_units_on_the_line(line: tuple[str, str]) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    server_end, client_end = line
+    sim = ModbusSimulator(serial_port=server_end, baudrate=9600)
+    for unit in (3, 7):
+        sim.add_device(unit, [ModbusPoint(name="v", address=0)])
+        sim.set_raw(unit, "holding", 0, [unit * 10])
+    sim.start_thread()
+    result = CliRunner().invoke(
+        main, ["scan", "--serial-port", client_end, "--units", "1-10", "--timeout", "100ms"]
+    )
+    sim.stop_thread()
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("unit ")]
+    assert lines == ["unit 3: answers: register 0 = 30", "unit 7: answers: register 0 = 70"]
+    assert "2 unit(s) answered on serial:" in result.output
+    assert sorted({u for u, _, _, _ in sim.requests}) == list(range(1, 11))
