@@ -27,8 +27,11 @@ Curve = Callable[[float], float | int | bool]
 _FC = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
 
 
-def raw_for(point: ModbusPoint, value: float | int | bool | str) -> list[int] | list[bool]:
-    """Registers (or bits) a device holds for engineering ``value`` (inverse of decoding)."""
+def raw_for(
+    point: ModbusPoint, value: float | int | bool | str, decimal_point: int = 0
+) -> list[int] | list[bool]:
+    """Registers (or bits) a device holds for engineering ``value`` (inverse of decoding);
+    ``decimal_point`` is the n of a point with a ``decimal_point`` setting."""
     if point.table in BIT_TABLES:
         return [bool(value)]
     if point.type == "bit":
@@ -39,7 +42,7 @@ def raw_for(point: ModbusPoint, value: float | int | bool | str) -> list[int] | 
         data = to_big_endian(data, point.byte_order)  # its own inverse
         return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
     assert point.type is not None and point.type != "bool"
-    raw: float | int = (float(value) - point.offset) / point.scale
+    raw: float | int = (float(value) * 10**decimal_point - point.offset) / point.scale
     if not point.type.startswith("float"):
         raw = round(raw)
     return encode_registers(raw, point.type, point.byte_order)
@@ -109,7 +112,12 @@ class ModbusSimulator:
         """Store engineering ``value`` for ``point`` (encoded like the real device would)."""
         dev = self.devices[unit_id]
         p = dev.points[point]
-        self.set_raw(unit_id, p.table, p.address, raw_for(p, value))
+        n = p.decimal_point if isinstance(p.decimal_point, int) else 0
+        if isinstance(p.decimal_point, str):  # as set in the device's decimal-point register
+            ref = dev.points[p.decimal_point]
+            assert dev.context is not None
+            n = int(dev.context.getValues(_FC[ref.table], ref.address, 1)[0])  # type: ignore[index]
+        self.set_raw(unit_id, p.table, p.address, raw_for(p, value, n))
 
     def set_raw(
         self, unit_id: int, table: str, address: int, values: list[int] | list[bool]

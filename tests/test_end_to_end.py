@@ -61,7 +61,8 @@ DEVICE_B = """\
 # 0x077A 0x429B, low word first (CDAB) -> bits 0x429B077A -> 77.51460266113281
 # 0xFFFE as int16 = -2, x 0.1 = -0.2 ; [0x0001, 0x270F] ABCD = 0x0001270F = 75535
 EXPECTED_A = {"level": 77.51460266113281, "temp": -0.2, "total": 75535, "pump_on": True}
-# gas-pressure: 0x0BC4 = 3012 x 0.1 = 301.2 kPa ; float32 0x43969A3D ~ 301.205 (2 decimals)
+# gas-pressure: decimals register 1, 0x0BC4 = 3012 / 10^1 = 301.2 kPa;
+# float32 0x43969A3D ~ 301.205, published with 2 decimals
 EXPECTED_B = {
     "unit_code": 1,
     "decimals": 1,

@@ -381,3 +381,48 @@ def test_requests_per_poll_are_minimal(
     requests, values = asyncio.run(run())
     assert [(a, c) for _, _, a, c in requests] == expected
     assert values == {f"p{a}": 1000 + a for a in SPREAD}, "no value shifted by a bridged gap"
+
+
+def test_decimal_point_read_from_the_device() -> None:
+    """value = raw / 10^n with n from the transmitter's decimal-point register (0x0003),
+    read in the same poll; a changed setting changes the value at once."""
+    points = [
+        pt(name="decimals", address=3, type="uint16"),
+        pt(name="level", address=4, type="int16", decimal_point="decimals", unit="m"),
+        pt(name="fixed", address=5, type="int16", decimal_point=1),
+    ]
+    (block,) = plan_blocks(points)
+    from drivers.modbus.driver import apply_decimal_points
+
+    def values(words: list[int]) -> dict[str, object]:
+        return {
+            r.point: (r.value, r.quality)
+            for r in apply_decimal_points(points, decode_block(block, words))
+        }
+
+    assert values([2, 1234, 1234])["level"] == (12.34, "good")
+    assert values([3, 1234, 1234])["level"] == (1.234, "good")
+    assert values([0, 0xFFFE, 0])["level"] == (-2.0, "good")
+    assert values([2, 1234, 1234])["fixed"] == (123.4, "good")
+    assert values([12, 1234, 0])["level"] == (None, "decode_error")
+
+
+def test_decimal_point_over_modbus() -> None:
+    points = [
+        pt(name="decimals", address=3, type="uint16"),
+        pt(name="pressure", address=4, type="int16", decimal_point="decimals", unit="kPa"),
+    ]
+    got, requests = read_once(points, {3: [1], 4: [3012]})
+    assert got["pressure"].value == 301.2 and requests == [(1, 3, 3, 2)]
+
+
+def test_decimal_point_reference_errors() -> None:
+    from drivers.modbus.config import ModbusTcpDevice
+
+    base = {"id": "d", "host": "h"}
+    with pytest.raises(ValidationError, match="must name a uint16/int16 point"):
+        ModbusTcpDevice.model_validate(
+            {**base, "points": [{"name": "v", "address": 0, "decimal_point": "nope"}]}
+        )
+    with pytest.raises(ValidationError, match=r"outside 0\.\.9"):
+        pt(name="v", address=0, decimal_point=12)

@@ -61,6 +61,11 @@ class ModbusPoint(StrictModel):
         description="Raw values the device sends for 'no value' (e.g. 0x7FFF, 0x80000000), "
         "compared before scaling; such a reading has quality 'invalid'",
     )
+    decimal_point: int | Name | None = Field(
+        default=None,
+        description="Divide by 10^n: n given here (0..9), or the name of the device's point "
+        "(register) that holds n, as many level and pressure transmitters have",
+    )
     length: int | None = Field(
         default=None, ge=1, le=250, description="For type string: characters (2 per register)"
     )
@@ -105,6 +110,10 @@ class ModbusPoint(StrictModel):
             raise ValueError(
                 "type 'string' needs 'length' (characters), and 'length' needs type 'string'"
             )
+        if isinstance(self.decimal_point, int) and not 0 <= self.decimal_point <= 9:
+            raise ValueError(f"decimal_point {self.decimal_point} is outside 0..9")
+        if self.decimal_point is not None and dtype in ("bool", "bit", "string"):
+            raise ValueError("decimal_point applies to numeric register types only")
         if dtype == "string" and (self.scale != 1 or self.offset != 0 or self.decimals):
             raise ValueError("scale, offset and decimals do not apply to type 'string'")
         need = self.register_count
@@ -172,6 +181,21 @@ def _check_unique_names(points: list[ModbusPoint], where: str) -> None:
         seen[p.name] = i
 
 
+def check_decimal_point_refs(points: list[ModbusPoint], where: str) -> None:
+    """A ``decimal_point`` that names a point must name an integer point of the same
+    device (or profile)."""
+    by_name = {p.name: p for p in points}
+    for p in points:
+        ref = p.decimal_point
+        if isinstance(ref, str):
+            target = by_name.get(ref)
+            if target is None or target.type not in ("uint16", "int16"):
+                raise ValueError(
+                    f"point {p.name!r}: decimal_point {ref!r} must name a uint16/int16 point "
+                    f"of {where}"
+                )
+
+
 class ModbusProfile(StrictModel):
     """A device model's register map, shared by every device of that model."""
 
@@ -182,6 +206,7 @@ class ModbusProfile(StrictModel):
     @model_validator(mode="after")
     def _unique(self) -> ModbusProfile:
         _check_unique_names(self.points, f"profile {self.name!r}")
+        check_decimal_point_refs(self.points, f"profile {self.name!r}")
         return self
 
 
@@ -217,6 +242,7 @@ class ModbusDevice(StrictModel):
         if self.profile is None and not self.points:
             raise ValueError("a device needs 'points' or a 'profile'")
         _check_unique_names(self.points, f"device {self.id!r}")
+        check_decimal_point_refs(self.points, f"device {self.id!r}")
         return self
 
     @property

@@ -275,7 +275,44 @@ class ModbusBus:
                 and all(r.quality == results[0].quality for r in results)
             ):
                 failed = results[0]
-        return out
+        return apply_decimal_points([p for b in blocks for p in b.points], out)
+
+
+def apply_decimal_points(
+    points: Sequence[ModbusPoint], results: list[PointResult]
+) -> list[PointResult]:
+    """Divide values by 10^n for points with a ``decimal_point`` (a constant n, or the name
+    of the point holding n, read in the same poll). Pure function.
+
+    A point whose decimal-point register is unreadable or outside 0..9 gets quality
+    ``decode_error``: a value off by a factor of 10^n must never look good.
+    """
+    if not any(p.decimal_point is not None for p in points):
+        return results
+    by_name = {r.point: r for r in results}
+    out = []
+    for p, r in zip(points, results, strict=True):
+        ref = p.decimal_point
+        if ref is None or r.quality != GOOD or not isinstance(r.value, int | float):
+            out.append(r)
+            continue
+        if isinstance(ref, int):
+            n: object = ref
+        else:
+            src = by_name.get(ref)
+            n = src.value if src is not None and src.quality == GOOD else None
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 9:
+            out.append(
+                PointResult(
+                    p.name, None, "decode_error", f"decimal point from {ref!r} is {n!r}, not 0..9"
+                )
+            )
+            continue
+        value = r.value / 10**n
+        if p.decimals is not None:
+            value = round(value, p.decimals)
+        out.append(PointResult(p.name, value))
+    return out
 
 
 class ModbusTcpBus(ModbusBus):
