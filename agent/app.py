@@ -20,6 +20,7 @@ from pathlib import Path
 from agent.buffer import AsyncBuffer, Buffer, Row, lock_state_dir
 from agent.config.model import AgentConfig
 from agent.mqtt import MqttLink
+from agent.pipeline import CounterTracker
 from agent.poller import BusPoller
 from agent.publisher import Publisher
 from agent.readings import TelemetryEncoder
@@ -169,6 +170,9 @@ class Agent:
             d.id: TelemetryEncoder(cfg.gateway_id, d.id, {p.name: p.unit for p in d.points})
             for d in cfg.devices
         }
+        self._counters = {
+            d.id: CounterTracker(d) for d in cfg.devices if any(p.counter for p in d.points)
+        }
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
         self.link = MqttLink(cfg.mqtt, client_id, self.status_topic)
         self.publisher = Publisher(self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight)
@@ -184,7 +188,9 @@ class Agent:
             poller.on_cycle_end = self.writer.kick
 
     def _on_poll(self, dev: ModbusDevice, ts_ms: int, results: list[PointResult]) -> None:
-        body = self._encoders[dev.id].encode(ts_ms, results)
+        counters = self._counters.get(dev.id)
+        deltas = counters.deltas(results) if counters is not None else None
+        body = self._encoders[dev.id].encode(ts_ms, results, deltas)
         self.writer.submit(self._topics[dev.id], body, ts_ms)
 
     async def run(self) -> int:

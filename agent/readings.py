@@ -103,8 +103,11 @@ class TelemetryEncoder:
         self._key[point] = f'{json.dumps(point)}:{{"value":'
         self._good_tail[point] = f',"unit":{unit},"quality":"good"}}'
 
-    def encode(self, ts_ms: int, results: Sequence[PointResult]) -> bytes:
-        """One poll (acquisition time in UTC ms, one result per point) as UTF-8 JSON."""
+    def encode(
+        self, ts_ms: int, results: Sequence[PointResult], deltas: dict[str, int] | None = None
+    ) -> bytes:
+        """One poll (acquisition time in UTC ms, one result per point) as UTF-8 JSON;
+        ``deltas`` adds ``"delta"`` to counter points."""
         parts = []
         for r in results:
             if r.point not in self._key:
@@ -113,7 +116,10 @@ class TelemetryEncoder:
             if r.quality == GOOD and r.value is not None:
                 text = _json_value(r.value)
             if text is not None:
-                parts.append(self._key[r.point] + text + self._good_tail[r.point])
+                tail = self._good_tail[r.point]
+                if deltas and r.point in deltas:
+                    tail = f'{tail[:-1]},"delta":{deltas[r.point]}}}'
+                parts.append(self._key[r.point] + text + tail)
                 continue
             quality, error = r.quality, r.error
             if quality == GOOD:  # a non-finite float that slipped through

@@ -66,6 +66,11 @@ class ModbusPoint(StrictModel):
         description="Divide by 10^n: n given here (0..9), or the name of the device's point "
         "(register) that holds n, as many level and pressure transmitters have",
     )
+    counter: bool = Field(
+        default=False,
+        description="A running total (uint16/32/64): each reading also carries 'delta', the "
+        "increase since the previous poll, across roll-over and device resets",
+    )
     length: int | None = Field(
         default=None, ge=1, le=250, description="For type string: characters (2 per register)"
     )
@@ -110,6 +115,10 @@ class ModbusPoint(StrictModel):
             raise ValueError(
                 "type 'string' needs 'length' (characters), and 'length' needs type 'string'"
             )
+        if self.counter and (
+            dtype not in ("uint16", "uint32", "uint64") or self.scale != 1 or self.offset != 0
+        ):
+            raise ValueError("counter: true needs an unscaled uint16, uint32 or uint64 point")
         if isinstance(self.decimal_point, int) and not 0 <= self.decimal_point <= 9:
             raise ValueError(f"decimal_point {self.decimal_point} is outside 0..9")
         if self.decimal_point is not None and dtype in ("bool", "bit", "string"):
