@@ -25,18 +25,25 @@ from tests.helpers import (
 )
 
 
-@pytest.fixture
-def line(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Two linked pseudo-terminals: (server end, client end)."""
+def start_line(a: str, b: str) -> subprocess.Popen[bytes]:
+    """socat linking two pseudo-terminals at paths ``a`` and ``b`` (a USB RS-485 adapter
+    plugged in, as far as the agent can tell)."""
     if shutil.which("socat") is None:
         raise RuntimeError("the RTU tests need socat: sudo apt-get install -y socat")
-    a, b = str(tmp_path / "ttyA"), str(tmp_path / "ttyB")
     proc = subprocess.Popen(
         ["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     wait_until(lambda: Path(a).exists() and Path(b).exists(), 10, "socat's ptys")
+    return proc
+
+
+@pytest.fixture
+def line(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two linked pseudo-terminals: (server end, client end)."""
+    a, b = str(tmp_path / "ttyA"), str(tmp_path / "ttyB")
+    proc = start_line(a, b)
     yield a, b
     proc.terminate()
     proc.wait(5)
@@ -150,3 +157,62 @@ def test_scan_finds_exactly_the_units_on_the_line(line: tuple[str, str]) -> None
     assert lines == ["unit 3: answers: register 0 = 30", "unit 7: answers: register 0 = 70"]
     assert "2 unit(s) answered on serial:" in result.output
     assert sorted({u for u, _, _, _ in sim.requests}) == list(range(1, 11))
+
+
+def test_case_021_serial_port_vanishes_and_returns(tmp_path: Path) -> None:
+    """The adapter is pulled (its pty disappears) and plugged back: polls go on with
+    quality no_connection meanwhile, and reading resumes without restarting anything."""
+    from agent.poller import BusPoller
+    from drivers.modbus.config import ModbusRtuDevice
+
+    a, b = str(tmp_path / "ttyA"), str(tmp_path / "ttyB")
+    polls: list[tuple[str, object]] = []
+
+    async def run() -> None:
+        line = start_line(a, b)
+        sim = ModbusSimulator(serial_port=a)
+        sim.add_device(1, [ModbusPoint(name="v", address=0)])
+        sim.set_raw(1, "holding", 0, [5])
+        await sim.start()
+        dev = ModbusRtuDevice.model_validate(
+            {
+                "id": "r",
+                "driver": "modbus_rtu",
+                "serial_port": b,
+                "poll_interval": "200ms",
+                "timeout": "200ms",
+                "points": [{"name": "v", "address": 0}],
+            }
+        )
+        poller = BusPoller(
+            dev.bus,
+            ModbusRtuBus(b, timeout=0.2),
+            [dev],
+            lambda d, ts, rs: polls.append((rs[0].quality, rs[0].value)),
+        )
+        task = asyncio.create_task(poller.run())
+        await asyncio.sleep(1.0)
+        await sim.stop()
+        line.terminate()  # unplugged: both pty paths vanish
+        line.wait(5)
+        await asyncio.sleep(1.5)
+        line = start_line(a, b)  # plugged back in under the same name
+        sim = ModbusSimulator(serial_port=a)
+        sim.add_device(1, [ModbusPoint(name="v", address=0)])
+        sim.set_raw(1, "holding", 0, [6])
+        await sim.start()
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if polls and polls[-1] == ("good", 6):
+                break
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await sim.stop()
+        line.terminate()
+        line.wait(5)
+
+    asyncio.run(run())
+    qualities = [q for q, _ in polls]
+    assert ("good", 5) in polls and polls[-1] == ("good", 6), polls
+    gap = qualities[qualities.index("good") :]
+    assert "no_connection" in gap or "timeout" in gap, "the outage shows as bad quality"
