@@ -42,6 +42,16 @@ def _load_or_exit(path: str) -> object:
         sys.exit(EX_CONFIG)
 
 
+config_option = click.option(
+    "--config",
+    "-c",
+    "config_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The agent's YAML config file.",
+)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="edge-agent")
 def main() -> None:
@@ -67,14 +77,7 @@ def validate(config_file: str) -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "-c",
-    "config_file",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="The agent's YAML config file.",
-)
+@config_option
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -130,14 +133,7 @@ def decode(words: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "-c",
-    "config_file",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="The agent's YAML config file.",
-)
+@config_option
 @click.option("--device", "device_ids", multiple=True, help="Only this device (repeatable).")
 def read(config_file: str, device_ids: tuple[str, ...]) -> None:
     """Poll every device (or --device) once and print its points; nothing is published."""
