@@ -6,6 +6,7 @@ import contextlib
 import getpass
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,6 +31,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_listen_port() -> int:
+    """A free port below the kernel's ephemeral range, for a server that is stopped and
+    started again on the same port: while it is down, a client reconnecting from an
+    ephemeral port can be given that very port and connect to itself (TCP simultaneous
+    open), which then keeps the server from binding."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
@@ -57,7 +77,7 @@ class Mosquitto:
 
     def __init__(self, workdir: Path, extra_conf: str = "") -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = free_listen_port()
         self.extra_conf = extra_conf
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)

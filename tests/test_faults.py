@@ -21,6 +21,7 @@ from agent.app import default_client_id, machine_suffix
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
 from tests.helpers import (
+    free_listen_port,
     AgentProcess,
     Mosquitto,
     Subscriber,
@@ -150,7 +151,7 @@ def test_case_017_exception_and_timeout_stay_with_their_device(
 def test_device_recovery_is_logged_once(tmp_path: Path, broker: Mosquitto) -> None:
     """A device whose server goes away gets no_connection readings, and its return is
     logged once; other buses are unaffected."""
-    sim = ModbusSimulator()
+    sim = ModbusSimulator(port=free_listen_port())  # restarted on the same port below
     sim.add_device(1, [ModbusPoint(name="v", address=0)])
     sim.set_raw(1, "holding", 0, [42])
     sim.start_thread()
