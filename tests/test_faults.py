@@ -21,12 +21,12 @@ from agent.app import default_client_id, machine_suffix
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
 from tests.helpers import (
-    free_listen_port,
     AgentProcess,
     Mosquitto,
     Subscriber,
     assert_all_delivered,
     buffer_rows,
+    free_listen_port,
     one_point_device,
     wait_until,
     write_config,
