@@ -16,6 +16,7 @@ from drivers.modbus.config import ModbusPoint
 from tests.helpers import (
     PROFILES,
     AgentProcess,
+    Message,
     Mosquitto,
     Subscriber,
     assert_all_delivered,
@@ -222,38 +223,48 @@ def test_case_026_027_sigkill_restart_resends_committed(
     _check_values(sub)
 
 
+STATUS = "lifeline/test-gw/status"
+
+
+def _running_agent(
+    tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
+) -> tuple[AgentProcess, Subscriber]:
+    """The agent, announced ``online``, and a subscriber watching its status topic."""
+    agent = AgentProcess(_config(tmp_path, broker, sims), tmp_path / "agent.log")
+    agent.start()
+    live = Subscriber(broker.port, STATUS, clean=True)
+    wait_until(lambda: [m for m in live.messages if m.payload == b"online"], 10, "online")
+    return agent, live
+
+
+def _retained_status(broker: Mosquitto) -> Message:
+    """What a subscriber that comes later gets on the status topic."""
+    later = Subscriber(broker.port, STATUS, clean=True)
+    got = wait_until(lambda: list(later.messages), 5, "the retained status")
+    later.close()
+    return got[-1]
+
+
 def test_case_029_sigterm_publishes_offline_retained(
     tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
 ) -> None:
-    cfg = _config(tmp_path, broker, sims)
-    agent = AgentProcess(cfg, tmp_path / "agent.log")
-    agent.start()
-    live = Subscriber(broker.port, "lifeline/test-gw/status", clean=True)
-    wait_until(lambda: [m for m in live.messages if m.payload == b"online"], 10, "online")
+    agent, live = _running_agent(tmp_path, broker, sims)
     t0 = time.monotonic()
     assert agent.stop(signal.SIGTERM) == 0, agent.log()
     assert time.monotonic() - t0 < 6, "clean stop takes a few seconds at most"
     wait_until(lambda: [m for m in live.messages if m.payload == b"offline"], 5, "offline")
     live.close()
-    later = Subscriber(broker.port, "lifeline/test-gw/status", clean=True)
-    got = wait_until(lambda: list(later.messages), 5, "the retained status")
-    later.close()
-    assert got[-1].payload == b"offline" and got[-1].retain
+    status = _retained_status(broker)
+    assert status.payload == b"offline" and status.retain
     assert "could not publish 'offline'" not in agent.log()
 
 
 def test_sigkill_makes_broker_publish_last_will(
     tmp_path: Path, broker: Mosquitto, sims: tuple[ModbusSimulator, ModbusSimulator]
 ) -> None:
-    cfg = _config(tmp_path, broker, sims)
-    agent = AgentProcess(cfg, tmp_path / "agent.log")
-    agent.start()
-    live = Subscriber(broker.port, "lifeline/test-gw/status", clean=True)
-    wait_until(lambda: [m for m in live.messages if m.payload == b"online"], 10, "online")
+    agent, live = _running_agent(tmp_path, broker, sims)
     agent.stop(signal.SIGKILL)
     wait_until(lambda: [m for m in live.messages if m.payload == b"offline"], 10, "the last will")
     live.close()
-    later = Subscriber(broker.port, "lifeline/test-gw/status", clean=True)
-    got = wait_until(lambda: list(later.messages), 5, "the retained will")
-    later.close()
-    assert got[-1].payload == b"offline" and got[-1].retain
+    status = _retained_status(broker)
+    assert status.payload == b"offline" and status.retain
