@@ -26,8 +26,14 @@ from agent.publisher import Publisher
 from agent.readings import TelemetryEncoder
 from agent.topics import OFFLINE, status_topic, telemetry_topic
 from drivers.base import PointResult
-from drivers.modbus.config import ModbusDevice, ModbusRtuDevice, ModbusTcpDevice
-from drivers.modbus.driver import ModbusBus, ModbusRtuBus, ModbusTcpBus
+from drivers.modbus.config import (
+    ModbusDevice,
+    ModbusRtuDevice,
+    ModbusRtuOverTcpDevice,
+    ModbusTcpDevice,
+)
+from drivers.modbus.driver import LineBus, ModbusBus, ModbusTcpBus
+from drivers.modbus.line import SerialLine
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +57,38 @@ def default_client_id(gateway_id: str) -> str:
 
 
 def make_bus(devices: list[ModbusDevice]) -> ModbusBus:
-    """The driver object for the bus these devices share (all of one kind and bus)."""
+    """The driver object for the bus these devices share (all of one kind and bus).
+
+    The bus's default timeout is the longest of its devices' (each poll passes its own
+    device's timeout); a line keeps the longest ``frame_gap`` any of its devices asks for.
+    """
     first = devices[0]
     timeout = max(d.timeout for d in devices)
-    if isinstance(first, ModbusRtuDevice):
-        baudrate, parity, stopbits, bytesize = first.line_settings
-        return ModbusRtuBus(first.serial_port, baudrate, parity, stopbits, bytesize, timeout)
+    if isinstance(first, ModbusRtuDevice | ModbusRtuOverTcpDevice):
+        gaps = [g for d in devices if (g := getattr(d, "frame_gap", None)) is not None]
+        frame_gap = max(gaps) if gaps else None
+        pause = max(getattr(d, "connect_pause", 0.0) for d in devices)
+        if isinstance(first, ModbusRtuDevice):
+            line = SerialLine(
+                first.serial_port,
+                first.framing,
+                first.baudrate,
+                first.parity,
+                first.stopbits,
+                first.bytesize,
+                frame_gap=frame_gap,
+                local_echo=first.local_echo,
+                connect_pause=pause,
+            )
+        else:
+            line = SerialLine(
+                f"{first.host}:{first.port}",
+                first.framing,
+                frame_gap=frame_gap,
+                connect_pause=pause,
+                tcp=True,
+            )
+        return LineBus(line, timeout)
     assert isinstance(first, ModbusTcpDevice)
     return ModbusTcpBus(first.host, first.port, timeout)
 

@@ -34,6 +34,9 @@ BACKOFF_FIRST_S = 1.0
 """First pause (or the poll interval, if longer); it doubles with every further failure."""
 BACKOFF_MAX_S = 60.0
 """Longest pause between two requests to a device that does not answer."""
+UNSUPPORTED_RETRY_S = 600.0
+"""A point the device rejected with exception 1 or 2 (quality ``unsupported``) is asked
+again after this long; meanwhile its polls say so without a request (case 017)."""
 HANDOVER_S = 0.005
 """Within a long cycle, polls are handed to the buffer at least this often."""
 
@@ -52,9 +55,20 @@ class DeviceState:
     backoff: float = 0.0
     retry_at: float = 0.0
     last_quality: str = "timeout"
+    unsupported: dict[str, tuple[float, PointResult]] = field(default_factory=dict)
+    """Points the device rejected as unsupported: name → (retry time, last result)."""
+    bridging: bool = True
+    """False once the device refused a request spanning unused registers."""
 
     def __post_init__(self) -> None:
         self.addresses = {p.name: p.address for p in self.device.points}
+
+    def replan(self) -> None:
+        """Plan the requests again without the unsupported points (and without bridging
+        gaps once the device refused that)."""
+        dev = self.device
+        points = [p for p in dev.points if p.name not in self.unsupported]
+        self.blocks = plan_blocks(points, dev.max_gap if self.bridging else 0, dev.max_registers)
 
 
 class BusPoller:
@@ -132,7 +146,7 @@ class BusPoller:
                 for p in dev.points
             ]
         elif await self._ensure_connected():
-            results = await self.bus.read_device(dev.unit_id, st.blocks)
+            results = await self._read(st, now)
             self._schedule_retry(st, results)
         else:
             results = [
@@ -141,6 +155,45 @@ class BusPoller:
             ]
         self._log_health(st, results)
         self.sink(dev, ts, results)
+        return results
+
+    async def _read(self, st: DeviceState, now: float) -> list[PointResult]:
+        """Read a device, leaving out points it does not support until their retry time."""
+        dev = st.device
+        if any(t <= now for t, _ in st.unsupported.values()):
+            st.unsupported = {n: v for n, v in st.unsupported.items() if v[0] > now}
+            st.replan()
+        results = (
+            await self.bus.read_device(dev.unit_id, st.blocks, dev.timeout) if st.blocks else []
+        )
+        if st.bridging and any(
+            b.count > sum(p.register_count for p in b.points) for b in self.bus.narrowed
+        ):
+            st.bridging = False
+            st.replan()
+            log.warning(
+                "device %s (bus %s, unit %d) refuses requests that span unused registers; "
+                "its points are read without bridging gaps from now on (max_gap: 0 says so "
+                "in the config)",
+                dev.id,
+                self.name,
+                dev.unit_id,
+            )
+        if any(r.quality == "unsupported" for r in results):
+            every = f"asked again every {UNSUPPORTED_RETRY_S / 60:g} min"
+            results = [
+                PointResult(r.point, None, r.quality, f"{r.error}; {every}", r.exception_code)
+                if r.quality == "unsupported"
+                else r
+                for r in results
+            ]
+            for r in results:
+                if r.quality == "unsupported":
+                    st.unsupported[r.point] = (now + UNSUPPORTED_RETRY_S, r)
+            st.replan()
+        if st.unsupported:
+            asked = {r.point for r in results}
+            results += [r for n, (_, r) in st.unsupported.items() if n not in asked]
         return results
 
     def _schedule_retry(self, st: DeviceState, results: list[PointResult]) -> None:

@@ -82,7 +82,8 @@ def test_case_017_exception_and_timeout_stay_with_their_device(
     tmp_path: Path, broker: Mosquitto, vent_sim: ModbusSimulator
 ) -> None:
     """vent-1 answers exception 2 for coil 72 and for register 8 inside a block; dead-1
-    never answers; vent-1's valid points and vent-2 keep publishing good readings."""
+    never answers; vent-1's valid points and vent-2 keep publishing good readings. The
+    unsupported points are marked so and asked again only every 10 minutes."""
     hole = BlackHole()
     devices = f"""\
   - id: vent-1
@@ -135,9 +136,10 @@ def test_case_017_exception_and_timeout_stay_with_their_device(
         assert p["supply_temp"]["value"] == 21.5 and p["supply_temp"]["quality"] == "good"
         assert p["fan_speed"]["value"] == 1200
         for bad in ("filter_hours", "summer_mode"):
-            assert p[bad]["quality"] == "exception"
+            assert p[bad]["quality"] == "unsupported"
             assert p[bad]["exception_code"] == 2
             assert "illegal data address" in p[bad]["error"]
+            assert "asked again every 10 min" in p[bad]["error"]
             assert p[bad]["value"] is None
     # the silent device: bad quality every poll, not silence
     assert len(by_dev["dead-1"]) >= 5
@@ -145,7 +147,14 @@ def test_case_017_exception_and_timeout_stay_with_their_device(
     log = agent.log()
     # loud once, not once per poll
     assert log.count("device dead-1") == 1, log
-    assert log.count("summer_mode (address 72): exception") == 1, log
+    assert log.count("summer_mode (address 72): unsupported") == 1, log
+    # asked once, not on every poll: one request for coil 72, one single read of
+    # register 8 after the block 6..8 was refused; then blocks without them
+    asked = [r for r in vent_sim.requests if r[0] == 1]
+    assert asked.count((1, 1, 72, 1)) == 1, asked
+    assert asked.count((1, 3, 8, 1)) == 1, asked
+    assert asked.count((1, 3, 6, 3)) == 1, asked
+    assert asked.count((1, 3, 6, 2)) >= 15, asked
 
 
 def test_device_recovery_is_logged_once(tmp_path: Path, broker: Mosquitto) -> None:

@@ -215,7 +215,7 @@ def test_reply_with_wrong_register_count_is_refused(extra: int) -> None:
         return results[0].value, results[0].quality, results[0].error or ""
 
     value, quality, error = asyncio.run(run())
-    assert value is None and quality == "decode_error"
+    assert value is None and quality == "frame_error"
     assert ("long reply" if extra > 0 else "short reply") in error
 
 

@@ -11,7 +11,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
 
 from drivers.common import Duration, StrictModel, at_least
-from drivers.modbus.config import ModbusRtuDevice, ModbusTcpDevice, Name
+from drivers.modbus.config import (
+    ModbusRtuDevice,
+    ModbusRtuOverTcpDevice,
+    ModbusTcpDevice,
+    Name,
+)
 
 
 def _driver_of(value: Any) -> str:
@@ -21,7 +26,9 @@ def _driver_of(value: Any) -> str:
 
 
 Device = Annotated[
-    Annotated[ModbusTcpDevice, Tag("modbus_tcp")] | Annotated[ModbusRtuDevice, Tag("modbus_rtu")],
+    Annotated[ModbusTcpDevice, Tag("modbus_tcp")]
+    | Annotated[ModbusRtuDevice, Tag("modbus_rtu")]
+    | Annotated[ModbusRtuOverTcpDevice, Tag("modbus_rtu_over_tcp")],
     Discriminator(_driver_of),
 ]
 """Every device kind the agent knows, chosen by ``driver`` (default ``modbus_tcp``)."""
@@ -125,14 +132,24 @@ class AgentConfig(StrictModel):
     def _check(self) -> AgentConfig:
         if not self.devices:
             raise ValueError("no devices configured: add at least one under 'devices'")
-        lines: dict[str, tuple[str, tuple[int, str, int, int]]] = {}
+        buses: dict[str, tuple[str, str, tuple[object, ...]]] = {}
         for d in self.devices:
-            if isinstance(d, ModbusRtuDevice):
-                first = lines.setdefault(d.serial_port, (d.id, d.line_settings))
-                if first[1] != d.line_settings:
-                    raise ValueError(
-                        f"devices {first[0]!r} and {d.id!r} share serial port {d.serial_port} "
-                        f"but not its settings {first[1]} vs {d.line_settings} (baudrate, "
-                        "parity, stopbits, bytesize): one line has one setting"
-                    )
+            settings = getattr(d, "line_settings", ())
+            first = buses.setdefault(d.bus, (d.id, d.driver, settings))
+            if first[1] != d.driver:
+                raise ValueError(
+                    f"devices {first[0]!r} ({first[1]}) and {d.id!r} ({d.driver}) share "
+                    f"{d.bus} but not the driver: one endpoint speaks one protocol"
+                )
+            if first[2] != settings:
+                what = (
+                    "baudrate, parity, stopbits, bytesize, framing, local_echo"
+                    if isinstance(d, ModbusRtuDevice)
+                    else "framing"
+                )
+                where = f"serial port {d.serial_port}" if isinstance(d, ModbusRtuDevice) else d.bus
+                raise ValueError(
+                    f"devices {first[0]!r} and {d.id!r} share {where} but not its settings "
+                    f"{first[2]} vs {settings} ({what}): one line has one setting"
+                )
         return self

@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 
 from drivers.codec import REGISTER_COUNT, ByteOrder, DataType
 from drivers.common import Duration, StrictModel, at_least
+from drivers.modbus.line import min_frame_gap
 
 Table = Literal["holding", "input", "coil", "discrete_input"]
 BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete_input"})
@@ -277,8 +278,24 @@ class ModbusTcpDevice(ModbusDevice):
 Baudrate = Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200]
 
 
-class ModbusRtuDevice(ModbusDevice):
-    """A Modbus RTU device on a serial line (RS-485 adapter). Devices on one
+class _LineOptions(StrictModel):
+    """Framing and timing of a half-duplex Modbus line (serial, or RTU over TCP)."""
+
+    framing: Literal["rtu", "ascii"] = Field(
+        default="rtu", description="rtu (binary, CRC) or ascii (':' hex LRC CR LF)"
+    )
+    frame_gap: Duration | None = Field(
+        default=None,
+        description="Silence kept before each request; default and floor 3.5 character times "
+        "(1.75 ms above 19200 baud); longer for slow devices",
+    )
+    connect_pause: Annotated[Duration, at_least("0s")] = Field(
+        default=0.0, description="Silence after opening the port before the first request"
+    )
+
+
+class ModbusRtuDevice(ModbusDevice, _LineOptions):
+    """A Modbus RTU (or ASCII) device on a serial line (RS-485 adapter). Devices on one
     ``serial_port`` share the line and must agree on its settings (Modbus over Serial Line
     V1.02, 2.5.1: 8 data bits, even parity by default; many sensors ship 9600 8N1)."""
 
@@ -292,6 +309,20 @@ class ModbusRtuDevice(ModbusDevice):
     parity: Literal["N", "E", "O"] = "N"
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
+    local_echo: bool = Field(
+        default=False,
+        description="The adapter echoes each request (two-wire RS-485 with the receiver on)",
+    )
+
+    @model_validator(mode="after")
+    def _gap(self) -> ModbusRtuDevice:
+        floor = min_frame_gap(self.baudrate, self.parity, self.stopbits, self.bytesize)
+        if self.frame_gap is not None and self.frame_gap < floor - 1e-9:
+            raise ValueError(
+                f"frame_gap {self.frame_gap * 1000:g}ms is shorter than 3.5 character times at "
+                f"{self.baudrate} baud ({floor * 1000:.2f}ms): leave it out or make it longer"
+            )
+        return self
 
     @property
     def bus(self) -> str:
@@ -299,6 +330,34 @@ class ModbusRtuDevice(ModbusDevice):
         return f"serial:{self.serial_port}"
 
     @property
-    def line_settings(self) -> tuple[int, str, int, int]:
-        """(baudrate, parity, stopbits, bytesize): equal for every device of one line."""
-        return (self.baudrate, self.parity, self.stopbits, self.bytesize)
+    def line_settings(self) -> tuple[object, ...]:
+        """Settings every device of one line must share: (baudrate, parity, stopbits,
+        bytesize, framing, local_echo)."""
+        return (
+            self.baudrate,
+            self.parity,
+            self.stopbits,
+            self.bytesize,
+            self.framing,
+            self.local_echo,
+        )
+
+
+class ModbusRtuOverTcpDevice(ModbusDevice, _LineOptions):
+    """A Modbus RTU (or ASCII) device behind a serial device server that passes RTU frames
+    through a TCP port unchanged ("transparent" mode, no Modbus TCP conversion). Devices
+    behind one ``host:port`` share its RS-485 line: one request at a time."""
+
+    driver: Literal["modbus_rtu_over_tcp"]
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535, description="The server's raw TCP port for the line")
+
+    @property
+    def bus(self) -> str:
+        """The bus this device sits on: the server's TCP endpoint."""
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def line_settings(self) -> tuple[object, ...]:
+        """Settings every device behind one endpoint must share: (framing,)."""
+        return (self.framing,)

@@ -12,9 +12,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from pymodbus import FramerType
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from drivers.base import GOOD, PointResult
@@ -33,6 +33,14 @@ from drivers.modbus.config import (
     MAX_BITS_PER_READ,
     MAX_REGISTERS_PER_READ,
     ModbusPoint,
+)
+from drivers.modbus.line import (
+    ExceptionReply,
+    FrameError,
+    SerialLine,
+    data_to_values,
+    read_pdu,
+    write_pdu,
 )
 
 log = logging.getLogger(__name__)
@@ -161,57 +169,98 @@ def _bad(
     return [PointResult(p.name, None, quality, error, code) for p in points]
 
 
+UNSUPPORTED_CODES = frozenset({1, 2})
+"""Exception codes meaning "this device has no such point" (illegal function, illegal data
+address) when a single point is asked for: quality ``unsupported``."""
+
+
 class ModbusBus:
     """One physical bus (a TCP endpoint or a serial line) shared by one or more devices
     (unit ids); requests on it run one at a time (the bus task owns it).
 
-    Subclasses only build the pymodbus client (``_client``) and set :attr:`name`.
+    Subclasses implement :meth:`_read_values` and the connection methods and set
+    :attr:`name`.
+
+    Attributes:
+        narrowed: blocks of the last :meth:`read_device` call that were answered with an
+            exception and re-read point by point.
     """
 
     name: str
-    _client: AsyncModbusTcpClient | AsyncModbusSerialClient
-
-    def _no_disconnect_on_timeouts(self) -> None:
-        # Timeouts of one unit on a shared line must not close the connection that the
-        # other units still answer on.
-        self._client.set_max_no_responses(1_000_000)
+    narrowed: list[Block]
 
     @property
     def connected(self) -> bool:
         """True while the connection (or the serial port) is open."""
-        return bool(self._client.connected)
+        raise NotImplementedError
 
     async def connect(self) -> bool:
         """Open the connection once; return whether it is up. Never raises."""
-        try:
-            return bool(await self._client.connect())
-        except (OSError, ModbusException) as exc:
-            log.debug("connect %s failed: %s", self.name, exc)
-            return False
+        raise NotImplementedError
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
-        self._client.close()
+        raise NotImplementedError
 
-    async def _read(self, table: str, start: int, count: int, unit_id: int) -> object:
-        c = self._client
-        if table == "holding":
-            return await c.read_holding_registers(start, count=count, device_id=unit_id)
-        if table == "input":
-            return await c.read_input_registers(start, count=count, device_id=unit_id)
-        if table == "coil":
-            return await c.read_coils(start, count=count, device_id=unit_id)
-        return await c.read_discrete_inputs(start, count=count, device_id=unit_id)
+    async def _read_values(
+        self, unit_id: int, block: Block, timeout: float | None
+    ) -> Sequence[int] | Sequence[bool]:
+        """Read one block: registers as 16-bit ints, bits as bools.
 
-    async def read_block(self, unit_id: int, block: Block) -> list[PointResult]:
+        Raises:
+            ExceptionReply: a Modbus exception reply.
+            FrameError: a reply that does not fit the request.
+            TimeoutError: no reply in time.
+            OSError: the connection is gone (ConnectionError) or cannot be used.
+        """
+        raise NotImplementedError
+
+    async def write(
+        self,
+        unit_id: int,
+        table: str,
+        address: int,
+        values: Sequence[int] | Sequence[bool],
+        timeout: float | None = None,
+    ) -> None:
+        """Write coils or holding registers (function code 5, 6, 15 or 16).
+
+        Raises:
+            ExceptionReply, FrameError, TimeoutError, OSError: as :meth:`_read_values`.
+        """
+        raise NotImplementedError
+
+    async def read_block(
+        self, unit_id: int, block: Block, timeout: float | None = None
+    ) -> list[PointResult]:
         """Read one block; on an exception reply, narrow it to single points.
 
         Returns one :class:`PointResult` per point of the block, never raises for device
-        faults: timeouts give quality ``timeout``, exception replies quality ``exception``
-        (with the code and its name), a lost connection ``no_connection``.
+        faults: timeouts give quality ``timeout``; a Modbus exception quality ``exception``
+        (with the code and its name), or ``unsupported`` for a single point answered with
+        exception 1 or 2; a garbled or mismatched reply ``frame_error``; a lost connection
+        ``no_connection``.
         """
+        fc = FUNCTION_CODES[block.table]
         try:
-            resp = await self._read(block.table, block.start, block.count, unit_id)
+            words = await self._read_values(unit_id, block, timeout)
+        except ExceptionReply as exc:
+            code = exc.code
+            if len(block.points) > 1:
+                # One unsupported address must not cost the valid points of the block.
+                self.narrowed.append(block)
+                out: list[PointResult] = []
+                for p in block.points:
+                    single = Block(block.table, p.address, p.register_count, (p,))
+                    out.extend(await self.read_block(unit_id, single, timeout))
+                return out
+            name = EXCEPTION_NAMES.get(code, "unknown exception")
+            what = f"exception {code} ({name}) to FC {fc:02d} at address {block.start}"
+            if code in UNSUPPORTED_CODES:
+                return _bad(block.points, "unsupported", f"device does not have it: {what}", code)
+            return _bad(block.points, "exception", what, code)
+        except FrameError as exc:
+            return _bad(block.points, "frame_error", str(exc))
         except (TimeoutError, ModbusException, OSError) as exc:
             # pymodbus turns a cancellation into ModbusIOException("Request cancelled
             # outside library"): give the caller its cancellation back.
@@ -219,55 +268,39 @@ class ModbusBus:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError from None
             if isinstance(exc, TimeoutError | ModbusIOException):
-                return _bad(block.points, "timeout", f"no response from unit {unit_id}: {exc}")
+                detail = f": {exc}" if str(exc) else ""
+                return _bad(block.points, "timeout", f"no response from unit {unit_id}{detail}")
             return _bad(block.points, "no_connection", f"{self.name}: {exc}")
-        if resp.isError():  # type: ignore[attr-defined]
-            code = int(getattr(resp, "exception_code", 0))
-            if len(block.points) > 1:
-                # One unsupported address must not cost the valid points of the block.
-                out: list[PointResult] = []
-                for p in block.points:
-                    single = Block(block.table, p.address, p.register_count, (p,))
-                    out.extend(await self.read_block(unit_id, single))
-                return out
-            name = EXCEPTION_NAMES.get(code, "unknown exception")
-            fc = FUNCTION_CODES[block.table]
-            return _bad(
-                block.points,
-                "exception",
-                f"exception {code} ({name}) to FC {fc:02d} at address {block.start}",
-                code,
-            )
-        if block.table in BIT_TABLES:
-            words: Sequence[int] | Sequence[bool] = resp.bits  # type: ignore[attr-defined]
-        else:
-            words = resp.registers  # type: ignore[attr-defined]
         # bits come padded to whole bytes (Modbus Application Protocol V1.1b3, 6.1/6.2)
         longest = -(-block.count // 8) * 8 if block.table in BIT_TABLES else block.count
         if not block.count <= len(words) <= longest:
             what = "short" if len(words) < block.count else "long"
             return _bad(
                 block.points,
-                "decode_error",
+                "frame_error",
                 f"{what} reply from unit {unit_id}: asked {block.count} "
                 f"{'bits' if block.table in BIT_TABLES else 'registers'} at address "
                 f"{block.start}, got {len(words)}; nothing of it is used",
             )
         return decode_block(block, words)
 
-    async def read_device(self, unit_id: int, blocks: Sequence[Block]) -> list[PointResult]:
-        """Read every block of one device in order.
+    async def read_device(
+        self, unit_id: int, blocks: Sequence[Block], timeout: float | None = None
+    ) -> list[PointResult]:
+        """Read every block of one device in order (``timeout`` per request, seconds; the
+        bus's default when ``None``).
 
         After a timeout or a lost connection the remaining blocks are not tried in this cycle
         (they get the same bad quality), so a dead device costs one timeout per poll.
         """
+        self.narrowed = []
         out: list[PointResult] = []
         failed: PointResult | None = None
         for block in blocks:
             if failed is not None:
                 out.extend(_bad(block.points, failed.quality, failed.error or ""))
                 continue
-            results = await self.read_block(unit_id, block)
+            results = await self.read_block(unit_id, block, timeout)
             out.extend(results)
             if (
                 results
@@ -276,6 +309,169 @@ class ModbusBus:
             ):
                 failed = results[0]
         return apply_decimal_points([p for b in blocks for p in b.points], out)
+
+
+class _PymodbusBus(ModbusBus):
+    """A bus driven by a pymodbus asyncio client."""
+
+    _client: AsyncModbusTcpClient
+
+    def _no_disconnect_on_timeouts(self) -> None:
+        # Timeouts of one unit behind a converter must not close the connection that the
+        # other units still answer on.
+        self._client.set_max_no_responses(1_000_000)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._client.connected)
+
+    async def connect(self) -> bool:
+        try:
+            return bool(await self._client.connect())
+        except (OSError, ModbusException) as exc:
+            log.debug("connect %s failed: %s", self.name, exc)
+            return False
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def _read_values(
+        self, unit_id: int, block: Block, timeout: float | None
+    ) -> Sequence[int] | Sequence[bool]:
+        c = self._client
+        table, start, count = block.table, block.start, block.count
+        if table == "holding":
+            resp: Any = await c.read_holding_registers(start, count=count, device_id=unit_id)
+        elif table == "input":
+            resp = await c.read_input_registers(start, count=count, device_id=unit_id)
+        elif table == "coil":
+            resp = await c.read_coils(start, count=count, device_id=unit_id)
+        else:
+            resp = await c.read_discrete_inputs(start, count=count, device_id=unit_id)
+        if resp.isError():
+            raise ExceptionReply(int(getattr(resp, "exception_code", 0)))
+        fc = FUNCTION_CODES[table]
+        if int(resp.function_code) != fc:
+            raise FrameError(f"reply with function code {resp.function_code}, asked {fc}")
+        return resp.bits if table in BIT_TABLES else resp.registers  # type: ignore[no-any-return]
+
+    async def write(
+        self,
+        unit_id: int,
+        table: str,
+        address: int,
+        values: Sequence[int] | Sequence[bool],
+        timeout: float | None = None,
+    ) -> None:
+        c = self._client
+        if table == "coil":
+            bits = [bool(v) for v in values]
+            if len(bits) == 1:
+                resp: Any = await c.write_coil(address, bits[0], device_id=unit_id)
+            else:
+                resp = await c.write_coils(address, bits, device_id=unit_id)
+        elif table == "holding":
+            words = [int(v) for v in values]
+            if len(words) == 1:
+                resp = await c.write_register(address, words[0], device_id=unit_id)
+            else:
+                resp = await c.write_registers(address, words, device_id=unit_id)
+        else:
+            raise ValueError(f"table {table!r} is read-only")
+        if resp.isError():
+            raise ExceptionReply(int(getattr(resp, "exception_code", 0)))
+
+
+class ModbusTcpBus(_PymodbusBus):
+    """A Modbus TCP endpoint (MBAP framing): a Modbus TCP device or a TCP-to-RS-485 gateway.
+
+    Args:
+        host, port: the endpoint.
+        timeout: seconds to wait for each response.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
+        self.name = f"tcp://{host}:{port}"
+        self.narrowed = []
+        self._client = AsyncModbusTcpClient(
+            host, port=port, timeout=timeout, retries=0, reconnect_delay=0, name=self.name
+        )
+        self._no_disconnect_on_timeouts()
+
+
+class LineBus(ModbusBus):
+    """Modbus RTU or ASCII on a half-duplex line: an RS-485 serial port (a device path or
+    a pyserial URL such as ``rfc2217://`` or ``spy://``), or a serial device server's TCP
+    port (RTU over TCP). The line discipline (inter-frame gap, flushing, reply checks,
+    local echo) is :class:`drivers.modbus.line.SerialLine`'s.
+
+    Args:
+        line: the line.
+        timeout: default seconds to wait for a reply.
+    """
+
+    def __init__(self, line: SerialLine, timeout: float = 1.0) -> None:
+        scheme = ("rtu+tcp" if line.framing == "rtu" else "ascii+tcp") if line.tcp else "serial"
+        self.name = f"{scheme}:{line.endpoint}" if not line.tcp else f"{scheme}://{line.endpoint}"
+        self.line = line
+        self.timeout = timeout
+        self.narrowed = []
+
+    @property
+    def connected(self) -> bool:
+        return self.line.connected
+
+    async def connect(self) -> bool:
+        return await self.line.connect()
+
+    def close(self) -> None:
+        self.line.close()
+
+    async def _read_values(
+        self, unit_id: int, block: Block, timeout: float | None
+    ) -> Sequence[int] | Sequence[bool]:
+        request = bytes([unit_id]) + read_pdu(block.table, block.start, block.count)
+        data = await self.line.transact(request, timeout or self.timeout)
+        return data_to_values(request[1], block.count, data)
+
+    async def write(
+        self,
+        unit_id: int,
+        table: str,
+        address: int,
+        values: Sequence[int] | Sequence[bool],
+        timeout: float | None = None,
+    ) -> None:
+        request = bytes([unit_id]) + write_pdu(table, address, values)
+        await self.line.transact(request, timeout or self.timeout)
+
+
+def ModbusRtuBus(
+    serial_port: str,
+    baudrate: int = 9600,
+    parity: str = "N",
+    stopbits: int = 1,
+    bytesize: int = 8,
+    timeout: float = 1.0,
+    *,
+    framing: str = "rtu",
+    frame_gap: float | None = None,
+    local_echo: bool = False,
+    connect_pause: float = 0.0,
+) -> LineBus:
+    """A Modbus RTU (or ASCII) serial line: see :class:`LineBus`."""
+    line = SerialLine(
+        serial_port,
+        framing,
+        baudrate,
+        parity,
+        stopbits,
+        bytesize,
+        frame_gap=frame_gap,
+        local_echo=local_echo,
+        connect_pause=connect_pause,
+    )
+    return LineBus(line, timeout)
 
 
 def apply_decimal_points(
@@ -315,60 +511,10 @@ def apply_decimal_points(
     return out
 
 
-class ModbusTcpBus(ModbusBus):
-    """A Modbus TCP endpoint: a Modbus TCP device or a TCP-to-RS-485 converter.
-
-    Args:
-        host, port: the endpoint.
-        timeout: seconds to wait for each response.
-    """
-
-    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
-        self.name = f"tcp://{host}:{port}"
-        self._client = AsyncModbusTcpClient(
-            host, port=port, timeout=timeout, retries=0, reconnect_delay=0, name=self.name
-        )
-        self._no_disconnect_on_timeouts()
-
-
-class ModbusRtuBus(ModbusBus):
-    """A Modbus RTU serial line (RS-485), opened through pyserial, so ``serial_port`` may
-    also be a pyserial URL (``rfc2217://``, ``spy://``, ``socket://``).
-
-    Args:
-        serial_port: device path or URL.
-        baudrate, parity, stopbits, bytesize: the line settings.
-        timeout: seconds to wait for each response.
-    """
-
-    def __init__(
-        self,
-        serial_port: str,
-        baudrate: int = 9600,
-        parity: str = "N",
-        stopbits: int = 1,
-        bytesize: int = 8,
-        timeout: float = 1.0,
-    ) -> None:
-        self.name = f"serial:{serial_port}"
-        self._client = AsyncModbusSerialClient(
-            serial_port,
-            framer=FramerType.RTU,
-            baudrate=baudrate,
-            parity=parity,
-            stopbits=stopbits,
-            bytesize=bytesize,
-            timeout=timeout,
-            retries=0,
-            reconnect_delay=0,
-            name=self.name,
-        )
-        self._no_disconnect_on_timeouts()
-
-
 __all__ = [
     "GOOD",
     "Block",
+    "LineBus",
     "ModbusBus",
     "ModbusRtuBus",
     "ModbusTcpBus",
