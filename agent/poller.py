@@ -113,9 +113,11 @@ class BusPoller:
             self._backoff = 1.0
             return True
         if not self._bus_down_logged:
+            why = f": {self.bus.last_error}" if self.bus.last_error else ""
             log.warning(
-                "bus %s: cannot connect; retrying with backoff (devices: %s)",
+                "bus %s: cannot connect%s; retrying with backoff (devices: %s)",
                 self.name,
+                why,
                 ", ".join(s.device.id for s in self.states),
             )
             self._bus_down_logged = True

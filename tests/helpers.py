@@ -301,3 +301,17 @@ def write_config(
         "  keepalive: 5s\n" + extra + "devices:\n" + devices_yaml + tail
     )
     return path
+
+
+def start_line(a: str, b: str) -> subprocess.Popen[bytes]:
+    """socat linking two pseudo-terminals at paths ``a`` and ``b`` (a USB RS-485 adapter
+    plugged in, as far as the agent can tell)."""
+    if shutil.which("socat") is None:
+        raise RuntimeError("the RTU tests need socat: sudo apt-get install -y socat")
+    proc = subprocess.Popen(
+        ["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: Path(a).exists() and Path(b).exists(), 10, "socat's ptys")
+    return proc

@@ -4,8 +4,6 @@ pair made by socat, the agent's driver on the other."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,23 +18,10 @@ from tests.helpers import (
     Mosquitto,
     Subscriber,
     assert_all_delivered,
+    start_line,
     wait_until,
     write_config,
 )
-
-
-def start_line(a: str, b: str) -> subprocess.Popen[bytes]:
-    """socat linking two pseudo-terminals at paths ``a`` and ``b`` (a USB RS-485 adapter
-    plugged in, as far as the agent can tell)."""
-    if shutil.which("socat") is None:
-        raise RuntimeError("the RTU tests need socat: sudo apt-get install -y socat")
-    proc = subprocess.Popen(
-        ["socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_until(lambda: Path(a).exists() and Path(b).exists(), 10, "socat's ptys")
-    return proc
 
 
 @pytest.fixture

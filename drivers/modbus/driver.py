@@ -188,6 +188,8 @@ class ModbusBus:
 
     name: str
     narrowed: list[Block]
+    last_error: str = ""
+    """Why the last :meth:`connect` failed (empty when unknown)."""
 
     @property
     def connected(self) -> bool:
@@ -329,6 +331,7 @@ class _PymodbusBus(ModbusBus):
         try:
             return bool(await self._client.connect())
         except (OSError, ModbusException) as exc:
+            self.last_error = str(exc)
             log.debug("connect %s failed: %s", self.name, exc)
             return False
 
@@ -422,7 +425,9 @@ class LineBus(ModbusBus):
         return self.line.connected
 
     async def connect(self) -> bool:
-        return await self.line.connect()
+        ok = await self.line.connect()
+        self.last_error = self.line.last_error
+        return ok
 
     def close(self) -> None:
         self.line.close()

@@ -278,6 +278,8 @@ class SerialLine:
         self._echo_missing_logged = False
         self.requests = 0
         """Requests sent (for diagnostics and tests)."""
+        self.last_error = ""
+        """Why the last :meth:`connect` failed."""
 
     @property
     def connected(self) -> bool:
@@ -318,9 +320,11 @@ class SerialLine:
                     assert isinstance(transport, SerialTransport)
                     transport.force_poll = True
                 proto.transport = transport  # connection_made comes a loop turn later
-        except (OSError, ValueError, TimeoutError) as exc:
+        except Exception as exc:  # OSError, termios.error (bad settings), ValueError, ...
+            self.last_error = str(exc) or type(exc).__name__
             log.debug("open %s failed: %s", self.endpoint, exc)
             return False
+        self.last_error = ""
         self._proto = proto
         self._quiet_from = time.monotonic() + self.connect_pause
         return True
@@ -460,10 +464,19 @@ class SerialLine:
         self, p: _LineProtocol, request: bytes, frame: bytes, deadline: float
     ) -> bytes:
         silence = max(self.frame_gap, 0.02)
+        unit = request[0]
+        stray: bytes = b""
         while True:
             need = reply_length(request, bytes(p.buf[:3]))
             if need is not None and len(p.buf) >= need:
                 break
+            other = _whole_frame(p.buf) if need is None and p.buf and p.buf[0] != unit else 0
+            if other:
+                # a whole frame from another unit: a late reply to an earlier request
+                stray = bytes(p.buf[:other])
+                log.debug("%s: discarded a late frame: %s", self.endpoint, _hex(stray))
+                del p.buf[:other]
+                continue
             if need is None and len(p.buf) >= 2:
                 # not the head of a reply to this request: take what comes until silence
                 wait_until = min(deadline, p.last_rx + silence)
@@ -473,7 +486,11 @@ class SerialLine:
             if not await self._wait_data(p, deadline):
                 break
         buf = bytes(p.buf)
-        unit = request[0]
+        if not buf and stray:
+            raise FrameError(
+                f"no reply from unit {unit}; a frame from unit {stray[0]} came instead (a late "
+                f"reply, or two devices with one unit id?): {_hex(stray)}"
+            )
         if not buf:
             raise TimeoutError(f"no reply from unit {unit}")
         if buf.startswith(frame):
@@ -527,6 +544,24 @@ class SerialLine:
                 "local_echo: true for this bus"
             )
         return check_reply(request, parse_ascii(buf[: end + 1]))
+
+
+def _whole_frame(buf: bytearray) -> int:
+    """Length of the CRC-valid RTU reply frame (of any unit) at the start of ``buf``, or 0."""
+    if len(buf) < 5:
+        return 0
+    fc = buf[1]
+    if fc & 0x80:
+        n = 5
+    elif fc in (1, 2, 3, 4):
+        n = 5 + buf[2]
+    elif fc in (5, 6, 15, 16):
+        n = 8
+    else:
+        return 0
+    if len(buf) < n or crc16(bytes(buf[: n - 2])) != bytes(buf[n - 2 : n]):
+        return 0
+    return n
 
 
 class _Collision(Exception):
