@@ -65,7 +65,7 @@ def _sparse(points: list[ModbusPoint], table: str) -> ModbusSparseDataBlock:
             for i in range(p.register_count):
                 # pymodbus's device context adds 1 to every wire address
                 values[p.address + i + 1] = False if table in BIT_TABLES else 0
-    return ModbusSparseDataBlock(values or {65536: 0})
+    return ModbusSparseDataBlock(values or {65536: 0}, mutable=False)
 
 
 class ModbusSimulator:

@@ -27,8 +27,17 @@ def test_read_prints_each_point_once(tmp_path: Path) -> None:
     sim.stop_thread()
     lines = result.output.splitlines()
     assert lines[0].startswith("wl-1  (tcp://127.0.0.1:")
-    assert lines[1].split()[:6] == ["level", "holding", "0", "77.51460266113281", "m", "good"]
-    assert "exception" in lines[2] and "illegal data address" in lines[2]
+    assert lines[1].split()[:8] == [
+        "level",
+        "holding",
+        "0",
+        "077A",
+        "429B",
+        "77.51460266113281",
+        "m",
+        "good",
+    ]
+    assert "unsupported" in lines[2] and "illegal data address" in lines[2]
     assert result.exit_code == 1, "a bad point makes the exit code non-zero"
     assert not (tmp_path / "state").exists(), "read does not touch the buffer"
 
@@ -38,3 +47,68 @@ def test_read_unknown_device(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "agent.yaml", 1, devices)
     result = CliRunner().invoke(main, ["read", "--config", str(cfg), "--device", "nope"])
     assert result.exit_code == 2 and "no device nope" in result.output
+
+
+def test_read_without_config_from_a_profile_and_points() -> None:
+    """On a gateway without a config: the bus and the points on the command line."""
+    from tests.helpers import PROFILES
+
+    sim = ModbusSimulator()
+    sim.add_device(1, [ModbusPoint(name="level", address=0, type="float32", byte_order="CDAB")])
+    sim.set_raw(1, "holding", 0, [0x077A, 0x429B])
+    sim.start_thread()
+    base = ["read", "--host", "127.0.0.1", "--port", str(sim.port)]
+    one = CliRunner().invoke(main, [*base, "--point", "level=holding:0:float32:CDAB"])
+    bad = CliRunner().invoke(main, [*base, "--point", "level=holding"])
+    none = CliRunner().invoke(main, base)
+    sim.stop_thread()
+    assert one.exit_code == 0, one.output
+    lines = one.output.splitlines()
+    assert lines[0] == f"unit 1  (tcp://127.0.0.1:{sim.port})"
+    assert lines[1].split() == [
+        "level",
+        "holding",
+        "0",
+        "077A",
+        "429B",
+        "77.51460266113281",
+        "good",
+    ]
+    assert bad.exit_code == 2 and "NAME=TABLE:ADDRESS" in bad.output
+    assert none.exit_code == 2 and "--profile and/or --point" in none.output
+    assert PROFILES.is_dir()
+
+
+def test_read_with_a_shipped_profile() -> None:
+    from tests.helpers import PROFILES
+
+    sim = ModbusSimulator()
+    prof = "submersible-water-level"
+    from agent.config.loader import load_profiles
+
+    points = load_profiles(PROFILES).valid[prof].points
+    sim.add_device(1, list(points))
+    sim.set_raw(1, "holding", 0x0003, [3])  # three decimals
+    sim.set_raw(1, "holding", 0x0004, [1523])  # 1.523 m
+    sim.start_thread()
+    result = CliRunner().invoke(
+        main,
+        [
+            "read",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(sim.port),
+            "--profile",
+            prof,
+            "--profiles-dir",
+            str(PROFILES),
+        ],
+    )
+    unknown = CliRunner().invoke(
+        main, ["read", "--host", "127.0.0.1", "--profile", "nope", "--profiles-dir", str(PROFILES)]
+    )
+    sim.stop_thread()
+    level = next(line.split() for line in result.output.splitlines() if "holding 4 " in line)
+    assert level[3:5] == ["05F3", "1.523"], result.output
+    assert unknown.exit_code == 2 and "known: " in unknown.output and prof in unknown.output

@@ -144,6 +144,42 @@ def test_scan_finds_exactly_the_units_on_the_line(line: tuple[str, str]) -> None
     assert sorted({u for u, _, _, _ in sim.requests}) == list(range(1, 11))
 
 
+def test_scan_tries_each_line_setting(line: tuple[str, str]) -> None:
+    """--baudrate (and --parity) lists: every unit is tried at every setting, and each
+    answer says at which. (A pty passes bytes at any baud rate, so here both answer; on a
+    real line only the matching one does. A pty refuses parity settings altogether.)"""
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    server_end, client_end = line
+    sim = ModbusSimulator(serial_port=server_end, baudrate=9600)
+    sim.add_device(3, [ModbusPoint(name="v", address=0)])
+    sim.set_raw(3, "holding", 0, [30])
+    sim.start_thread()
+    result = CliRunner().invoke(
+        main,
+        [
+            "scan",
+            "--serial-port",
+            client_end,
+            "--units",
+            "2-3",
+            "--timeout",
+            "100ms",
+            "--baudrate",
+            "9600,19200",
+            "--parity",
+            "N,E",
+        ],
+    )
+    sim.stop_thread()
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("unit ")]
+    assert lines == [f"unit 3: answers at {b} N: register 0 = 30" for b in (9600, 19200)]
+    assert len(sim.requests) == 4
+
+
 def test_case_021_serial_port_vanishes_and_returns(tmp_path: Path) -> None:
     """The adapter is pulled (its pty disappears) and plugged back: polls go on with
     quality no_connection meanwhile, and reading resumes without restarting anything."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -163,6 +164,15 @@ def decode_block(block: Block, words: Sequence[int] | Sequence[bool]) -> list[Po
     ]
 
 
+def describe_error(exc: BaseException) -> str:
+    """A line for people about a failed request (exception replies by code and name)."""
+    if isinstance(exc, ExceptionReply):
+        return f"exception {exc.code} ({EXCEPTION_NAMES.get(exc.code, 'unknown exception')})"
+    if isinstance(exc, TimeoutError | ModbusIOException):
+        return f"no response{': ' + str(exc) if str(exc) else ''}"
+    return str(exc) or type(exc).__name__
+
+
 def _bad(
     points: Sequence[ModbusPoint], quality: str, error: str, code: int | None = None
 ) -> list[PointResult]:
@@ -174,7 +184,7 @@ UNSUPPORTED_CODES = frozenset({1, 2})
 address) when a single point is asked for: quality ``unsupported``."""
 
 
-class ModbusBus:
+class ModbusBus(ABC):
     """One physical bus (a TCP endpoint or a serial line) shared by one or more devices
     (unit ids); requests on it run one at a time (the bus task owns it).
 
@@ -192,18 +202,22 @@ class ModbusBus:
     """Why the last :meth:`connect` failed (empty when unknown)."""
 
     @property
+    @abstractmethod
     def connected(self) -> bool:
         """True while the connection (or the serial port) is open."""
         raise NotImplementedError
 
+    @abstractmethod
     async def connect(self) -> bool:
         """Open the connection once; return whether it is up. Never raises."""
         raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
         """Close the connection (idempotent)."""
         raise NotImplementedError
 
+    @abstractmethod
     async def _read_values(
         self, unit_id: int, block: Block, timeout: float | None
     ) -> Sequence[int] | Sequence[bool]:
@@ -217,6 +231,17 @@ class ModbusBus:
         """
         raise NotImplementedError
 
+    async def read_raw(
+        self, unit_id: int, block: Block, timeout: float | None = None
+    ) -> Sequence[int] | Sequence[bool]:
+        """Read one block's raw registers (or bits) without decoding (technicians' tools).
+
+        Raises:
+            ExceptionReply, FrameError, TimeoutError, OSError: as :meth:`_read_values`.
+        """
+        return await self._read_values(unit_id, block, timeout)
+
+    @abstractmethod
     async def write(
         self,
         unit_id: int,

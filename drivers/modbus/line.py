@@ -322,6 +322,9 @@ class SerialLine:
                 proto.transport = transport  # connection_made comes a loop turn later
         except Exception as exc:  # OSError, termios.error (bad settings), ValueError, ...
             self.last_error = str(exc) or type(exc).__name__
+            if not self.tcp and type(exc).__name__ == "error":  # termios.error
+                b, par, stop, size = self.settings
+                self.last_error += f" (the port refuses settings {b} {size}{par}{stop})"
             log.debug("open %s failed: %s", self.endpoint, exc)
             return False
         self.last_error = ""
