@@ -169,8 +169,6 @@ def test_scan_tries_each_line_setting(line: tuple[str, str]) -> None:
             "100ms",
             "--baudrate",
             "9600,19200",
-            "--parity",
-            "N,E",
         ],
     )
     sim.stop_thread()
