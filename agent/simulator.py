@@ -122,10 +122,17 @@ class ModbusSimulator:
     def set_raw(
         self, unit_id: int, table: str, address: int, values: list[int] | list[bool]
     ) -> None:
-        """Store raw register values (or bits) at zero-based ``address``."""
+        """Store raw register values (or bits) at zero-based ``address``, creating the
+        registers if the device did not have them (the Modbus master still cannot)."""
         ctx = self.devices[unit_id].context
         assert ctx is not None
-        ctx.setValues(_FC[table], address, list(values))
+        block = ctx.store[{"coil": "c", "discrete_input": "d", "holding": "h", "input": "i"}[table]]
+        assert isinstance(block, ModbusSparseDataBlock)
+        block.mutable = True
+        try:
+            ctx.setValues(_FC[table], address, list(values))
+        finally:
+            block.mutable = False
 
     def _trace(self, sending: bool, pdu: Any) -> Any:
         if not sending:

@@ -627,7 +627,117 @@ devices:
     (issue,) = issues_of(name)
     # line 8 "      - name: voltage" -> value at col 15
     assert where(issue) == ("agent.yaml", 8, 15, "devices[0].points[0].name")
-    assert issue.message == "point 'voltage' is already defined by profile 'test-meter'"
+    assert issue.message == (
+        "point 'voltage' is already defined by profile 'test-meter'; to change it, use "
+        "overrides: {voltage: {key: value}}"
+    )
+
+
+def test_device_overrides_only_what_differs(with_profiles: Path) -> None:
+    """A device names a profile and changes only what differs from it: some keys of some
+    points (overrides), points its model lacks (omit), plus points of its own."""
+    name = write(
+        with_profiles,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: gp-1
+    host: 192.0.2.10
+    profile: gas-pressure
+    overrides:
+      pressure_f: {byte_order: CDAB}
+      temperature: {register: "40040", scale: 0.01, decimals: 2}
+    omit: [range_zero, range_full]
+    points:
+      - {name: door, table: discrete_input, address: 0}
+  - id: gp-2
+    host: 192.0.2.10
+    unit_id: 2
+    profile: gas-pressure
+""",
+    )
+    cfg = load_config(name)
+    one, two = cfg.devices
+    by_name = {p.name: p for p in one.points}
+    assert list(by_name) == [
+        "unit_code",
+        "decimals",
+        "pressure",
+        "pressure_f",
+        "temperature",
+        "door",
+    ]
+    assert by_name["pressure_f"].byte_order == "CDAB"
+    assert (by_name["pressure_f"].type, by_name["pressure_f"].unit) == ("float32", "kPa")
+    temp = by_name["temperature"]
+    assert (temp.table, temp.address, temp.scale, temp.decimals) == ("holding", 39, 0.01, 2)
+    assert temp.unit == "degC" and temp.type == "int16"
+    assert by_name["pressure"].decimal_point == "decimals"
+    # the profile itself is untouched for the next device
+    two_points = {p.name: p for p in two.points}
+    assert two_points["pressure_f"].byte_order == "ABCD"
+    assert two_points["temperature"].address == 0x26 and "range_zero" in two_points
+
+
+def test_override_mistakes_are_located(with_profiles: Path) -> None:
+    name = write(
+        with_profiles,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: gp-1
+    host: 192.0.2.10
+    profile: gas-pressure
+    overrides:
+      presure: {decimals: 2}
+      pressure_f: {byte_order: DCAB}
+      temperature: {name: t2}
+    omit: [temprature]
+""",
+    )
+    issues = issues_of(name)
+    got = {(i.line, i.path): i.message for i in issues}
+    assert got[(8, "devices[0].overrides.presure")] == (
+        "profile 'gas-pressure' has no point 'presure' (did you mean 'pressure'?)"
+    )
+    assert (
+        got[(9, "devices[0].overrides.pressure_f.byte_order")].startswith("'DCAB'")
+        or "DCBA" in got[(9, "devices[0].overrides.pressure_f.byte_order")]
+    )
+    assert got[(10, "devices[0].overrides.temperature.name")] == (
+        "a point's name cannot be overridden"
+    )
+    assert got[(11, "devices[0].omit[0]")].startswith(
+        "profile 'gas-pressure' has no point 'temprature' (did you mean 'temperature'?)"
+    )
+    assert len(issues) == 4, issues
+    plain = write(
+        with_profiles,
+        "plain.yaml",
+        HEAD + "devices:\n  - {id: p, host: h, points: [{name: v, address: 0}], omit: [v]}\n",
+    )
+    (issue,) = issues_of(plain)
+    assert "'overrides', 'omit' and 'address_base' change a profile" in issue.message
+
+
+def test_omitting_a_decimal_point_register_in_use_is_refused(with_profiles: Path) -> None:
+    name = write(
+        with_profiles,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: gp-1
+    host: 192.0.2.10
+    profile: gas-pressure
+    omit: [decimals]
+""",
+    )
+    (issue,) = issues_of(name)
+    assert issue.path == "devices[0].omit"
+    assert "decimal_point 'decimals' must name a uint16/int16 point" in issue.message
 
 
 def test_shipped_profiles_used_by_devices(with_profiles: Path) -> None:

@@ -27,7 +27,12 @@ from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
 from agent.config.model import AgentConfig, TlsConfig
-from drivers.modbus.config import ModbusProfile, modicon_address
+from drivers.modbus.config import (
+    ModbusPoint,
+    ModbusProfile,
+    check_decimal_point_refs,
+    modicon_address,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -642,22 +647,9 @@ def _load(path: Path, fast: bool) -> AgentConfig:
         if prof is None:
             resolved.append(dev)
             continue
-        names = {pt.name for pt in prof.points}
-        for j, pt in enumerate(dev.points):
-            if pt.name in names:
-                f, line, col, p = _locate(
-                    data, ("devices", i, "points", j, "name"), display, origins, key=False
-                )
-                issues.append(
-                    ConfigIssue(
-                        f,
-                        line,
-                        col,
-                        p,
-                        f"point {pt.name!r} is already defined by profile {prof.name!r}",
-                    )
-                )
-        resolved.append(dev.model_copy(update={"points": [*prof.points, *dev.points]}))
+        merged, errs = _apply_profile(dev, prof, i, data, display, origins)
+        issues += errs
+        resolved.append(merged)
     if issues:
         raise ConfigError(issues)
 
@@ -689,6 +681,87 @@ def _load(path: Path, fast: bool) -> AgentConfig:
             "profiles_dir": str(pdir),
         }
     )
+
+
+def _apply_profile(
+    dev: Any, prof: ModbusProfile, i: int, data: Any, display: str, origins: _Origins
+) -> tuple[Any, list[ConfigIssue]]:
+    """The device with its profile's points (minus ``omit``, changed by ``overrides``)
+    followed by its own points; problems located at the device's keys."""
+    issues: list[ConfigIssue] = []
+
+    def issue(loc: tuple[int | str, ...], message: str, key: bool = False) -> None:
+        f, line, col, p = _locate(data, ("devices", i, *loc), display, origins, key=key)
+        issues.append(ConfigIssue(f, line, col, p, message))
+
+    names = [pt.name for pt in prof.points]
+
+    def unknown(name: str) -> str:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; it has: {', '.join(names)}"
+        return f"profile {prof.name!r} has no point {name!r}{hint}"
+
+    for k, name in enumerate(dev.omit):
+        if name not in names:
+            issue(("omit", k), unknown(name))
+    points: list[ModbusPoint] = []
+    for pt in prof.points:
+        if pt.name in dev.omit:
+            continue
+        change = dev.overrides.get(pt.name)
+        if change is None:
+            points.append(pt)
+            continue
+        if "name" in change:
+            issue(("overrides", pt.name, "name"), "a point's name cannot be overridden")
+            continue
+        doc = pt.model_dump(exclude_unset=True, by_alias=True)
+        doc.pop("register", None)  # the profile's Modicon number is in table + address
+        if "register" in change:  # a Modicon number replaces the profile's address
+            doc.pop("address", None)
+            doc.pop("table", None)
+        doc.update(change)
+        try:
+            points.append(ModbusPoint.model_validate(doc))
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = tuple(err["loc"])
+                issue(("overrides", pt.name, *loc), _message(err, ModbusPoint))
+    for name in dev.overrides:
+        if name not in names:
+            issue(("overrides", name), unknown(name), key=True)
+        elif name in dev.omit:
+            issue(("overrides", name), f"point {name!r} is both overridden and omitted", key=True)
+    for j, pt in enumerate(dev.points):
+        if pt.name in names:
+            issue(
+                ("points", j, "name"),
+                f"point {pt.name!r} is already defined by profile {prof.name!r}; to change it, "
+                f"use overrides: {{{pt.name}: {{key: value}}}}",
+            )
+    base = prof.address_base if dev.address_base is None else dev.address_base
+    if base:
+        shifted = []
+        for pt in points:
+            address = pt.address + base
+            if address + pt.register_count > 65536:
+                loc = ("address_base",) if dev.address_base is not None else ("profile",)
+                issue(
+                    loc,
+                    f"point {pt.name!r} of profile {prof.name!r} would be at address "
+                    f"{address}, past 65535, with base {base}",
+                )
+                continue
+            shifted.append(pt.model_copy(update={"address": address}))
+        points = shifted
+    merged = [*points, *dev.points]
+    if not issues:
+        try:
+            check_decimal_point_refs(merged, f"device {dev.id!r}")
+        except ValueError as exc:
+            issue(("omit",) if dev.omit else ("profile",), str(exc))
+    update: dict[str, Any] = {"points": merged, "overrides": {}, "omit": [], "address_base": None}
+    return dev.model_copy(update=update), issues
 
 
 _FC = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}

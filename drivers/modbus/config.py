@@ -211,6 +211,13 @@ class ModbusProfile(StrictModel):
 
     name: Name
     description: str = Field(description="Which kind of device this models and its source")
+    address_base: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Added to every point's address, for maps written relative to a base "
+        "the device lets you configure (e.g. 'Base + 207'); a device may set its own",
+    )
     points: list[ModbusPoint] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -247,10 +254,28 @@ class ModbusDevice(StrictModel):
         description="Most registers per request, for devices that accept fewer than 125",
     )
 
+    overrides: dict[Name, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Changes to points of the profile: {point name: {key: value, ...}}",
+    )
+    omit: list[Name] = Field(
+        default_factory=list, description="Points of the profile this device does not have"
+    )
+    address_base: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="This device's base address, when it differs from its profile's",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> ModbusDevice:
         if self.profile is None and not self.points:
             raise ValueError("a device needs 'points' or a 'profile'")
+        if self.profile is None and (self.overrides or self.omit or self.address_base is not None):
+            raise ValueError(
+                "'overrides', 'omit' and 'address_base' change a profile: name one with 'profile'"
+            )
         _check_unique_names(self.points, f"device {self.id!r}")
         check_decimal_point_refs(self.points, f"device {self.id!r}")
         return self
