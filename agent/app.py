@@ -113,6 +113,8 @@ class BufferWriter:
     def __init__(self, buffer: AsyncBuffer, max_pending: int = 100_000) -> None:
         self.buffer = buffer
         self.pending: list[tuple[str, bytes, int]] = []
+        self.state: dict[tuple[str, str], int] = {}
+        """Per-point state committed with the next batch (counters' last raw values)."""
         self.max_pending = max_pending
         self.lost = 0
         self.on_commit: Callable[[list[Row], int], None] = lambda rows, dropped_upto: None
@@ -153,10 +155,12 @@ class BufferWriter:
         if not self.pending:
             return True
         batch, self.pending = self.pending, []
+        state, self.state = self.state, {}
         try:
-            seqs = await self.buffer.append_many(batch, self.handed_upto())
+            seqs = await self.buffer.append_many(batch, self.handed_upto(), state)
         except sqlite3.Error as exc:
             self.pending = batch + self.pending
+            self.state = {**state, **self.state}
             if not self._failing:
                 log.error(
                     "cannot write buffer %s: %s; keeping %d message(s) in memory and retrying",
@@ -202,8 +206,18 @@ class Agent:
             d.id: TelemetryEncoder(cfg.gateway_id, d.id, {p.name: p.unit for p in d.points})
             for d in cfg.devices
         }
+        stored = self.buffer.sync.point_state()
         self._counters = {
-            d.id: CounterTracker(d) for d in cfg.devices if any(p.counter for p in d.points)
+            d.id: CounterTracker(
+                d,
+                {
+                    p.name: v
+                    for p in d.points
+                    if p.counter and (v := stored.get((d.id, p.name))) is not None
+                },
+            )
+            for d in cfg.devices
+            if any(p.counter for p in d.points)
         }
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
         self.link = MqttLink(cfg.mqtt, client_id, self.status_topic)
@@ -221,7 +235,11 @@ class Agent:
 
     def _on_poll(self, dev: ModbusDevice, ts_ms: int, results: list[PointResult]) -> None:
         counters = self._counters.get(dev.id)
-        deltas = counters.deltas(results) if counters is not None else None
+        deltas = None
+        if counters is not None:
+            deltas = counters.deltas(results)
+            for name, value in counters.last.items():
+                self.writer.state[(dev.id, name)] = value
         body = self._encoders[dev.id].encode(ts_ms, results, deltas)
         self.writer.submit(self._topics[dev.id], body, ts_ms)
 

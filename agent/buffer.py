@@ -18,7 +18,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,12 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters(name, value) VALUES ('dropped', 0);
+CREATE TABLE IF NOT EXISTS point_state (
+    device TEXT    NOT NULL,
+    point  TEXT    NOT NULL,
+    value  INTEGER NOT NULL,
+    PRIMARY KEY (device, point)
+) WITHOUT ROWID;
 """
 
 
@@ -183,9 +189,15 @@ class Buffer:
                 self._db.execute("ROLLBACK")
 
     def append_many(
-        self, items: Sequence[tuple[str, bytes, int]], handed_upto: int = 0
+        self,
+        items: Sequence[tuple[str, bytes, int]],
+        handed_upto: int = 0,
+        state: Mapping[tuple[str, str], int] | None = None,
     ) -> list[int]:
         """Commit ``(topic, body, ts_ms)`` items in one transaction; return their seqs.
+
+        ``state`` (``(device, point) → value``, e.g. the last raw value of each counter)
+        is stored in the same transaction, so it always matches the last committed poll.
 
         If the cap is exceeded, the oldest rows are deleted in the same transaction and
         :attr:`dropped_upto` moves to the highest deleted seq. Only deleted rows with a seq
@@ -206,6 +218,11 @@ class Buffer:
                     (topic, body, ts_ms),
                 )
                 seqs.append(int(cur.lastrowid or 0))
+            if state:
+                db.executemany(
+                    "INSERT OR REPLACE INTO point_state(device, point, value) VALUES (?, ?, ?)",
+                    [(d, p, v) for (d, p), v in state.items()],
+                )
             excess = self._count + len(items) - self.max_messages
             if excess > 0:
                 boundary = int(
@@ -231,6 +248,11 @@ class Buffer:
             if lost:
                 self._note_drops(int(lost), first_lost, boundary)
         return seqs
+
+    def point_state(self) -> dict[tuple[str, str], int]:
+        """The stored ``(device, point) → value`` (see :meth:`append_many`)."""
+        rows = self._db.execute("SELECT device, point, value FROM point_state").fetchall()
+        return {(str(d), str(p)): int(v) for d, p, v in rows}
 
     def _note_drops(self, n: int, first: int, last: int) -> None:
         if not self._drops_unlogged:
@@ -321,10 +343,13 @@ class AsyncBuffer:
         return await loop.run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
 
     async def append_many(
-        self, items: Sequence[tuple[str, bytes, int]], handed_upto: int = 0
+        self,
+        items: Sequence[tuple[str, bytes, int]],
+        handed_upto: int = 0,
+        state: Mapping[tuple[str, str], int] | None = None,
     ) -> list[int]:
         """See :meth:`Buffer.append_many`."""
-        return await self._run(self.sync.append_many, items, handed_upto)  # type: ignore[return-value]
+        return await self._run(self.sync.append_many, items, handed_upto, state)  # type: ignore[return-value]
 
     async def fetch(self, after_seq: int, limit: int) -> list[Row]:
         """See :meth:`Buffer.fetch`."""

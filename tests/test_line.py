@@ -362,3 +362,24 @@ def test_reply_checks_are_pure() -> None:
         check_reply(req, bytes.fromhex("01040400EA012C"))
     with pytest.raises(FrameError, match="reply from unit 2, asked unit 1"):
         check_reply(req, bytes.fromhex("02030400EA012C"))
+
+
+def test_pyserial_url_spy(line: tuple[str, str], tmp_path: Path) -> None:
+    """A pyserial URL as serial_port: spy:// logs every byte on the line to a file."""
+    line_end, agent_end = line
+    peer = LinePeer(registers={1: {0: 0x00EA, 1: 0x012C}})
+    peer.serve_pty(line_end)
+    trace = tmp_path / "spy.txt"
+
+    async def run() -> list[PointResult]:
+        bus = ModbusRtuBus(f"spy://{agent_end}?file={trace}", 9600, timeout=0.3)
+        assert await bus.connect(), bus.last_error
+        results = await _read(bus, 1)
+        bus.close()
+        return results
+
+    results = asyncio.run(run())
+    peer.stop()
+    assert [r.value for r in results] == [0x00EA, 0x012C]
+    text = trace.read_text()
+    assert "01 03 00 00 00 02 C4 0B" in text.upper(), text

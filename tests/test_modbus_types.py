@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from agent.simulator import ModbusSimulator
-from drivers.codec import encode_registers, register_bit
+from drivers.codec import encode_registers, register_bit, to_big_endian
 from drivers.modbus.config import ModbusPoint, modicon_address
 from drivers.modbus.driver import ModbusTcpBus, decode_block, plan_blocks
 
@@ -99,6 +99,42 @@ def test_case_008_markers_by_bit_pattern_in_any_byte_order() -> None:
     words = encode_registers(-(2**31), "int32", "CDAB")
     (r,) = decode_block(plan_blocks([p])[0], words)
     assert r.quality == "invalid"
+
+
+@pytest.mark.parametrize("order", ["ABCD", "CDAB", "BADC", "DCBA"])
+@pytest.mark.parametrize(
+    ("dtype", "marker", "value", "good"),
+    [
+        ("uint64", 0xFFFFFFFFFFFFFFFF, 2**64 - 1, 2**64 - 2),
+        ("int64", 0x8000000000000000, -(2**63), -(2**63) + 1),
+        ("int64", 0x7FFFFFFFFFFFFFFF, 2**63 - 1, 12345678901234),
+        ("float64", 0x7FF8000000000001, None, 1.5),
+    ],
+)
+def test_case_008_64_bit_markers(
+    dtype: str, marker: int, value: int | None, good: float, order: str
+) -> None:
+    """64-bit "no value" markers, given as the 64-bit pattern as the manual prints it
+    (most significant byte first), in every byte order; the neighbouring value is good."""
+    p = pt(name="p", address=0, type=dtype, byte_order=order, invalid_values=[marker])
+    block = plan_blocks([p])[0]
+    pattern = list(struct.unpack(">4H", marker.to_bytes(8, "big")))
+    words = to_registers(pattern, order)
+    (r,) = decode_block(block, words)
+    assert (r.value, r.quality) == (None, "invalid"), (dtype, order, r)
+    assert f"0x{marker:X}" in (r.error or "")
+    if value is not None:  # the same marker given as the number it decodes to
+        q = pt(name="p", address=0, type=dtype, byte_order=order, invalid_values=[value])
+        assert decode_block(plan_blocks([q])[0], words)[0].quality == "invalid"
+    (ok,) = decode_block(block, encode_registers(good, dtype, order))  # type: ignore[arg-type]
+    assert (ok.value, ok.quality) == (good, "good")
+
+
+def to_registers(big_endian_words: list[int], order: str) -> list[int]:
+    """The registers a device holding these big-endian words sends in ``order``."""
+    data = struct.pack(f">{len(big_endian_words)}H", *big_endian_words)
+    wire = to_big_endian(data, order)  # type: ignore[arg-type]  # its own inverse
+    return list(struct.unpack(f">{len(big_endian_words)}H", wire))
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from agent.pipeline import CounterTracker, counter_delta
 from agent.readings import TelemetryEncoder
+from agent.simulator import ModbusSimulator
 from drivers.base import PointResult
 from drivers.modbus.config import ModbusPoint, ModbusTcpDevice
+from tests.helpers import AgentProcess, Mosquitto, Subscriber, wait_until, write_config
 
 
 @pytest.mark.parametrize(
@@ -68,3 +71,48 @@ def test_tracker_and_payload() -> None:
 def test_counter_config_errors(bad: dict[str, object]) -> None:
     with pytest.raises(ValidationError, match="counter: true needs"):
         ModbusPoint.model_validate({"name": "c", "address": 0, "counter": True, **bad})
+
+
+def test_counter_deltas_continue_across_an_agent_restart(tmp_path: Path, broker: Mosquitto) -> None:
+    """The last raw value of a counter is committed with the poll that read it: after a
+    restart, the first poll's delta counts from it (nothing counted twice or lost), and
+    it survives a SIGKILL too."""
+    sim = ModbusSimulator()
+    sim.add_device(1, [ModbusPoint(name="total", address=0, type="uint32")])
+    sim.set_raw(1, "holding", 0, [0xFFFF, 0xFFF0])  # near the top: the next one wraps
+    sim.start_thread()
+    devices = (
+        f"  - id: flow\n    host: 127.0.0.1\n    port: {sim.port}\n    poll_interval: 100ms\n"
+        "    points: [{name: total, address: 0, type: uint32, counter: true}]\n"
+    )
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    sub = Subscriber(broker.port, "lifeline/#")
+
+    def deltas() -> list[int | None]:  # by seq: a resend after the SIGKILL is a duplicate
+        by_seq = {
+            m.json()["seq"]: m.json()["points"]["total"].get("delta") for m in sub.telemetry()
+        }
+        return [by_seq[s] for s in sorted(by_seq)]
+
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    wait_until(lambda: len(deltas()) >= 3, 15, "three polls")
+    assert agent.stop() == 0, agent.log()
+    seen = len(deltas())
+    sim.call(lambda: sim.set_raw(1, "holding", 0, [0x0000, 0x0010]))  # 0x20 on, through 0
+    agent = AgentProcess(cfg, tmp_path / "agent2.log")
+    agent.start()
+    wait_until(lambda: len(deltas()) >= seen + 2, 15, "polls after the restart")
+    agent.kill()
+    seen = len(deltas())
+    sim.call(lambda: sim.set_raw(1, "holding", 0, [0x0000, 0x0015]))
+    agent = AgentProcess(cfg, tmp_path / "agent3.log")
+    agent.start()
+    wait_until(lambda: len(deltas()) >= seen + 2, 15, "polls after the kill")
+    assert agent.stop() == 0
+    sim.stop_thread()
+    got = deltas()
+    assert got[0] is None, "the very first poll has nothing to count from"
+    assert set(got[1:]) <= {0, 0x20, 5}, got
+    assert got.count(0x20) == 1 and got.count(5) == 1, got
+    assert got.count(None) == 1, "no restart starts counting afresh"

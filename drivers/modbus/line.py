@@ -315,10 +315,12 @@ class SerialLine:
                     stopbits=stopbits,
                     timeout=0,
                 )
-                if "://" in self.endpoint and not self.endpoint.startswith("socket://"):
-                    # URL handlers such as rfc2217:// have no file descriptor to watch
-                    assert isinstance(transport, SerialTransport)
+                assert isinstance(transport, SerialTransport)
+                try:
+                    transport.sync_serial.fileno()
+                except Exception:  # rfc2217:// and loop:// have no descriptor to watch
                     transport.force_poll = True
+                    transport._poll_wait_time = 0.002  # 500 wake-ups/s rather than 2000
                 proto.transport = transport  # connection_made comes a loop turn later
         except Exception as exc:  # OSError, termios.error (bad settings), ValueError, ...
             self.last_error = str(exc) or type(exc).__name__
