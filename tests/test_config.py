@@ -128,14 +128,23 @@ def test_shipped_example_configs_validate() -> None:
         code, lines = validate(str(path))
         assert code == 0, lines
         assert lines == [lines[0]]
-        assert lines[0].startswith(f"{path}: OK (gateway zz-jinshui-gw017, 3 device(s), ")
+        assert lines[0].startswith(f"{path}: OK (gateway zz-jinshui-gw017, 6 device(s), ")
         cfg = load_config(path)
-        assert [d.id for d in cfg.devices] == [
+        ids = [d.id for d in cfg.devices]
+        assert ids == [
             "underpass-radar",
             "culvert-level",
+            "valve-pit-ch4",
+            "cabinet-rain",
+            "riverside-level",
             "gas-station-07-p1",
         ]
-        included = cfg.devices[2]
+        assert {d.driver for d in cfg.devices} == {
+            "modbus_tcp",
+            "modbus_rtu",
+            "modbus_rtu_over_tcp",
+        }
+        included = cfg.devices[ids.index("gas-station-07-p1")]
         assert included.profile == "gas-pressure"
         assert included.points[-1].name == "cabinet_door_open"
         assert included.points[-1].table == "discrete_input"
