@@ -383,3 +383,32 @@ def test_pyserial_url_spy(line: tuple[str, str], tmp_path: Path) -> None:
     assert [r.value for r in results] == [0x00EA, 0x012C]
     text = trace.read_text()
     assert "01 03 00 00 00 02 C4 0B" in text.upper(), text
+
+
+def test_connect_pause_and_per_device_timeout(line: tuple[str, str]) -> None:
+    """connect_pause keeps the line quiet after opening; each request waits its own
+    device's timeout, not the longest on the bus."""
+    line_end, agent_end = line
+    peer = LinePeer(registers={1: {0: 1, 1: 2}})
+    peer.serve_pty(line_end)
+
+    async def run() -> tuple[float, float, float]:
+        bus = ModbusRtuBus(agent_end, 9600, timeout=1.0, connect_pause=0.25)
+        t0 = time.monotonic()
+        assert await bus.connect()
+        await _read(bus, 1, 1.0)
+        first = peer.requests[0].t_start - t0
+        t1 = time.monotonic()
+        await _read(bus, 9, 0.1)  # nobody: its own 100 ms
+        short = time.monotonic() - t1
+        t2 = time.monotonic()
+        await bus.read_device(9, TWO)  # the bus default: 1 s
+        long = time.monotonic() - t2
+        bus.close()
+        return first, short, long
+
+    first, short, long = asyncio.run(run())
+    peer.stop()
+    assert first >= 0.25
+    assert 0.1 <= short < 0.3
+    assert 1.0 <= long < 1.3

@@ -342,6 +342,7 @@ class _PymodbusBus(ModbusBus):
     """A bus driven by a pymodbus asyncio client."""
 
     _client: AsyncModbusTcpClient
+    timeout: float
 
     def _no_disconnect_on_timeouts(self) -> None:
         # Timeouts of one unit behind a converter must not close the connection that the
@@ -368,6 +369,8 @@ class _PymodbusBus(ModbusBus):
     ) -> Sequence[int] | Sequence[bool]:
         c = self._client
         table, start, count = block.table, block.start, block.count
+        # requests on a bus run one at a time, so the client's timeout can follow the device
+        c.comm_params.timeout_connect = self.timeout if timeout is None else timeout
         if table == "holding":
             resp: Any = await c.read_holding_registers(start, count=count, device_id=unit_id)
         elif table == "input":
@@ -421,6 +424,7 @@ class ModbusTcpBus(_PymodbusBus):
     def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
         self.name = f"tcp://{host}:{port}"
         self.narrowed = []
+        self.timeout = timeout
         self._client = AsyncModbusTcpClient(
             host, port=port, timeout=timeout, retries=0, reconnect_delay=0, name=self.name
         )
