@@ -110,6 +110,16 @@ def test_case_016_dead_device_on_the_line_keeps_others_on_time(line: tuple[str, 
         assert max(spacing) <= 0.5 + 0.3 + 0.05, spacing
         asked = [r.t_start for r in reqs if r.unit == unit]
         assert max(b - a for a, b in itertools.pairwise(asked)) <= 0.85
+    answered = [(p, n) for p, n in itertools.pairwise(reqs) if p.t_reply_end is not None]
+    worst = max(
+        b - a for u in (1, 3, 4) for a, b in itertools.pairwise([t for v, t, _ in polls if v == u])
+    )
+    print(
+        f"\ncase 016: {len(reqs)} requests in 6 s, none overlapping; smallest gap after a "
+        f"reply {min(n.t_start - p.t_reply_end for p, n in answered) * 1000:.2f} ms "
+        f"(floor {gap * 1000:.2f} ms); longest interval of a live unit {worst * 1000:.0f} ms "
+        f"(500 + 300); unit 2 asked {sum(r.unit == 2 for r in reqs)} times"
+    )
     # the dead unit: a bad-quality poll every interval, no values, asked less and less
     dead = [rs for u, _, rs in polls if u == 2]
     assert len(dead) >= 11
