@@ -9,22 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import signal
 import sqlite3
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from agent.alarms import Alarm, AlarmEngine, Event
 from agent.buffer import AsyncBuffer, Buffer, Row, lock_state_dir
+from agent.config.alarms import AlarmRule
 from agent.config.model import AgentConfig
+from agent.gpio import Gpio, desired_outputs
 from agent.mqtt import MqttLink
 from agent.pipeline import CounterTracker
 from agent.poller import BusPoller
-from agent.publisher import Publisher
-from agent.readings import TelemetryEncoder
-from agent.topics import OFFLINE, status_topic, telemetry_topic
+from agent.publisher import ALARMS_MAX, Publisher
+from agent.readings import TelemetryEncoder, iso_ms, now_ms
+from agent.topics import (
+    OFFLINE,
+    alarm_state_topic,
+    event_topic,
+    status_topic,
+    telemetry_topic,
+)
 from drivers.base import PointResult
 from drivers.modbus.config import (
     ModbusDevice,
@@ -38,6 +50,8 @@ from drivers.modbus.line import SerialLine
 log = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 5.0
+ALARM_TICK_S = 0.5
+"""How often time alone is let act on the alarms (delays, stale data)."""
 
 
 def machine_suffix(path: Path = Path("/etc/machine-id")) -> str:
@@ -112,7 +126,9 @@ class BufferWriter:
 
     def __init__(self, buffer: AsyncBuffer, max_pending: int = 100_000) -> None:
         self.buffer = buffer
-        self.pending: list[tuple[str, bytes, int]] = []
+        self.pending: list[tuple[str, bytes, int, int]] = []
+        self.alarms: dict[str, str] = {}
+        """Alarm states (JSON) committed with the next batch."""
         self.state: dict[tuple[str, str], int] = {}
         """Per-point state committed with the next batch (counters' last raw values)."""
         self.max_pending = max_pending
@@ -123,11 +139,13 @@ class BufferWriter:
         self._lock = asyncio.Lock()
         self._failing = False
 
-    def submit(self, topic: str, body: bytes, ts_ms: int) -> None:
-        """Queue one message for the next commit (never blocks); see :meth:`kick`."""
-        self.pending.append((topic, body, ts_ms))
+    def submit(self, topic: str, body: bytes, ts_ms: int, prio: int = 0) -> None:
+        """Queue one message for the next commit (never blocks); see :meth:`kick`.
+        ``prio`` 1: an alarm event (published first, never dropped)."""
+        self.pending.append((topic, body, ts_ms, prio))
         if len(self.pending) > self.max_pending:
-            del self.pending[0]
+            oldest = next((i for i, m in enumerate(self.pending) if not m[3]), 0)
+            del self.pending[oldest]
             self.lost += 1
             if self.lost == 1 or self.lost % 1000 == 0:
                 log.error(
@@ -139,7 +157,7 @@ class BufferWriter:
 
     def kick(self) -> None:
         """Commit what is pending (called at the end of each polling cycle)."""
-        if self.pending:
+        if self.pending or self.alarms:
             self._event.set()
 
     async def commit(self) -> bool:
@@ -152,15 +170,17 @@ class BufferWriter:
             return await self._commit()
 
     async def _commit(self) -> bool:
-        if not self.pending:
+        if not self.pending and not self.alarms:
             return True
         batch, self.pending = self.pending, []
         state, self.state = self.state, {}
+        alarms, self.alarms = self.alarms, {}
         try:
-            seqs = await self.buffer.append_many(batch, self.handed_upto(), state)
+            seqs = await self.buffer.append_many(batch, self.handed_upto(), state, alarms)
         except sqlite3.Error as exc:
             self.pending = batch + self.pending
             self.state = {**state, **self.state}
+            self.alarms = {**alarms, **self.alarms}
             if not self._failing:
                 log.error(
                     "cannot write buffer %s: %s; keeping %d message(s) in memory and retrying",
@@ -173,7 +193,7 @@ class BufferWriter:
         if self._failing:
             log.info("buffer %s is writable again", self.buffer.sync.path)
             self._failing = False
-        rows = [Row(s, t, b, ts) for s, (t, b, ts) in zip(seqs, batch, strict=True)]
+        rows = [Row(s, t, b, ts, p) for s, (t, b, ts, p) in zip(seqs, batch, strict=True)]
         self.on_commit(rows, self.buffer.sync.dropped_upto)
         return True
 
@@ -190,7 +210,7 @@ class BufferWriter:
 class Agent:
     """The running daemon: buses, buffer writer, publisher and MQTT link."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, pin_factory: Any = None) -> None:
         self.cfg = cfg
         self.stop_event = asyncio.Event()
         state = Path(cfg.state_dir)
@@ -224,6 +244,16 @@ class Agent:
         self.publisher = Publisher(self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight)
         self.writer.on_commit = self.publisher.offer
         self.writer.handed_upto = lambda: self.publisher.cursor
+        self._prefix = prefix
+        self.alarms = AlarmEngine(
+            expand_rules(cfg), self.buffer.sync.alarm_state(), time.monotonic(), now_ms()
+        )
+        self.publisher.add_alarm_events(self.buffer.sync.fetch(0, ALARMS_MAX, prio_only=True))
+        self.publisher.on_online = self._publish_alarm_states
+        initial = {
+            n: st for n, st in desired_outputs(cfg.outputs, self.alarms.alarms).items() if st.on
+        }
+        self.gpio = Gpio(cfg.gpio, cfg.outputs, initial, pin_factory)
         groups: dict[str, list[ModbusDevice]] = defaultdict(list)
         for d in cfg.devices:
             groups[d.bus].append(d)
@@ -242,6 +272,74 @@ class Agent:
                 self.writer.state[(dev.id, name)] = value
         body = self._encoders[dev.id].encode(ts_ms, results, deltas)
         self.writer.submit(self._topics[dev.id], body, ts_ms)
+        events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
+        if events:
+            self._emit(events)
+
+    def _emit(self, events: list[tuple[Alarm, Event]]) -> None:
+        """Alarm events: outputs first (no await between a reading and its relay), then
+        into the buffer as priority rows, and the retained state to the broker."""
+        now, wall = time.monotonic(), now_ms()
+        self.gpio.apply(desired_outputs(self.cfg.outputs, self.alarms.alarms))
+        for a, e in events:
+            body = alarm_event_body(self.cfg.gateway_id, a, e, self.gpio)
+            self.writer.submit(
+                event_topic(self._prefix, self.cfg.gateway_id, a.device), body, e.at_ms, 1
+            )
+            level = logging.WARNING if e.event == "raise" else logging.INFO
+            log.log(
+                level,
+                "alarm %s %s (%s %s, %s): value %s, now %s",
+                a.key,
+                e.event,
+                a.rule.kind,
+                a.rule.severity,
+                a.rule.category,
+                e.value,
+                e.state,
+            )
+            self._publish_alarm_state(a, wall)
+        self.writer.alarms.update(
+            {k: json.dumps(v) for k, v in self.alarms.take_changed(now, wall).items()}
+        )
+        self.writer.kick()
+
+    def _publish_alarm_state(self, a: Alarm, wall: int) -> None:
+        if self.link.connected.is_set():
+            topic = alarm_state_topic(self._prefix, self.cfg.gateway_id, a.device, a.rule.id)
+            body = alarm_state_body(self.cfg.gateway_id, a, wall)
+            self.link.publish(topic, body, qos=1, retain=True)
+
+    def _publish_alarm_states(self) -> None:
+        """After every CONNACK: the current state of every alarm, retained."""
+        wall = now_ms()
+        for a in self.alarms.alarms:
+            self._publish_alarm_state(a, wall)
+
+    def acknowledge(self, by: str, keys: list[str] | None = None) -> int:
+        """Acknowledge alarms (all, or those ``keys``: ``device/rule``); return how many
+        changed. The acknowledge button calls it; a platform command can later."""
+        events = self.alarms.acknowledge(time.monotonic(), now_ms(), by, keys)
+        if events:
+            self._emit(events)
+        return len(events)
+
+    async def _alarm_timer(self) -> None:
+        """Let time act on the alarms (delays, stale data) and keep the outputs and the
+        status LED current."""
+        while True:
+            events = self.alarms.tick(time.monotonic(), now_ms())
+            if events:
+                self._emit(events)
+            else:
+                # changed conditions without events (a delay started) are saved too
+                changed = self.alarms.take_changed(time.monotonic(), now_ms())
+                if changed:
+                    self.writer.alarms.update({k: json.dumps(v) for k, v in changed.items()})
+                    self.writer.kick()
+                self.gpio.apply(desired_outputs(self.cfg.outputs, self.alarms.alarms))
+            self.gpio.set_status(self.link.connected.is_set())
+            await asyncio.sleep(ALARM_TICK_S)
 
     async def run(self) -> int:
         """Run until :attr:`stop_event` is set; return the process exit code."""
@@ -263,7 +361,14 @@ class Agent:
             asyncio.create_task(self.publisher.run_acks(), name="acks"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
+        loop = asyncio.get_running_loop()
+
+        def pressed() -> None:  # on gpiozero's thread: hand over to the loop
+            loop.call_soon_threadsafe(self.acknowledge, "button")
+
+        self.gpio.on_ack = pressed
         polls = [asyncio.create_task(p.run(), name=f"poll:{p.name}") for p in self.pollers]
+        polls.append(asyncio.create_task(self._alarm_timer(), name="alarms"))
         watched = [*bg, link_task, *polls]
         stop_wait = asyncio.create_task(self.stop_event.wait(), name="stop")
         done, _ = await asyncio.wait([stop_wait, *watched], return_when=asyncio.FIRST_COMPLETED)
@@ -286,6 +391,7 @@ class Agent:
         for t in polls:
             t.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
+        self.gpio.close()
         if not await self.writer.commit():
             log.error(
                 "%d poll(s) could not be written to buffer %s and are lost at this stop",
@@ -320,6 +426,80 @@ class Agent:
             self.publisher.acked_total,
             stats.pending,
         )
+
+
+def expand_rules(cfg: AgentConfig) -> list[Alarm]:
+    """One :class:`Alarm` per rule and device (a ``profile`` rule applies to every device
+    using that profile)."""
+    out = []
+    for rule in cfg.alarms:
+        for d in cfg.devices:
+            if d.id == rule.device or (rule.profile is not None and d.profile == rule.profile):
+                unit = next((p.unit for p in d.points if p.name == rule.point), None)
+                out.append(Alarm(rule, d.id, unit))
+    return out
+
+
+def _limits(rule: AlarmRule) -> dict[str, Any]:
+    if rule.kind in ("high", "low"):
+        return {"setpoint": rule.setpoint, "clear": rule.clear_level}
+    if rule.kind == "rate":
+        return {"change": rule.change, "window_s": rule.window, "clear": rule.clear_level}
+    return {"after_s": rule.after}
+
+
+def alarm_event_body(gateway: str, a: Alarm, e: Event, gpio: Gpio) -> bytes:
+    """The JSON of one alarm event (``docs/mqtt.md``); ``seq`` is spliced in later."""
+    rule = a.rule
+    doc: dict[str, Any] = {
+        "gateway": gateway,
+        "device": a.device,
+        "type": "alarm",
+        "event": e.event,
+        "alarm": a.key,
+        "rule": rule.id,
+        "point": rule.point,
+        "kind": rule.kind,
+        "category": rule.category,
+        "severity": rule.severity,
+        "state": e.state,
+        "value": e.value,
+        "unit": a.unit,
+        "quality": e.quality,
+        **_limits(rule),
+        "ts": iso_ms(e.at_ms),
+    }
+    if a.state.raised_ms is not None:
+        doc["raised_at"] = iso_ms(a.state.raised_ms)
+    if rule.message:
+        doc["message"] = rule.message
+    if e.by:
+        doc["by"] = e.by
+    if gpio.outputs:
+        doc["outputs"] = "ok" if gpio.available else "unavailable"
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+def alarm_state_body(gateway: str, a: Alarm, wall_ms: int) -> bytes:
+    """The retained current state of one alarm."""
+    rule = a.rule
+    doc: dict[str, Any] = {
+        "gateway": gateway,
+        "device": a.device,
+        "alarm": a.key,
+        "rule": rule.id,
+        "point": rule.point,
+        "kind": rule.kind,
+        "category": rule.category,
+        "severity": rule.severity,
+        "state": a.state.state,
+        "value": a.state.value,
+        "unit": a.unit,
+        **_limits(rule),
+        "raised_at": None if a.state.raised_ms is None else iso_ms(a.state.raised_ms),
+        "ts": iso_ms(wall_ms),
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
 async def run_agent(cfg: AgentConfig) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters(name, value) VALUES ('dropped', 0);
+CREATE TABLE IF NOT EXISTS alarm_state (
+    alarm TEXT PRIMARY KEY,
+    doc   TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS point_state (
     device TEXT    NOT NULL,
     point  TEXT    NOT NULL,
@@ -61,6 +66,10 @@ def _open_advice(path: Path, exc: sqlite3.DatabaseError) -> str:
     )
 
 
+Item = tuple[str, bytes, int] | tuple[str, bytes, int, int]
+"""A message to buffer: (topic, body, ts_ms) or (topic, body, ts_ms, prio)."""
+
+
 class BufferError(RuntimeError):
     """The buffer file cannot be opened or written; the message names the file and a fix."""
 
@@ -77,6 +86,8 @@ class Row:
     topic: str
     body: bytes
     ts_ms: int
+    prio: int = 0
+    """1: an alarm event, published before any backlog and never dropped by the cap."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +182,16 @@ class Buffer:
 
     def _check_schema(self) -> None:
         cols = [r[1] for r in self._db.execute("PRAGMA table_info(outbox)")]
+        if cols == ["seq", "topic", "body", "ts_ms"]:  # a buffer from before alarm events
+            self._db.execute("ALTER TABLE outbox ADD COLUMN prio INTEGER NOT NULL DEFAULT 0")
+            cols.append("prio")
+        self._db.execute("CREATE INDEX IF NOT EXISTS outbox_prio ON outbox(seq) WHERE prio > 0")
         has_seq = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE name='sqlite_sequence'"
         ).fetchone()
-        if cols != ["seq", "topic", "body", "ts_ms"] or (has_seq is None and self._has_rows()):
+        if cols != ["seq", "topic", "body", "ts_ms", "prio"] or (
+            has_seq is None and self._has_rows()
+        ):
             raise sqlite3.DatabaseError(
                 f"not an edge-agent buffer: table outbox has columns {cols}"
             )
@@ -190,14 +207,17 @@ class Buffer:
 
     def append_many(
         self,
-        items: Sequence[tuple[str, bytes, int]],
+        items: Sequence[Item],
         handed_upto: int = 0,
         state: Mapping[tuple[str, str], int] | None = None,
+        alarms: Mapping[str, str] | None = None,
     ) -> list[int]:
-        """Commit ``(topic, body, ts_ms)`` items in one transaction; return their seqs.
+        """Commit ``(topic, body, ts_ms[, prio])`` items in one transaction; return their
+        seqs. ``prio`` 1 marks an alarm event: the size cap never deletes it.
 
         ``state`` (``(device, point) → value``, e.g. the last raw value of each counter)
-        is stored in the same transaction, so it always matches the last committed poll.
+        and ``alarms`` (alarm key → JSON state) are stored in the same transaction, so
+        they always match the last committed poll and its events.
 
         If the cap is exceeded, the oldest rows are deleted in the same transaction and
         :attr:`dropped_upto` moves to the highest deleted seq. Only deleted rows with a seq
@@ -212,30 +232,39 @@ class Buffer:
         lost = first_lost = boundary = 0
         db.execute("BEGIN IMMEDIATE")
         try:
-            for topic, body, ts_ms in items:
+            for item in items:
                 cur = db.execute(
-                    "INSERT INTO outbox(topic, body, ts_ms) VALUES (?, ?, ?)",
-                    (topic, body, ts_ms),
+                    "INSERT INTO outbox(topic, body, ts_ms, prio) VALUES (?, ?, ?, ?)",
+                    (item[0], item[1], item[2], item[3] if len(item) > 3 else 0),
                 )
                 seqs.append(int(cur.lastrowid or 0))
+            if alarms:
+                db.executemany(
+                    "INSERT OR REPLACE INTO alarm_state(alarm, doc) VALUES (?, ?)",
+                    list(alarms.items()),
+                )
             if state:
                 db.executemany(
                     "INSERT OR REPLACE INTO point_state(device, point, value) VALUES (?, ?, ?)",
                     [(d, p, v) for (d, p), v in state.items()],
                 )
             excess = self._count + len(items) - self.max_messages
-            if excess > 0:
-                boundary = int(
-                    db.execute(
-                        "SELECT seq FROM outbox ORDER BY seq LIMIT 1 OFFSET ?", (excess - 1,)
-                    ).fetchone()[0]
-                )
+            if excess > 0:  # the oldest telemetry goes; alarm events (prio > 0) stay
+                found = db.execute(
+                    "SELECT seq FROM outbox WHERE prio = 0 ORDER BY seq LIMIT 1 OFFSET ?",
+                    (excess - 1,),
+                ).fetchone()
+                if found is None:  # (only alarm events left: keep them all)
+                    found = db.execute("SELECT MAX(seq) FROM outbox WHERE prio = 0").fetchone()
+                boundary = int(found[0] or 0)
                 lost, first = db.execute(
-                    "SELECT COUNT(*), MIN(seq) FROM outbox WHERE seq > ? AND seq <= ?",
+                    "SELECT COUNT(*), MIN(seq) FROM outbox WHERE seq > ? AND seq <= ? AND prio = 0",
                     (handed_upto, boundary),
                 ).fetchone()
                 first_lost = int(first or 0)
-                db.execute("DELETE FROM outbox WHERE seq <= ?", (boundary,))
+                excess = db.execute(
+                    "DELETE FROM outbox WHERE seq <= ? AND prio = 0", (boundary,)
+                ).rowcount
                 db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost,))
             db.execute("COMMIT")
         except BaseException:
@@ -278,15 +307,28 @@ class Buffer:
         self._drop_logged_at = time.monotonic()
         self._drops_unlogged = 0
 
-    def fetch(self, after_seq: int, limit: int) -> list[Row]:
-        """Return up to ``limit`` rows with ``seq > after_seq``, oldest first."""
+    def fetch(self, after_seq: int, limit: int, prio_only: bool = False) -> list[Row]:
+        """Return up to ``limit`` rows with ``seq > after_seq``, oldest first (only alarm
+        events with ``prio_only``)."""
+        where = "seq > ? AND prio > 0" if prio_only else "seq > ?"
         cur = self._db.execute(
-            "SELECT seq, topic, body, ts_ms FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT seq, topic, body, ts_ms, prio FROM outbox WHERE {where} ORDER BY seq LIMIT ?",
             (after_seq, limit),
         )
-        rows = [Row(int(s), str(t), bytes(b), int(ts)) for s, t, b, ts in cur]
+        rows = [Row(int(s), str(t), bytes(b), int(ts), int(p)) for s, t, b, ts, p in cur]
         cur.close()  # never leave a read transaction open (it would pin the WAL)
         return rows
+
+    def alarm_state(self) -> dict[str, dict[str, Any]]:
+        """The stored state of every alarm (see :meth:`append_many`); unreadable entries
+        are skipped."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, doc in self._db.execute("SELECT alarm, doc FROM alarm_state").fetchall():
+            with contextlib.suppress(ValueError):
+                value = json.loads(doc)
+                if isinstance(value, dict):
+                    out[str(key)] = value
+        return out
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Delete acknowledged rows (one transaction). Unknown seqs are ignored."""
@@ -344,16 +386,17 @@ class AsyncBuffer:
 
     async def append_many(
         self,
-        items: Sequence[tuple[str, bytes, int]],
+        items: Sequence[Item],
         handed_upto: int = 0,
         state: Mapping[tuple[str, str], int] | None = None,
+        alarms: Mapping[str, str] | None = None,
     ) -> list[int]:
         """See :meth:`Buffer.append_many`."""
-        return await self._run(self.sync.append_many, items, handed_upto, state)  # type: ignore[return-value]
+        return await self._run(self.sync.append_many, items, handed_upto, state, alarms)  # type: ignore[return-value]
 
-    async def fetch(self, after_seq: int, limit: int) -> list[Row]:
+    async def fetch(self, after_seq: int, limit: int, prio_only: bool = False) -> list[Row]:
         """See :meth:`Buffer.fetch`."""
-        return await self._run(self.sync.fetch, after_seq, limit)  # type: ignore[return-value]
+        return await self._run(self.sync.fetch, after_seq, limit, prio_only)  # type: ignore[return-value]
 
     async def ack(self, seqs: Sequence[int]) -> None:
         """See :meth:`Buffer.ack`."""

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 
 from agent.buffer import AsyncBuffer, Row, payload_with_seq
 from agent.mqtt import MqttLink
@@ -19,6 +20,8 @@ FRESH_MAX = 4096
 """Most freshly committed rows kept in memory for the publisher."""
 REFUSED_RETRY_S = 60.0
 """A message the broker refused (MQTT 5 reason code) is offered again after this long."""
+ALARMS_MAX = 10_000
+"""Most alarm events kept in memory to go ahead of a backlog; more go in seq order."""
 REFUSED_MAX = 1024
 """Most refused rows kept in memory for a retry; more wait in the buffer for a restart."""
 
@@ -52,6 +55,10 @@ class Publisher:
         self._status_acked = asyncio.Event()
         self.published = 0
         self.acked_total = 0
+        self._alarms: dict[int, Row] = {}  # alarm events not yet handed to the client
+        self._ahead: set[int] = set()  # alarm events handed ahead of the cursor
+        self.on_online: Callable[[], None] = lambda: None
+        """Called after `online` was published on a new connection (retained states)."""
         link.on_connected = self.on_connected
         link.on_puback = self.on_puback
 
@@ -64,9 +71,11 @@ class Publisher:
         as dropped.
         """
         if dropped_upto > self.cursor:
+            # (the cap skips telemetry, never alarm events: those stay in _alarms)
             self.cursor = dropped_upto
             while self._fresh and self._fresh[0].seq <= dropped_upto:
                 self._fresh.popleft()
+        self.add_alarm_events(rows)
         self._fresh.extend(rows)
         if rows:
             self.last_offered = rows[-1].seq
@@ -86,10 +95,41 @@ class Publisher:
             out.append(fresh.popleft())
         return out
 
+    def add_alarm_events(self, rows: list[Row]) -> None:
+        """Alarm events (``prio`` rows) to publish ahead of any backlog: at once when
+        connected, else first thing after the next CONNACK. (The agent also passes the
+        unsent ones found in the buffer at start.)"""
+        fresh = [r for r in rows if r.prio]
+        if not fresh:
+            return
+        for r in fresh:
+            if len(self._alarms) < ALARMS_MAX:
+                self._alarms[r.seq] = r
+        if self.link.connected.is_set():
+            self._send_alarm_events()
+
     def on_connected(self) -> None:
-        """Announce ``online`` (retained) after every CONNACK."""
+        """After every CONNACK, synchronously inside the client's CONNACK handling, so
+        before the client resends its in-flight messages: first the alarm events not yet
+        sent, then ``online`` (retained) and :attr:`on_online`, then the rest in seq
+        order."""
+        self._send_alarm_events()
         self.link.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        self.on_online()
         self._wake.set()
+
+    def _send_alarm_events(self) -> None:
+        """Hand every waiting alarm event to the client (whatever the window: they are
+        few, and they go first)."""
+        for seq in sorted(self._alarms):
+            if not self.link.connected.is_set():
+                return
+            row = self._alarms.pop(seq)  # (sent in seq order already: popped there)
+            mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
+            self.inflight[mid] = row
+            if row.seq > self.cursor:
+                self._ahead.add(row.seq)
+            self.published += 1
 
     def on_puback(self, mid: int, ok: bool, reason: str) -> None:
         """PUBACK for ``mid``; ``ok`` is False for an MQTT 5 failure reason code."""
@@ -169,11 +209,19 @@ class Publisher:
                 else:
                     self._refused[row.seq] = (row, time.monotonic())
                 continue
+            if advance and row.seq in self._ahead:  # an alarm event already sent ahead
+                self._ahead.discard(row.seq)
+                self.cursor = row.seq
+                continue
+            if row.prio:
+                self._alarms.pop(row.seq, None)  # reached in seq order before its turn
             mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
             self.inflight[mid] = row
             if advance:
                 self.cursor = row.seq
             self.published += 1
+        if self._ahead and advance:
+            self._ahead = {s for s in self._ahead if s > self.cursor}
 
     async def run_acks(self, interval: float = 0.5) -> None:
         """Delete acknowledged rows in batches; cancel to stop (call :meth:`flush_acks`)."""

@@ -14,3 +14,15 @@ def status_topic(prefix: str, gateway_id: str) -> str:
 def telemetry_topic(prefix: str, gateway_id: str, device_id: str) -> str:
     """``{prefix}/{gateway_id}/telemetry/{device_id}``: one message per device poll."""
     return f"{prefix}/{gateway_id}/telemetry/{device_id}"
+
+
+def event_topic(prefix: str, gateway_id: str, device_id: str) -> str:
+    """``{prefix}/{gateway_id}/events/{device_id}``: alarm events (raise/clear/ack), QoS 1,
+    with ``seq``, published ahead of any telemetry backlog."""
+    return f"{prefix}/{gateway_id}/events/{device_id}"
+
+
+def alarm_state_topic(prefix: str, gateway_id: str, device_id: str, rule_id: str) -> str:
+    """``{prefix}/{gateway_id}/alarms/{device_id}/{rule_id}``: retained current state of
+    one alarm, republished after every reconnect."""
+    return f"{prefix}/{gateway_id}/alarms/{device_id}/{rule_id}"

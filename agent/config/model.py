@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
 
+from agent.config.alarms import AlarmRule, GpioConfig, OutputConfig
 from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.config import (
     ModbusRtuDevice,
@@ -127,6 +128,11 @@ class AgentConfig(StrictModel):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     devices: list[Device] = Field(default_factory=list)
+    alarms: list[AlarmRule] = Field(default_factory=list, description="On-device alarm rules")
+    outputs: list[OutputConfig] = Field(
+        default_factory=list, description="GPIO outputs driven by alarms"
+    )
+    gpio: GpioConfig = Field(default_factory=GpioConfig)
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
