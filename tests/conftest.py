@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RUNNING, Mosquitto
+from tests.helpers import IN_PROCESS, RUNNING, Mosquitto
 
 
 @pytest.fixture
@@ -23,3 +23,5 @@ def _no_agent_left_behind() -> Iterator[None]:
     yield
     while RUNNING:
         RUNNING.pop().kill()
+    while IN_PROCESS:
+        IN_PROCESS.pop().stop()

@@ -315,3 +315,128 @@ def start_line(a: str, b: str) -> subprocess.Popen[bytes]:
     )
     wait_until(lambda: Path(a).exists() and Path(b).exists(), 10, "socat's ptys")
     return proc
+
+
+IN_PROCESS: list[InProcessAgent] = []
+"""In-process agents still running; conftest stops them after each test."""
+
+
+class InProcessAgent:
+    """The agent on its own thread and event loop in the test process, for tests that
+    look at GPIO pins through gpiozero's ``MockFactory`` (the pins of a child process
+    cannot be seen). :meth:`stop` takes the same path as SIGTERM."""
+
+    def __init__(self, config: Path, pin_factory: Any) -> None:
+        from agent.config.loader import load_config
+
+        self.cfg = load_config(config)
+        self.pin_factory = pin_factory
+        self.agent: Any = None
+        self.loop: Any = None
+        self.code: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import asyncio
+
+        from agent.app import Agent
+
+        ready = threading.Event()
+
+        async def main() -> int:
+            self.loop = asyncio.get_running_loop()
+            self.agent = Agent(self.cfg, pin_factory=self.pin_factory)
+            ready.set()
+            return await self.agent.run()
+
+        def run() -> None:
+            self.code = asyncio.run(main())
+
+        self._thread = threading.Thread(target=run, name="agent", daemon=True)
+        self._thread.start()
+        IN_PROCESS.append(self)
+        assert ready.wait(10), "agent did not start"
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the agent's loop and return its result."""
+        import asyncio
+
+        async def wrapped() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(10)
+
+    def stop(self, timeout: float = 15) -> int | None:
+        """Stop as on SIGTERM; return the exit code."""
+        if self._thread is None:
+            return self.code
+        self.loop.call_soon_threadsafe(self.agent.stop_event.set)
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "agent did not stop"
+        self._thread = None
+        with contextlib.suppress(ValueError):
+            IN_PROCESS.remove(self)
+        return self.code
+
+
+class TcpProxy:
+    """A TCP forwarder from a port of its own to ``127.0.0.1:upstream``, which the test
+    can close (the endpoint refuses connections and open ones are cut, as when a broker
+    goes down) and open again on the same port. Issue 6's fault tests extend it."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.port = free_listen_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.open()
+
+    def open(self) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(16)
+        self._listener = srv
+        threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
+
+    def _accept(self, srv: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = srv.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.upstream), 5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()

@@ -650,6 +650,7 @@ def _load(path: Path, fast: bool) -> AgentConfig:
         merged, errs = _apply_profile(dev, prof, i, data, display, origins)
         issues += errs
         resolved.append(merged)
+    issues += _check_alarm_refs(cfg, resolved, data, display, origins)
     if issues:
         raise ConfigError(issues)
 
@@ -681,6 +682,81 @@ def _load(path: Path, fast: bool) -> AgentConfig:
             "profiles_dir": str(pdir),
         }
     )
+
+
+def _check_alarm_refs(
+    cfg: AgentConfig, devices: list[Any], data: Any, display: str, origins: _Origins
+) -> list[ConfigIssue]:
+    """Alarm rules name existing devices and points; outputs name existing rules; ids,
+    names and pins are unique."""
+    issues: list[ConfigIssue] = []
+
+    def issue(loc: tuple[int | str, ...], message: str) -> None:
+        f, line, col, p = _locate(data, loc, display, origins, key=False)
+        issues.append(ConfigIssue(f, line, col, p, message))
+
+    def hint(name: str, options: list[str]) -> str:
+        close = difflib.get_close_matches(name, options, n=1)
+        return f" (did you mean '{close[0]}'?)" if close else ""
+
+    by_id = {d.id: d for d in devices}
+    rule_ids: dict[str, int] = {}
+    for i, rule in enumerate(cfg.alarms):
+        if rule.id in rule_ids:
+            issue(
+                ("alarms", i, "id"),
+                f"rule id {rule.id!r} is also used by alarms[{rule_ids[rule.id]}]",
+            )
+        rule_ids.setdefault(rule.id, i)
+        if rule.device is not None:
+            targets = [by_id[rule.device]] if rule.device in by_id else []
+            if not targets:
+                issue(
+                    ("alarms", i, "device"),
+                    f"no device {rule.device!r}{hint(rule.device, list(by_id))}",
+                )
+        else:
+            targets = [d for d in devices if d.profile == rule.profile]
+            if not targets:
+                issue(("alarms", i, "profile"), f"no device uses profile {rule.profile!r}")
+        for d in targets:
+            points = {p.name: p for p in d.points}
+            pt = points.get(rule.point)
+            if pt is None:
+                issue(
+                    ("alarms", i, "point"),
+                    f"device {d.id!r} has no point {rule.point!r}{hint(rule.point, list(points))}",
+                )
+            elif rule.kind in ("high", "low", "rate") and pt.type == "string":
+                issue(
+                    ("alarms", i, "kind"),
+                    f"point {rule.point!r} is text: a {rule.kind} rule needs a number",
+                )
+    names: dict[str, int] = {}
+    pins: dict[str, str] = {}
+
+    def pin(where: tuple[int | str, ...], value: object, owner: str) -> None:
+        key = str(value).upper().removeprefix("GPIO")
+        if key in pins:
+            issue(where, f"pin {value} is also used by {pins[key]}")
+        pins.setdefault(key, owner)
+
+    for i, o in enumerate(cfg.outputs):
+        if o.name in names:
+            issue(
+                ("outputs", i, "name"),
+                f"output name {o.name!r} is also used by outputs[{names[o.name]}]",
+            )
+        names.setdefault(o.name, i)
+        pin(("outputs", i, "pin"), o.pin, f"output {o.name!r}")
+        for j, r in enumerate(o.rules):
+            if r not in rule_ids:
+                issue(("outputs", i, "rules", j), f"no alarm rule {r!r}{hint(r, list(rule_ids))}")
+    if cfg.gpio.ack_button is not None:
+        pin(("gpio", "ack_button", "pin"), cfg.gpio.ack_button.pin, "the acknowledge button")
+    if cfg.gpio.status_led is not None:
+        pin(("gpio", "status_led", "pin"), cfg.gpio.status_led.pin, "the status LED")
+    return issues
 
 
 def _apply_profile(
