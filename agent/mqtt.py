@@ -284,7 +284,8 @@ class MqttLink:
                 else:
                     await self._loop.run_in_executor(None, self.client.reconnect)
                 first = False
-                ok = await asyncio.wait_for(asyncio.shield(self._connack), timeout=30)
+                async with asyncio.timeout(30):
+                    ok = await asyncio.shield(self._connack)
             except (OSError, ssl.SSLError, TimeoutError, mqtt.WebsocketConnectionError) as exc:
                 ok = False
                 self._short_drop = False  # the broker was away: not a client-id takeover
@@ -305,7 +306,8 @@ class MqttLink:
             state.attempt_number += 1
             log.debug("reconnecting to broker in %.2fs", delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._stop_event.wait()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; return its message id (PUBACK arrives via ``on_puback``)."""
@@ -319,7 +321,8 @@ class MqttLink:
         if self.connected.is_set():
             self.client.disconnect()
             try:
-                await asyncio.wait_for(self._disconnected.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._disconnected.wait()
             except TimeoutError:
                 log.warning("broker did not close the connection in %.1fs", timeout)
         sock = self._sock

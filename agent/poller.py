@@ -250,7 +250,14 @@ class BusPoller:
                 )
 
     async def run(self) -> None:
-        """Poll until cancelled. Missed cycles are skipped, not bunched up."""
+        """Poll until cancelled. Missed cycles are skipped, not bunched up.
+
+        A cancellation is honoured even when a library swallowed it: pymodbus waits with
+        ``asyncio.wait_for``, which on Python 3.11 loses a cancellation that arrives as the
+        reply completes (the stop would then never end).
+        """
+        task = asyncio.current_task()
+        assert task is not None
         try:
             while True:
                 first = min(s.next_due for s in self.states)
@@ -264,6 +271,8 @@ class BusPoller:
                     if st.next_due > horizon:
                         break
                     await self.poll_once(st)
+                    if task.cancelling():  # a library swallowed our cancellation
+                        raise asyncio.CancelledError
                     if time.monotonic() - handed > HANDOVER_S:  # long cycles: keep latency low
                         self.on_cycle_end()
                         handed = time.monotonic()

@@ -199,7 +199,8 @@ class Publisher:
             # nothing to send: wait for new rows, an ack, or the next refused row's retry
             timeout = None if next_retry is None else max(0.0, next_retry - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _send(self, rows: list[Row], advance: bool) -> None:
         for row in rows:
@@ -276,7 +277,8 @@ class Publisher:
         self._status_acked.clear()
         self._status_mid = self.link.publish(self.status_topic, payload, qos=1, retain=True)
         try:
-            await asyncio.wait_for(self._status_acked.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._status_acked.wait()
         except TimeoutError:
             return False
         return True

@@ -372,7 +372,15 @@ class InProcessAgent:
             return self.code
         self.loop.call_soon_threadsafe(self.agent.stop_event.set)
         self._thread.join(timeout)
-        assert not self._thread.is_alive(), "agent did not stop"
+        if self._thread.is_alive():
+            import asyncio
+            import io
+
+            out = io.StringIO()
+            for t in asyncio.all_tasks(self.loop):
+                out.write(f"task {t.get_name()}:\n")
+                t.print_stack(file=out)
+            raise AssertionError(f"agent did not stop; its tasks:\n{out.getvalue()}")
         self._thread = None
         with contextlib.suppress(ValueError):
             IN_PROCESS.remove(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -443,3 +444,45 @@ def test_mqtt5_refused_publish_is_retried_slowly_not_flooded(
     assert log.count("broker refused the message") == 1, log[-2000:]
     assert "telemetry/denied" in log and "Not authorized" in log
     assert cpu < 3.0, f"{cpu} CPU-s in 4 s: a resend loop?"
+
+
+def test_stop_ends_even_when_a_library_swallows_the_cancellation() -> None:
+    """Python 3.11's asyncio.wait_for (used inside pymodbus) loses a cancellation that
+    arrives as the reply completes; the poller must still stop, or SIGTERM never ends."""
+    import asyncio
+
+    from agent.poller import BusPoller
+    from drivers.base import PointResult
+    from drivers.modbus.config import ModbusTcpDevice
+    from drivers.modbus.driver import ModbusTcpBus
+
+    class SwallowingBus(ModbusTcpBus):
+        """Fault injection: every read swallows a cancellation and answers anyway."""
+
+        @property
+        def connected(self) -> bool:
+            return True
+
+        async def read_device(self, unit_id, blocks, timeout=None):  # type: ignore[no-untyped-def]
+            with contextlib.suppress(asyncio.CancelledError):  # as wait_for may do
+                await asyncio.sleep(0.05)
+            return [PointResult("v", 1)]
+
+    dev = ModbusTcpDevice.model_validate(
+        {
+            "id": "d",
+            "host": "127.0.0.1",
+            "poll_interval": "50ms",
+            "points": [{"name": "v", "address": 0}],
+        }
+    )
+
+    async def run() -> bool:
+        poller = BusPoller(dev.bus, SwallowingBus("127.0.0.1", 1), [dev], lambda d, ts, rs: None)
+        task = asyncio.create_task(poller.run())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2)
+        return task in done
+
+    assert asyncio.run(run()), "the poller did not stop after its cancellation was swallowed"

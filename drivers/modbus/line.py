@@ -295,9 +295,8 @@ class SerialLine:
         try:
             if self.tcp:
                 host, _, port = self.endpoint.rpartition(":")
-                await asyncio.wait_for(
-                    loop.create_connection(lambda: proto, host, int(port)), timeout=5
-                )
+                async with asyncio.timeout(5):
+                    await loop.create_connection(lambda: proto, host, int(port))
             else:
                 from pymodbus.transport.serialtransport import (
                     SerialTransport,
@@ -366,7 +365,8 @@ class SerialLine:
             return False
         p.event.clear()
         try:
-            await asyncio.wait_for(p.event.wait(), remaining)
+            async with asyncio.timeout(remaining):
+                await p.event.wait()
         except TimeoutError:
             return False
         if p.lost:
