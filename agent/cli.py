@@ -122,6 +122,44 @@ def demo(duration: float, workdir: str | None) -> None:
     sys.exit(run_demo(duration, Path(workdir) if workdir else None))
 
 
+@main.group()
+def gpio() -> None:
+    """GPIO outputs, for technicians commissioning a cabinet."""
+
+
+@gpio.command("test")
+@config_option
+@click.argument("output")
+@click.option("--seconds", default=3.0, show_default=True, help="How long to switch it on.")
+def gpio_test(config_file: str, output: str, seconds: float) -> None:
+    """Switch OUTPUT (a name from the config's outputs) on for a few seconds, then back
+    to its safe state, reading the pin back each time. Stop the agent first: it owns the
+    pins while it runs."""
+    import time
+
+    from agent.config.model import AgentConfig
+    from agent.gpio import Gpio, OutputState
+
+    cfg = load_or_exit(config_file)
+    assert isinstance(cfg, AgentConfig)
+    names = [o.name for o in cfg.outputs]
+    if output not in names:
+        raise click.BadParameter(
+            f"no output {output!r} in {config_file} (outputs: {', '.join(names) or 'none'})"
+        )
+    (out,) = [o for o in cfg.outputs if o.name == output]
+    setup_logging("warning")
+    g = Gpio(cfg.gpio.model_copy(update={"ack_button": None, "status_led": None}), [out])
+    if not g.available:
+        raise click.ClickException(f"gpio unavailable: {g.error}")
+    click.echo(f"pin factory {g.factory_name}; output {out.name} ({out.kind}) on pin {out.pin}")
+    g.apply({out.name: OutputState(True)})
+    click.echo(f"  on for {seconds:g}s: pin reads {'on' if g.read(out.name) else 'off'}")
+    time.sleep(seconds)
+    g.close()
+    click.echo(f"  back to its safe state ({out.safe_state})")
+
+
 def _add_modbus_commands() -> None:
     from agent.cli_modbus import COMMANDS
 

@@ -245,6 +245,10 @@ class Gpio:
             ", ".join(f"{o.name} {o.safe_state}" for o in self.outputs),
         )
 
+    def read(self, name: str) -> bool:
+        """Read the output's pin back: True when it is on."""
+        return bool(self._devices[name].is_active)
+
     def states(self) -> dict[str, bool]:
         """Each output's state as last written (True: on)."""
         return {n: s.on for n, s in self._current.items()}

@@ -697,7 +697,9 @@ def _check_alarm_refs(
 
     def hint(name: str, options: list[str]) -> str:
         close = difflib.get_close_matches(name, options, n=1)
-        return f" (did you mean '{close[0]}'?)" if close else ""
+        if close:
+            return f" (did you mean '{close[0]}'?)"
+        return f" (there are: {', '.join(sorted(set(options)))})" if options else ""
 
     by_id = {d.id: d for d in devices}
     rule_ids: dict[str, int] = {}
