@@ -219,7 +219,7 @@ def test_ack_button_silences_the_buzzer_only(
     }
 
 
-def test_sigterm_drives_every_output_to_its_safe_state(
+def test_case_043_sigterm_drives_every_output_to_its_safe_state(
     tmp_path: Path, broker: Mosquitto, pins: MockFactory
 ) -> None:
     sim = level_sim(0.31)
@@ -286,7 +286,7 @@ def test_active_alarm_survives_a_kill_without_flicker(
     assert retained[-1].json()["state"] == "active"
 
 
-def test_gpio_unavailable_keeps_the_agent_running(tmp_path: Path, broker: Mosquitto) -> None:
+def test_case_044_gpio_unavailable_keeps_the_agent_running(tmp_path: Path, broker: Mosquitto) -> None:
     """Case 044: a pin factory that cannot work (lgpio missing here) is one clear error;
     polling, alarms and publishing go on, and alarm events say the outputs are down."""
     sim = level_sim(0.31)
