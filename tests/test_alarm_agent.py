@@ -286,7 +286,9 @@ def test_active_alarm_survives_a_kill_without_flicker(
     assert retained[-1].json()["state"] == "active"
 
 
-def test_case_044_gpio_unavailable_keeps_the_agent_running(tmp_path: Path, broker: Mosquitto) -> None:
+def test_case_044_gpio_unavailable_keeps_the_agent_running(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
     """Case 044: a pin factory that cannot work (lgpio missing here) is one clear error;
     polling, alarms and publishing go on, and alarm events say the outputs are down."""
     sim = level_sim(0.31)
