@@ -144,6 +144,13 @@ def test_high_high_with_the_broker_down_then_alarm_first(
     assert critical["value"] == 0.31 and critical["setpoint"] == 0.25
     assert critical["clear"] == 0.22 and critical["unit"] == "m"
     assert critical["message"] == "close the underpass" and critical["outputs"] == "ok"
+    # every alarm's state is republished (retained) after the reconnect
+    states = {
+        m.topic.rsplit("/", 1)[1]: m.json()["state"]
+        for m in sub.messages[n_before:]
+        if "/alarms/underpass/" in m.topic
+    }
+    assert states == {"level-h": "active", "level-hh": "active", "level-stale": "normal"}
     stats = f"backlog {backlog()} messages at reconnect"
     agent.stop()
     uplink.close()

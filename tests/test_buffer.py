@@ -74,3 +74,38 @@ def test_corrupt_file_names_file_and_fix(tmp_path: Path) -> None:
 def test_payload_with_seq() -> None:
     assert payload_with_seq(7, b'{"a":1}') == b'{"seq":7,"a":1}'
     assert payload_with_seq(7, b"{}") == b'{"seq":7}'
+
+
+def test_cap_never_drops_alarm_events(tmp_path: Path) -> None:
+    """Alarm events (prio 1) stay whatever the cap; only telemetry is dropped and counted,
+    and the drop range is exactly the telemetry that went."""
+    path = tmp_path / "buffer.db"
+    b = Buffer(path, max_messages=10)
+    b.append_many([("t", b"{}", i, 1 if i in (1, 4) else 0) for i in range(8)])  # seq 1..8
+    b.append_many([("t", b"{}", i) for i in range(6)])  # seq 9..14: 4 too many
+    st = b.stats()
+    assert (st.pending, st.dropped) == (10, 4)
+    kept = b.fetch(0, 100)
+    assert [r.seq for r in kept] == [2, 5, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert [r.seq for r in kept if r.prio] == [2, 5]
+    assert [r.seq for r in b.fetch(0, 100, prio_only=True)] == [2, 5]
+    assert b.dropped_upto == 6
+    b.close()
+
+
+def test_old_buffer_file_gets_the_priority_column(tmp_path: Path) -> None:
+    """A buffer written before alarm events existed is upgraded in place, rows kept."""
+    path = tmp_path / "buffer.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+        "body BLOB NOT NULL, ts_ms INTEGER NOT NULL);"
+        "INSERT INTO outbox(topic, body, ts_ms) VALUES ('t', x'7b7d', 5);"
+    )
+    db.commit()
+    db.close()
+    b = Buffer(path)
+    (row,) = b.fetch(0, 10)
+    assert (row.seq, row.ts_ms, row.prio) == (1, 5, 0)
+    assert b.append_many([("t", b"{}", 6, 1)]) == [2]
+    b.close()
