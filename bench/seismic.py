@@ -1,0 +1,61 @@
+"""CPU cost of the on-device seismic processing for 3 components at 250 Hz.
+
+Runs the real K2 record (3 × 250 Hz) through what the agent runs per sample: recursive
+STA/LTA and a trigger per component, and the 0.1–10 Hz PGA/PGV pipeline; repeats it to a
+given length of record time and reports CPU seconds per second of record, i.e. the share
+of one core needed to keep up in real time.
+
+    .venv/bin/python -m bench.seismic --seconds 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+from agent.seismic import GroundMotion, RecursiveStaLta, Trigger
+
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "seismic"
+PER_COUNT = (1.1682748289245507e-06, 1.1682281943836448e-06, 1.1687419361571917e-06)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=600.0, help="record time to process")
+    args = ap.parse_args()
+    fs = 250.0
+    with (DATA / "kinemetrics_K2_STN_20020722_counts.csv").open() as f:
+        rows = [
+            (int(r["X"]) * PER_COUNT[0], int(r["Y"]) * PER_COUNT[1], int(r["Z"]) * PER_COUNT[2])
+            for r in csv.DictReader(f)
+        ]
+    n = int(args.seconds * fs)
+    stalta = [RecursiveStaLta(50, 500) for _ in range(3)]
+    trig = [Trigger(4.0, 2.0) for _ in range(3)]
+    gm = GroundMotion(fs)
+    t0 = time.process_time()
+    for i in range(n):
+        x, y, z = rows[i % len(rows)]
+        for c, v in enumerate((x, y, z)):
+            trig[c].feed(stalta[c].feed(v))
+        gm.feed(x, y, z)
+    cpu = time.process_time() - t0
+    print(
+        json.dumps(
+            {
+                "components": 3,
+                "sampling_rate_hz": fs,
+                "record_seconds": args.seconds,
+                "cpu_s": round(cpu, 3),
+                "share_of_one_core": round(cpu / args.seconds, 4),
+                "us_per_sample_triplet": round(cpu / n * 1e6, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
