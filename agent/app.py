@@ -46,6 +46,7 @@ from drivers.modbus.config import (
 )
 from drivers.modbus.driver import LineBus, ModbusBus, ModbusTcpBus
 from drivers.modbus.line import SerialLine
+from drivers.serial_line import SerialLineDevice, SerialLineReader
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class Agent:
                 },
             )
             for d in cfg.devices
-            if any(p.counter for p in d.points)
+            if isinstance(d, ModbusDevice) and any(p.counter for p in d.points)
         }
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
         self.link = MqttLink(cfg.mqtt, client_id, self.status_topic)
@@ -255,15 +256,19 @@ class Agent:
         }
         self.gpio = Gpio(cfg.gpio, cfg.outputs, initial, pin_factory)
         groups: dict[str, list[ModbusDevice]] = defaultdict(list)
+        self.readers: list[SerialLineReader] = []
         for d in cfg.devices:
-            groups[d.bus].append(d)
+            if isinstance(d, SerialLineDevice):
+                self.readers.append(SerialLineReader(d, self._on_line, now_ms))
+            else:
+                groups[d.bus].append(d)
         self.pollers = [
             BusPoller(name, make_bus(devs), devs, self._on_poll) for name, devs in groups.items()
         ]
         for poller in self.pollers:
             poller.on_cycle_end = self.writer.kick
 
-    def _on_poll(self, dev: ModbusDevice, ts_ms: int, results: list[PointResult]) -> None:
+    def _on_poll(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
         counters = self._counters.get(dev.id)
         deltas = None
         if counters is not None:
@@ -275,6 +280,12 @@ class Agent:
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
             self._emit(events)
+
+    def _on_line(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
+        """A reading of a text-line sensor: as a poll, and committed soon (the writer
+        batches whatever is pending into one transaction)."""
+        self._on_poll(dev, ts_ms, results)
+        self.writer.kick()
 
     def _emit(self, events: list[tuple[Alarm, Event]]) -> None:
         """Alarm events: outputs first (no await between a reading and its relay), then
@@ -368,6 +379,7 @@ class Agent:
 
         self.gpio.on_ack = pressed
         polls = [asyncio.create_task(p.run(), name=f"poll:{p.name}") for p in self.pollers]
+        polls += [asyncio.create_task(r.run(), name=f"read:{r.dev.id}") for r in self.readers]
         polls.append(asyncio.create_task(self._alarm_timer(), name="alarms"))
         watched = [*bg, link_task, *polls]
         stop_wait = asyncio.create_task(self.stop_event.wait(), name="stop")

@@ -298,6 +298,12 @@ def read(**kw: Any) -> None:
         unknown = set(device_ids) - {d.id for d in cfg.devices}
         if unknown:
             raise click.BadParameter(f"no device {', '.join(sorted(unknown))} in {config_file}")
+        from drivers.modbus.config import ModbusDevice
+
+        chosen = [d for d in cfg.devices if not device_ids or d.id in device_ids]
+        for d in chosen:
+            if not isinstance(d, ModbusDevice):
+                click.echo(f"{d.id}  ({d.bus}): a {d.driver} device, not read here", err=True)
         jobs = [
             (
                 f"{d.id}  ({d.bus}, unit {d.unit_id})",
@@ -308,8 +314,8 @@ def read(**kw: Any) -> None:
                 d.max_gap,
                 d.max_registers,
             )
-            for d in cfg.devices
-            if not device_ids or d.id in device_ids
+            for d in chosen
+            if isinstance(d, ModbusDevice)
         ]
     else:
         if not bus_opts.given:

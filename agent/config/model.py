@@ -18,6 +18,7 @@ from drivers.modbus.config import (
     ModbusTcpDevice,
     Name,
 )
+from drivers.serial_line import SerialLineDevice
 
 
 def _driver_of(value: Any) -> str:
@@ -29,7 +30,8 @@ def _driver_of(value: Any) -> str:
 Device = Annotated[
     Annotated[ModbusTcpDevice, Tag("modbus_tcp")]
     | Annotated[ModbusRtuDevice, Tag("modbus_rtu")]
-    | Annotated[ModbusRtuOverTcpDevice, Tag("modbus_rtu_over_tcp")],
+    | Annotated[ModbusRtuOverTcpDevice, Tag("modbus_rtu_over_tcp")]
+    | Annotated[SerialLineDevice, Tag("serial_line")],
     Discriminator(_driver_of),
 ]
 """Every device kind the agent knows, chosen by ``driver`` (default ``modbus_tcp``)."""
@@ -142,6 +144,11 @@ class AgentConfig(StrictModel):
         for d in self.devices:
             settings = getattr(d, "line_settings", ())
             first = buses.setdefault(d.bus, (d.id, d.driver, settings))
+            if d.driver == "serial_line" and first[0] != d.id:
+                raise ValueError(
+                    f"devices {first[0]!r} and {d.id!r} share {d.bus}: a text-line sensor "
+                    "needs a port of its own"
+                )
             if first[1] != d.driver:
                 raise ValueError(
                     f"devices {first[0]!r} ({first[1]}) and {d.id!r} ({d.driver}) share "
