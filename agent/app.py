@@ -30,12 +30,14 @@ from agent.pipeline import CounterTracker
 from agent.poller import BusPoller
 from agent.publisher import ALARMS_MAX, Publisher
 from agent.readings import TelemetryEncoder, iso_ms, now_ms
+from agent.seismic import SeismicProcessor
 from agent.topics import (
     OFFLINE,
     alarm_state_topic,
     event_topic,
     status_topic,
     telemetry_topic,
+    waveform_topic,
 )
 from drivers.base import PointResult
 from drivers.modbus.config import (
@@ -46,11 +48,14 @@ from drivers.modbus.config import (
 )
 from drivers.modbus.driver import LineBus, ModbusBus, ModbusTcpBus
 from drivers.modbus.line import SerialLine
+from drivers.seismic_stream import SeismicDevice, SeismicSerialReader
 from drivers.serial_line import SerialLineDevice, SerialLineReader
 
 log = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 5.0
+TIME_KEYS = frozenset({"onset", "end", "start", "pga_at", "pgv_at", "peak_raw_at"})
+"""Fields of seismic messages that are times (UTC ms inside, ISO 8601 on the wire)."""
 ALARM_TICK_S = 0.5
 """How often time alone is let act on the alarms (delays, stale data)."""
 
@@ -256,10 +261,12 @@ class Agent:
         }
         self.gpio = Gpio(cfg.gpio, cfg.outputs, initial, pin_factory)
         groups: dict[str, list[ModbusDevice]] = defaultdict(list)
-        self.readers: list[SerialLineReader] = []
+        self.readers: list[SerialLineReader | SeismicSerialReader] = []
         for d in cfg.devices:
             if isinstance(d, SerialLineDevice):
                 self.readers.append(SerialLineReader(d, self._on_line, now_ms))
+            elif isinstance(d, SeismicDevice):
+                self.readers.append(self._seismic_reader(d))
             else:
                 groups[d.bus].append(d)
         self.pollers = [
@@ -286,6 +293,56 @@ class Agent:
         batches whatever is pending into one transaction)."""
         self._on_poll(dev, ts_ms, results)
         self.writer.kick()
+
+    def _seismic_reader(self, dev: SeismicDevice) -> SeismicSerialReader:
+        """A strong-motion sensor: its samples through :class:`SeismicProcessor`; 1 Hz
+        summaries as telemetry, events as priority rows, waveforms as their own rows."""
+        proc = SeismicProcessor(dev)
+        gw = self.cfg.gateway_id
+        events = event_topic(self._prefix, gw, dev.id)
+        waves = waveform_topic(self._prefix, gw, dev.id)
+
+        def on_sample(n: int, counts: list[float], ts: int) -> None:
+            for out in proc.feed(counts, ts):
+                if out.kind == "summary":
+                    assert out.results is not None
+                    self._on_line(dev, out.ts_ms, out.results)
+                    continue
+                assert out.doc is not None
+                doc = {
+                    k: iso_ms(v) if k in TIME_KEYS and isinstance(v, int) else v
+                    for k, v in out.doc.items()
+                }
+                head = {"gateway": gw, "device": dev.id, "type": "seismic"}
+                if out.kind == "waveform":
+                    head["type"] = "waveform"
+                body = json.dumps({**head, **doc}, separators=(",", ":")).encode()
+                if out.kind == "event":
+                    self.writer.submit(events, body, out.ts_ms, 1)
+                    log.warning(
+                        "seismic %s on %s: STA/LTA %.1f, PGA %.4g m/s², intensity %s",
+                        doc["event"],
+                        dev.id,
+                        doc.get("sta_lta", doc.get("peak_sta_lta", 0.0)),
+                        doc["pga"],
+                        doc["intensity"],
+                    )
+                else:
+                    self.writer.submit(waves, body, out.ts_ms)
+                self.writer.kick()
+
+        def on_gap(kind: str, samples: int, n: int) -> None:
+            if kind == "gap":
+                proc.skip(samples)
+            log.warning(
+                "device %s: %s of %d sample(s) before sample %d (not bridged)",
+                dev.id,
+                kind,
+                samples,
+                n,
+            )
+
+        return SeismicSerialReader(dev, on_sample, on_gap, now_ms)
 
     def _emit(self, events: list[tuple[Alarm, Event]]) -> None:
         """Alarm events: outputs first (no await between a reading and its relay), then

@@ -160,6 +160,64 @@ def gpio_test(config_file: str, output: str, seconds: float) -> None:
     click.echo(f"  back to its safe state ({out.safe_state})")
 
 
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--to", "target", required=True, help="Serial device or pty to write frames to.")
+@click.option("--rate", type=float, required=True, help="Samples per second of the record.")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="1 = real time.")
+@click.option("--first", type=int, default=0, show_default=True, help="First sample counter.")
+def replay(files: tuple[str, ...], target: str, rate: float, speed: float, first: int) -> None:
+    """Stream a recorded waveform into a serial line (e.g. one end of a pty pair) as the
+    sensor's $SMP frames, at real time or --speed times faster, so the agent on the other
+    end runs on a real earthquake. FILES: one file per channel with one number per line,
+    or one CSV file with a header and a column per channel."""
+    import csv
+    import os
+    import time
+
+    from drivers.seismic_stream import ascii_frame
+
+    if speed <= 0 or rate <= 0:
+        raise click.BadParameter("--rate and --speed must be positive")
+    channels: list[list[float]] = []
+    try:
+        if len(files) == 1 and files[0].endswith(".csv"):
+            with open(files[0], newline="") as f:
+                rows = list(csv.reader(f))
+            channels = [[float(r[c]) for r in rows[1:]] for c in range(len(rows[0]))]
+        else:
+            for name in files:
+                with open(name) as f:
+                    channels.append([float(v) for v in f.read().split()])
+    except (ValueError, IndexError, OSError) as exc:
+        raise click.ClickException(f"cannot read the record: {exc}") from None
+    if not 1 <= len(channels) <= 3 or len({len(c) for c in channels}) != 1:
+        raise click.ClickException("give 1 to 3 channels of equal length")
+    samples = list(zip(*channels, strict=True))
+    try:
+        fd = os.open(target, os.O_RDWR | os.O_NOCTTY)
+    except OSError as exc:
+        raise click.ClickException(f"cannot open {target}: {exc}") from None
+    click.echo(
+        f"replaying {len(samples)} samples x {len(channels)} channel(s) at {rate:g} Hz "
+        f"({len(samples) / rate:.1f} s of record) into {target} at {speed:g}x",
+        err=True,
+    )
+    t0 = time.monotonic()
+    sent = 0
+    try:
+        while sent < len(samples):
+            due = min(len(samples), int((time.monotonic() - t0) * rate * speed) + 1)
+            if due > sent:
+                chunk = b"".join(ascii_frame(first + i, list(samples[i])) for i in range(sent, due))
+                os.write(fd, chunk)
+                sent = due
+            time.sleep(0.005)
+    finally:
+        os.close(fd)
+    click.echo(f"sent {sent} samples in {time.monotonic() - t0:.1f} s", err=True)
+
+
 def _add_modbus_commands() -> None:
     from agent.cli_modbus import COMMANDS
 

@@ -23,6 +23,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 TINY = 2.2250738585072014e-308
 """numpy.finfo(float).tiny: the LTA's start value in ObsPy's recursive STA/LTA."""
@@ -298,3 +299,232 @@ def intensity(pga: float, pgv: float) -> Intensity:
 
 ROMAN = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII")
 """Degree names, index degree − 1."""
+
+
+# -- the per-sensor processor -------------------------------------------------------------------
+
+
+@dataclass
+class SeismicOutput:
+    """What the processor asks to publish: a 1 Hz ``summary`` (point results), an
+    ``event`` (start/end, alarm priority) or a ``waveform`` excerpt."""
+
+    kind: str
+    ts_ms: int
+    results: list[Any] | None = None
+    doc: dict[str, Any] | None = None
+
+
+class SeismicProcessor:
+    """Everything a strong-motion sensor's samples go through on the gateway.
+
+    ``feed(counts, arrival_ms)`` takes one sample instant (counts per channel, in the
+    configured order) and returns what to publish:
+
+    - every second of samples, a summary: PGA and PGV of that second (0.1–10 Hz vector,
+      m/s², m/s), their GB/T 17742-2020 intensity, the current STA/LTA, the noise level
+      (RMS of the band-passed vector acceleration) and the samples missing in gaps;
+    - at the trigger onset, an ``event`` ``start`` (sent at the onset sample itself);
+    - at the trigger end, an ``event`` ``end`` with the event's PGA/PGV (band-passed),
+      the raw vector peak, intensity and duration;
+    - ``post_event`` seconds later, the ``waveform`` from ``pre_event`` seconds before the
+      onset (at most ``max_event`` seconds), as base64 little-endian float32 counts,
+      interleaved by channel.
+
+    STA/LTA runs on the raw counts of the trigger channel (ObsPy's convention: squared
+    signal, no filter); sample times are the first sample's arrival plus index / rate.
+    """
+
+    def __init__(self, dev: Any) -> None:
+        from drivers.seismic_stream import SeismicDevice
+
+        assert isinstance(dev, SeismicDevice)
+        self.dev = dev
+        fs = dev.sample_rate
+        self.fs = fs
+        self.names = [c.name for c in dev.channels]
+        self.scales = [c.scale for c in dev.channels]
+        self.trig = self.names.index(dev.trigger_channel) if dev.trigger_channel else 0
+        self.stalta = RecursiveStaLta(round(dev.sta * fs), round(dev.lta * fs))
+        self.trigger = Trigger(dev.trigger_on, dev.trigger_off)
+        self.gm = GroundMotion(fs, dev.bandpass[0], dev.bandpass[1])
+        self.i = -1
+        self.t0_ms: float | None = None
+        self.per_second = max(1, round(fs))
+        self._sum_sq = 0.0
+        self._n_sec = 0
+        self._gap_samples = 0
+        self.cft = 0.0
+        self.pre: deque[tuple[float, ...]] = deque(maxlen=max(1, round(dev.pre_event * fs)))
+        self._event: dict[str, Any] | None = None
+        self._wave: list[tuple[float, ...]] = []
+        self._wave_start = 0
+        self._post_left = -1
+        self._max_wave = round(dev.max_event * fs)
+
+    def time_ms(self, index: int) -> int:
+        assert self.t0_ms is not None
+        return round(self.t0_ms + index * 1000 / self.fs)
+
+    def skip(self, samples: int) -> None:
+        """A gap of ``samples`` missing samples: time moves on, nothing is bridged."""
+        self.i += samples
+        self._gap_samples += samples
+
+    def feed(self, counts: Sequence[float], arrival_ms: int) -> list[SeismicOutput]:
+        self.i += 1
+        i = self.i
+        if self.t0_ms is None:
+            self.t0_ms = arrival_ms - i * 1000 / self.fs
+        out: list[SeismicOutput] = []
+        acc = [c * s for c, s in zip(counts, self.scales, strict=True)]
+        xyz = [*acc, 0.0, 0.0, 0.0][:3]
+        a_vec, v_vec = self.gm.feed(*xyz)
+        self._sum_sq += a_vec * a_vec
+        self._n_sec += 1
+        self.cft = self.stalta.feed(counts[self.trig])
+        ev = self.trigger.feed(self.cft)
+        sample = tuple(counts)
+        if self._event is not None:
+            e = self._event
+            if e["end_index"] is None:
+                if a_vec > e["pga"]:
+                    e["pga"], e["pga_index"] = a_vec, i
+                if v_vec > e["pgv"]:
+                    e["pgv"], e["pgv_index"] = v_vec, i
+                raw = math.sqrt(sum(x * x for x in acc))
+                if raw > e["peak_raw"]:
+                    e["peak_raw"], e["peak_raw_index"] = raw, i
+                e["peak_sta_lta"] = max(e["peak_sta_lta"], self.cft)
+            if len(self._wave) < self._max_wave:
+                self._wave.append(sample)
+        if ev is not None and ev[0] == "on":
+            out.append(self._start(i, a_vec, v_vec, acc, sample))
+        elif ev is not None and ev[0] == "off" and self._event is not None:
+            out.append(self._end(ev[1]))
+            if self._post_left < 0:  # post_event 0: the excerpt is complete now
+                out.append(self._waveform())
+        if self._post_left >= 0:
+            self._post_left -= 1
+            if self._post_left < 0:
+                out.append(self._waveform())
+        self.pre.append(sample)
+        if self._n_sec >= self.per_second:
+            out.append(self._summary(i))
+        return out
+
+    def _start(
+        self, i: int, a_vec: float, v_vec: float, acc: list[float], sample: tuple[float, ...]
+    ) -> SeismicOutput:
+        raw = math.sqrt(sum(x * x for x in acc))
+        if self._post_left >= 0:  # a new event before the last excerpt went out
+            self._post_left = -1
+        self._event = {
+            "onset_index": i,
+            "end_index": None,
+            "pga": a_vec,
+            "pga_index": i,
+            "pgv": v_vec,
+            "pgv_index": i,
+            "peak_raw": raw,
+            "peak_raw_index": i,
+            "peak_sta_lta": self.cft,
+        }
+        self._wave = list(self.pre)
+        self._wave_start = i - len(self._wave)
+        self._wave.append(sample)
+        inten = intensity(a_vec, v_vec)
+        return SeismicOutput(
+            "event",
+            self.time_ms(i),
+            doc={
+                "event": "start",
+                "onset": self.time_ms(i),
+                "onset_sample": i,
+                "trigger_channel": self.names[self.trig],
+                "sta_lta": self.cft,
+                "pga": a_vec,
+                "pgv": v_vec,
+                "intensity": inten.value,
+                "degree": inten.degree,
+                "delay_s": 0.0,
+            },
+        )
+
+    def _end(self, last: int) -> SeismicOutput:
+        e = self._event
+        assert e is not None
+        e["end_index"] = last
+        onset = e["onset_index"]
+        inten = intensity(e["pga"], e["pgv"])
+        # the excerpt ends post_event after the last triggered sample (the sample that
+        # ended the trigger, last + 1, is already in it and counts)
+        self._post_left = round(self.dev.post_event * self.fs) - 1
+        return SeismicOutput(
+            "event",
+            self.time_ms(last),
+            doc={
+                "event": "end",
+                "onset": self.time_ms(onset),
+                "onset_sample": onset,
+                "end": self.time_ms(last),
+                "end_sample": last,
+                "duration_s": (last - onset) / self.fs,
+                "trigger_channel": self.names[self.trig],
+                "peak_sta_lta": e["peak_sta_lta"],
+                "pga": e["pga"],
+                "pga_at": self.time_ms(e["pga_index"]),
+                "pgv": e["pgv"],
+                "pgv_at": self.time_ms(e["pgv_index"]),
+                "peak_raw": e["peak_raw"],
+                "peak_raw_at": self.time_ms(e["peak_raw_index"]),
+                "peak_raw_sample": e["peak_raw_index"],
+                "intensity": inten.value,
+                "degree": inten.degree,
+                "i_a": inten.i_a,
+                "i_v": inten.i_v,
+            },
+        )
+
+    def _waveform(self) -> SeismicOutput:
+        import base64
+        import struct
+
+        e = self._event or {}
+        if e.get("end_index") is not None:  # up to post_event after the last triggered sample
+            keep = e["end_index"] + round(self.dev.post_event * self.fs) - self._wave_start + 1
+            del self._wave[max(0, keep) :]
+        flat = [v for s in self._wave for v in s]
+        data = base64.b64encode(struct.pack(f"<{len(flat)}f", *flat)).decode()
+        doc = {
+            "onset": self.time_ms(e.get("onset_index", self._wave_start)),
+            "start": self.time_ms(self._wave_start),
+            "sample_rate": self.fs,
+            "channels": self.names,
+            "scale": self.scales,
+            "samples": len(self._wave),
+            "encoding": "base64 float32 little-endian counts, interleaved by channel",
+            "data": data,
+        }
+        self._wave = []
+        self._event = None
+        return SeismicOutput("waveform", self.time_ms(self._wave_start), doc=doc)
+
+    def _summary(self, i: int) -> SeismicOutput:
+        from drivers.base import PointResult
+
+        pk = self.gm.reset_peaks()
+        inten = intensity(pk.pga, pk.pgv)
+        noise = math.sqrt(self._sum_sq / self._n_sec) if self._n_sec else 0.0
+        results = [
+            PointResult("pga", pk.pga),
+            PointResult("pgv", pk.pgv),
+            PointResult("intensity", inten.value),
+            PointResult("sta_lta", round(self.cft, 4)),
+            PointResult("noise", noise),
+            PointResult("gap_samples", self._gap_samples),
+        ]
+        self._sum_sq = 0.0
+        self._n_sec = 0
+        self._gap_samples = 0
+        return SeismicOutput("summary", self.time_ms(i), results=results)

@@ -26,3 +26,9 @@ def alarm_state_topic(prefix: str, gateway_id: str, device_id: str, rule_id: str
     """``{prefix}/{gateway_id}/alarms/{device_id}/{rule_id}``: retained current state of
     one alarm, republished after every reconnect."""
     return f"{prefix}/{gateway_id}/alarms/{device_id}/{rule_id}"
+
+
+def waveform_topic(prefix: str, gateway_id: str, device_id: str) -> str:
+    """``{prefix}/{gateway_id}/waveform/{device_id}``: the waveform excerpt of a seismic
+    event, QoS 1, with ``seq``."""
+    return f"{prefix}/{gateway_id}/waveform/{device_id}"

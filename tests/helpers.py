@@ -177,6 +177,13 @@ class Subscriber:
         with self._lock:
             return [m for m in self.messages if "/telemetry/" in m.topic]
 
+    def sequenced(self) -> list[Message]:
+        """Every message that went through the gateway's buffer (it has a ``seq``):
+        telemetry, events and waveforms."""
+        kinds = ("/telemetry/", "/events/", "/waveform/")
+        with self._lock:
+            return [m for m in self.messages if any(k in m.topic for k in kinds)]
+
     def on(self, suffix: str) -> list[Message]:
         with self._lock:
             return [m for m in self.messages if m.topic.endswith(suffix)]
@@ -248,14 +255,14 @@ def assert_all_delivered(sub: Subscriber, state_dir: Path, timeout: float = 10) 
     pending, last_seq = buffer_rows(state_dir)
     try:
         wait_until(
-            lambda: len({m.json()["seq"] for m in sub.telemetry()}) >= last_seq,
+            lambda: len({m.json()["seq"] for m in sub.sequenced()}) >= last_seq,
             timeout,
             f"every committed message (1..{last_seq})",
         )
     finally:
         sub.close()
     assert pending == 0, f"{pending} rows left in the buffer"
-    assert sorted(set(seqs_of(sub.telemetry()))) == list(range(1, last_seq + 1))
+    assert sorted(set(seqs_of(sub.sequenced()))) == list(range(1, last_seq + 1))
     return last_seq
 
 

@@ -180,3 +180,32 @@ def test_bandpass_design_is_a_bandpass() -> None:
     assert gain(0.1) == pytest.approx(math.sqrt(0.5), rel=1e-6)
     assert gain(10.0) == pytest.approx(math.sqrt(0.5), rel=1e-6)
     assert gain(0.001) < 1e-6 and gain(60.0) < 1e-3
+
+
+def test_processor_events_on_the_local_record_fed_in_process() -> None:
+    """The whole per-sensor processing on the 200 Hz record: start and end at the
+    reference trigger, raw vector peak, and an excerpt even with post_event 0."""
+    from agent.seismic import SeismicProcessor
+    from drivers.seismic_stream import SeismicDevice
+
+    dev = SeismicDevice.model_validate(
+        {
+            "driver": "seismic",
+            "id": "q",
+            "serial_port": "/dev/null",
+            "sample_rate": 200,
+            "channels": [{"name": c} for c in "zne"],
+            "pre_event": "1s",
+            "post_event": "0s",
+        }
+    )
+    proc = SeismicProcessor(dev)
+    outs = []
+    for i, sample in enumerate(zip(rjob("z"), rjob("n"), rjob("e"), strict=True)):
+        outs += [o for o in proc.feed(sample, 1_000_000 + 5 * i) if o.kind != "summary"]
+    kinds = [(o.kind, (o.doc or {}).get("event")) for o in outs]
+    assert kinds == [("event", "start"), ("event", "end"), ("waveform", None)]
+    start, end, wave = (o.doc or {} for o in outs)
+    assert (start["onset_sample"], end["end_sample"]) == (6128, 6719)
+    assert end["peak_raw"] == REF["rjob_local_event_200hz"]["vector_peak"]
+    assert wave["samples"] == 6719 - (6128 - 200) + 1

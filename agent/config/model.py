@@ -18,6 +18,7 @@ from drivers.modbus.config import (
     ModbusTcpDevice,
     Name,
 )
+from drivers.seismic_stream import SeismicDevice
 from drivers.serial_line import SerialLineDevice
 
 
@@ -31,7 +32,8 @@ Device = Annotated[
     Annotated[ModbusTcpDevice, Tag("modbus_tcp")]
     | Annotated[ModbusRtuDevice, Tag("modbus_rtu")]
     | Annotated[ModbusRtuOverTcpDevice, Tag("modbus_rtu_over_tcp")]
-    | Annotated[SerialLineDevice, Tag("serial_line")],
+    | Annotated[SerialLineDevice, Tag("serial_line")]
+    | Annotated[SeismicDevice, Tag("seismic")],
     Discriminator(_driver_of),
 ]
 """Every device kind the agent knows, chosen by ``driver`` (default ``modbus_tcp``)."""
@@ -144,9 +146,9 @@ class AgentConfig(StrictModel):
         for d in self.devices:
             settings = getattr(d, "line_settings", ())
             first = buses.setdefault(d.bus, (d.id, d.driver, settings))
-            if d.driver == "serial_line" and first[0] != d.id:
+            if d.driver in ("serial_line", "seismic") and first[0] != d.id:
                 raise ValueError(
-                    f"devices {first[0]!r} and {d.id!r} share {d.bus}: a text-line sensor "
+                    f"devices {first[0]!r} and {d.id!r} share {d.bus}: a {d.driver} sensor "
                     "needs a port of its own"
                 )
             if first[1] != d.driver:

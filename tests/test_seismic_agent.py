@@ -1,0 +1,130 @@
+"""End to end: `edge-agent replay` streams the 200 Hz local-event record through a pty
+into the running agent; the platform gets 1 Hz summaries, the event at its onset and at
+its end, and the waveform excerpt."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from drivers.seismic_stream import SampleClock, ascii_frame, parse_ascii_frame
+from drivers.serial_line import LineError
+from tests.helpers import (
+    AgentProcess,
+    Mosquitto,
+    Subscriber,
+    assert_all_delivered,
+    start_line,
+    wait_until,
+    write_config,
+)
+
+DATA = Path(__file__).parent / "data" / "seismic"
+REF = json.loads((DATA / "reference_values.json").read_text())["rjob_local_event_200hz"]
+
+
+def test_frames_and_sample_clock() -> None:
+    frame = ascii_frame(41, [12.5, -3, 7])
+    assert frame == b"$SMP,41,12.5,-3,7*" + frame[18:20] + b"\r\n"
+    assert parse_ascii_frame(frame, 3) == (41, [12.5, -3.0, 7.0])
+    bad = frame.replace(b"12.5", b"12.6")
+    for wrong, message in ((bad, "checksum error"), (frame, "2 channel")):
+        try:
+            parse_ascii_frame(wrong, 3 if wrong is bad else 2)
+        except LineError as exc:
+            assert message in str(exc) or "channel(s), expected 2" in str(exc)
+        else:
+            raise AssertionError("accepted")
+    clock = SampleClock()
+    seen = [clock.feed(n) for n in (2**32 - 2, 2**32 - 1, 0, 1, 5, 5, 3, 6)]
+    assert seen == [
+        ("first", 0),
+        ("ok", 0),
+        ("ok", 0),  # the counter wraps
+        ("ok", 0),
+        ("gap", 3),
+        ("overlap", 0),
+        ("overlap", 2),
+        ("ok", 0),
+    ]
+
+
+def test_replayed_earthquake_end_to_end(tmp_path: Path, broker: Mosquitto) -> None:
+    sensor, agent_tty = str(tmp_path / "sensor"), str(tmp_path / "agent-tty")
+    line = start_line(sensor, agent_tty)
+    devices = (
+        f"  - id: quake-1\n    driver: seismic\n    serial_port: {agent_tty}\n"
+        "    sample_rate: 200\n    channels: [{name: z}, {name: n}, {name: e}]\n"
+        "    sta: 500ms\n    lta: 10s\n    trigger_on: 3.0\n    trigger_off: 1.5\n"
+        "    pre_event: 2s\n    post_event: 2s\n"
+    )
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    wait_until(lambda: "quake-1: " in agent.log() and "open" in agent.log(), 15, "port open")
+    files = [str(DATA / f"loc_RJOB20050801145719850.{c}") for c in "zne"]
+    replay = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "replay",
+            *files,
+            "--to",
+            sensor,
+            "--rate",
+            "200",
+            "--speed",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert "sent 12000 samples" in replay.stderr
+
+    def waveform() -> list[dict]:
+        return [m.json() for m in sub.messages if "/waveform/" in m.topic]
+
+    wait_until(waveform, 15, "the waveform excerpt")
+    wait_until(lambda: len(sub.telemetry()) >= 59, 15, "the last summaries")
+    assert agent.stop() == 0, agent.log()
+    line.terminate()
+    line.wait(5)
+    assert_all_delivered(sub, tmp_path / "state")
+    events = [m.json() for m in sub.messages if "/events/quake-1" in m.topic]
+    start, end = events
+    # the onset: sample 6128 (30.640 s), announced by the message of that very sample
+    assert (start["event"], start["onset_sample"], start["delay_s"]) == ("start", 6128, 0.0)
+    assert start["sta_lta"] == REF["z_recursive_sta_lta_nsta100_nlta2000"]["values_at"]["6128"]
+    assert start["trigger_channel"] == "z" and start["type"] == "seismic"
+    # the end: [[6128, 6719]], with the record's peaks
+    assert (end["event"], end["onset_sample"], end["end_sample"]) == ("end", 6128, 6719)
+    assert end["duration_s"] == (6719 - 6128) / 200
+    assert end["peak_sta_lta"] == REF["z_recursive_sta_lta_nsta100_nlta2000"]["max"]
+    assert (
+        end["peak_raw"] == REF["vector_peak"] and end["peak_raw_sample"] == REF["vector_peak_index"]
+    )
+    assert end["onset"] == start["onset"] and end["onset"].endswith("Z")
+    # 1 Hz summaries all along, no gap
+    summaries = [m.json()["points"] for m in sub.telemetry()]
+    assert 59 <= len(summaries) <= 61, len(summaries)
+    assert all(p["gap_samples"]["value"] == 0 for p in summaries)
+    assert max(p["sta_lta"]["value"] for p in summaries) > 3.0
+    assert {"pga", "pgv", "intensity", "noise"} <= set(summaries[0])
+    # the waveform: 2 s before the onset to 2 s after the end, the record's own counts
+    (wave,) = waveform()
+    assert wave["channels"] == ["z", "n", "e"] and wave["sample_rate"] == 200.0
+    first = 6128 - 400
+    assert wave["samples"] == (6719 + 400) - first + 1
+    counts = struct.unpack(f"<{wave['samples'] * 3}f", base64.b64decode(wave["data"]))
+    z = [float(v) for v in (DATA / "loc_RJOB20050801145719850.z").read_text().split()]
+    assert counts[0] == struct.unpack("<f", struct.pack("<f", z[first]))[0]
+    assert "gap" not in agent.log().lower().replace("gap_samples", "")
