@@ -30,7 +30,7 @@ from agent.pipeline import CounterTracker
 from agent.poller import BusPoller
 from agent.publisher import ALARMS_MAX, Publisher
 from agent.readings import TelemetryEncoder, iso_ms, now_ms
-from agent.seismic import SeismicProcessor
+from agent.seismic import SeismicOutput, SeismicProcessor
 from agent.topics import (
     OFFLINE,
     alarm_state_topic,
@@ -303,7 +303,10 @@ class Agent:
         waves = waveform_topic(self._prefix, gw, dev.id)
 
         def on_sample(n: int, counts: list[float], ts: int) -> None:
-            for out in proc.feed(counts, ts):
+            publish(proc.feed(counts, ts))
+
+        def publish(outs: list[SeismicOutput]) -> None:
+            for out in outs:
                 if out.kind == "summary":
                     assert out.results is not None
                     self._on_line(dev, out.ts_ms, out.results)
@@ -333,7 +336,7 @@ class Agent:
 
         def on_gap(kind: str, samples: int, n: int) -> None:
             if kind == "gap":
-                proc.skip(samples)
+                publish(proc.skip(samples))
             log.warning(
                 "device %s: %s of %d sample(s) before sample %d (not bridged)",
                 dev.id,

@@ -345,8 +345,7 @@ class SeismicProcessor:
         self.names = [c.name for c in dev.channels]
         self.scales = [c.scale for c in dev.channels]
         self.trig = self.names.index(dev.trigger_channel) if dev.trigger_channel else 0
-        self.stalta = RecursiveStaLta(round(dev.sta * fs), round(dev.lta * fs))
-        self.trigger = Trigger(dev.trigger_on, dev.trigger_off)
+        self._new_trigger()
         self.gm = GroundMotion(fs, dev.bandpass[0], dev.bandpass[1])
         self.i = -1
         self.t0_ms: float | None = None
@@ -362,14 +361,35 @@ class SeismicProcessor:
         self._post_left = -1
         self._max_wave = round(dev.max_event * fs)
 
+    def _new_trigger(self) -> None:
+        """(Re)start STA/LTA and the trigger: after a gap the long window warms up again
+        before anything can trigger."""
+        dev, fs = self.dev, self.fs
+        cls = RecursiveStaLta if dev.stalta == "recursive" else ClassicStaLta
+        self.stalta: RecursiveStaLta | ClassicStaLta = cls(round(dev.sta * fs), round(dev.lta * fs))
+        self.trigger = Trigger(dev.trigger_on, dev.trigger_off)
+        band = dev.stalta_band
+        self._prefilter = SosFilter(butter_bandpass(4, band[0], band[1], fs)) if band else None
+
     def time_ms(self, index: int) -> int:
         assert self.t0_ms is not None
         return round(self.t0_ms + index * 1000 / self.fs)
 
-    def skip(self, samples: int) -> None:
-        """A gap of ``samples`` missing samples: time moves on, nothing is bridged."""
+    def skip(self, samples: int) -> list[SeismicOutput]:
+        """A gap of ``samples`` missing samples: time moves on, nothing is bridged, and
+        STA/LTA warms up again. An event in progress ends at the last sample before the
+        gap (its ``end`` and waveform are returned)."""
+        out: list[SeismicOutput] = []
+        e = self._event
+        if e is not None and e["end_index"] is None and self.i >= 0:
+            out.append(self._end(self.i))
+        if self._event is not None:
+            out.append(self._waveform())
+        self._post_left = -1
         self.i += samples
         self._gap_samples += samples
+        self._new_trigger()
+        return out
 
     def feed(self, counts: Sequence[float], arrival_ms: int) -> list[SeismicOutput]:
         self.i += 1
@@ -382,7 +402,10 @@ class SeismicProcessor:
         a_vec, v_vec = self.gm.feed(*xyz)
         self._sum_sq += a_vec * a_vec
         self._n_sec += 1
-        self.cft = self.stalta.feed(counts[self.trig])
+        x = counts[self.trig]
+        if self._prefilter is not None:
+            x = self._prefilter.feed(x)
+        self.cft = self.stalta.feed(x)
         ev = self.trigger.feed(self.cft)
         sample = tuple(counts)
         if self._event is not None:

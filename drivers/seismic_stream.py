@@ -53,6 +53,13 @@ class SeismicDevice(StrictModel):
     )
     sta: Annotated[Duration, at_least("10ms")] = 0.5
     lta: Annotated[Duration, at_least("1s")] = 10.0
+    stalta: Literal["recursive", "classic"] = Field(
+        default="recursive", description="STA/LTA variant (ObsPy's definitions)"
+    )
+    stalta_band: tuple[float, float] | None = Field(
+        default=None,
+        description="Band-pass (Hz) on the trigger channel before STA/LTA; default: raw counts",
+    )
     trigger_on: float = Field(default=3.0, gt=0)
     trigger_off: float = Field(default=1.5, gt=0)
     bandpass: tuple[float, float] = Field(
@@ -76,11 +83,12 @@ class SeismicDevice(StrictModel):
             raise ValueError("sta must be shorter than lta")
         if self.trigger_off > self.trigger_on:
             raise ValueError("trigger_off must not be above trigger_on")
-        low, high = self.bandpass
-        if not 0 < low < high < self.sample_rate / 2:
-            raise ValueError(
-                f"bandpass {low}–{high} Hz must lie within 0–{self.sample_rate / 2} Hz"
-            )
+        for key in ("bandpass", "stalta_band"):
+            band = getattr(self, key)
+            if band is not None and not 0 < band[0] < band[1] < self.sample_rate / 2:
+                raise ValueError(
+                    f"{key} {band[0]}–{band[1]} Hz must lie within 0–{self.sample_rate / 2} Hz"
+                )
         return self
 
     @property

@@ -209,3 +209,38 @@ def test_processor_events_on_the_local_record_fed_in_process() -> None:
     assert (start["onset_sample"], end["end_sample"]) == (6128, 6719)
     assert end["peak_raw"] == REF["rjob_local_event_200hz"]["vector_peak"]
     assert wave["samples"] == 6719 - (6128 - 200) + 1
+
+
+def test_gap_ends_the_event_and_warms_up_again() -> None:
+    """A gap in the middle of the event: the event ends at the last sample before it,
+    the excerpt goes out, and nothing triggers until the long window is full again."""
+    from agent.seismic import SeismicProcessor
+    from drivers.seismic_stream import SeismicDevice
+
+    dev = SeismicDevice.model_validate(
+        {
+            "driver": "seismic",
+            "id": "q",
+            "serial_port": "/dev/null",
+            "sample_rate": 200,
+            "channels": [{"name": "z"}],
+            "stalta": "classic",
+        }
+    )
+    proc = SeismicProcessor(dev)
+    z = rjob("z")
+    outs = []
+    for i in range(6300):
+        outs += [o for o in proc.feed([z[i]], 5 * i) if o.kind != "summary"]
+    assert [(o.doc or {}).get("event") for o in outs] == ["start"]
+    assert (outs[0].doc or {})["onset_sample"] == 6128, "classic STA/LTA: [[6128, 6607]]"
+    ended = proc.skip(100)
+    assert [(o.kind, (o.doc or {}).get("event")) for o in ended] == [
+        ("event", "end"),
+        ("waveform", None),
+    ]
+    assert (ended[0].doc or {})["end_sample"] == 6299
+    after = []
+    for i in range(6400, 12000):  # loud, but the long window (2000 samples) is new
+        after += [o for o in proc.feed([z[i]], 5 * i) if o.kind == "event"]
+    assert all((o.doc or {})["onset_sample"] >= 6400 + 1999 for o in after), after
