@@ -48,7 +48,7 @@ from drivers.modbus.config import (
 )
 from drivers.modbus.driver import LineBus, ModbusBus, ModbusTcpBus
 from drivers.modbus.line import SerialLine
-from drivers.seismic_stream import SeismicDevice, SeismicSerialReader
+from drivers.seismic_stream import SeismicDevice, SeismicSerialReader, SeismicUdpReader
 from drivers.serial_line import SerialLineDevice, SerialLineReader
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class Agent:
         }
         self.gpio = Gpio(cfg.gpio, cfg.outputs, initial, pin_factory)
         groups: dict[str, list[ModbusDevice]] = defaultdict(list)
-        self.readers: list[SerialLineReader | SeismicSerialReader] = []
+        self.readers: list[SerialLineReader | SeismicSerialReader | SeismicUdpReader] = []
         for d in cfg.devices:
             if isinstance(d, SerialLineDevice):
                 self.readers.append(SerialLineReader(d, self._on_line, now_ms))
@@ -294,7 +294,7 @@ class Agent:
         self._on_poll(dev, ts_ms, results)
         self.writer.kick()
 
-    def _seismic_reader(self, dev: SeismicDevice) -> SeismicSerialReader:
+    def _seismic_reader(self, dev: SeismicDevice) -> SeismicSerialReader | SeismicUdpReader:
         """A strong-motion sensor: its samples through :class:`SeismicProcessor`; 1 Hz
         summaries as telemetry, events as priority rows, waveforms as their own rows."""
         proc = SeismicProcessor(dev)
@@ -345,6 +345,8 @@ class Agent:
                 n,
             )
 
+        if dev.udp_port is not None:
+            return SeismicUdpReader(dev, on_sample, on_gap, now_ms)
         return SeismicSerialReader(dev, on_sample, on_gap, now_ms)
 
     def _emit(self, events: list[tuple[Alarm, Event]]) -> None:

@@ -166,11 +166,25 @@ def gpio_test(config_file: str, output: str, seconds: float) -> None:
 @click.option("--rate", type=float, required=True, help="Samples per second of the record.")
 @click.option("--speed", type=float, default=1.0, show_default=True, help="1 = real time.")
 @click.option("--first", type=int, default=0, show_default=True, help="First sample counter.")
-def replay(files: tuple[str, ...], target: str, rate: float, speed: float, first: int) -> None:
+@click.option(
+    "--channel-names",
+    default="EHZ,ENN,ENE",
+    show_default=True,
+    help="udp:// only: the datacast channel codes, in file order.",
+)
+def replay(
+    files: tuple[str, ...],
+    target: str,
+    rate: float,
+    speed: float,
+    first: int,
+    channel_names: str,
+) -> None:
     """Stream a recorded waveform into a serial line (e.g. one end of a pty pair) as the
-    sensor's $SMP frames, at real time or --speed times faster, so the agent on the other
-    end runs on a real earthquake. FILES: one file per channel with one number per line,
-    or one CSV file with a header and a column per channel."""
+    sensor's $SMP frames, or with --to udp://HOST:PORT as Raspberry Shake datacast
+    packets (integer counts, 0.25 s per packet and channel), at real time or --speed
+    times faster, so the agent runs on a real earthquake. FILES: one file per channel
+    with one number per line, or one CSV file with a header and a column per channel."""
     import csv
     import os
     import time
@@ -194,6 +208,9 @@ def replay(files: tuple[str, ...], target: str, rate: float, speed: float, first
     if not 1 <= len(channels) <= 3 or len({len(c) for c in channels}) != 1:
         raise click.ClickException("give 1 to 3 channels of equal length")
     samples = list(zip(*channels, strict=True))
+    if target.startswith("udp://"):
+        _replay_udp(target, samples, rate, speed, channel_names)
+        return
     try:
         fd = os.open(target, os.O_RDWR | os.O_NOCTTY)
     except OSError as exc:
@@ -216,6 +233,33 @@ def replay(files: tuple[str, ...], target: str, rate: float, speed: float, first
     finally:
         os.close(fd)
     click.echo(f"sent {sent} samples in {time.monotonic() - t0:.1f} s", err=True)
+
+
+def _replay_udp(
+    target: str, samples: list[tuple[float, ...]], rate: float, speed: float, names: str
+) -> None:
+    import socket
+    import time
+
+    from drivers.seismic_stream import datacast_packet
+
+    host, _, port = target.removeprefix("udp://").rpartition(":")
+    codes = names.split(",")
+    if len(codes) < len(samples[0]):
+        raise click.BadParameter("give a channel code per channel", param_hint="--channel-names")
+    per_packet = max(1, round(rate / 4))
+    start = time.time()
+    t0 = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for k in range(0, len(samples), per_packet):
+            due = t0 + k / rate / speed
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            chunk = samples[k : k + per_packet]
+            for c in range(len(chunk[0])):
+                counts = [round(s[c]) for s in chunk]
+                sock.sendto(datacast_packet(codes[c], start + k / rate, counts), (host, int(port)))
+    click.echo(f"sent {len(samples)} samples in {time.monotonic() - t0:.1f} s", err=True)
 
 
 def _add_modbus_commands() -> None:

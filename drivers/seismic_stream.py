@@ -43,9 +43,15 @@ class SeismicDevice(StrictModel):
 
     driver: Literal["seismic"]
     id: Name
-    serial_port: str = Field(min_length=1)
+    serial_port: str | None = Field(default=None, min_length=1, description="Serial source")
+    udp_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Or: UDP port for Raspberry Shake datacast"
+    )
+    udp_host: str = Field(default="0.0.0.0", description="Address to listen on for UDP")
     baudrate: int = Field(default=115200, ge=50, le=4_000_000)
-    format: Literal["ascii"] = Field(default="ascii", description="Frame format (see docs)")
+    format: Literal["ascii", "datacast"] = Field(
+        default="ascii", description="ascii ($SMP frames, serial) or datacast (UDP)"
+    )
     sample_rate: float = Field(gt=0, le=2000, description="Samples per second per channel")
     channels: list[SeismicChannel] = Field(min_length=1, max_length=3)
     trigger_channel: Name | None = Field(
@@ -74,6 +80,10 @@ class SeismicDevice(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> SeismicDevice:
+        if (self.serial_port is None) == (self.udp_port is None):
+            raise ValueError("give serial_port (with format ascii) or udp_port (datacast)")
+        if (self.udp_port is not None) != (self.format == "datacast"):
+            raise ValueError("UDP carries format datacast; a serial port format ascii")
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names):
             raise ValueError("channel names must differ")
@@ -93,6 +103,8 @@ class SeismicDevice(StrictModel):
 
     @property
     def bus(self) -> str:
+        if self.udp_port is not None:
+            return f"udp:{self.udp_host}:{self.udp_port}"
         return f"serial:{self.serial_port}"
 
     @property
@@ -260,7 +272,7 @@ class SeismicSerialReader:
                 transport, _ = await create_serial_connection(
                     asyncio.get_running_loop(),
                     lambda p=port: p,
-                    d.serial_port,
+                    str(d.serial_port),
                     baudrate=d.baudrate,
                     bytesize=8,
                     parity="N",
@@ -290,3 +302,151 @@ class SeismicSerialReader:
             finally:
                 transport.close()
             log.warning("device %s: %s went away; reopening when it is back", d.id, d.serial_port)
+
+
+# -- Raspberry Shake "datacast" over UDP ----------------------------------------------------
+
+
+def parse_datacast(packet: bytes) -> tuple[str, float, list[int]]:
+    """``{'EHZ', 1507760140.530, 614, 813, …}`` → (channel, epoch seconds of the first
+    sample, integer counts): the Raspberry Shake UDP data-cast format (Raspberry Shake
+    manual, "Data Producer UDP Output"). Pure.
+
+    Raises:
+        LineError: anything else.
+    """
+    try:
+        text = packet.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise LineError(f"not ASCII: {packet[:60]!r}") from None
+    if not (text.startswith("{") and text.endswith("}")):
+        raise LineError(f"not a datacast packet: {text[:60]!r}")
+    parts = [p.strip() for p in text[1:-1].split(",")]
+    if len(parts) < 3:
+        raise LineError(f"datacast packet without samples: {text[:60]!r}")
+    channel = parts[0].strip("'\"")
+    try:
+        t0 = float(parts[1])
+        counts = [int(v) for v in parts[2:]]
+    except ValueError:
+        raise LineError(f"datacast numbers unreadable: {text[:60]!r}") from None
+    return channel, t0, counts
+
+
+def datacast_packet(channel: str, t0: float, counts: list[int]) -> bytes:
+    """Inverse of :func:`parse_datacast` (for the replay tool and tests)."""
+    return ("{'" + channel + "', " + f"{t0:.3f}, " + ", ".join(map(str, counts)) + "}").encode()
+
+
+class ChannelAligner:
+    """Puts per-channel datacast packets together into sample instants.
+
+    Each packet's samples get a global index from its start time: round((t − T0)·rate),
+    T0 being the first packet's time. ``feed`` returns the instants complete on every
+    channel, in order, and reports gaps (indices no channel delivered, skipped: never
+    bridged) and overlaps (samples already passed, dropped). A channel that falls more
+    than ``max_wait`` seconds behind the others counts as a gap for the instants it misses.
+    """
+
+    def __init__(self, channels: list[str], rate: float, max_wait: float = 2.0) -> None:
+        self.channels = channels
+        self.rate = rate
+        self.t0: float | None = None
+        self.next = 0
+        self.pending: dict[str, dict[int, int]] = {c: {} for c in channels}
+        self.max_wait = round(max_wait * rate)
+
+    def feed(
+        self, channel: str, t0: float, counts: list[int]
+    ) -> tuple[list[tuple[int, list[float]]], list[tuple[str, int, int]]]:
+        samples: list[tuple[int, list[float]]] = []
+        gaps: list[tuple[str, int, int]] = []
+        if channel not in self.pending:
+            return samples, gaps
+        if self.t0 is None:
+            self.t0 = t0
+        first = round((t0 - self.t0) * self.rate)
+        late = 0
+        for j, v in enumerate(counts):
+            k = first + j
+            if k < self.next:
+                late += 1
+                continue
+            self.pending[channel][k] = v
+        if late:
+            gaps.append(("overlap", late, first))
+        while True:
+            if all(self.next in p for p in self.pending.values()):
+                samples.append(
+                    (self.next, [float(self.pending[c].pop(self.next)) for c in self.channels])
+                )
+                self.next += 1
+                continue
+            ahead = [min(p) for p in self.pending.values() if p]
+            newest = max((max(p) for p in self.pending.values() if p), default=self.next)
+            if ahead and (
+                (len(ahead) == len(self.channels) and min(ahead) > self.next)
+                or newest - self.next > self.max_wait
+            ):
+                target = min(ahead) if min(ahead) > self.next else self.next + 1
+                for p in self.pending.values():
+                    for k in [k for k in p if k < target]:
+                        del p[k]
+                gaps.append(("gap", target - self.next, target))
+                self.next = target
+                continue
+            break
+        return samples, gaps
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, handle: Callable[[bytes], None]) -> None:
+        self.handle = handle
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.handle(data)
+
+
+class SeismicUdpReader:
+    """Receives Raspberry Shake datacast packets on a UDP port until cancelled."""
+
+    def __init__(
+        self, dev: SeismicDevice, on_sample: SampleSink, on_gap: GapSink, now_ms: Callable[[], int]
+    ) -> None:
+        self.dev = dev
+        self.on_sample = on_sample
+        self.on_gap = on_gap
+        self.now_ms = now_ms
+        self.aligner = ChannelAligner([c.name for c in dev.channels], dev.sample_rate)
+        self.errors = 0
+        self.samples = 0
+        self._logged_at = -1e9
+
+    def handle(self, packet: bytes) -> None:
+        try:
+            channel, t0, counts = parse_datacast(packet)
+        except LineError as exc:
+            self.errors += 1
+            if time.monotonic() - self._logged_at >= 10.0:
+                log.warning("device %s: bad packet (%d so far): %s", self.dev.id, self.errors, exc)
+                self._logged_at = time.monotonic()
+            return
+        samples, gaps = self.aligner.feed(channel, t0, counts)
+        ts = self.now_ms()
+        for kind, k, n in gaps:
+            self.on_gap(kind, k, n)
+        for n, values in samples:
+            self.samples += 1
+            self.on_sample(n % COUNTER_MOD, values, ts)
+
+    async def run(self) -> None:
+        d = self.dev
+        assert d.udp_port is not None
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _Datagrams(self.handle), local_addr=(d.udp_host, d.udp_port)
+        )
+        log.info("device %s: listening for datacast on udp %s:%d", d.id, d.udp_host, d.udp_port)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            transport.close()

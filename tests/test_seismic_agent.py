@@ -62,7 +62,13 @@ def test_replayed_earthquake_end_to_end(tmp_path: Path, broker: Mosquitto) -> No
         "    sta: 500ms\n    lta: 10s\n    trigger_on: 3.0\n    trigger_off: 1.5\n"
         "    pre_event: 2s\n    post_event: 2s\n"
     )
-    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
+    # intensity thresholds drive alarms like any point (the record is in relative units,
+    # so its "intensity" here is only a number to compare)
+    alarms = (
+        "alarms:\n  - {id: strong-shaking, device: quake-1, point: intensity, kind: high,"
+        " setpoint: 6, severity: critical}\n"
+    )
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices, tail=alarms)
     sub = Subscriber(broker.port, "lifeline/#")
     agent = AgentProcess(cfg, tmp_path / "agent.log")
     agent.start()
@@ -100,7 +106,9 @@ def test_replayed_earthquake_end_to_end(tmp_path: Path, broker: Mosquitto) -> No
     line.wait(5)
     assert_all_delivered(sub, tmp_path / "state")
     events = [m.json() for m in sub.messages if "/events/quake-1" in m.topic]
-    start, end = events
+    alarm = [e for e in events if e["type"] == "alarm"]
+    assert alarm and alarm[0]["rule"] == "strong-shaking" and alarm[0]["event"] == "raise"
+    start, end = [e for e in events if e["type"] == "seismic"]
     # the onset: sample 6128 (30.640 s), announced by the message of that very sample
     assert (start["event"], start["onset_sample"], start["delay_s"]) == ("start", 6128, 0.0)
     assert start["sta_lta"] == REF["z_recursive_sta_lta_nsta100_nlta2000"]["values_at"]["6128"]
@@ -128,3 +136,92 @@ def test_replayed_earthquake_end_to_end(tmp_path: Path, broker: Mosquitto) -> No
     z = [float(v) for v in (DATA / "loc_RJOB20050801145719850.z").read_text().split()]
     assert counts[0] == struct.unpack("<f", struct.pack("<f", z[first]))[0]
     assert "gap" not in agent.log().lower().replace("gap_samples", "")
+
+
+def test_datacast_packets_are_aligned_across_channels() -> None:
+    from drivers.seismic_stream import ChannelAligner, datacast_packet, parse_datacast
+
+    assert parse_datacast(b"{'EHZ', 1507760140.530, 614, 813, -2}") == (
+        "EHZ",
+        1507760140.53,
+        [614, 813, -2],
+    )
+    assert parse_datacast(datacast_packet("ENN", 10.25, [1, 2])) == ("ENN", 10.25, [1, 2])
+    al = ChannelAligner(["EHZ", "ENN"], rate=4.0)
+    got: list[tuple[int, list[float]]] = []
+    gaps: list[tuple[str, int, int]] = []
+
+    def feed(ch: str, t: float, counts: list[int]) -> None:
+        s, g = al.feed(ch, t, counts)
+        got.extend(s)
+        gaps.extend(g)
+
+    feed("EHZ", 100.0, [1, 2, 3, 4])  # waits for ENN
+    assert got == []
+    feed("ENN", 100.0, [10, 20, 30, 40])
+    assert got == [(0, [1.0, 10.0]), (1, [2.0, 20.0]), (2, [3.0, 30.0]), (3, [4.0, 40.0])]
+    feed("ENN", 102.0, [50])  # 1 s missing on both channels: a gap of 4 samples
+    feed("EHZ", 102.0, [5])
+    assert gaps == [("gap", 4, 8)] and got[-1] == (8, [5.0, 50.0])
+    feed("EHZ", 101.0, [9])  # from the past: dropped
+    assert gaps[-1] == ("overlap", 1, 4)
+
+
+def test_datacast_over_udp_into_the_processor() -> None:
+    """The UDP reader on a real socket, fed by `edge-agent replay --to udp://`: the
+    local-event record triggers at sample 6128 as over the serial line."""
+    import asyncio
+    import socket
+
+    from agent.seismic import SeismicProcessor
+    from drivers.seismic_stream import SeismicDevice, SeismicUdpReader
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dev = SeismicDevice.model_validate(
+        {
+            "driver": "seismic",
+            "id": "shake",
+            "udp_port": port,
+            "udp_host": "127.0.0.1",
+            "format": "datacast",
+            "sample_rate": 200,
+            "channels": [{"name": "EHZ"}, {"name": "ENN"}, {"name": "ENE"}],
+        }
+    )
+    proc = SeismicProcessor(dev)
+    events: list[dict] = []
+    gaps: list[tuple[str, int, int]] = []
+
+    def on_sample(n: int, counts: list[float], ts: int) -> None:
+        events.extend(o.doc or {} for o in proc.feed(counts, ts) if o.kind == "event")
+
+    async def run() -> SeismicUdpReader:
+        reader = SeismicUdpReader(dev, on_sample, lambda *g: gaps.append(g), lambda: 0)
+        task = asyncio.create_task(reader.run())
+        await asyncio.sleep(0.2)
+        files = [str(DATA / f"loc_RJOB20050801145719850.{c}") for c in "zne"]
+        replay = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent",
+            "replay",
+            *files,
+            "--to",
+            f"udp://127.0.0.1:{port}",
+            "--rate",
+            "200",
+            "--speed",
+            "20",
+        )
+        assert await replay.wait() == 0
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return reader
+
+    reader = asyncio.run(run())
+    assert reader.samples == 12000 and reader.errors == 0 and gaps == []
+    assert [(e["event"], e["onset_sample"]) for e in events] == [("start", 6128), ("end", 6128)]
+    assert events[1]["end_sample"] == 6719
