@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 
 from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.config import Name
+from drivers.serial_io import PortQueue, open_serial
 from drivers.serial_line import LineAssembler, LineError, nmea_checksum
 
 log = logging.getLogger(__name__)
@@ -198,17 +199,6 @@ class SampleClock:
         return ("gap", step - 1)
 
 
-class _Port(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    def data_received(self, data: bytes) -> None:
-        self.queue.put_nowait(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.queue.put_nowait(None)
-
-
 SampleSink = Callable[[int, list[float], int], None]
 """Receives (sample counter, counts, wall time of arrival in UTC ms)."""
 GapSink = Callable[[str, int, int], None]
@@ -262,23 +252,12 @@ class SeismicSerialReader:
             self.on_sample(n, counts, ts)
 
     async def run(self) -> None:
-        from pymodbus.transport.serialtransport import create_serial_connection
-
         d = self.dev
         announced = False
         while True:
-            port = _Port()
+            port = PortQueue()
             try:
-                transport, _ = await create_serial_connection(
-                    asyncio.get_running_loop(),
-                    lambda p=port: p,
-                    str(d.serial_port),
-                    baudrate=d.baudrate,
-                    bytesize=8,
-                    parity="N",
-                    stopbits=1,
-                    timeout=0,
-                )
+                transport = await open_serial(port, str(d.serial_port), d.baudrate)
             except Exception as exc:  # OSError, termios.error…
                 if not announced:
                     log.warning(

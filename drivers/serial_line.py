@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from drivers.base import PointResult
 from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.config import Name
+from drivers.serial_io import PortQueue, open_serial
 
 log = logging.getLogger(__name__)
 
@@ -304,17 +305,6 @@ Sink = Callable[[Any, int, list[PointResult]], None]
 """Receives (device, acquisition time in UTC ms, one result per point)."""
 
 
-class _Port(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    def data_received(self, data: bytes) -> None:
-        self.queue.put_nowait(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.queue.put_nowait(None)
-
-
 class SerialLineReader:
     """Reads one line-protocol sensor until cancelled.
 
@@ -355,26 +345,16 @@ class SerialLineReader:
         else:
             self._suppressed += 1
 
-    async def _open(self) -> _Port | None:
-        from pymodbus.transport.serialtransport import create_serial_connection
-
+    async def _open(self) -> PortQueue | None:
         d = self.dev
-        port = _Port()
+        port = PortQueue()
         try:
-            transport, _ = await create_serial_connection(
-                asyncio.get_running_loop(),
-                lambda: port,
-                d.serial_port,
-                baudrate=d.baudrate,
-                bytesize=d.bytesize,
-                parity=d.parity,
-                stopbits=d.stopbits,
-                timeout=0,
+            self._transport = await open_serial(
+                port, d.serial_port, d.baudrate, d.bytesize, d.parity, d.stopbits
             )
         except Exception as exc:  # OSError, termios.error, SerialException…
             log.debug("open %s: %s", d.serial_port, exc)
             return None
-        self._transport = transport
         self.asm.reset()
         return port
 
@@ -421,7 +401,7 @@ class SerialLineReader:
             self._transport.close()
             self._transport = None
 
-    async def _stream(self, port: _Port) -> None:
+    async def _stream(self, port: PortQueue) -> None:
         while True:
             data = await port.queue.get()
             if data is None:
@@ -443,7 +423,7 @@ class SerialLineReader:
         self.sink(self.dev, ts, results)
         return True
 
-    async def _poll(self, port: _Port) -> None:
+    async def _poll(self, port: PortQueue) -> None:
         d = self.dev
         assert d.request is not None
         request = d.request.encode(d.encoding)

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 from pymodbus.framer.rtu import FramerRTU
 
+from drivers.serial_io import open_serial
+
 log = logging.getLogger(__name__)
 
 READ_FUNCTIONS = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
@@ -298,28 +300,10 @@ class SerialLine:
                 async with asyncio.timeout(5):
                     await loop.create_connection(lambda: proto, host, int(port))
             else:
-                from pymodbus.transport.serialtransport import (
-                    SerialTransport,
-                    create_serial_connection,
-                )
-
                 baudrate, parity, stopbits, bytesize = self.settings
-                transport, _ = await create_serial_connection(
-                    loop,
-                    lambda: proto,
-                    self.endpoint,
-                    baudrate=baudrate,
-                    bytesize=bytesize,
-                    parity=parity,
-                    stopbits=stopbits,
-                    timeout=0,
+                transport = await open_serial(
+                    proto, self.endpoint, baudrate, bytesize, parity, stopbits
                 )
-                assert isinstance(transport, SerialTransport)
-                try:
-                    transport.sync_serial.fileno()
-                except Exception:  # rfc2217:// and loop:// have no descriptor to watch
-                    transport.force_poll = True
-                    transport._poll_wait_time = 0.002  # 500 wake-ups/s rather than 2000
                 proto.transport = transport  # connection_made comes a loop turn later
         except Exception as exc:  # OSError, termios.error (bad settings), ValueError, ...
             self.last_error = str(exc) or type(exc).__name__
