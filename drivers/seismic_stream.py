@@ -205,9 +205,9 @@ GapSink = Callable[[str, int, int], None]
 """Receives (``gap`` or ``overlap``, samples, counter of the sample that showed it)."""
 
 
-class SeismicSerialReader:
-    """Reads frames from the serial port until cancelled, reopening the port when it
-    comes back; counts garbled frames in :attr:`errors` (logged at most every 10 s)."""
+class _SampleReader:
+    """What both seismic readers share: the callbacks and the count of bad input
+    (logged at most every 10 s)."""
 
     def __init__(
         self, dev: SeismicDevice, on_sample: SampleSink, on_gap: GapSink, now_ms: Callable[[], int]
@@ -216,9 +216,6 @@ class SeismicSerialReader:
         self.on_sample = on_sample
         self.on_gap = on_gap
         self.now_ms = now_ms
-        self.parse = FRAME_PARSERS[dev.format]
-        self.clock = SampleClock()
-        self.asm = LineAssembler(b"\n", 1024)
         self.errors = 0
         self.samples = 0
         self._logged_at = -1e9
@@ -226,8 +223,21 @@ class SeismicSerialReader:
     def _error(self, msg: str) -> None:
         self.errors += 1
         if time.monotonic() - self._logged_at >= 10.0:
-            log.warning("device %s: bad frame (%d so far): %s", self.dev.id, self.errors, msg)
+            log.warning("device %s: bad input (%d so far): %s", self.dev.id, self.errors, msg)
             self._logged_at = time.monotonic()
+
+
+class SeismicSerialReader(_SampleReader):
+    """Reads frames from the serial port until cancelled, reopening the port when it
+    comes back; counts garbled frames in :attr:`errors`."""
+
+    def __init__(
+        self, dev: SeismicDevice, on_sample: SampleSink, on_gap: GapSink, now_ms: Callable[[], int]
+    ) -> None:
+        super().__init__(dev, on_sample, on_gap, now_ms)
+        self.parse = FRAME_PARSERS[dev.format]
+        self.clock = SampleClock()
+        self.asm = LineAssembler(b"\n", 1024)
 
     def handle(self, data: bytes) -> None:
         """Feed received bytes (also used by tests and by the replay of a file)."""
@@ -386,29 +396,20 @@ class _Datagrams(asyncio.DatagramProtocol):
         self.handle(data)
 
 
-class SeismicUdpReader:
+class SeismicUdpReader(_SampleReader):
     """Receives Raspberry Shake datacast packets on a UDP port until cancelled."""
 
     def __init__(
         self, dev: SeismicDevice, on_sample: SampleSink, on_gap: GapSink, now_ms: Callable[[], int]
     ) -> None:
-        self.dev = dev
-        self.on_sample = on_sample
-        self.on_gap = on_gap
-        self.now_ms = now_ms
+        super().__init__(dev, on_sample, on_gap, now_ms)
         self.aligner = ChannelAligner([c.name for c in dev.channels], dev.sample_rate)
-        self.errors = 0
-        self.samples = 0
-        self._logged_at = -1e9
 
     def handle(self, packet: bytes) -> None:
         try:
             channel, t0, counts = parse_datacast(packet)
         except LineError as exc:
-            self.errors += 1
-            if time.monotonic() - self._logged_at >= 10.0:
-                log.warning("device %s: bad packet (%d so far): %s", self.dev.id, self.errors, exc)
-                self._logged_at = time.monotonic()
+            self._error(str(exc))
             return
         samples, gaps = self.aligner.feed(channel, t0, counts)
         ts = self.now_ms()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IN_PROCESS, RUNNING, Mosquitto
+from tests.helpers import IN_PROCESS, RUNNING, Mosquitto, start_line
 
 
 @pytest.fixture
@@ -25,3 +25,13 @@ def _no_agent_left_behind() -> Iterator[None]:
         RUNNING.pop().kill()
     while IN_PROCESS:
         IN_PROCESS.pop().stop()
+
+
+@pytest.fixture
+def line(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A serial line: two linked pseudo-terminals made by socat, (far end, agent end)."""
+    a, b = str(tmp_path / "ttyA"), str(tmp_path / "ttyB")
+    proc = start_line(a, b)
+    yield a, b
+    proc.terminate()
+    proc.wait(5)

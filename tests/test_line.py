@@ -8,7 +8,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +27,7 @@ from drivers.modbus.line import (
     min_frame_gap,
     parse_ascii,
 )
-from tests.helpers import start_line
 from tests.line_peer import LinePeer
-
-
-@pytest.fixture
-def line(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Two linked pseudo-terminals: (line end, agent end)."""
-    a, b = str(tmp_path / "ttyA"), str(tmp_path / "ttyB")
-    proc = start_line(a, b)
-    yield a, b
-    proc.terminate()
-    proc.wait(5)
 
 
 def rtu_device(port: str, unit: int, **extra: Any) -> ModbusRtuDevice:

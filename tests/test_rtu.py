@@ -4,7 +4,6 @@ pair made by socat, the agent's driver on the other."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,6 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
-
-
-@pytest.fixture
-def line(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Two linked pseudo-terminals: (server end, client end)."""
-    a, b = str(tmp_path / "ttyA"), str(tmp_path / "ttyB")
-    proc = start_line(a, b)
-    yield a, b
-    proc.terminate()
-    proc.wait(5)
 
 
 def test_rtu_devices_on_one_line(line: tuple[str, str]) -> None:
