@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.alarms import Alarm, AlarmEngine, Event
-from agent.buffer import AsyncBuffer, Buffer, Row, lock_state_dir
+from agent.buffer import AsyncBuffer, Row, lock_state_dir, open_buffer
 from agent.config.alarms import AlarmRule
 from agent.config.model import AgentConfig
 from agent.gpio import Gpio, desired_outputs
@@ -35,6 +35,7 @@ from agent.topics import (
     OFFLINE,
     alarm_state_topic,
     event_topic,
+    notice_topic,
     status_topic,
     telemetry_topic,
     waveform_topic,
@@ -221,9 +222,10 @@ class Agent:
         self.stop_event = asyncio.Event()
         state = Path(cfg.state_dir)
         self._lock_fd = lock_state_dir(state)
-        self.buffer = AsyncBuffer(
-            Buffer(state / "buffer.db", cfg.buffer.max_messages, cfg.buffer.synchronous)
+        sync, notice = open_buffer(
+            state / "buffer.db", cfg.buffer.max_messages, cfg.buffer.synchronous
         )
+        self.buffer = AsyncBuffer(sync)
         self.writer = BufferWriter(self.buffer)
         prefix = cfg.mqtt.topic_prefix
         self.status_topic = status_topic(prefix, cfg.gateway_id)
@@ -260,6 +262,8 @@ class Agent:
             n: st for n, st in desired_outputs(cfg.outputs, self.alarms.alarms).items() if st.on
         }
         self.gpio = Gpio(cfg.gpio, cfg.outputs, initial, pin_factory)
+        if notice is not None:
+            self.notice("buffer_moved_aside", notice)
         groups: dict[str, list[ModbusDevice]] = defaultdict(list)
         self.readers: list[SerialLineReader | SeismicSerialReader | SeismicUdpReader] = []
         for d in cfg.devices:
@@ -287,6 +291,16 @@ class Agent:
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
             self._emit(events)
+
+    def notice(self, kind: str, message: str, **fields: Any) -> None:
+        """A gateway notice for the platform (``{prefix}/{gateway_id}/notice``), buffered
+        with alarm priority: never dropped, sent ahead of any backlog."""
+        ts = now_ms()
+        doc = {"gateway": self.cfg.gateway_id, "type": kind, "message": message, **fields}
+        doc["ts"] = iso_ms(ts)
+        body = json.dumps(doc, separators=(",", ":")).encode()
+        self.writer.submit(notice_topic(self._prefix, self.cfg.gateway_id), body, ts, 1)
+        self.writer.kick()
 
     def _on_line(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
         """A reading of a text-line sensor: as a poll, and committed soon (the writer

@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS point_state (
 """
 
 
+OUR_TABLES = frozenset({"outbox", "counters", "alarm_state", "point_state", "sqlite_sequence"})
+
+
 def _open_advice(path: Path, exc: sqlite3.DatabaseError) -> str:
     text = str(exc)
     if "full" in text or "disk I/O" in text or "readonly" in text or "unable to open" in text:
@@ -72,6 +75,11 @@ Item = tuple[str, bytes, int] | tuple[str, bytes, int, int]
 
 class BufferError(RuntimeError):
     """The buffer file cannot be opened or written; the message names the file and a fix."""
+
+
+class CorruptBuffer(BufferError):
+    """The file is not a usable buffer: corrupt (fails SQLite's integrity check) or not a
+    buffer of this agent. :func:`open_buffer` moves it aside."""
 
 
 class StateDirError(BufferError):
@@ -168,17 +176,48 @@ class Buffer:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout=5000")
+            # look before writing anything: another program's file is left exactly as it is
+            self._refuse_foreign()
+            check = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA journal_size_limit=8388608")
-            self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
             self._check_schema()
             self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         except sqlite3.DatabaseError as exc:
-            raise BufferError(_open_advice(path, exc)) from exc
+            with contextlib.suppress(Exception):
+                self._db.close()
+            text = str(exc)
+            environmental = any(
+                w in text for w in ("full", "disk I/O", "readonly", "unable to open")
+            )
+            cls = BufferError if environmental else CorruptBuffer
+            raise cls(_open_advice(path, exc)) from exc
         except OSError as exc:
             raise BufferError(f"cannot create buffer directory {path.parent}: {exc}") from exc
+
+    def _refuse_foreign(self) -> None:
+        tables = {
+            str(r[0]) for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        foreign = tables - OUR_TABLES
+        if foreign:
+            raise sqlite3.DatabaseError(
+                f"not an edge-agent buffer: it has table(s) {', '.join(sorted(foreign))}"
+            )
+        if "outbox" in tables:
+            cols = [r[1] for r in self._db.execute("PRAGMA table_info(outbox)")]
+            if cols not in (
+                ["seq", "topic", "body", "ts_ms"],
+                ["seq", "topic", "body", "ts_ms", "prio"],
+            ):
+                raise sqlite3.DatabaseError(
+                    f"not an edge-agent buffer: table outbox has columns {cols}"
+                )
 
     def _check_schema(self) -> None:
         cols = [r[1] for r in self._db.execute("PRAGMA table_info(outbox)")]
@@ -371,6 +410,36 @@ class Buffer:
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+def open_buffer(
+    path: Path, max_messages: int = 200_000, synchronous: str = "normal"
+) -> tuple[Buffer, str | None]:
+    """Open the buffer; a corrupt or foreign file is moved aside (renamed with a UTC time
+    stamp, never deleted, its WAL and shared-memory files with it) and a new buffer is
+    started. Returns the buffer and, after such a move, a notice for people and the
+    platform.
+
+    Raises:
+        BufferError: the filesystem cannot be used (full, read-only, permissions).
+    """
+    try:
+        return Buffer(path, max_messages, synchronous), None
+    except CorruptBuffer as exc:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = path.with_name(f"{path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{path}{suffix}")
+            if src.exists():
+                os.replace(src, f"{moved}{suffix}")
+        cause = str(exc.__cause__ or exc)
+        notice = (
+            f"buffer {path} was unusable ({cause}); moved aside to {moved} and a new "
+            "buffer started. Its unsent readings, if any, can be read from that file with "
+            "sqlite3."
+        )
+        log.error("%s", notice)
+        return Buffer(path, max_messages, synchronous), notice
 
 
 class AsyncBuffer:

@@ -32,3 +32,9 @@ def waveform_topic(prefix: str, gateway_id: str, device_id: str) -> str:
     """``{prefix}/{gateway_id}/waveform/{device_id}``: the waveform excerpt of a seismic
     event, QoS 1, with ``seq``."""
     return f"{prefix}/{gateway_id}/waveform/{device_id}"
+
+
+def notice_topic(prefix: str, gateway_id: str) -> str:
+    """``{prefix}/{gateway_id}/notice``: gateway notices (a buffer moved aside, readings
+    dropped by the buffer cap), QoS 1, with ``seq``, alarm priority."""
+    return f"{prefix}/{gateway_id}/notice"

@@ -180,7 +180,7 @@ class Subscriber:
     def sequenced(self) -> list[Message]:
         """Every message that went through the gateway's buffer (it has a ``seq``):
         telemetry, events and waveforms."""
-        kinds = ("/telemetry/", "/events/", "/waveform/")
+        kinds = ("/telemetry/", "/events/", "/waveform/", "/notice")
         with self._lock:
             return [m for m in self.messages if any(k in m.topic for k in kinds)]
 
