@@ -142,6 +142,8 @@ class BufferWriter:
         self.lost = 0
         self.on_commit: Callable[[list[Row], int], None] = lambda rows, dropped_upto: None
         self.handed_upto: Callable[[], int] = lambda: 0
+        self.on_drops: Callable[[list[tuple[int, int, int]]], None] = lambda reports: None
+        """Called with the buffer cap's drop blocks (count, first seq, last seq)."""
         self._event = asyncio.Event()
         self._lock = asyncio.Lock()
         self._failing = False
@@ -202,6 +204,9 @@ class BufferWriter:
             self._failing = False
         rows = [Row(s, t, b, ts, p) for s, (t, b, ts, p) in zip(seqs, batch, strict=True)]
         self.on_commit(rows, self.buffer.sync.dropped_upto)
+        reports = self.buffer.sync.take_drop_reports()
+        if reports:
+            self.on_drops(reports)
         return True
 
     async def run(self) -> None:
@@ -252,6 +257,7 @@ class Agent:
         self.publisher = Publisher(self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight)
         self.writer.on_commit = self.publisher.offer
         self.writer.handed_upto = lambda: self.publisher.cursor
+        self.writer.on_drops = self._report_drops
         self._prefix = prefix
         self.alarms = AlarmEngine(
             expand_rules(cfg), self.buffer.sync.alarm_state(), time.monotonic(), now_ms()
@@ -291,6 +297,17 @@ class Agent:
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
             self._emit(events)
+
+    def _report_drops(self, reports: list[tuple[int, int, int]]) -> None:
+        for count, first, last in reports:
+            self.notice(
+                "dropped",
+                f"buffer full: dropped {count} unsent telemetry message(s), seq {first}..{last} "
+                "(alarm events in that range are kept)",
+                count=count,
+                first_seq=first,
+                last_seq=last,
+            )
 
     def notice(self, kind: str, message: str, **fields: Any) -> None:
         """A gateway notice for the platform (``{prefix}/{gateway_id}/notice``), buffered
@@ -480,6 +497,8 @@ class Agent:
             t.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
         self.gpio.close()
+        # the last minute's drops, to the platform too
+        self._report_drops(await self.buffer.flush_drop_reports())
         if not await self.writer.commit():
             log.error(
                 "%d poll(s) could not be written to buffer %s and are lost at this stop",

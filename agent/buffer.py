@@ -173,6 +173,7 @@ class Buffer:
         self._drop_logged_at = -1e9
         self._drops_unlogged = 0
         self._drops_first = self._drops_last = 0
+        self.drop_reports: list[tuple[int, int, int]] = []
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -343,8 +344,15 @@ class Buffer:
             self._drops_first,
             self._drops_last,
         )
+        self.drop_reports.append((self._drops_unlogged, self._drops_first, self._drops_last))
         self._drop_logged_at = time.monotonic()
         self._drops_unlogged = 0
+
+    def take_drop_reports(self) -> list[tuple[int, int, int]]:
+        """The drop blocks logged since the last call: (count, first seq, last seq). Only
+        telemetry is dropped: alarm events inside a block are kept and delivered."""
+        out, self.drop_reports = self.drop_reports, []
+        return out
 
     def fetch(self, after_seq: int, limit: int, prio_only: bool = False) -> list[Row]:
         """Return up to ``limit`` rows with ``seq > after_seq``, oldest first (only alarm
@@ -470,6 +478,16 @@ class AsyncBuffer:
     async def ack(self, seqs: Sequence[int]) -> None:
         """See :meth:`Buffer.ack`."""
         await self._run(self.sync.ack, seqs)
+
+    async def flush_drop_reports(self) -> list[tuple[int, int, int]]:
+        """Report the drops not reported yet, now (on the buffer's thread), and return
+        every unreported drop block."""
+
+        def flush() -> list[tuple[int, int, int]]:
+            self.sync.report_drops()
+            return self.sync.take_drop_reports()
+
+        return await self._run(flush)  # type: ignore[return-value]
 
     async def stats(self) -> BufferStats:
         """See :meth:`Buffer.stats`."""
