@@ -35,6 +35,7 @@ from agent.topics import (
     OFFLINE,
     alarm_state_topic,
     event_topic,
+    health_topic,
     notice_topic,
     status_topic,
     telemetry_topic,
@@ -57,6 +58,10 @@ log = logging.getLogger(__name__)
 STOP_BUDGET_S = 5.0
 TIME_KEYS = frozenset({"onset", "end", "start", "pga_at", "pgv_at", "peak_raw_at"})
 """Fields of seismic messages that are times (UTC ms inside, ISO 8601 on the wire)."""
+HEALTH_S = 30.0
+"""How often the health message is published."""
+HEALTH_DRAINING_S = 2.0
+"""How often while a backlog drains (its progress is the pending count)."""
 ALARM_TICK_S = 0.5
 """How often time alone is let act on the alarms (delays, stale data)."""
 
@@ -254,7 +259,9 @@ class Agent:
         }
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
         self.link = MqttLink(cfg.mqtt, client_id, self.status_topic)
-        self.publisher = Publisher(self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight)
+        self.publisher = Publisher(
+            self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
+        )
         self.writer.on_commit = self.publisher.offer
         self.writer.handed_upto = lambda: self.publisher.cursor
         self.writer.on_drops = self._report_drops
@@ -292,7 +299,8 @@ class Agent:
             deltas = counters.deltas(results)
             for name, value in counters.last.items():
                 self.writer.state[(dev.id, name)] = value
-        body = self._encoders[dev.id].encode(ts_ms, results, deltas)
+        historical = not self.link.connected.is_set()
+        body = self._encoders[dev.id].encode(ts_ms, results, deltas, historical)
         self.writer.submit(self._topics[dev.id], body, ts_ms)
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
@@ -428,6 +436,54 @@ class Agent:
             self._emit(events)
         return len(events)
 
+    def _disk_write_bytes(self) -> int | None:
+        """Bytes this process caused to be written to storage (/proc/self/io), or None."""
+        try:
+            for line in Path("/proc/self/io").read_text().splitlines():
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            return None
+        return None
+
+    async def _health(self) -> None:
+        """Publish the gateway's health (retained) every :data:`HEALTH_S`, every
+        :data:`HEALTH_DRAINING_S` while a backlog drains."""
+        start_bytes = self._disk_write_bytes()
+        start = time.monotonic()
+        while True:
+            stats = await self.buffer.stats()
+            draining = stats.pending > self.cfg.mqtt.max_inflight
+            if self.link.connected.is_set():
+                hours = max(time.monotonic() - start, 1.0) / 3600
+                written = self._disk_write_bytes()
+                per_hour = (
+                    None
+                    if written is None or start_bytes is None
+                    else round((written - start_bytes) / hours)
+                )
+                doc = {
+                    "gateway": self.cfg.gateway_id,
+                    "ts": iso_ms(now_ms()),
+                    "pending": stats.pending,
+                    "last_seq": stats.last_seq,
+                    "dropped": stats.dropped,
+                    "published": self.publisher.published,
+                    "acked": self.publisher.acked_total,
+                    "draining": draining,
+                    "disk_write_bytes_per_hour": per_hour,
+                    "gpio": "none"
+                    if not self.gpio.outputs
+                    else ("ok" if self.gpio.available else "unavailable"),
+                    "gpio_factory": self.gpio.factory_name or None,
+                    "alarms_active": sum(1 for a in self.alarms.alarms if a.on),
+                }
+                body = json.dumps(doc, separators=(",", ":")).encode()
+                self.link.publish(
+                    health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True
+                )
+            await asyncio.sleep(HEALTH_DRAINING_S if draining else HEALTH_S)
+
     async def _alarm_timer(self) -> None:
         """Let time act on the alarms (delays, stale data) and keep the outputs and the
         status LED current."""
@@ -463,6 +519,7 @@ class Agent:
             asyncio.create_task(self.writer.run(), name="buffer-writer"),
             asyncio.create_task(self.publisher.run(), name="publisher"),
             asyncio.create_task(self.publisher.run_acks(), name="acks"),
+            asyncio.create_task(self._health(), name="health"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         loop = asyncio.get_running_loop()

@@ -35,7 +35,14 @@ class Publisher:
     is the at-least-once contract of ``docs/mqtt.md``.
     """
 
-    def __init__(self, buffer: AsyncBuffer, link: MqttLink, status_topic: str, window: int) -> None:
+    def __init__(
+        self,
+        buffer: AsyncBuffer,
+        link: MqttLink,
+        status_topic: str,
+        window: int,
+        drain_rate: int = 0,
+    ) -> None:
         self.buffer = buffer
         self.link = link
         self.status_topic = status_topic
@@ -55,6 +62,10 @@ class Publisher:
         self._status_acked = asyncio.Event()
         self.published = 0
         self.acked_total = 0
+        self.drain_rate = drain_rate
+        """Most backlog rows published per second (0: no limit)."""
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
         self._alarms: dict[int, Row] = {}  # alarm events not yet handed to the client
         self._ahead: set[int] = set()  # alarm events handed ahead of the cursor
         self.on_online: Callable[[], None] = lambda: None
@@ -76,9 +87,19 @@ class Publisher:
             while self._fresh and self._fresh[0].seq <= dropped_upto:
                 self._fresh.popleft()
         self.add_alarm_events(rows)
-        self._fresh.extend(rows)
         if rows:
             self.last_offered = rows[-1].seq
+        if (
+            rows
+            and not self._caught_up
+            and self.link.connected.is_set()
+            and rows[0].seq > self.cursor + 1
+        ):
+            # a backlog is draining: live rows go out now, ahead of it (live-first)
+            self._send_ahead([r for r in rows if r.seq not in self._ahead])
+            self._wake.set()
+            return
+        self._fresh.extend(rows)
         if len(self._fresh) > FRESH_MAX:
             self._fresh.clear()  # a backlog: the buffer file is read instead
             self._caught_up = False
@@ -121,10 +142,20 @@ class Publisher:
     def _send_alarm_events(self) -> None:
         """Hand every waiting alarm event to the client (whatever the window: they are
         few, and they go first)."""
-        for seq in sorted(self._alarms):
+        rows = [self._alarms.pop(seq) for seq in sorted(self._alarms)]
+        self._send_ahead(rows)
+
+    def _send_ahead(self, rows: list[Row]) -> None:
+        """Publish rows ahead of the cursor (alarm events, live rows during a drain); the
+        drain skips them when it gets there. Rows not sent (link down) wait in the
+        buffer, or in memory for alarm events."""
+        for i, row in enumerate(rows):
             if not self.link.connected.is_set():
+                for r in rows[i:]:
+                    if r.prio:
+                        self._alarms[r.seq] = r
                 return
-            row = self._alarms.pop(seq)  # (sent in seq order already: popped there)
+            self._alarms.pop(row.seq, None)
             mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
             self.inflight[mid] = row
             if row.seq > self.cursor:
@@ -191,8 +222,13 @@ class Publisher:
                 continue
             rows = self._take_fresh(room)
             if rows is None and not (self._caught_up and not self._fresh):
-                rows = await self.buffer.fetch(self.cursor, room)
-                self._caught_up = len(rows) < room
+                allowed = self._drain_allowance(room)
+                if allowed == 0:
+                    await asyncio.sleep(1.0 / self.drain_rate)
+                    continue
+                rows = await self.buffer.fetch(self.cursor, allowed)
+                self._caught_up = len(rows) < allowed
+                self._tokens -= sum(1 for r in rows if r.seq not in self._ahead)
             if rows:
                 self._send(rows, advance=True)
                 continue
@@ -201,6 +237,18 @@ class Publisher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    def _drain_allowance(self, room: int) -> int:
+        """How many backlog rows may go now under :attr:`drain_rate` (a token bucket
+        holding at most one second's worth)."""
+        if self.drain_rate <= 0:
+            return room
+        now = time.monotonic()
+        self._tokens = min(
+            float(self.drain_rate), self._tokens + (now - self._tokens_at) * self.drain_rate
+        )
+        self._tokens_at = now
+        return max(0, min(room, int(self._tokens)))
 
     def _send(self, rows: list[Row], advance: bool) -> None:
         for row in rows:

@@ -104,10 +104,15 @@ class TelemetryEncoder:
         self._good_tail[point] = f',"unit":{unit},"quality":"good"}}'
 
     def encode(
-        self, ts_ms: int, results: Sequence[PointResult], deltas: dict[str, int] | None = None
+        self,
+        ts_ms: int,
+        results: Sequence[PointResult],
+        deltas: dict[str, int] | None = None,
+        historical: bool = False,
     ) -> bytes:
         """One poll (acquisition time in UTC ms, one result per point) as UTF-8 JSON;
-        ``deltas`` adds ``"delta"`` to counter points."""
+        ``deltas`` adds ``"delta"`` to counter points; ``historical`` marks a poll taken
+        while the gateway had no broker connection (``"historical":true``)."""
         parts = []
         for r in results:
             if r.point not in self._key:
@@ -136,7 +141,8 @@ class TelemetryEncoder:
                 entry["exception_code"] = r.exception_code
             body = json.dumps(entry, separators=(",", ":"), allow_nan=False)
             parts.append(f"{json.dumps(r.point)}:{body}")
-        return f'{self._head}{iso_ms(ts_ms)}","points":{{{",".join(parts)}}}}}'.encode()
+        flag = ',"historical":true' if historical else ""
+        return f'{self._head}{iso_ms(ts_ms)}"{flag},"points":{{{",".join(parts)}}}}}'.encode()
 
 
 def telemetry_body(

@@ -38,3 +38,9 @@ def notice_topic(prefix: str, gateway_id: str) -> str:
     """``{prefix}/{gateway_id}/notice``: gateway notices (a buffer moved aside, readings
     dropped by the buffer cap), QoS 1, with ``seq``, alarm priority."""
     return f"{prefix}/{gateway_id}/notice"
+
+
+def health_topic(prefix: str, gateway_id: str) -> str:
+    """``{prefix}/{gateway_id}/health``: retained JSON with the buffer's pending count,
+    drops, publishing counters, disk writes per hour and GPIO state."""
+    return f"{prefix}/{gateway_id}/health"

@@ -107,6 +107,12 @@ class BufferConfig(StrictModel):
         ge=10,
         description="Cap on unsent messages; beyond it the oldest telemetry is dropped",
     )
+    drain_rate: int = Field(
+        default=2000,
+        ge=0,
+        description="Most backlog messages published per second after an outage (0: no "
+        "limit); live readings and alarm events go out at once, ahead of the backlog",
+    )
     synchronous: Literal["normal", "full"] = Field(
         default="normal",
         description="SQLite synchronous level: normal (no corruption, may lose the last "
