@@ -4,9 +4,11 @@ Run alone with `pytest -m fault`; also part of the normal test run."""
 from __future__ import annotations
 
 import itertools
+import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -201,4 +203,80 @@ def test_case_024_backlog_drains_to_the_end_live_first(tmp_path: Path, broker: M
         f"\ncase 024: 10800 backlog readings drained in {drained_in:.1f}s at "
         f"{10_800 / span:.0f} msg/s; live lag max {max(lag)} ms over {len(live)} readings; "
         f"health pending {pend}"
+    )
+
+
+class LeanSubscriber:
+    """A platform that only keeps what this test needs for a million messages: which seqs
+    arrived (a bitmap), and the lag of the live device's readings."""
+
+    def __init__(self, port: int, size: int) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from agent.readings import parse_iso_ms
+
+        self.seen = bytearray(size + 1)
+        self.count = 0
+        self.live_lag: list[int] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="platform-1m")
+
+        def on_message(c: Any, u: Any, msg: Any) -> None:
+            p = msg.payload
+            seq = int(p[7 : p.index(b",")])
+            if seq < len(self.seen) and not self.seen[seq]:
+                self.seen[seq] = 1
+                self.count += 1
+            if b'"device":"live"' in p:
+                doc = json.loads(p)
+                self.live_lag.append(time.time_ns() // 1_000_000 - parse_iso_ms(doc["ts"]))
+
+        self.client.on_message = on_message
+        self.client.on_connect = lambda c, u, f, rc, pr: c.subscribe("lifeline/+/telemetry/#", 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_a_million_buffered_readings_drain_while_live_stays_live(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """1,000,000 readings in the buffer when the agent starts with the broker there: they
+    all go out (no stall after a first batch), and the live device's readings keep
+    arriving less than 5 s behind real time all along."""
+    n = 1_000_000
+    state = tmp_path / "state"
+    state.mkdir()
+    t0 = time.monotonic()
+    prefill_backlog(state, n)
+    filled = time.monotonic() - t0
+    sim = sim_one_point()
+    cfg = write_config(
+        tmp_path / "agent.yaml",
+        broker.port,
+        one_point_device(sim.port, "200ms", device_id="live"),
+        extra="  max_inflight: 1000\n",
+        tail="buffer: {drain_rate: 0, max_messages: 2000000}\n",
+    )
+    sub = LeanSubscriber(broker.port, n + 10_000)
+    time.sleep(0.3)
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    t1 = time.monotonic()
+    agent.start()
+    wait_until(lambda: sum(sub.seen[1 : n + 1]) >= n, 240, "a million readings", step=1.0)
+    drained = time.monotonic() - t1
+    time.sleep(1)
+    assert agent.stop() == 0, agent.log()
+    sim.stop_thread()
+    sub.close()
+    assert sum(sub.seen[1 : n + 1]) == n, "every buffered reading arrived"
+    assert len(sub.live_lag) >= drained * 4, "live readings all along"
+    assert max(sub.live_lag) < 5000, f"live lag up to {max(sub.live_lag)} ms"
+    print(
+        f"\n1M backlog: filled in {filled:.0f}s, drained in {drained:.0f}s "
+        f"({n / drained:.0f} msg/s); live readings {len(sub.live_lag)}, lag max "
+        f"{max(sub.live_lag)} ms"
     )
