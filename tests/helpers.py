@@ -405,7 +405,18 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.open()
+
+    def blackhole(self) -> None:
+        """Stop forwarding without closing anything (a modem that lost its carrier): bytes
+        wait in the kernel's buffers, connections stay open, nobody is told."""
+        self._flowing.clear()
+
+    def heal(self) -> None:
+        """Forward again; whatever waited in the buffers goes through."""
+        self._flowing.set()
 
     def open(self) -> None:
         srv = socket.socket()
@@ -431,10 +442,14 @@ class TcpProxy:
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := src.recv(65536):
+            while True:
+                self._flowing.wait()
+                data = src.recv(65536)
+                if not data:
+                    break
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass
