@@ -131,7 +131,7 @@ def prefill_backlog(
     """``n`` telemetry rows as a 3-hour outage leaves them in the buffer: one reading of 10
     points every second, flagged historical."""
     from agent.buffer import Buffer
-    from agent.readings import TelemetryEncoder
+    from agent.readings import TelemetryEncoder, iso_ms
     from drivers.base import PointResult
 
     enc = TelemetryEncoder("test-gw", device, {f"p{i}": "m" for i in range(10)})
@@ -139,10 +139,12 @@ def prefill_backlog(
     topic = f"lifeline/test-gw/telemetry/{device}"
     buf = Buffer(state / "buffer.db", max_messages=2_000_000)
     batch: list[tuple[str, bytes, int]] = []
+    # one encoded poll as a template; each row differs by its time stamp
+    template = enc.encode(t0, [PointResult(f"p{i}", 1.5 + i) for i in range(10)], None, True)
+    head, tail = template.split(iso_ms(t0).encode())
     for k in range(n):
         ts = t0 + k * 1000
-        results = [PointResult(f"p{i}", k * 0.001 + i) for i in range(10)]
-        batch.append((topic, enc.encode(ts, results, historical=True), ts))
+        batch.append((topic, head + iso_ms(ts).encode() + tail, ts))
         if len(batch) == 50_000:
             buf.append_many(batch)
             batch = []
