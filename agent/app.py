@@ -232,8 +232,9 @@ class Agent:
         self.stop_event = asyncio.Event()
         state = Path(cfg.state_dir)
         self._lock_fd = lock_state_dir(state)
+        b = cfg.buffer
         sync, notice = open_buffer(
-            state / "buffer.db", cfg.buffer.max_messages, cfg.buffer.synchronous
+            state / "buffer.db", b.max_messages, b.synchronous, b.max_bytes, b.min_free
         )
         self.buffer = AsyncBuffer(sync)
         self.writer = BufferWriter(self.buffer)

@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS point_state (
 """
 
 
+ROW_OVERHEAD = 40
+"""Bytes a row takes in the database beyond its topic and body (seq, ts, prio, b-tree)."""
 OUR_TABLES = frozenset({"outbox", "counters", "alarm_state", "point_state", "sqlite_sequence"})
 
 
@@ -164,10 +166,20 @@ class Buffer:
     """
 
     def __init__(
-        self, path: Path, max_messages: int = 200_000, synchronous: str = "normal"
+        self,
+        path: Path,
+        max_messages: int = 200_000,
+        synchronous: str = "normal",
+        max_bytes: int | None = None,
+        min_free: int | None = None,
     ) -> None:
         self.path = path
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        """Cap on the database's used pages, bytes (None: none)."""
+        self.min_free = min_free
+        """Bytes to keep free on the filesystem: below, the buffer stops growing."""
+        self._low_disk_logged = False
         self.dropped_upto = 0
         """Highest seq the size cap deleted so far (0: none)."""
         self._drop_logged_at = -1e9
@@ -189,6 +201,7 @@ class Buffer:
             self._db.executescript(SCHEMA)
             self._check_schema()
             self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+            self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         except sqlite3.DatabaseError as exc:
             with contextlib.suppress(Exception):
                 self._db.close()
@@ -269,9 +282,12 @@ class Buffer:
         """
         db = self._db
         seqs: list[int] = []
-        lost = first_lost = boundary = 0
+        drops: list[tuple[int, int, int, int]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
+            room = self._bytes_excess(items)
+            if room > 0:  # make room first, so that the file does not grow
+                drops.append(self._drop_oldest(room, handed_upto))
             for item in items:
                 cur = db.execute(
                     "INSERT INTO outbox(topic, body, ts_ms, prio) VALUES (?, ?, ?, ?)",
@@ -288,35 +304,72 @@ class Buffer:
                     "INSERT OR REPLACE INTO point_state(device, point, value) VALUES (?, ?, ?)",
                     [(d, p, v) for (d, p), v in state.items()],
                 )
-            excess = self._count + len(items) - self.max_messages
-            if excess > 0:  # the oldest telemetry goes; alarm events (prio > 0) stay
-                found = db.execute(
-                    "SELECT seq FROM outbox WHERE prio = 0 ORDER BY seq LIMIT 1 OFFSET ?",
-                    (excess - 1,),
-                ).fetchone()
-                if found is None:  # (only alarm events left: keep them all)
-                    found = db.execute("SELECT MAX(seq) FROM outbox WHERE prio = 0").fetchone()
-                boundary = int(found[0] or 0)
-                lost, first = db.execute(
-                    "SELECT COUNT(*), MIN(seq) FROM outbox WHERE seq > ? AND seq <= ? AND prio = 0",
-                    (handed_upto, boundary),
-                ).fetchone()
-                first_lost = int(first or 0)
-                excess = db.execute(
-                    "DELETE FROM outbox WHERE seq <= ? AND prio = 0", (boundary,)
-                ).rowcount
-                db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost,))
+            count = self._count + len(items) - sum(d[0] for d in drops)
+            if count > self.max_messages:
+                drops.append(self._drop_oldest(count - self.max_messages, handed_upto))
+            lost_total = sum(d[1] for d in drops)
+            if lost_total:
+                db.execute(
+                    "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost_total,)
+                )
             db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
         self._count += len(items)
-        if excess > 0:
-            self._count -= excess
-            self.dropped_upto = boundary
+        for deleted, lost, first_lost, boundary in drops:
+            self._count -= deleted
+            self.dropped_upto = max(self.dropped_upto, boundary)
             if lost:
-                self._note_drops(int(lost), first_lost, boundary)
+                self._note_drops(lost, first_lost, boundary)
         return seqs
+
+    def _drop_oldest(self, n: int, handed_upto: int) -> tuple[int, int, int, int]:
+        """Delete the ``n`` oldest telemetry rows (alarm events stay), inside the caller's
+        transaction. Returns (rows deleted, of them not yet handed to the client, the
+        first of those, the highest seq deleted)."""
+        db = self._db
+        found = db.execute(
+            "SELECT seq FROM outbox WHERE prio = 0 ORDER BY seq LIMIT 1 OFFSET ?", (n - 1,)
+        ).fetchone()
+        if found is None:  # fewer telemetry rows than that: all of them
+            found = db.execute("SELECT MAX(seq) FROM outbox WHERE prio = 0").fetchone()
+        boundary = int(found[0] or 0)
+        lost, first = db.execute(
+            "SELECT COUNT(*), MIN(seq) FROM outbox WHERE seq > ? AND seq <= ? AND prio = 0",
+            (handed_upto, boundary),
+        ).fetchone()
+        deleted = db.execute("DELETE FROM outbox WHERE seq <= ? AND prio = 0", (boundary,)).rowcount
+        return int(deleted), int(lost), int(first or 0), boundary
+
+    def _bytes_excess(self, items: Sequence[Item]) -> int:
+        """Rows to delete before adding ``items`` so that the database stays within
+        :attr:`max_bytes` and the filesystem keeps :attr:`min_free` bytes free."""
+        if not self._count or (self.max_bytes is None and self.min_free is None):
+            return 0
+        new = sum(len(i[0]) + len(i[1]) + ROW_OVERHEAD for i in items)
+        excess = 0
+        db = self._db
+        pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+        free_pages = int(db.execute("PRAGMA freelist_count").fetchone()[0])
+        used = (pages - free_pages) * self._page_size
+        avg = max(1, used // self._count)
+        if self.max_bytes is not None and used + new > self.max_bytes:
+            excess = -(-(used + new - self.max_bytes) // avg)
+        if self.min_free is not None and free_pages * self._page_size < new:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize - new < self.min_free:
+                # the disk is nearly full: the buffer may not grow, only turn over
+                excess = max(excess, -(-new // avg))
+                if not self._low_disk_logged:
+                    log.error(
+                        "less than %d bytes free on the filesystem of %s: the buffer stops "
+                        "growing and drops its oldest telemetry for new readings",
+                        self.min_free,
+                        self.path,
+                    )
+                    self._low_disk_logged = True
+        return excess
 
     def point_state(self) -> dict[tuple[str, str], int]:
         """The stored ``(device, point) → value`` (see :meth:`append_many`)."""
@@ -421,7 +474,11 @@ T = TypeVar("T")
 
 
 def open_buffer(
-    path: Path, max_messages: int = 200_000, synchronous: str = "normal"
+    path: Path,
+    max_messages: int = 200_000,
+    synchronous: str = "normal",
+    max_bytes: int | None = None,
+    min_free: int | None = None,
 ) -> tuple[Buffer, str | None]:
     """Open the buffer; a corrupt or foreign file is moved aside (renamed with a UTC time
     stamp, never deleted, its WAL and shared-memory files with it) and a new buffer is
@@ -432,7 +489,7 @@ def open_buffer(
         BufferError: the filesystem cannot be used (full, read-only, permissions).
     """
     try:
-        return Buffer(path, max_messages, synchronous), None
+        return Buffer(path, max_messages, synchronous, max_bytes, min_free), None
     except CorruptBuffer as exc:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         moved = path.with_name(f"{path.name}.corrupt-{stamp}")
@@ -447,7 +504,7 @@ def open_buffer(
             "sqlite3."
         )
         log.error("%s", notice)
-        return Buffer(path, max_messages, synchronous), notice
+        return Buffer(path, max_messages, synchronous, max_bytes, min_free), notice
 
 
 class AsyncBuffer:

@@ -44,6 +44,37 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 """A duration in seconds, written in YAML as a string with a unit (``500ms``, ``5s``, ``1min``)."""
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|KiB|MiB|GiB)\s*$")
+_SIZE_UNITS = {
+    "B": 1,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+}
+
+
+def parse_size(value: Any) -> int:
+    """Parse a size with a unit into bytes: ``"20MB"`` (10⁶), ``"512KiB"`` (2¹⁰), ``"1GB"``.
+
+    Raises:
+        ValueError: bare numbers (bytes or megabytes?) or unknown units.
+    """
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a size; write a number with a unit, e.g. '20MB'")
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a size; write e.g. '512kB', '20MB', '1GiB'")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+"""A size in bytes, written in YAML as a string with a unit (``20MB``, ``512KiB``)."""
+
+
 def at_least(minimum: str) -> AfterValidator:
     """A validator for :data:`Duration` fields: refuse durations shorter than ``minimum``
     (written with its unit, e.g. ``"50ms"``), with a message in the user's units."""

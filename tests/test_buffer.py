@@ -109,3 +109,45 @@ def test_old_buffer_file_gets_the_priority_column(tmp_path: Path) -> None:
     assert (row.seq, row.ts_ms, row.prio) == (1, 5, 0)
     assert b.append_many([("t", b"{}", 6, 1)]) == [2]
     b.close()
+
+
+def test_byte_cap_keeps_the_file_within_it(tmp_path: Path) -> None:
+    """max_bytes: the oldest telemetry makes room before new rows go in, so the database
+    file stops growing at the cap; alarm events stay; every drop is counted."""
+    path = tmp_path / "buffer.db"
+    cap = 1_000_000
+    b = Buffer(path, max_messages=10**7, max_bytes=cap)
+    body = b'{"v":' + b"1" * 400 + b"}"
+    for k in range(60):  # 60 x 100 rows of ~450 bytes: 2.7 MB offered
+        b.append_many([("t/x", body, k * 100 + i, 1 if i == 0 else 0) for i in range(100)])
+    st = b.stats()
+    b.close()
+    size = path.stat().st_size
+    assert size <= cap * 1.1, size
+    assert st.dropped > 2000 and st.pending + st.dropped == 6000
+    b = Buffer(path)
+    assert len(b.fetch(0, 10_000, prio_only=True)) == 60, "every alarm event kept"
+    b.close()
+
+
+def test_low_disk_stops_the_growth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Less than min_free left on the filesystem (injected): the buffer turns over
+    instead of growing, and says so once."""
+    import os
+    from types import SimpleNamespace
+
+    b = Buffer(tmp_path / "buffer.db", max_messages=10**7, min_free=50_000_000)
+    body = b"x" * 200
+    b.append_many([("t", body, i) for i in range(2000)])
+    monkeypatch.setattr(
+        os,
+        "statvfs",
+        lambda p: SimpleNamespace(f_bavail=10, f_frsize=4096),  # 40 kB free
+    )
+    before = b.stats().pending
+    for k in range(20):
+        b.append_many([("t", body, k) for _ in range(100)])
+    st = b.stats()
+    b.close()
+    assert st.pending <= before + 100, (before, st.pending)
+    assert st.dropped >= 1800

@@ -409,3 +409,56 @@ def test_blackholed_link_for_60_s_loses_nothing(tmp_path: Path, broker: Mosquitt
         f"\nblackhole 60 s: dead link noticed after {noticed:.1f}s (keep-alive 5 s); "
         f"{last_seq} messages, all received, {dups} duplicate(s)"
     )
+
+
+def test_20_mb_cap_under_a_long_outage(tmp_path: Path, broker: Mosquitto) -> None:
+    """A 20 MB cap, a buffer already near it from a long outage, the outage going on: the
+    agent keeps running, the database file stays within the cap, every alarm event is
+    kept, and the drop notices cover exactly the seqs the platform misses."""
+    from tests.helpers import TcpProxy
+
+    state = tmp_path / "state"
+    state.mkdir()
+    prefill_backlog(state, 29_100)  # 19.95 MB of telemetry
+    sim = ModbusSimulator()
+    sim.add_device(
+        1, [ModbusPoint(name="v", address=0)], {"v": lambda t: 100 if int(t * 2) % 2 else 0}
+    )
+    sim.start_thread()
+    uplink = TcpProxy(broker.port)
+    uplink.close()  # the outage goes on
+    devices = "".join(one_point_device(sim.port, "50ms", device_id=f"d{i}") for i in range(3))
+    tail = (
+        "alarms:\n  - {id: v-high, device: d0, point: v, kind: high, setpoint: 50}\n"
+        "buffer: {max_bytes: 20MB, max_messages: 1000000, drain_rate: 0}\n"
+    )
+    cfg = write_config(tmp_path / "agent.yaml", uplink.port, devices, tail=tail)
+    sub = Subscriber(broker.port, "lifeline/#", client_id="platform-20mb")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    time.sleep(14)
+    size_during = (state / "buffer.db").stat().st_size
+    uplink.open()
+    wait_until(lambda: "unsent message(s), seq" in agent.log(), 30, "the drops")
+    wait_until(lambda: len(sub.telemetry()) > 1000, 30, "the drain")
+    time.sleep(8)
+    assert agent.stop() == 0, agent.log()
+    uplink.close()
+    sim.stop_thread()
+    time.sleep(1)
+    last_seq, received, _, drops = account(sub, state)
+    sub.close()
+    size_after = (state / "buffer.db").stat().st_size
+    assert drops, "the cap was hit and reported"
+    assert size_during <= 20_000_000 * 1.05 and size_after <= 20_000_000 * 1.05, (
+        size_during,
+        size_after,
+    )
+    events = [m for m in sub.sequenced() if "/events/" in m.topic]
+    assert len({m.json()["seq"] for m in events}) >= 15, "the flapping alarm, all kept"
+    dropped = sum(c for *_, c in drops)
+    print(
+        f"\n20 MB cap: file {size_during / 1e6:.1f} MB during the outage, "
+        f"{size_after / 1e6:.1f} MB after; {last_seq} seqs, {dropped} dropped in "
+        f"{len(drops)} reported range(s), {received} received, 0 unexplained"
+    )

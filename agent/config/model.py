@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
 
 from agent.config.alarms import AlarmRule, GpioConfig, OutputConfig
-from drivers.common import Duration, StrictModel, at_least
+from drivers.common import Duration, Size, StrictModel, at_least
 from drivers.modbus.config import (
     ModbusRtuDevice,
     ModbusRtuOverTcpDevice,
@@ -106,6 +106,16 @@ class BufferConfig(StrictModel):
         default=200_000,
         ge=10,
         description="Cap on unsent messages; beyond it the oldest telemetry is dropped",
+    )
+    max_bytes: Size | None = Field(
+        default=None,
+        description="Cap on the database size, e.g. '200MB'; beyond it the oldest telemetry "
+        "is dropped (alarm events never)",
+    )
+    min_free: Size = Field(
+        default=50_000_000,
+        description="Free space to leave on the filesystem, e.g. '50MB': below it the "
+        "buffer stops growing and drops its oldest telemetry for new readings",
     )
     drain_rate: int = Field(
         default=2000,
