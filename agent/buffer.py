@@ -493,10 +493,16 @@ def open_buffer(
     except CorruptBuffer as exc:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         moved = path.with_name(f"{path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(f"{path}{suffix}")
-            if src.exists():
-                os.replace(src, f"{moved}{suffix}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(f"{path}{suffix}")
+                if src.exists():
+                    os.replace(src, f"{moved}{suffix}")
+        except OSError as err:
+            raise BufferError(
+                f"buffer {path} is unusable ({exc.__cause__ or exc}) and cannot be moved "
+                f"aside ({err.strerror}): move it away by hand and start again"
+            ) from err
         cause = str(exc.__cause__ or exc)
         notice = (
             f"buffer {path} was unusable ({cause}); moved aside to {moved} and a new "

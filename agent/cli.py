@@ -56,6 +56,7 @@ config_option = click.option(
 @click.version_option(__version__, prog_name="edge-agent")
 def main() -> None:
     """Lifeline Edge Agent: Modbus sensors -> durable buffer -> MQTT."""
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # our own messages say it
 
 
 @main.command()
@@ -130,7 +131,13 @@ def gpio() -> None:
 @gpio.command("test")
 @config_option
 @click.argument("output")
-@click.option("--seconds", default=3.0, show_default=True, help="How long to switch it on.")
+@click.option(
+    "--seconds",
+    type=click.FloatRange(0, 3600),
+    default=3.0,
+    show_default=True,
+    help="How long to switch it on.",
+)
 def gpio_test(config_file: str, output: str, seconds: float) -> None:
     """Switch OUTPUT (a name from the config's outputs) on for a few seconds, then back
     to its safe state, reading the pin back each time. Stop the agent first: it owns the
@@ -186,13 +193,14 @@ def replay(
     times faster, so the agent runs on a real earthquake. FILES: one file per channel
     with one number per line, or one CSV file with a header and a column per channel."""
     import csv
+    import math
     import os
     import time
 
     from drivers.seismic_stream import ascii_frame
 
-    if speed <= 0 or rate <= 0:
-        raise click.BadParameter("--rate and --speed must be positive")
+    if not (math.isfinite(speed) and math.isfinite(rate)) or speed <= 0 or rate <= 0:
+        raise click.BadParameter("--rate and --speed must be positive numbers")
     channels: list[list[float]] = []
     try:
         if len(files) == 1 and files[0].endswith(".csv"):
@@ -243,7 +251,10 @@ def _replay_udp(
 
     from drivers.seismic_stream import datacast_packet
 
-    host, _, port = target.removeprefix("udp://").rpartition(":")
+    host, _, port_text = target.removeprefix("udp://").rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise click.BadParameter(f"{target!r}: write udp://HOST:PORT", param_hint="--to")
+    port = int(port_text)
     codes = names.split(",")
     if len(codes) < len(samples[0]):
         raise click.BadParameter("give a channel code per channel", param_hint="--channel-names")
@@ -258,7 +269,10 @@ def _replay_udp(
             chunk = samples[k : k + per_packet]
             for c in range(len(chunk[0])):
                 counts = [round(s[c]) for s in chunk]
-                sock.sendto(datacast_packet(codes[c], start + k / rate, counts), (host, int(port)))
+                try:
+                    sock.sendto(datacast_packet(codes[c], start + k / rate, counts), (host, port))
+                except OSError as exc:
+                    raise click.ClickException(f"cannot send to {target}: {exc}") from None
     click.echo(f"sent {len(samples)} samples in {time.monotonic() - t0:.1f} s", err=True)
 
 

@@ -83,7 +83,12 @@ def bus_options(timeout: str = "500ms", lists: bool = False) -> Callable[[F], F]
         opts = [
             click.option("--serial-port", help="Serial device or pyserial URL of an RS-485 line."),
             click.option("--host", help="Or: a Modbus TCP device or TCP-to-RS-485 converter."),
-            click.option("--port", type=int, default=None, help="TCP port with --host [502]."),
+            click.option(
+                "--port",
+                type=click.IntRange(1, 65535),
+                default=None,
+                help="TCP port with --host [502].",
+            ),
             click.option(
                 "--rtu-over-tcp",
                 is_flag=True,
@@ -134,8 +139,10 @@ def take_bus_options(kw: dict[str, Any], lists: bool = False) -> BusOptions:
     if opts.serial_port is not None and opts.host is not None:
         raise click.UsageError("give --serial-port or --host, not both")
     for b in opts.baudrate.split(","):
-        if not b.strip().isdigit():
-            raise click.BadParameter(f"baud rate {b!r} is not a number", param_hint="--baudrate")
+        if not b.strip().isdigit() or int(b) < 50:
+            raise click.BadParameter(
+                f"baud rate {b!r}: write a number such as 9600", param_hint="--baudrate"
+            )
     if "," in opts.baudrate + opts.parity and not lists:
         raise click.BadParameter("one baud rate and one parity here")
     for p in opts.parity.split(","):
@@ -210,6 +217,8 @@ async def read_table(
     max_registers: int = 125,
 ) -> list[tuple[ModbusPoint, str, Any]]:
     """Poll once: ``(point, raw registers as hex, result)`` per point, in point order."""
+    from pymodbus.exceptions import ModbusException
+
     from drivers.modbus.config import BIT_TABLES
     from drivers.modbus.driver import apply_decimal_points, decode_block, plan_blocks
     from drivers.modbus.line import ExceptionReply, FrameError
@@ -221,7 +230,7 @@ async def read_table(
     for block in plan_blocks(points, max_gap, max_registers):
         try:
             words = await bus.read_raw(unit_id, block, timeout)
-        except (ExceptionReply, FrameError, TimeoutError, OSError):
+        except (ExceptionReply, FrameError, TimeoutError, OSError, ModbusException):
             words = None
         if words is None or len(words) < block.count:
             block_results = await bus.read_block(unit_id, block, timeout)
@@ -377,7 +386,11 @@ def _units(text: str) -> list[int]:
     help="Unit ids to try, e.g. 1-247 or 1,5,10-20.",
 )
 @click.option(
-    "--address", default=0, show_default=True, help="Holding register to ask each unit for."
+    "--address",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Holding register to ask each unit for.",
 )
 def scan(**kw: Any) -> None:
     """Find which unit ids answer on a bus, and with --baudrate 9600,19200 --parity N,E at
@@ -477,7 +490,9 @@ def address_hint(table: str, address: int) -> str:
 @click.argument("words", nargs=-1)
 @bus_options()
 @click.option("--unit", "unit_id", type=click.IntRange(1, 247), default=1, show_default=True)
-@click.option("--address", type=int, default=None, help="Read live from this address.")
+@click.option(
+    "--address", type=click.IntRange(0, 65535), default=None, help="Read live from this address."
+)
 @click.option("--count", type=click.IntRange(1, 4), default=2, show_default=True)
 @click.option(
     "--table", type=click.Choice(["holding", "input"]), default="holding", show_default=True
@@ -517,9 +532,11 @@ def decode(words: tuple[str, ...], **kw: Any) -> None:
             try:
                 return [int(w) for w in await bus.read_raw(kw["unit_id"], block, None)]
             except Exception as exc:  # ExceptionReply, FrameError, TimeoutError, OSError
+                from drivers.modbus.driver import describe_error
+
                 raise click.ClickException(
                     f"reading {table} {address}..{address + len(points) - 1} of unit "
-                    f"{kw['unit_id']} on {bus.name}: {exc or type(exc).__name__}"
+                    f"{kw['unit_id']} on {bus.name}: {describe_error(exc)}"
                 ) from None
             finally:
                 bus.close()
@@ -557,7 +574,7 @@ def values_to_write(
         try:
             number: int | float = float(v) if data_type.startswith("float") else int(v, 0)
             words += encode_registers(number, data_type, byte_order)  # type: ignore[arg-type]
-        except (ValueError, DecodeError) as exc:
+        except (ValueError, DecodeError, OverflowError) as exc:
             raise click.BadParameter(f"{v!r} as {data_type}: {exc}") from None
     return words
 

@@ -139,6 +139,9 @@ def _format(topic: str, payload: bytes, retained: bool) -> str:
         doc = json.loads(payload)
     except ValueError:
         return f"{topic}  {payload!r}"
+    if not isinstance(doc, dict) or "points" not in doc:  # health, events, notices
+        kind = topic.rsplit("/", 2)[-2] if "/events/" in topic else topic.rsplit("/", 1)[-1]
+        return f"{topic}  ({kind}) {payload.decode(errors='replace')[:160]}"
     parts = []
     for name, p in doc.get("points", {}).items():
         if p["quality"] == "good":

@@ -112,3 +112,35 @@ def test_read_with_a_shipped_profile() -> None:
     level = next(line.split() for line in result.output.splitlines() if "holding 4 " in line)
     assert level[3:5] == ["05F3", "1.523"], result.output
     assert unknown.exit_code == 2 and "known: " in unknown.output and prof in unknown.output
+
+
+def test_read_a_device_that_never_answers() -> None:
+    """A TCP peer that accepts and stays silent: quality timeout in the table, exit 1,
+    no traceback."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    result = CliRunner().invoke(
+        main,
+        [
+            "read",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--timeout",
+            "200ms",
+            "--point",
+            "v=holding:0",
+        ],
+    )
+    srv.close()
+    assert (
+        result.exit_code == 1
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
+    ), result.output
+    assert "timeout" in result.output and "Traceback" not in result.output

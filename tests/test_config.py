@@ -972,3 +972,47 @@ def test_case_014_validate_says_where_modicon_numbers_point(cfgdir: Path) -> Non
         ("holding", 109),
         ("holding", 40001),  # used as written, never "fixed"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("gateway_id: g\n? [a, b]\n: c\n", "a key that is a list or a map"),
+        ("gateway_id: g\nmqtt: &m {host: a, x: *m}\n", "nested too deeply"),
+        ("gateway_id: g\nmqtt: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+        (
+            "a0: &a0 [x,x,x,x,x,x,x,x,x,x]\n"
+            + "".join(f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+            + "gateway_id: g\n",
+            "more than 100000 values once aliases are expanded",
+        ),
+    ],
+)
+def test_hostile_yaml_is_a_config_error(cfgdir: Path, text: str, message: str) -> None:
+    """Complex keys, recursive aliases, absurd nesting and alias bombs: a clear error at
+    once, never a traceback or a hang."""
+    name = write(cfgdir, "agent.yaml", text)
+    code, lines = validate(name)
+    assert code == EX_CONFIG
+    assert message in lines[0], lines
+
+
+def test_alarm_and_pin_values_are_checked(cfgdir: Path) -> None:
+    base = HEAD + "devices: [{id: d, host: h, points: [{name: v, address: 0}]}]\n"
+    for bad, message in (
+        ("alarms: [{id: a, device: d, point: v, kind: high, setpoint: .nan}]\n", "finite"),
+        ("outputs: [{name: o, kind: relay, pin: true, severities: [warning]}]\n", "not a pin"),
+        ("outputs: [{name: o, kind: relay, pin: GPIO99, severities: [warning]}]\n", "pin name"),
+        ("outputs: [{name: o, kind: relay, pin: 60, severities: [warning]}]\n", "does not exist"),
+    ):
+        name = write(cfgdir, "agent.yaml", base + bad)
+        (issue,) = issues_of(name)
+        assert message in issue.message, issue
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD + "devices: [{id: d, host: h, max_registers: 2, points: "
+        "[{name: v, address: 0, type: float64}]}]\n",
+    )
+    (issue,) = issues_of(name)
+    assert "needs 4 registers but max_registers is 2" in issue.message

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.config import Name
@@ -43,13 +44,19 @@ class AlarmRule(StrictModel):
     profile: Name | None = Field(default=None, description="Or: every device using this profile")
     point: Name
     kind: Literal["high", "low", "rate", "stale", "sensor_fault"]
-    setpoint: float | None = Field(default=None, description="high/low: the alarm level")
-    clear: float | None = Field(default=None, description="high/low: the level that clears it")
+    setpoint: float | None = Field(
+        default=None, allow_inf_nan=False, description="high/low: the alarm level"
+    )
+    clear: float | None = Field(
+        default=None, allow_inf_nan=False, description="high/low: the level that clears it"
+    )
     deadband: float | None = Field(
-        default=None, gt=0, description="high/low: clear = setpoint ∓ deadband"
+        default=None, gt=0, allow_inf_nan=False, description="high/low: clear = setpoint ∓ deadband"
     )
     change: float | None = Field(
-        default=None, description="rate: change within 'window'; negative for a drop"
+        default=None,
+        allow_inf_nan=False,
+        description="rate: change within 'window'; negative for a drop",
     )
     window: Annotated[Duration, at_least("1s")] | None = Field(
         default=None, description="rate: e.g. '1min'"
@@ -128,8 +135,29 @@ class AlarmRule(StrictModel):
         return "process" if self.kind in PROCESS_KINDS else "fault"
 
 
+_PIN_RE = re.compile(r"^(GPIO|BCM|WPI)?\d{1,2}$|^(BOARD|J8:|P1:)\d{1,2}$")
+
+
+def _pin(value: Any) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a pin: write e.g. GPIO17, 17 or BOARD11")
+    if isinstance(value, int):
+        if not 0 <= value <= 53:
+            raise ValueError(f"pin {value} does not exist (GPIO numbers are 0..53)")
+        return value
+    text = value.strip()
+    if not _PIN_RE.match(text):
+        raise ValueError(f"{value!r} is not a pin name: write e.g. GPIO17, 17 or BOARD11")
+    number = int(re.sub(r"\D", "", text.split(":")[-1]))
+    header = text.startswith(("BOARD", "J8:", "P1:"))
+    if number > (40 if header else 53) or (header and number < 1):
+        raise ValueError(f"{value!r} is not a pin name: no such pin on the header")
+    return text
+
+
 Pin = Annotated[
     str | int,
+    BeforeValidator(_pin),
     Field(description="GPIO name or number as gpiozero takes it: 'GPIO17', 17, 'BOARD11'"),
 ]
 

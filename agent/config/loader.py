@@ -113,11 +113,20 @@ def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[Conf
         return None, [ConfigIssue(display, 1, 1, "", f"not UTF-8 text: {exc}")]
     try:
         if fast:
-            return YAML(typ="safe").load(text), []
+            data = YAML(typ="safe").load(text)
+            problem = _shape_problem(data)
+            if problem:
+                return None, [ConfigIssue(display, 1, 1, "", problem)]
+            return data, []
         y = _yaml()
         node = y.compose(text)
-        issues = list(_duplicate_keys(node, display)) if node is not None else []
         data = y.load(text)
+        problem = _shape_problem(data)
+        if problem:
+            return None, [ConfigIssue(display, 1, 1, "", problem)]
+        issues = list(_duplicate_keys(node, display)) if node is not None else []
+    except RecursionError:
+        return None, [ConfigIssue(display, 1, 1, "", "nested too deeply to be a config")]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -133,6 +142,43 @@ def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[Conf
     except YAMLError as exc:
         return None, [ConfigIssue(display, 1, 1, "", f"YAML error: {exc}")]
     return data, issues
+
+
+MAX_VALUES = 100_000
+"""Most values a config may hold once its aliases are expanded."""
+MAX_DEPTH = 64
+
+
+def _shape_problem(data: Any) -> str | None:
+    """Refuse what no config needs and what would take the loader down: a structure that
+    contains itself (a recursive alias), nesting deeper than :data:`MAX_DEPTH`, more than
+    :data:`MAX_VALUES` values after alias expansion (an "alias bomb"), and keys that are
+    lists or maps (YAML complex keys)."""
+    count = 0
+    stack: list[tuple[Any, int, frozenset[int]]] = [(data, 0, frozenset())]
+    while stack:
+        node, depth, path = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            return (
+                f"more than {MAX_VALUES} values once aliases are expanded: "
+                "use fewer aliases (*name) or split the file"
+            )
+        if depth > MAX_DEPTH:
+            return f"nested more than {MAX_DEPTH} levels deep"
+        if isinstance(node, dict | list):
+            if id(node) in path:
+                return "an alias (*name) refers to a value that contains it"
+            inner = path | {id(node)}
+            if isinstance(node, dict):
+                for key in node:
+                    if isinstance(key, list | dict | tuple | set | frozenset):
+                        return f"a key that is a list or a map ({key!r}); keys are names"
+                children = list(node.values())
+            else:
+                children = list(node)
+            stack.extend((c, depth + 1, inner) for c in children)
+    return None
 
 
 # ---------------------------------------------------------------------------------------

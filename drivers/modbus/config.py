@@ -278,6 +278,12 @@ class ModbusDevice(StrictModel):
             )
         _check_unique_names(self.points, f"device {self.id!r}")
         check_decimal_point_refs(self.points, f"device {self.id!r}")
+        for p in self.points:
+            if p.table not in BIT_TABLES and p.register_count > self.max_registers:
+                raise ValueError(
+                    f"point {p.name!r} needs {p.register_count} registers but max_registers "
+                    f"is {self.max_registers}: one request cannot read it"
+                )
         return self
 
     @property
