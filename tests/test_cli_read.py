@@ -138,9 +138,6 @@ def test_read_a_device_that_never_answers() -> None:
         ],
     )
     srv.close()
-    assert (
-        result.exit_code == 1
-        and result.exception is None
-        or isinstance(result.exception, SystemExit)
-    ), result.output
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "timeout" in result.output and "Traceback" not in result.output
