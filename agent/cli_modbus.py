@@ -617,6 +617,12 @@ def write(values: tuple[str, ...], **kw: Any) -> None:
         raise click.UsageError("give the bus: --serial-port or --host")
     table, address, unit = kw["table"], kw["address"], kw["unit_id"]
     raw = values_to_write(table, values, kw["data_type"], kw["byte_order"])
+    most = 1968 if table == "coil" else 123  # FC 15 / FC 16 (Modbus Application Protocol 6.11/6.12)
+    if len(raw) > most or address + len(raw) > 65536:
+        raise click.BadParameter(
+            f"{len(raw)} {'coils' if table == 'coil' else 'registers'} from address {address}: "
+            f"at most {most} per request, ending at address 65535"
+        )
     shown = (
         " ".join(f"0x{int(w):04X}" for w in raw)
         if table == "holding"

@@ -125,6 +125,23 @@ class SerialLineDevice(StrictModel):
                         f"point {pt.name!r}: the pattern has no group {pt.field or pt.name!r} "
                         f"(groups: {', '.join(sorted(groups))})"
                     )
+        if p.kind == "csv":
+            cols = {c for c in (p.columns or []) if c is not None}
+            for pt in self.points:
+                key = pt.field or pt.name
+                if p.columns is not None and key not in cols:
+                    raise ValueError(
+                        f"point {pt.name!r}: no column {key!r} (columns: {', '.join(sorted(cols))})"
+                    )
+                if p.columns is None and not key.isdigit():
+                    raise ValueError(
+                        f"point {pt.name!r}: without 'columns', give 'field' as a column number "
+                        "counted from 1"
+                    )
+            if p.columns is not None and len(cols) != len([c for c in p.columns if c]):
+                raise ValueError("two columns with one name")
+        if p.kind == "kv" and p.pair_separator == p.key_separator:
+            raise ValueError("pair_separator and key_separator must differ")
         if p.kind == "nmea":
             for pt in self.points:
                 if not (pt.field or "").isdigit():

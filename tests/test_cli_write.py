@@ -48,3 +48,11 @@ def test_write_refuses_bad_values() -> None:
     assert CliRunner().invoke(main, [*base, "70000"]).exit_code == 2
     assert "on/off" in CliRunner().invoke(main, [*base, "--table", "coil", "maybe"]).output
     assert CliRunner().invoke(main, ["write", "--address", "0", "1"]).exit_code == 2
+
+
+def test_write_stays_within_one_request_and_the_address_space() -> None:
+    base = ["write", "--host", "127.0.0.1"]
+    past = CliRunner().invoke(main, [*base, "--address", "65535", "--type", "float32", "1.0"])
+    assert past.exit_code == 2 and "ending at address 65535" in past.output
+    many = CliRunner().invoke(main, [*base, "--address", "0", *(["1"] * 124)])
+    assert many.exit_code == 2 and "at most 123 per request" in many.output

@@ -462,3 +462,15 @@ def test_decimal_point_reference_errors() -> None:
         )
     with pytest.raises(ValidationError, match=r"outside 0\.\.9"):
         pt(name="v", address=0, decimal_point=12)
+
+
+def test_modicon_number_past_the_last_and_strict_unit_id() -> None:
+    from drivers.modbus.config import ModbusTcpDevice
+
+    with pytest.raises(ValueError, match=r"past the last one, 465536"):
+        modicon_address("465537")
+    for bad in (True, "1"):
+        with pytest.raises(ValidationError):
+            ModbusTcpDevice.model_validate(
+                {"id": "d", "host": "h", "unit_id": bad, "points": [{"name": "v", "address": 0}]}
+            )

@@ -271,3 +271,14 @@ def test_agent_publishes_a_line_sensor(tmp_path: Path, broker: Mosquitto) -> Non
     doc = sub.telemetry()[-1].json()
     assert doc["device"] == "rain-1" and doc["points"]["rain"]["unit"] == "mm"
     assert doc["points"]["rain"]["quality"] == "good"
+
+
+def test_parser_settings_are_checked() -> None:
+    with pytest.raises(ValidationError, match="no column 'lvl'"):
+        device({"kind": "csv", "columns": ["a", "level"]}, [{"name": "x", "field": "lvl"}])
+    with pytest.raises(ValidationError, match="column number"):
+        device({"kind": "csv"}, [{"name": "level"}])
+    with pytest.raises(ValidationError, match="two columns with one name"):
+        device({"kind": "csv", "columns": ["a", "a"]}, [{"name": "a"}])
+    with pytest.raises(ValidationError, match="must differ"):
+        device({"kind": "kv", "pair_separator": "=", "key_separator": "="}, [{"name": "a"}])

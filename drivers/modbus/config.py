@@ -169,11 +169,14 @@ def modicon_address(register: object) -> tuple[str, int]:
         )
     number = int(text[1:])
     limit = 9999 if len(text) == 5 else 65536
-    if not 1 <= number <= limit:
+    if number == 0:
         raise ValueError(
             f"register {register!r}: Modicon numbers count from 1 (here 1..{limit}); "
             f"{text[0]}{'0' * (len(text) - 1)} does not exist"
         )
+    if number > limit:
+        highest = f"{text[0]}{limit:0{len(text) - 1}d}"
+        raise ValueError(f"register {register!r} is past the last one, {highest}")
     return _MODICON_TABLES[text[0]], number - 1
 
 
@@ -231,7 +234,7 @@ class ModbusDevice(StrictModel):
     """What every Modbus device has, whatever its transport."""
 
     id: Name = Field(description="Device id, unique on the gateway; used in MQTT topics")
-    unit_id: int = Field(default=1, ge=1, le=247, description="Modbus unit id (1–247)")
+    unit_id: int = Field(default=1, ge=1, le=247, strict=True, description="Modbus unit id (1–247)")
     poll_interval: Annotated[Duration, at_least("50ms")] = Field(
         default=1.0, description="e.g. '200ms', '1s', '1min'"
     )
