@@ -8,6 +8,7 @@ its PUBACK → DISCONNECT → close the buffer. Unsent rows stay in the buffer f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from agent.alarms import Alarm, AlarmEngine, Event
-from agent.buffer import AsyncBuffer, Row, lock_state_dir, open_buffer
+from agent.buffer import (
+    MEMORY_MAX_BYTES,
+    AsyncBuffer,
+    Buffer,
+    BufferError,
+    Restamp,
+    Row,
+    StateDirError,
+    lock_state_dir,
+    memory_buffer,
+    open_buffer,
+)
+from agent.clock import RELEASE_DATE_MS, Clock
 from agent.config.alarms import AlarmRule
 from agent.config.model import AgentConfig
 from agent.gpio import Gpio, desired_outputs
@@ -136,9 +149,15 @@ class BufferWriter:
             dropped when the size cap deletes it).
     """
 
-    def __init__(self, buffer: AsyncBuffer, max_pending: int = 100_000) -> None:
+    def __init__(
+        self, buffer: AsyncBuffer, max_pending: int = 100_000, commit_every: float = 0.0
+    ) -> None:
         self.buffer = buffer
-        self.pending: list[tuple[str, bytes, int, int]] = []
+        self.commit_every = commit_every
+        """Least seconds between two commits (``buffer.commit_every``); alarm events and
+        notices (``prio`` 1) are committed at once."""
+        self._urgent = asyncio.Event()
+        self.pending: list[tuple[str, bytes, int, int, int | None]] = []
         self.alarms: dict[str, str] = {}
         """Alarm states (JSON) committed with the next batch."""
         self.state: dict[tuple[str, str], int] = {}
@@ -149,14 +168,23 @@ class BufferWriter:
         self.handed_upto: Callable[[], int] = lambda: 0
         self.on_drops: Callable[[list[tuple[int, int, int]]], None] = lambda reports: None
         """Called with the buffer cap's drop blocks (count, first seq, last seq)."""
+        self.restamp_offset: int | None = None
+        """Set to the synchronised clock's offset: the next commit re-stamps the buffered
+        messages of untrusted clock epochs (:meth:`agent.buffer.Buffer.append_many`)."""
+        self.on_restamps: Callable[[list[Restamp]], None] = lambda restamps: None
         self._event = asyncio.Event()
         self._lock = asyncio.Lock()
         self._failing = False
 
-    def submit(self, topic: str, body: bytes, ts_ms: int, prio: int = 0) -> None:
+    def submit(
+        self, topic: str, body: bytes, ts_ms: int, prio: int = 0, epoch: int | None = None
+    ) -> None:
         """Queue one message for the next commit (never blocks); see :meth:`kick`.
-        ``prio`` 1: an alarm event (published first, never dropped)."""
-        self.pending.append((topic, body, ts_ms, prio))
+        ``prio`` 1: an alarm event (published first, never dropped); ``epoch``: the clock
+        epoch of a message stamped by an untrusted clock (:class:`agent.clock.Clock`)."""
+        self.pending.append((topic, body, ts_ms, prio, epoch))
+        if prio:
+            self._urgent.set()
         if len(self.pending) > self.max_pending:
             oldest = next((i for i, m in enumerate(self.pending) if not m[3]), 0)
             del self.pending[oldest]
@@ -171,7 +199,7 @@ class BufferWriter:
 
     def kick(self) -> None:
         """Commit what is pending (called at the end of each polling cycle)."""
-        if self.pending or self.alarms:
+        if self.pending or self.alarms or self.restamp_offset is not None:
             self._event.set()
 
     async def commit(self) -> bool:
@@ -184,13 +212,14 @@ class BufferWriter:
             return await self._commit()
 
     async def _commit(self) -> bool:
-        if not self.pending and not self.alarms:
+        if not self.pending and not self.alarms and self.restamp_offset is None:
             return True
         batch, self.pending = self.pending, []
         state, self.state = self.state, {}
         alarms, self.alarms = self.alarms, {}
+        restamp = self.restamp_offset
         try:
-            seqs = await self.buffer.append_many(batch, self.handed_upto(), state, alarms)
+            seqs = await self.buffer.append_many(batch, self.handed_upto(), state, alarms, restamp)
         except sqlite3.Error as exc:
             self.pending = batch + self.pending
             self.state = {**state, **self.state}
@@ -207,18 +236,31 @@ class BufferWriter:
         if self._failing:
             log.info("buffer %s is writable again", self.buffer.sync.path)
             self._failing = False
-        rows = [Row(s, t, b, ts, p) for s, (t, b, ts, p) in zip(seqs, batch, strict=True)]
+        if restamp is not None and self.restamp_offset == restamp:
+            self.restamp_offset = None
+        rows = [Row(s, t, b, ts, p) for s, (t, b, ts, p, _) in zip(seqs, batch, strict=True)]
         self.on_commit(rows, self.buffer.sync.dropped_upto)
         reports = self.buffer.sync.take_drop_reports()
         if reports:
             self.on_drops(reports)
+        restamps = self.buffer.sync.take_restamps()
+        if restamps:
+            self.on_restamps(restamps)
         return True
 
     async def run(self) -> None:
         """Commit whenever something is pending; cancel to stop (then call commit())."""
+        last = -1e9
         while True:
             await self._event.wait()
+            wait = last + self.commit_every - time.monotonic()
+            if wait > 0 and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._urgent.wait()
             self._event.clear()
+            self._urgent.clear()
+            last = time.monotonic()
             if not await self.commit():
                 await asyncio.sleep(1.0)
                 self._event.set()
@@ -232,12 +274,30 @@ class Agent:
         self.stop_event = asyncio.Event()
         state = Path(cfg.state_dir)
         self._lock_fd = lock_state_dir(state)
-        b = cfg.buffer
-        sync, notice = open_buffer(
-            state / "buffer.db", b.max_messages, b.synchronous, b.max_bytes, b.min_free
-        )
+        self.buffer_error: str | None = None
+        """Why the buffer is in memory (None: it is on disk)."""
+        try:
+            sync, notice = self._open_disk_buffer()
+        except StateDirError:
+            raise
+        except BufferError as exc:
+            sync, notice = (
+                memory_buffer(state / "buffer.db", cfg.buffer.max_messages, cfg.buffer.max_bytes),
+                None,
+            )
+            self.buffer_error = str(exc)
+            log.error(
+                "%s. BUFFERING IN MEMORY ONLY (at most %d MB): what is not yet published is "
+                "lost if the agent stops; the disk is tried again every %.0f s",
+                exc,
+                MEMORY_MAX_BYTES // 1_000_000,
+                cfg.buffer.disk_retry,
+            )
         self.buffer = AsyncBuffer(sync)
-        self.writer = BufferWriter(self.buffer)
+        self.writer = BufferWriter(self.buffer, commit_every=cfg.buffer.commit_every)
+        c = cfg.clock
+        self.clock = Clock(c.sync, Path(c.sync_file), c.not_before_ms() or RELEASE_DATE_MS)
+        self.writer.on_restamps = self._report_restamps
         prefix = cfg.mqtt.topic_prefix
         self.status_topic = status_topic(prefix, cfg.gateway_id)
         self._topics = {d.id: telemetry_topic(prefix, cfg.gateway_id, d.id) for d in cfg.devices}
@@ -277,7 +337,14 @@ class Agent:
         }
         self.gpio = Gpio(cfg.gpio, cfg.outputs, initial, pin_factory)
         if notice is not None:
-            self.notice("buffer_moved_aside", notice)
+            self.notice("buffer_moved_aside", notice, next_seq=sync.next_seq or None)
+        if self.buffer_error is not None:
+            self.notice(
+                "buffer_in_memory",
+                f"the buffer cannot be kept on disk ({self.buffer_error}); buffering in "
+                "memory until the disk can be written",
+                first_seq=sync.next_seq,
+            )
         groups: dict[str, list[ModbusDevice]] = defaultdict(list)
         self.readers: list[SerialLineReader | SeismicSerialReader | SeismicUdpReader] = []
         for d in cfg.devices:
@@ -293,6 +360,54 @@ class Agent:
         for poller in self.pollers:
             poller.on_cycle_end = self.writer.kick
 
+    def _open_disk_buffer(self) -> tuple[Buffer, str | None]:
+        b = self.cfg.buffer
+        path = Path(self.cfg.state_dir) / "buffer.db"
+        return open_buffer(path, b.max_messages, b.synchronous, b.max_bytes, b.min_free)
+
+    async def _disk_retry(self) -> None:
+        """While the buffer is in memory, try the disk every ``buffer.disk_retry``; once it
+        opens, move every buffered message there (same seqs) and go on from the disk."""
+        every = self.cfg.buffer.disk_retry
+        failures = 0
+        notices: list[str] = []
+
+        def make() -> Buffer:
+            new, notice = self._open_disk_buffer()
+            if notice:
+                notices.append(notice)
+            return new
+
+        while True:  # a task of the agent's life: ends only when cancelled
+            await asyncio.sleep(every)
+            if not self.buffer.sync.memory:
+                continue
+            notices.clear()
+
+            try:
+                moved = await self.buffer.switch_to(make)
+            except (BufferError, sqlite3.Error) as exc:
+                failures += 1
+                if failures * every >= 600:  # loud, but not every few seconds
+                    log.error("buffer still in memory only: %s", exc)
+                    failures = 0
+                self.buffer_error = str(exc)
+                continue
+            log.warning(
+                "buffer %s can be written again: %d buffered message(s) moved to disk",
+                self.buffer.sync.path,
+                moved,
+            )
+            self.buffer_error = None
+            for notice in notices:
+                self.notice("buffer_moved_aside", notice)
+            self.notice(
+                "buffer_on_disk",
+                f"the buffer is on disk again ({self.buffer.sync.path}); {moved} message(s) "
+                "moved there from memory",
+                moved=moved,
+            )
+
     def _on_poll(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
         counters = self._counters.get(dev.id)
         deltas = None
@@ -301,8 +416,10 @@ class Agent:
             for name, value in counters.last.items():
                 self.writer.state[(dev.id, name)] = value
         historical = not self.link.connected.is_set()
-        body = self._encoders[dev.id].encode(ts_ms, results, deltas, historical)
-        self.writer.submit(self._topics[dev.id], body, ts_ms)
+        self._check_clock()
+        epoch = self.clock.epoch
+        body = self._encoders[dev.id].encode(ts_ms, results, deltas, historical, epoch is not None)
+        self.writer.submit(self._topics[dev.id], body, ts_ms, 0, epoch)
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
             self._emit(events)
@@ -324,9 +441,39 @@ class Agent:
         ts = now_ms()
         doc = {"gateway": self.cfg.gateway_id, "type": kind, "message": message, **fields}
         doc["ts"] = iso_ms(ts)
+        epoch = self.clock.epoch
+        if epoch is not None:
+            doc["clock"] = "unsynced"
         body = json.dumps(doc, separators=(",", ":")).encode()
-        self.writer.submit(notice_topic(self._prefix, self.cfg.gateway_id), body, ts, 1)
+        self.writer.submit(notice_topic(self._prefix, self.cfg.gateway_id), body, ts, 1, epoch)
         self.writer.kick()
+
+    def _check_clock(self) -> None:
+        """Follow the clock's trust: steps are reported; on synchronisation the buffered
+        messages of untrusted epochs are re-stamped with the next commit."""
+        if self.clock.check() and self.clock.synced:
+            self.writer.restamp_offset = self.clock.offset
+            self.writer.kick()
+        for step in self.clock.take_steps():
+            self.notice(
+                "clock_step",
+                f"the wall clock jumped by {step.step_ms / 1000:+.3f} s",
+                step_ms=step.step_ms,
+                synced=step.synced,
+            )
+
+    def _report_restamps(self, restamps: list[Restamp]) -> None:
+        for r in restamps:
+            self.notice(
+                "clock_restamp",
+                f"the clock is synchronised: messages seq {r.first_seq}..{r.last_seq} flagged "
+                f'"clock":"unsynced" were stamped {-r.correction_ms / 1000:+.3f} s off; add '
+                f"correction_ms to their time stamps ({r.rewritten} still buffered were "
+                're-stamped and flagged "restamped")',
+                first_seq=r.first_seq,
+                last_seq=r.last_seq,
+                correction_ms=r.correction_ms,
+            )
 
     def _on_line(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
         """A reading of a text-line sensor: as a poll, and committed soon (the writer
@@ -359,9 +506,12 @@ class Agent:
                 head = {"gateway": gw, "device": dev.id, "type": "seismic"}
                 if out.kind == "waveform":
                     head["type"] = "waveform"
+                epoch = self.clock.epoch
+                if epoch is not None:
+                    head["clock"] = "unsynced"
                 body = json.dumps({**head, **doc}, separators=(",", ":")).encode()
                 if out.kind == "event":
-                    self.writer.submit(events, body, out.ts_ms, 1)
+                    self.writer.submit(events, body, out.ts_ms, 1, epoch)
                     log.warning(
                         "seismic %s on %s: STA/LTA %.1f, PGA %.4g m/s², intensity %s",
                         doc["event"],
@@ -371,7 +521,7 @@ class Agent:
                         doc["intensity"],
                     )
                 else:
-                    self.writer.submit(waves, body, out.ts_ms)
+                    self.writer.submit(waves, body, out.ts_ms, 0, epoch)
                 self.writer.kick()
 
         def on_gap(kind: str, samples: int, n: int) -> None:
@@ -394,10 +544,11 @@ class Agent:
         into the buffer as priority rows, and the retained state to the broker."""
         now, wall = time.monotonic(), now_ms()
         self.gpio.apply(desired_outputs(self.cfg.outputs, self.alarms.alarms))
+        epoch = self.clock.epoch
         for a, e in events:
-            body = alarm_event_body(self.cfg.gateway_id, a, e, self.gpio)
+            body = alarm_event_body(self.cfg.gateway_id, a, e, self.gpio, epoch is not None)
             self.writer.submit(
-                event_topic(self._prefix, self.cfg.gateway_id, a.device), body, e.at_ms, 1
+                event_topic(self._prefix, self.cfg.gateway_id, a.device), body, e.at_ms, 1, epoch
             )
             level = logging.WARNING if e.event == "raise" else logging.INFO
             log.log(
@@ -478,7 +629,11 @@ class Agent:
                     else ("ok" if self.gpio.available else "unavailable"),
                     "gpio_factory": self.gpio.factory_name or None,
                     "alarms_active": sum(1 for a in self.alarms.alarms if a.on),
+                    "buffer": "memory" if self.buffer.sync.memory else "disk",
+                    "clock": "synced" if self.clock.synced else "unsynced",
                 }
+                if self.buffer_error is not None:
+                    doc["buffer_error"] = self.buffer_error
                 body = json.dumps(doc, separators=(",", ":")).encode()
                 self.link.publish(
                     health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True
@@ -489,6 +644,7 @@ class Agent:
         """Let time act on the alarms (delays, stale data) and keep the outputs and the
         status LED current."""
         while True:
+            self._check_clock()
             events = self.alarms.tick(time.monotonic(), now_ms())
             if events:
                 self._emit(events)
@@ -521,6 +677,7 @@ class Agent:
             asyncio.create_task(self.publisher.run(), name="publisher"),
             asyncio.create_task(self.publisher.run_acks(), name="acks"),
             asyncio.create_task(self._health(), name="health"),
+            asyncio.create_task(self._disk_retry(), name="disk-retry"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         loop = asyncio.get_running_loop()
@@ -583,7 +740,8 @@ class Agent:
         await asyncio.gather(link_task, stop_wait, return_exceptions=True)
         stats = await self.buffer.stats()
         await self.buffer.close()
-        os.close(self._lock_fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
         log.info(
             "stopped; this run published %d message(s), %d acknowledged; %d unsent kept in "
             "the buffer for the next start",
@@ -613,7 +771,7 @@ def _limits(rule: AlarmRule) -> dict[str, Any]:
     return {"after_s": rule.after}
 
 
-def alarm_event_body(gateway: str, a: Alarm, e: Event, gpio: Gpio) -> bytes:
+def alarm_event_body(gateway: str, a: Alarm, e: Event, gpio: Gpio, unsynced: bool = False) -> bytes:
     """The JSON of one alarm event (``docs/mqtt.md``); ``seq`` is spliced in later."""
     rule = a.rule
     doc: dict[str, Any] = {
@@ -634,6 +792,8 @@ def alarm_event_body(gateway: str, a: Alarm, e: Event, gpio: Gpio) -> bytes:
         **_limits(rule),
         "ts": iso_ms(e.at_ms),
     }
+    if unsynced:
+        doc["clock"] = "unsynced"
     if a.state.raised_ms is not None:
         doc["raised_at"] = iso_ms(a.state.raised_ms)
     if rule.message:

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
+
+from agent.clock import boot_id, restamp_body
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,13 @@ CREATE TABLE IF NOT EXISTS alarm_state (
     alarm TEXT PRIMARY KEY,
     doc   TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS clock_epoch (
+    boot      TEXT    NOT NULL,
+    offset_ms INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq  INTEGER NOT NULL,
+    PRIMARY KEY (boot, offset_ms)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS point_state (
     device TEXT    NOT NULL,
     point  TEXT    NOT NULL,
@@ -52,9 +62,16 @@ CREATE TABLE IF NOT EXISTS point_state (
 """
 
 
+RESERVE_BLOCK = 1_000_000
+"""Seqs reserved ahead in ``seq.reserved`` (see :class:`Buffer`)."""
+MEMORY_MAX_BYTES = 8_000_000
+"""Cap on an in-memory buffer (a read-only or full filesystem at start): 8 MB of RAM."""
+
 ROW_OVERHEAD = 40
 """Bytes a row takes in the database beyond its topic and body (seq, ts, prio, b-tree)."""
-OUR_TABLES = frozenset({"outbox", "counters", "alarm_state", "point_state", "sqlite_sequence"})
+OUR_TABLES = frozenset(
+    {"outbox", "counters", "alarm_state", "point_state", "clock_epoch", "sqlite_sequence"}
+)
 
 
 def _open_advice(path: Path, exc: sqlite3.DatabaseError) -> str:
@@ -71,8 +88,28 @@ def _open_advice(path: Path, exc: sqlite3.DatabaseError) -> str:
     )
 
 
-Item = tuple[str, bytes, int] | tuple[str, bytes, int, int]
-"""A message to buffer: (topic, body, ts_ms) or (topic, body, ts_ms, prio)."""
+Item = (
+    tuple[str, bytes, int] | tuple[str, bytes, int, int] | tuple[str, bytes, int, int, int | None]
+)
+"""A message to buffer: (topic, body, ts_ms[, prio[, epoch]]); ``epoch``: the clock epoch
+(offset wall - monotonic, ms, see :mod:`agent.clock`) of a message stamped while the clock
+was not trusted, else None."""
+
+
+@dataclass(frozen=True, slots=True)
+class Restamp:
+    """Messages of one clock epoch re-stamped once the clock was synchronised."""
+
+    first_seq: int
+    last_seq: int
+    correction_ms: int
+    """Added to every time stamp of the epoch's messages flagged ``"clock":"unsynced"``."""
+    rewritten: int
+    """How many of them were still buffered (now flagged ``"restamped"``)."""
+
+
+DISK_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
+"""Filesystem errors that make the agent buffer in memory instead of stopping."""
 
 
 class BufferError(RuntimeError):
@@ -114,20 +151,39 @@ def lock_state_dir(state_dir: Path) -> int:
     kernel when the process ends, however it ends). Two agents on one buffer would send each
     other's rows and fight over the MQTT client id.
 
+    On a read-only or full filesystem (the agent then buffers in memory) an existing lock
+    file is locked read-only; without one, the agent runs unlocked and says so.
+
     Returns:
-        the open file descriptor holding the lock (keep it open).
+        the open file descriptor holding the lock (keep it open), or -1: no lock.
     Raises:
         StateDirError: the directory cannot be created or written (a config problem).
         BufferError: another process holds the lock.
     """
+    lock = state_dir / "agent.lock"
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            try:
+                fd = os.open(lock, os.O_RDONLY)
+            except OSError:
+                log.warning("cannot create the lock %s (%s): running without it", lock, exc)
+                return -1
+            return _flock(fd, state_dir)
         raise StateDirError(
             f"cannot use state_dir {state_dir}: {exc}; set state_dir in the config to a "
             "writable directory (under systemd: /var/lib/edge-agent, its StateDirectory)"
         ) from exc
+    _flock(fd, state_dir)
+    with contextlib.suppress(OSError):  # a full disk: the lock is what counts
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _flock(fd: int, state_dir: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -137,8 +193,6 @@ def lock_state_dir(state_dir: Path) -> int:
             f"another edge-agent (pid {other}) is running with state_dir {state_dir}; "
             "stop it first, or give this one its own state_dir"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -153,14 +207,54 @@ def payload_with_seq(seq: int, body: bytes) -> bytes:
     return b'{"seq":%d,' % seq + body[1:]
 
 
+def reservation_path(path: Path) -> Path:
+    """The seq reservation file beside the buffer ``path`` (``seq.reserved``)."""
+    return path.with_name("seq.reserved")
+
+
+def read_reservation(path: Path) -> int:
+    """The lowest seq a new buffer at ``path`` may hand out (0: no reservation readable)."""
+    try:
+        return max(0, int(reservation_path(path).read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def disk_high_water(path: Path) -> int | None:
+    """The highest seq the buffer file at ``path`` ever handed out, read without writing
+    anything (the filesystem may be read-only or full); None if it cannot be read."""
+    if not path.exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+        try:
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+            return int(row[0]) if row else 0
+        finally:
+            db.close()
+    except (sqlite3.Error, ValueError, TypeError):
+        return None
+
+
 class Buffer:
     """Blocking SQLite outbox. Use from one thread only (see :class:`AsyncBuffer`).
+
+    Seqs are never handed out twice by this gateway, even when the buffer file is lost:
+    the file ``seq.reserved`` beside it always holds a seq above every seq handed out
+    (it is moved :data:`RESERVE_BLOCK` ahead, fsynced, whenever the last seq comes within
+    half a block of it). A new buffer (first start, a file moved aside or deleted) starts
+    there. An in-memory buffer (:meth:`in_memory`) uses the seqs between the file's last
+    seq and the reservation, which no later start will use.
 
     Args:
         path: the database file; its directory is created if missing.
         max_messages: cap on rows; when exceeded the oldest rows are deleted and counted in
             the persistent ``dropped`` counter.
         synchronous: ``"normal"`` or ``"full"`` (SQLite ``PRAGMA synchronous``).
+        max_bytes: cap on the database's used pages, bytes (None: none).
+        min_free: bytes to keep free on the filesystem (None: no check).
+        memory: keep the buffer in RAM (``path`` only names it in messages).
+        start_seq: with ``memory``, the first seq to hand out.
     Raises:
         BufferError: the file cannot be created, is not a database, or is corrupt.
     """
@@ -172,8 +266,14 @@ class Buffer:
         synchronous: str = "normal",
         max_bytes: int | None = None,
         min_free: int | None = None,
+        memory: bool = False,
+        start_seq: int = 1,
     ) -> None:
         self.path = path
+        self.memory = memory
+        self.next_seq = 0
+        """The first seq of this buffer when it started empty (0: it continued a file)."""
+        self._reserved = 0
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         """Cap on the database's used pages, bytes (None: none)."""
@@ -186,6 +286,18 @@ class Buffer:
         self._drops_unlogged = 0
         self._drops_first = self._drops_last = 0
         self.drop_reports: list[tuple[int, int, int]] = []
+        self.restamps: list[Restamp] = []
+        """Re-stamped clock epochs not yet taken (see :meth:`append_many`)."""
+        self.boot = boot_id()
+        if memory:
+            self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            self._db.executescript(SCHEMA)
+            self._check_schema()
+            self._set_sequence(start_seq - 1)
+            self.next_seq = start_seq
+            self._count = 0
+            self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -202,6 +314,11 @@ class Buffer:
             self._check_schema()
             self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
             self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            self._reserved = read_reservation(path)
+            if self._last_seq() == 0 and not self._has_rows() and self._reserved > 1:
+                self._set_sequence(self._reserved - 1)  # a new buffer: past every old seq
+                self.next_seq = self._reserved
+            self._reserve()
         except sqlite3.DatabaseError as exc:
             with contextlib.suppress(Exception):
                 self._db.close()
@@ -249,6 +366,139 @@ class Buffer:
                 f"not an edge-agent buffer: table outbox has columns {cols}"
             )
 
+    def _last_seq(self) -> int:
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_sequence(self, seq: int) -> None:
+        """Make the next seq ``seq + 1`` (never lower than it already is)."""
+        if seq <= self._last_seq():
+            return
+        with self._db:
+            if (
+                self._db.execute(
+                    "UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (seq,)
+                ).rowcount
+                == 0
+            ):
+                self._db.execute(
+                    "INSERT INTO sqlite_sequence(name, seq) VALUES ('outbox', ?)", (seq,)
+                )
+
+    def _reserve(self) -> None:
+        """Keep ``seq.reserved`` at least half a block above the last seq (durably: written
+        to a temporary file, fsynced, renamed, directory fsynced). A failure (full disk) is
+        logged and tried again at the next commit."""
+        last = self._last_seq()
+        if self.memory or self._reserved - last > RESERVE_BLOCK // 2:
+            return
+        target = reservation_path(self.path)
+        new = last + RESERVE_BLOCK
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, f"{new}\n".encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+            dfd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            log.warning("cannot write %s: %s; will try again", target, exc)
+            return
+        self._reserved = new
+
+    def _restamp(self, offset_ms: int) -> list[Restamp]:
+        """Inside the caller's transaction: for every clock epoch recorded in this boot,
+        re-stamp its still-buffered messages flagged unsynced by ``offset_ms - epoch``
+        (:func:`agent.clock.restamp_body`) and close the epoch. Epochs of earlier boots
+        cannot be re-stamped (the monotonic clock restarted): they are closed, logged and
+        their messages keep the flag."""
+        db = self._db
+        out: list[Restamp] = []
+        for boot, epoch, first, last in db.execute(
+            "SELECT boot, offset_ms, first_seq, last_seq FROM clock_epoch ORDER BY first_seq"
+        ).fetchall():
+            if boot != self.boot:
+                log.warning(
+                    "seq %d..%d were stamped by an unsynchronised clock in an earlier boot: "
+                    "they cannot be re-stamped and stay flagged",
+                    first,
+                    last,
+                )
+                continue
+            correction = int(offset_ms) - int(epoch)
+            changed = []
+            for seq, body in db.execute(
+                "SELECT seq, body FROM outbox WHERE seq BETWEEN ? AND ? "
+                'AND instr(body, CAST(\'"clock":"unsynced"\' AS BLOB)) > 0',
+                (first, last),
+            ).fetchall():
+                new = restamp_body(bytes(body), correction)
+                if new is not None:
+                    changed.append((new[0], new[1], seq))
+            db.executemany("UPDATE outbox SET body = ?, ts_ms = ? WHERE seq = ?", changed)
+            out.append(Restamp(int(first), int(last), correction, len(changed)))
+        db.execute("DELETE FROM clock_epoch")
+        return out
+
+    def take_restamps(self) -> list[Restamp]:
+        """The re-stamped epochs since the last call."""
+        out, self.restamps = self.restamps, []
+        return out
+
+    def import_from(self, other: Buffer) -> int:
+        """Take over everything ``other`` (an in-memory buffer) holds, with the same seqs,
+        in one transaction: rows, alarm states, point states, the drop counter and drop
+        reports not yet taken. Returns the number of rows taken over.
+
+        Raises:
+            sqlite3.Error: nothing was taken over (``other`` is unchanged).
+        """
+        src = other._db
+        rows = src.execute("SELECT seq, topic, body, ts_ms, prio FROM outbox").fetchall()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox(seq, topic, body, ts_ms, prio) VALUES (?,?,?,?,?)",
+                rows,
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO alarm_state(alarm, doc) VALUES (?, ?)",
+                src.execute("SELECT alarm, doc FROM alarm_state").fetchall(),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO point_state(device, point, value) VALUES (?, ?, ?)",
+                src.execute("SELECT device, point, value FROM point_state").fetchall(),
+            )
+            db.executemany(
+                "INSERT INTO clock_epoch VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                "first_seq = min(first_seq, excluded.first_seq), "
+                "last_seq = max(last_seq, excluded.last_seq)",
+                src.execute("SELECT * FROM clock_epoch").fetchall(),
+            )
+            lost = int(src.execute("SELECT value FROM counters WHERE name='dropped'").fetchone()[0])
+            db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost,))
+            last = other._last_seq()
+            if last > self._last_seq():
+                db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (last,))
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._count = int(db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        other.report_drops()
+        self.drop_reports.extend(other.take_drop_reports())
+        self.dropped_upto = max(self.dropped_upto, other.dropped_upto)
+        self._reserve()
+        return len(rows)
+
     def _has_rows(self) -> bool:
         return self._db.execute("SELECT 1 FROM outbox LIMIT 1").fetchone() is not None
 
@@ -264,9 +514,15 @@ class Buffer:
         handed_upto: int = 0,
         state: Mapping[tuple[str, str], int] | None = None,
         alarms: Mapping[str, str] | None = None,
+        restamp_offset: int | None = None,
     ) -> list[int]:
-        """Commit ``(topic, body, ts_ms[, prio])`` items in one transaction; return their
-        seqs. ``prio`` 1 marks an alarm event: the size cap never deletes it.
+        """Commit ``(topic, body, ts_ms[, prio[, epoch]])`` items in one transaction; return
+        their seqs. ``prio`` 1 marks an alarm event: the size cap never deletes it. The seq
+        range of each clock ``epoch`` is recorded (table ``clock_epoch``).
+
+        ``restamp_offset`` (the synchronised clock's wall - monotonic offset, ms): in the
+        same transaction, re-stamp the buffered messages of every open epoch of this boot
+        (see :meth:`restamp`); the results wait in :attr:`restamps`.
 
         ``state`` (``(device, point) → value``, e.g. the last raw value of each counter)
         and ``alarms`` (alarm key → JSON state) are stored in the same transaction, so
@@ -294,6 +550,19 @@ class Buffer:
                     (item[0], item[1], item[2], item[3] if len(item) > 3 else 0),
                 )
                 seqs.append(int(cur.lastrowid or 0))
+            epochs: dict[int, list[int]] = {}
+            for item, seq in zip(items, seqs, strict=True):
+                if len(item) > 4 and item[4] is not None:
+                    span = epochs.setdefault(item[4], [seq, seq])
+                    span[1] = seq
+            if epochs:
+                db.executemany(
+                    "INSERT INTO clock_epoch VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                    "first_seq = min(first_seq, excluded.first_seq), "
+                    "last_seq = max(last_seq, excluded.last_seq)",
+                    [(self.boot, off, a, b) for off, (a, b) in epochs.items()],
+                )
+            restamped = [] if restamp_offset is None else self._restamp(restamp_offset)
             if alarms:
                 db.executemany(
                     "INSERT OR REPLACE INTO alarm_state(alarm, doc) VALUES (?, ?)",
@@ -316,7 +585,10 @@ class Buffer:
         except BaseException:
             self._rollback()
             raise
+        self.restamps.extend(restamped)
         self._count += len(items)
+        if seqs and self._reserved - seqs[-1] <= RESERVE_BLOCK // 2:
+            self._reserve()
         for deleted, lost, first_lost, boundary in drops:
             self._count -= deleted
             self.dropped_upto = max(self.dropped_upto, boundary)
@@ -356,7 +628,7 @@ class Buffer:
         avg = max(1, used // self._count)
         if self.max_bytes is not None and used + new > self.max_bytes:
             excess = -(-(used + new - self.max_bytes) // avg)
-        if self.min_free is not None and free_pages * self._page_size < new:
+        if self.min_free is not None and not self.memory and free_pages * self._page_size < new:
             st = os.statvfs(self.path.parent)
             if st.f_bavail * st.f_frsize - new < self.min_free:
                 # the disk is nearly full: the buffer may not grow, only turn over
@@ -462,6 +734,9 @@ class Buffer:
     def close(self) -> None:
         """Report pending drops, checkpoint the WAL and close the file."""
         self.report_drops()
+        if self.memory:
+            self._db.close()
+            return
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.DatabaseError as exc:
@@ -504,13 +779,27 @@ def open_buffer(
                 f"aside ({err.strerror}): move it away by hand and start again"
             ) from err
         cause = str(exc.__cause__ or exc)
+        new = Buffer(path, max_messages, synchronous, max_bytes, min_free)
+        first = f" at seq {new.next_seq}" if new.next_seq > 1 else ""
         notice = (
             f"buffer {path} was unusable ({cause}); moved aside to {moved} and a new "
-            "buffer started. Its unsent readings, if any, can be read from that file with "
-            "sqlite3."
+            f"buffer started{first}. Its unsent readings, if any, can be read from that "
+            "file with sqlite3."
         )
         log.error("%s", notice)
-        return Buffer(path, max_messages, synchronous, max_bytes, min_free), notice
+        return new, notice
+
+
+def memory_buffer(path: Path, max_messages: int, max_bytes: int | None) -> Buffer:
+    """An in-memory stand-in for the buffer at ``path`` when its filesystem cannot be
+    written (read-only, full): capped at :data:`MEMORY_MAX_BYTES`, seqs continuing after
+    the last seq the file handed out (read without writing), so that they stay below the
+    reservation in ``seq.reserved`` that any later start begins at."""
+    high = disk_high_water(path)
+    reserved = read_reservation(path)
+    start = high + 1 if high else max(reserved, 1)
+    cap = min(max_bytes or MEMORY_MAX_BYTES, MEMORY_MAX_BYTES)
+    return Buffer(path, max_messages, max_bytes=cap, memory=True, start_seq=start)
 
 
 class AsyncBuffer:
@@ -530,9 +819,12 @@ class AsyncBuffer:
         handed_upto: int = 0,
         state: Mapping[tuple[str, str], int] | None = None,
         alarms: Mapping[str, str] | None = None,
+        restamp_offset: int | None = None,
     ) -> list[int]:
         """See :meth:`Buffer.append_many`."""
-        return await self._run(self.sync.append_many, items, handed_upto, state, alarms)  # type: ignore[return-value]
+        return await self._run(  # type: ignore[return-value]
+            self.sync.append_many, items, handed_upto, state, alarms, restamp_offset
+        )
 
     async def fetch(self, after_seq: int, limit: int, prio_only: bool = False) -> list[Row]:
         """See :meth:`Buffer.fetch`."""
@@ -551,6 +843,29 @@ class AsyncBuffer:
             return self.sync.take_drop_reports()
 
         return await self._run(flush)  # type: ignore[return-value]
+
+    async def switch_to(self, make: Callable[[], Buffer]) -> int:
+        """Open a buffer with ``make`` and move everything from the current (in-memory)
+        buffer into it, on the buffer's thread, between two other operations; from then on
+        every method uses the new buffer. Returns the number of rows moved.
+
+        Raises:
+            BufferError: the new buffer cannot be opened.
+            sqlite3.Error: the move failed; the current buffer is kept unchanged.
+        """
+
+        def switch() -> int:
+            new = make()
+            try:
+                moved = new.import_from(self.sync)
+            except BaseException:
+                new.close()
+                raise
+            old, self.sync = self.sync, new
+            old.close()
+            return moved
+
+        return await self._run(switch)  # type: ignore[return-value]
 
     async def stats(self) -> BufferStats:
         """See :meth:`Buffer.stats`."""

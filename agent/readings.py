@@ -109,10 +109,12 @@ class TelemetryEncoder:
         results: Sequence[PointResult],
         deltas: dict[str, int] | None = None,
         historical: bool = False,
+        unsynced: bool = False,
     ) -> bytes:
         """One poll (acquisition time in UTC ms, one result per point) as UTF-8 JSON;
         ``deltas`` adds ``"delta"`` to counter points; ``historical`` marks a poll taken
-        while the gateway had no broker connection (``"historical":true``)."""
+        while the gateway had no broker connection (``"historical":true``); ``unsynced`` one
+        stamped by a clock not (yet) trusted (``"clock":"unsynced"``, ``agent.clock``)."""
         parts = []
         for r in results:
             if r.point not in self._key:
@@ -141,7 +143,9 @@ class TelemetryEncoder:
                 entry["exception_code"] = r.exception_code
             body = json.dumps(entry, separators=(",", ":"), allow_nan=False)
             parts.append(f"{json.dumps(r.point)}:{body}")
-        flag = ',"historical":true' if historical else ""
+        flag = ',"clock":"unsynced"' if unsynced else ""
+        if historical:
+            flag += ',"historical":true'
         return f'{self._head}{iso_ms(ts_ms)}"{flag},"points":{{{",".join(parts)}}}}}'.encode()
 
 

@@ -6,6 +6,7 @@ field here.
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
@@ -123,11 +124,51 @@ class BufferConfig(StrictModel):
         description="Most backlog messages published per second after an outage (0: no "
         "limit); live readings and alarm events go out at once, ahead of the backlog",
     )
+    disk_retry: Duration = Field(
+        default=30.0,
+        gt=0,
+        description="With the buffer in memory (read-only or full filesystem at start): how "
+        "often the disk is tried again",
+    )
+    commit_every: Duration = Field(
+        default=0.0,
+        ge=0,
+        description="Least time between two buffer commits (0: one commit per polling "
+        "cycle); longer groups more polls per write (less SD-card wear), at the price of "
+        "that much latency and power-cut window. Alarm events are committed at once",
+    )
     synchronous: Literal["normal", "full"] = Field(
         default="normal",
         description="SQLite synchronous level: normal (no corruption, may lose the last "
         "commits on power loss) or full (fsync every commit, more SD-card wear)",
     )
+
+
+class ClockConfig(StrictModel):
+    """Whether the wall clock can be trusted (see ``docs/reliability.md``, "Clock trust")."""
+
+    sync: Literal["auto", "kernel", "file", "assume"] = Field(
+        default="auto",
+        description="What says the clock is synchronised: auto (the kernel's NTP status or "
+        "sync_file), kernel, file, or assume (always: a GNSS-disciplined clock)",
+    )
+    sync_file: str = Field(
+        default="/run/systemd/timesync/synchronized",
+        description="File whose existence means synchronised (systemd-timesyncd creates "
+        "this one at its first synchronisation)",
+    )
+    not_before: date | None = Field(
+        default=None,
+        description="Time stamps before this date (UTC) are never trusted (default: the "
+        "release date of the agent)",
+    )
+
+    def not_before_ms(self) -> int | None:
+        """:attr:`not_before` as UTC milliseconds (None: the default)."""
+        if self.not_before is None:
+            return None
+        start = datetime.combine(self.not_before, datetime.min.time(), tzinfo=UTC)
+        return int(start.timestamp()) * 1000
 
 
 class AgentConfig(StrictModel):
@@ -147,6 +188,7 @@ class AgentConfig(StrictModel):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
+    clock: ClockConfig = Field(default_factory=ClockConfig)
     devices: list[Device] = Field(default_factory=list)
     alarms: list[AlarmRule] = Field(default_factory=list, description="On-device alarm rules")
     outputs: list[OutputConfig] = Field(
