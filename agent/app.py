@@ -464,6 +464,7 @@ class Agent:
 
     def _report_restamps(self, restamps: list[Restamp]) -> None:
         for r in restamps:
+            self.publisher.restamped(r.bodies)
             self.notice(
                 "clock_restamp",
                 f"the clock is synchronised: messages seq {r.first_seq}..{r.last_seq} flagged "

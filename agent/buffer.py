@@ -106,6 +106,8 @@ class Restamp:
     """Added to every time stamp of the epoch's messages flagged ``"clock":"unsynced"``."""
     rewritten: int
     """How many of them were still buffered (now flagged ``"restamped"``)."""
+    bodies: dict[int, tuple[bytes, int]]
+    """The new body and time stamp of each re-stamped seq."""
 
 
 DISK_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
@@ -443,7 +445,11 @@ class Buffer:
                 if new is not None:
                     changed.append((new[0], new[1], seq))
             db.executemany("UPDATE outbox SET body = ?, ts_ms = ? WHERE seq = ?", changed)
-            out.append(Restamp(int(first), int(last), correction, len(changed)))
+            out.append(
+                Restamp(
+                    int(first), int(last), correction, len(changed), {c[2]: c[:2] for c in changed}
+                )
+            )
         db.execute("DELETE FROM clock_epoch")
         return out
 

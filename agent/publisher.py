@@ -105,6 +105,18 @@ class Publisher:
             self._caught_up = False
         self._wake.set()
 
+    def restamped(self, bodies: dict[int, tuple[bytes, int]]) -> None:
+        """Rows re-stamped in the buffer (seq → new body and time): the copies kept in memory
+        for publishing take the new bodies too."""
+
+        def swap(r: Row) -> Row:
+            new = bodies.get(r.seq)
+            return r if new is None else Row(r.seq, r.topic, new[0], new[1], r.prio)
+
+        self._fresh = collections.deque(swap(r) for r in self._fresh)
+        for seq in bodies.keys() & self._alarms.keys():
+            self._alarms[seq] = swap(self._alarms[seq])
+
     def _take_fresh(self, room: int) -> list[Row] | None:
         fresh = self._fresh
         while fresh and fresh[0].seq <= self.cursor:

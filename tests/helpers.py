@@ -200,17 +200,21 @@ RUNNING: list[AgentProcess] = []
 class AgentProcess:
     """``python -m agent run --config FILE`` as a child process, stderr to a log file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, wall_offset_file: Path | None = None) -> None:
         self.config = config
         self.log_path = log
+        self.wall = wall_offset_file
+        """With a file: the agent's wall clock is off by the milliseconds written in it
+        (``tests/wallclock.py``)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         RUNNING.append(self)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self._log = open(self.log_path, "ab")  # noqa: SIM115
+        wrap = [] if self.wall is None else [str(REPO / "tests" / "wallclock.py"), str(self.wall)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
+            [sys.executable, *wrap, "-m", "agent", "run", "--config", str(self.config)],
             stdout=self._log,
             stderr=self._log,
             env=env,

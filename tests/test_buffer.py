@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from agent.buffer import Buffer, BufferError, payload_with_seq
+from agent.buffer import (
+    MEMORY_MAX_BYTES,
+    RESERVE_BLOCK,
+    Buffer,
+    BufferError,
+    Item,
+    memory_buffer,
+    payload_with_seq,
+    read_reservation,
+)
+from agent.readings import iso_ms, parse_iso_ms
 
 
 def test_seq_is_monotonic_across_reopen_and_never_reused(tmp_path: Path) -> None:
@@ -151,3 +162,113 @@ def test_low_disk_stops_the_growth(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     b.close()
     assert st.pending <= before + 100, (before, st.pending)
     assert st.dropped >= 1800
+
+
+def test_a_new_buffer_never_reuses_a_seq_of_a_lost_one(tmp_path: Path) -> None:
+    """The file moved aside or deleted: the next buffer starts at the reservation, above
+    every seq the lost one handed out, so the platform's dedup on seq drops nothing new."""
+    path = tmp_path / "buffer.db"
+    b = Buffer(path)
+    assert b.append_many([("t", b"{}", i) for i in range(5)]) == [1, 2, 3, 4, 5]
+    b.close()
+    assert read_reservation(path) == RESERVE_BLOCK  # fsynced ahead of the last seq
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    b = Buffer(path)
+    assert b.next_seq == RESERVE_BLOCK
+    assert b.append_many([("t", b"{}", 9)]) == [RESERVE_BLOCK]
+    assert read_reservation(path) == 2 * RESERVE_BLOCK - 1
+    b.close()
+
+
+def test_reservation_moves_ahead_before_it_is_reached(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    b = Buffer(path)
+    b.append_many([("t", b"{}", 1)])
+    b._set_sequence(RESERVE_BLOCK // 2 + 10)  # half a block from the reservation
+    (seq,) = b.append_many([("t", b"{}", 2)])
+    assert read_reservation(path) == seq + RESERVE_BLOCK
+    b.close()
+
+
+def test_memory_buffer_continues_below_the_reservation_and_moves_to_disk(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.db"
+    disk = Buffer(path)
+    disk.append_many([("t", b'{"n":1}', 1), ("t", b'{"n":2}', 2)])  # unsent on disk
+    disk.close()
+    mem = memory_buffer(path, 1000, None)
+    assert mem.memory and mem.max_bytes == MEMORY_MAX_BYTES
+    seqs = mem.append_many([("t", b'{"n":3}', 3), ("e", b'{"alarm":1}', 4, 1)], 0, {("d", "c"): 7})
+    assert seqs == [3, 4]  # after the file's last seq, far below its reservation
+    mem.ack([3])
+    disk = Buffer(path)
+    assert disk.import_from(mem) == 1
+    rows = disk.fetch(0, 10)
+    assert [(r.seq, r.body, r.prio) for r in rows] == [
+        (1, b'{"n":1}', 0),
+        (2, b'{"n":2}', 0),
+        (4, b'{"alarm":1}', 1),
+    ]
+    assert disk.point_state() == {("d", "c"): 7}
+    assert disk.append_many([("t", b"{}", 5)]) == [5]  # on from the memory buffer's last
+    disk.close()
+
+
+def test_memory_buffer_when_the_file_cannot_be_read_starts_at_the_reservation(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.db"
+    Buffer(path).close()
+    path.write_bytes(b"garbage" * 1000)
+    mem = memory_buffer(path, 1000, None)
+    assert mem.append_many([("t", b"{}", 1)]) == [RESERVE_BLOCK]
+
+
+def _flagged(ts: str) -> bytes:
+    return b'{"gateway":"g","device":"d","ts":"%s","clock":"unsynced","points":{}}' % ts.encode()
+
+
+def test_restamp_rewrites_the_buffered_messages_of_each_epoch(tmp_path: Path) -> None:
+    """Two epochs (the unsynchronised clock stepped once), one message already sent: the
+    buffered ones get the correction of their own epoch, the reports give every epoch's
+    range and correction for the platform."""
+    b = Buffer(tmp_path / "buffer.db")
+    t0 = 1_700_000_000_000
+    items: list[Item] = [
+        ("t", _flagged(iso_ms(t0)), t0, 0, 5_000),
+        ("t", _flagged(iso_ms(t0 + 100)), t0 + 100, 0, 5_000),
+        ("t", _flagged(iso_ms(t0 + 90_000)), t0 + 90_000, 0, 95_000),
+    ]
+    assert b.append_many(items) == [1, 2, 3]
+    b.ack([1])  # already delivered with the wrong time: the report covers it
+    b.append_many([("t", b'{"ts":"%s"}' % iso_ms(t0).encode(), t0)], restamp_offset=10_000)
+    reports = b.take_restamps()
+    assert [(r.first_seq, r.last_seq, r.correction_ms, r.rewritten) for r in reports] == [
+        (1, 2, 5_000, 1),
+        (3, 3, -85_000, 1),
+    ]
+    rows = {r.seq: r for r in b.fetch(0, 10)}
+    assert rows[2].body == (
+        b'{"gateway":"g","device":"d","ts":"%s","clock":"restamped","points":{}}'
+        % iso_ms(t0 + 5_100).encode()
+    )
+    assert rows[2].ts_ms == t0 + 5_100
+    assert parse_iso_ms(json.loads(rows[3].body)["ts"]) == t0 + 5_000
+    assert rows[4].body == b'{"ts":"%s"}' % iso_ms(t0).encode()  # synced: untouched
+    b.append_many([("t", b"{}", 1)], restamp_offset=10_000)
+    assert b.take_restamps() == []  # epochs are closed once
+    b.close()
+
+
+def test_epochs_of_an_earlier_boot_are_not_restamped(tmp_path: Path) -> None:
+    b = Buffer(tmp_path / "buffer.db")
+    b.boot = "earlier-boot"
+    b.append_many([("t", _flagged(iso_ms(1_000)), 1_000, 0, 7)])
+    b.close()
+    b = Buffer(tmp_path / "buffer.db")
+    b.append_many([], restamp_offset=50)
+    assert b.take_restamps() == []
+    assert b.fetch(0, 1)[0].body == _flagged(iso_ms(1_000))  # keeps its flag
+    b.close()

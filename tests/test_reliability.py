@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.readings import parse_iso_ms
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
 from tests.helpers import (
@@ -461,4 +462,80 @@ def test_20_mb_cap_under_a_long_outage(tmp_path: Path, broker: Mosquitto) -> Non
         f"\n20 MB cap: file {size_during / 1e6:.1f} MB during the outage, "
         f"{size_after / 1e6:.1f} MB after; {last_seq} seqs, {dropped} dropped in "
         f"{len(drops)} reported range(s), {received} received, 0 unexplained"
+    )
+
+
+def test_unsynchronised_clock_is_flagged_then_restamped(tmp_path: Path, broker: Mosquitto) -> None:
+    """A gateway without a real-time clock: its wall clock starts 400 days behind (before
+    the release date), is stepped once by hand (still not synchronised), then NTP steps it
+    right and reports synchronisation while the uplink is down. Every reading arrives;
+    those sent while the clock was untrusted are flagged and covered by a re-stamp notice
+    whose correction gives their true time; those still buffered at the synchronisation
+    arrive re-stamped; after it, no flag."""
+    from tests.helpers import TcpProxy
+
+    wall = tmp_path / "wall-offset-ms"
+    wall.write_text(str(-400 * 86_400_000))
+    synced = tmp_path / "synchronized"
+    sim = sim_one_point()
+    uplink = TcpProxy(broker.port)
+    tail = f"clock: {{sync: file, sync_file: {synced}}}\n"
+    cfg = write_config(
+        tmp_path / "agent.yaml", uplink.port, one_point_device(sim.port, "200ms"), tail=tail
+    )
+    sub = Subscriber(broker.port, "lifeline/#", client_id="platform-clock")
+    agent = AgentProcess(cfg, tmp_path / "agent.log", wall_offset_file=wall)
+    t_start = time.time_ns() // 1_000_000
+    agent.start()
+    wait_until(lambda: len(sub.telemetry()) >= 5, 15, "live telemetry")
+    uplink.close()
+    t_down = time.time_ns() // 1_000_000
+    time.sleep(1.5)
+    wall.write_text("-3600000")  # someone sets the clock by hand: still not synchronised
+    time.sleep(1.5)
+    wall.write_text("0")  # NTP steps the clock ...
+    time.sleep(0.2)
+    synced.touch()  # ... and then says it is synchronised
+    t_sync = time.time_ns() // 1_000_000
+    time.sleep(1.5)
+    uplink.open()
+    wait_until(
+        lambda: any(m.json()["type"] == "clock_restamp" for m in sub.on("/notice")),
+        15,
+        "the re-stamp notice",
+    )
+    time.sleep(1.5)
+    assert agent.stop() == 0, agent.log()
+    uplink.close()
+    sim.stop_thread()
+    time.sleep(0.5)
+    last_seq, received, dups, _ = account(sub, tmp_path / "state")
+    notices = [m.json() for m in sub.on("/notice")]
+    restamps = [n for n in notices if n["type"] == "clock_restamp"]
+    steps = [n["step_ms"] for n in notices if n["type"] == "clock_step"]
+    sub.close()
+    by_seq = {m.json()["seq"]: m.json() for m in sub.telemetry()}
+    flags = {s: doc.get("clock") for s, doc in by_seq.items()}
+    unsynced = [s for s, f in flags.items() if f == "unsynced"]
+    restamped = [s for s, f in flags.items() if f == "restamped"]
+    clean = [s for s, f in flags.items() if f is None]
+    assert unsynced and restamped and clean, flags
+    assert max(unsynced + restamped) < min(clean), "no flag once synchronised"
+    assert any(abs(s - (400 * 86_400_000 - 3_600_000)) < 2_000 for s in steps), steps
+    assert any(abs(s - 3_600_000) < 2_000 for s in steps), steps
+    slack = 1_500
+    for s in unsynced:
+        (r,) = [r for r in restamps if r["first_seq"] <= s <= r["last_seq"]]
+        true = parse_iso_ms(by_seq[s]["ts"]) + r["correction_ms"]
+        assert t_start - slack <= true <= t_sync + slack, (s, true - t_start)
+    for s in restamped:
+        true = parse_iso_ms(by_seq[s]["ts"])
+        assert t_down - slack <= true <= t_sync + slack, (s, true - t_down)
+    for s in clean:
+        assert parse_iso_ms(by_seq[s]["ts"]) >= t_sync - slack
+    print(
+        f"\nclock: {last_seq} messages, {received} received ({dups} duplicates); "
+        f"{len(unsynced)} sent flagged unsynced and corrected by {len(restamps)} re-stamp "
+        f"notice(s) {[r['correction_ms'] for r in restamps]}, {len(restamped)} re-stamped in "
+        f"the buffer, {len(clean)} after synchronisation; steps seen {steps}"
     )
