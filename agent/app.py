@@ -276,6 +276,7 @@ class Agent:
         self._lock_fd = lock_state_dir(state)
         self.buffer_error: str | None = None
         """Why the buffer is in memory (None: it is on disk)."""
+        self._health_now = asyncio.Event()
         try:
             sync, notice = self._open_disk_buffer()
         except StateDirError:
@@ -399,6 +400,8 @@ class Agent:
                 moved,
             )
             self.buffer_error = None
+            self.publisher.rewind()
+            self._health_now.set()
             for notice in notices:
                 self.notice("buffer_moved_aside", notice)
             self.notice(
@@ -576,7 +579,8 @@ class Agent:
             self.link.publish(topic, body, qos=1, retain=True)
 
     def _publish_alarm_states(self) -> None:
-        """After every CONNACK: the current state of every alarm, retained."""
+        """After every CONNACK: the current state of every alarm, retained, and the health."""
+        self._health_now.set()
         wall = now_ms()
         for a in self.alarms.alarms:
             self._publish_alarm_state(a, wall)
@@ -639,7 +643,10 @@ class Agent:
                 self.link.publish(
                     health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True
                 )
-            await asyncio.sleep(HEALTH_DRAINING_S if draining else HEALTH_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HEALTH_DRAINING_S if draining else HEALTH_S):
+                    await self._health_now.wait()
+            self._health_now.clear()
 
     async def _alarm_timer(self) -> None:
         """Let time act on the alarms (delays, stale data) and keep the outputs and the

@@ -74,12 +74,30 @@ OUR_TABLES = frozenset(
 )
 
 
+def filesystem_state(directory: Path) -> str | None:
+    """``"read-only"`` or ``"full"`` for the filesystem holding ``directory`` (or its
+    nearest existing parent), else None."""
+    for d in (directory, *directory.parents):
+        try:
+            st = os.statvfs(d)
+        except OSError:
+            continue
+        if st.f_flag & os.ST_RDONLY:
+            return "read-only"
+        if st.f_bavail == 0:
+            return "full"
+        return None
+    return None
+
+
 def _open_advice(path: Path, exc: sqlite3.DatabaseError) -> str:
     text = str(exc)
     if "full" in text or "disk I/O" in text or "readonly" in text or "unable to open" in text:
+        state = filesystem_state(path.parent)
+        why = f" (its filesystem is {state})" if state else ""
         return (
-            f"cannot open buffer {path}: {text}. Free space on (or fix the permissions of) "
-            f"the filesystem of {path.parent}; the file itself is kept as it is."
+            f"cannot open buffer {path}: {text}{why}. Free space on (or fix the permissions "
+            f"of) the filesystem of {path.parent}; the file itself is kept as it is."
         )
     return (
         f"cannot open buffer {path}: {text}. If the file is corrupt or not an edge-agent "

@@ -105,6 +105,16 @@ class Publisher:
             self._caught_up = False
         self._wake.set()
 
+    def rewind(self) -> None:
+        """The buffer was replaced (an in-memory buffer moved to disk, where older unsent
+        rows may wait): read it again from its oldest row. Rows already handed to the
+        client (in flight, or acknowledged and not yet deleted) are skipped, not resent."""
+        self._ahead |= {r.seq for r in self.inflight.values()} | set(self._acked)
+        self.cursor = 0
+        self._fresh.clear()
+        self._caught_up = False
+        self._wake.set()
+
     def restamped(self, bodies: dict[int, tuple[bytes, int]]) -> None:
         """Rows re-stamped in the buffer (seq → new body and time): the copies kept in memory
         for publishing take the new bodies too."""

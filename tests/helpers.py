@@ -15,12 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parent.parent
@@ -474,3 +475,46 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. ``"4m"``) mounted at ``path`` for a disk fault, unmounted
+    afterwards. Mounting needs root (as in CI) or password-less sudo."""
+    path.mkdir(parents=True, exist_ok=True)
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    opts = f"size={size},mode=0777"
+    done = subprocess.run(
+        [*sudo, "mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+        check=False,
+        capture_output=True,
+    )
+    if done.returncode:
+        pytest.fail(
+            "the disk-fault tests mount a small tmpfs: run them as root or with "
+            f"password-less sudo ({done.stderr.decode().strip()})"
+        )
+    try:
+        yield path
+    finally:
+        subprocess.run([*sudo, "umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def remount(path: Path, mode: str) -> None:
+    """Remount the filesystem at ``path`` ``"ro"`` or ``"rw"`` (see :func:`small_filesystem`)."""
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    subprocess.run([*sudo, "mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+
+def fill_filesystem(path: Path) -> Path:
+    """Write ``path/hog`` until the filesystem is full (what a runaway log does)."""
+    hog = path / "hog"
+    fd = os.open(hog, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for size in (65536, 4096, 512):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+    return hog

@@ -522,6 +522,13 @@ def _splice_includes(
                 )
 
 
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _state_dir_problem(path: Path) -> str | None:
     """Why ``path`` cannot serve as state_dir, or None. A missing directory is fine (the
     agent, or systemd's StateDirectory=, creates it); its nearest existing parent must be a
@@ -529,7 +536,9 @@ def _state_dir_problem(path: Path) -> str | None:
     if path.exists():
         if not path.is_dir():
             return f"{path} exists and is not a directory"
-        if not os.access(path, os.W_OK | os.X_OK):
+        if not os.access(path, os.W_OK | os.X_OK) and not _read_only_fs(path):
+            # (a read-only filesystem is a fault, not a config error: the agent then
+            # buffers in memory until it can write again)
             return f"{path} is not writable by this user"
         return None
     parent = path.parent
