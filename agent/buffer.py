@@ -15,10 +15,12 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -232,6 +234,28 @@ def reservation_path(path: Path) -> Path:
     return path.with_name("seq.reserved")
 
 
+def memory_mark_path(path: Path) -> Path:
+    """Where an in-memory stand-in for the buffer at ``path`` notes the last seq it handed
+    out: in RAM, outside the (read-only or full) state filesystem, so that the next start
+    on disk goes on after it: ``$RUNTIME_DIRECTORY`` (systemd's ``RuntimeDirectory=``),
+    else ``/run/edge-agent``, else the temporary directory."""
+    key = hashlib.sha1(str(path.absolute()).encode()).hexdigest()[:16]
+    name = f"seq-{key}.memory"
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    for d in (runtime, "/run/edge-agent", tempfile.gettempdir()):
+        creatable = d == "/run/edge-agent" and os.access("/run", os.W_OK)
+        if d and (os.access(d, os.W_OK) or (creatable and not os.path.exists(d))):
+            return Path(d) / name
+    return Path(tempfile.gettempdir()) / name
+
+
+def _read_int(path: Path) -> int:
+    try:
+        return max(0, int(path.read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def read_reservation(path: Path) -> int:
     """The lowest seq a new buffer at ``path`` may hand out (0: no reservation readable)."""
     try:
@@ -242,9 +266,10 @@ def read_reservation(path: Path) -> int:
 
 def disk_high_water(path: Path) -> int | None:
     """The highest seq the buffer file at ``path`` ever handed out, read without writing
-    anything (the filesystem may be read-only or full); None if it cannot be read."""
+    anything (the filesystem may be read-only or full); None if it is missing or cannot
+    be read."""
     if not path.exists():
-        return 0
+        return None
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
         try:
@@ -294,6 +319,7 @@ class Buffer:
         self.next_seq = 0
         """The first seq of this buffer when it started empty (0: it continued a file)."""
         self._reserved = 0
+        self._mark_failed = False
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         """Cap on the database's used pages, bytes (None: none)."""
@@ -338,6 +364,14 @@ class Buffer:
             if self._last_seq() == 0 and not self._has_rows() and self._reserved > 1:
                 self._set_sequence(self._reserved - 1)  # a new buffer: past every old seq
                 self.next_seq = self._reserved
+            mark = _read_int(memory_mark_path(path))
+            if mark > self._last_seq():
+                log.warning(
+                    "an earlier run buffered in memory up to seq %d (its filesystem could "
+                    "not be written): going on after it",
+                    mark,
+                )
+                self._set_sequence(mark)
             self._reserve()
         except sqlite3.DatabaseError as exc:
             with contextlib.suppress(Exception):
@@ -476,6 +510,19 @@ class Buffer:
         out, self.restamps = self.restamps, []
         return out
 
+    def _mark_memory(self, seq: int) -> None:
+        """In memory: note ``seq`` in :func:`memory_mark_path` (RAM; no fsync needed)."""
+        target = memory_mark_path(self.path)
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(f"{seq}\n")
+            os.replace(tmp, target)
+        except OSError as exc:
+            if not self._mark_failed:
+                log.warning("cannot note the in-memory seqs in %s: %s", target, exc)
+                self._mark_failed = True
+
     def import_from(self, other: Buffer) -> int:
         """Take over everything ``other`` (an in-memory buffer) holds, with the same seqs,
         in one transaction: rows, alarm states, point states, the drop counter and drop
@@ -611,7 +658,9 @@ class Buffer:
             raise
         self.restamps.extend(restamped)
         self._count += len(items)
-        if seqs and self._reserved - seqs[-1] <= RESERVE_BLOCK // 2:
+        if seqs and self.memory:
+            self._mark_memory(seqs[-1])
+        elif seqs and self._reserved - seqs[-1] <= RESERVE_BLOCK // 2:
             self._reserve()
         for deleted, lost, first_lost, boundary in drops:
             self._count -= deleted
@@ -821,7 +870,7 @@ def memory_buffer(path: Path, max_messages: int, max_bytes: int | None) -> Buffe
     reservation in ``seq.reserved`` that any later start begins at."""
     high = disk_high_water(path)
     reserved = read_reservation(path)
-    start = high + 1 if high else max(reserved, 1)
+    start = high + 1 if high is not None else max(reserved, 1)
     cap = min(max_bytes or MEMORY_MAX_BYTES, MEMORY_MAX_BYTES)
     return Buffer(path, max_messages, max_bytes=cap, memory=True, start_seq=start)
 

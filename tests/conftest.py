@@ -18,6 +18,15 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture(autouse=True)
+def _own_runtime_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's agents note in-memory seqs in a directory of their own (as systemd's
+    RuntimeDirectory= gives each service), never in the machine's /run."""
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+
+
+@pytest.fixture(autouse=True)
 def _no_agent_left_behind() -> Iterator[None]:
     """A failing test must not leave its agent process running."""
     yield

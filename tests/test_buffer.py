@@ -272,3 +272,18 @@ def test_epochs_of_an_earlier_boot_are_not_restamped(tmp_path: Path) -> None:
     assert b.take_restamps() == []
     assert b.fetch(0, 1)[0].body == _flagged(iso_ms(1_000))  # keeps its flag
     b.close()
+
+
+def test_a_start_after_a_memory_run_goes_on_after_its_seqs(tmp_path: Path) -> None:
+    """The agent stopped while buffering in memory (its seqs already published): the next
+    start on disk must not hand them out again (the mark in $RUNTIME_DIRECTORY)."""
+    path = tmp_path / "state" / "buffer.db"
+    disk = Buffer(path)
+    disk.ack(disk.append_many([("t", b"{}", 1), ("t", b"{}", 2)]))
+    disk.close()
+    mem = memory_buffer(path, 1000, None)
+    assert mem.append_many([("t", b"{}", 3), ("t", b"{}", 4)]) == [3, 4]
+    mem.close()  # stopped in memory: nothing reached the disk
+    disk = Buffer(path)
+    assert disk.append_many([("t", b"{}", 5)]) == [5]
+    disk.close()
