@@ -454,9 +454,11 @@ class Agent:
     def _check_clock(self) -> None:
         """Follow the clock's trust: steps are reported; on synchronisation the buffered
         messages of untrusted epochs are re-stamped with the next commit."""
-        if self.clock.check() and self.clock.synced:
-            self.writer.restamp_offset = self.clock.offset
-            self.writer.kick()
+        if self.clock.check():
+            self._health_now.set()
+            if self.clock.synced:
+                self.writer.restamp_offset = self.clock.offset
+                self.writer.kick()
         for step in self.clock.take_steps():
             self.notice(
                 "clock_step",
@@ -728,6 +730,12 @@ class Agent:
                 len(self.writer.pending),
                 self.buffer.sync.path,
             )
+        for _ in range(3):  # committing the drop notices can make the cap drop more
+            reports = await self.buffer.flush_drop_reports()
+            if not reports:
+                break
+            self._report_drops(reports)
+            await self.writer.commit()
         await self.publisher.drain(STOP_BUDGET_S / 2)
         for t in bg:
             t.cancel()

@@ -332,6 +332,7 @@ class Buffer:
         self._drops_unlogged = 0
         self._drops_first = self._drops_last = 0
         self.drop_reports: list[tuple[int, int, int]] = []
+        self._limit_hit = f"max_messages {max_messages}"
         self.restamps: list[Restamp] = []
         """Re-stamped clock epochs not yet taken (see :meth:`append_many`)."""
         self.boot = boot_id()
@@ -612,8 +613,15 @@ class Buffer:
         drops: list[tuple[int, int, int, int]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            room = self._bytes_excess(items)
+            # only telemetry makes room: a commit of alarm events and notices alone (never
+            # dropped) may pass the cap by their few bytes until the next poll's commit,
+            # so that reporting a drop never causes another one
+            routine = any(len(i) < 4 or not i[3] for i in items)
+            room = self._bytes_excess(items) if routine else 0
             if room > 0:  # make room first, so that the file does not grow
+                self._limit_hit = (
+                    "max_bytes / min_free" if not self.memory else "in-memory buffer size"
+                )
                 drops.append(self._drop_oldest(room, handed_upto))
             for item in items:
                 cur = db.execute(
@@ -645,7 +653,8 @@ class Buffer:
                     [(d, p, v) for (d, p), v in state.items()],
                 )
             count = self._count + len(items) - sum(d[0] for d in drops)
-            if count > self.max_messages:
+            if count > self.max_messages and routine:
+                self._limit_hit = f"max_messages {self.max_messages}"
                 drops.append(self._drop_oldest(count - self.max_messages, handed_upto))
             lost_total = sum(d[1] for d in drops)
             if lost_total:
@@ -734,10 +743,10 @@ class Buffer:
         if not self._drops_unlogged:
             return
         log.warning(
-            "buffer %s is full (%d messages): dropped %d unsent message(s), seq %d..%d; "
+            "buffer %s reached its limit (%s): dropped %d unsent message(s), seq %d..%d; "
             "the platform will see these seqs missing",
             self.path,
-            self.max_messages,
+            self._limit_hit,
             self._drops_unlogged,
             self._drops_first,
             self._drops_last,

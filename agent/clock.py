@@ -118,7 +118,7 @@ class Clock:
     def _source_synced(self) -> bool:
         if self.source == "assume":
             return True
-        if self.source in ("auto", "file") and self.sync_file.exists():
+        if self.source in ("auto", "file") and self.sync_file.is_file():
             return True
         if self.source in ("auto", "kernel"):
             return kernel_synced() is True

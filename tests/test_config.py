@@ -1016,3 +1016,33 @@ def test_alarm_and_pin_values_are_checked(cfgdir: Path) -> None:
     )
     (issue,) = issues_of(name)
     assert "needs 4 registers but max_registers is 2" in issue.message
+
+
+def test_clock_and_buffer_settings_that_defeat_their_purpose_are_refused(cfgdir: Path) -> None:
+    write(
+        cfgdir,
+        "a.yaml",
+        HEAD + "clock: {sync: file, sync_file: ''}\n"
+        "buffer: {max_bytes: 1KB, disk_retry: 1ms, commit_every: 1h}\n",
+    )
+    messages = [i.message for i in issues_of("a.yaml")]
+    assert any("sync_file is empty" in m for m in messages), messages
+    assert any("at least 1000000" in m for m in messages), messages
+    assert any("at least 1s" in m for m in messages), messages
+    assert any("at most 60" in m for m in messages), messages
+    write(cfgdir, "b.yaml", HEAD + "clock:\n  not_before: 2999-01-01\n")
+    (issue,) = issues_of("b.yaml")
+    assert "in the future" in issue.message and issue.line == 4
+
+
+def test_an_impossible_unquoted_date_is_a_config_error_at_its_line(cfgdir: Path) -> None:
+    write(cfgdir, "a.yaml", HEAD + "clock:\n  not_before: 2026-13-01\n")
+    (issue,) = issues_of("a.yaml")
+    assert (issue.line, issue.col) == (4, 15)
+    assert "2026-13-01 is not a valid date" in issue.message and "quote it" in issue.message
+
+
+def test_relative_sync_file_is_relative_to_the_config_file(cfgdir: Path) -> None:
+    write(cfgdir, "site/a.yaml", HEAD + "clock: {sync: file, sync_file: flag}\n" + ONE_DEVICE)
+    cfg = load_config("site/a.yaml")
+    assert cfg.clock.sync_file == str(cfgdir / "site" / "flag")

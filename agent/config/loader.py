@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import glob
 import os
+import re
 import ssl
 import types
 import typing
@@ -127,6 +128,18 @@ def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[Conf
         issues = list(_duplicate_keys(node, display)) if node is not None else []
     except RecursionError:
         return None, [ConfigIssue(display, 1, 1, "", "nested too deeply to be a config")]
+    except ValueError as exc:  # an unquoted date or time that does not exist
+        line, col, token = _bad_date(text)
+        return None, [
+            ConfigIssue(
+                display,
+                line,
+                col,
+                "",
+                f"{token or 'a date'} is not a valid date or time ({exc}); write it as "
+                "YYYY-MM-DD, or quote it if it is meant as text",
+            )
+        ]
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -522,6 +535,23 @@ def _splice_includes(
                 )
 
 
+_DATE_RE = re.compile(r"(?<![\w'\"])(\d{4}-\d{1,2}-\d{1,2}(?:[Tt ][0-9:.]+(?:Z|[+-]\d\d:?\d\d)?)?)")
+
+
+def _bad_date(text: str) -> tuple[int, int, str]:
+    """Where the first date-like scalar that is no real date is (line, column, text)."""
+    from datetime import date
+
+    for n, line in enumerate(text.splitlines(), 1):
+        for m in _DATE_RE.finditer(line.split("#", 1)[0]):
+            y, mo, d = (int(x) for x in m.group(1)[:10].split("-")[:3] if x.isdigit())
+            try:
+                date(y, mo, d)
+            except ValueError:
+                return n, m.start() + 1, m.group(1)
+    return 1, 1, ""
+
+
 def _read_only_fs(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
@@ -735,6 +765,7 @@ def _load(path: Path, fast: bool) -> AgentConfig:
             "mqtt": mqtt,
             "state_dir": _abs(cfg.state_dir),
             "profiles_dir": str(pdir),
+            "clock": cfg.clock.model_copy(update={"sync_file": _abs(cfg.clock.sync_file)}),
         }
     )
 

@@ -110,6 +110,7 @@ class BufferConfig(StrictModel):
     )
     max_bytes: Size | None = Field(
         default=None,
+        ge=1_000_000,
         description="Cap on the database size, e.g. '200MB'; beyond it the oldest telemetry "
         "is dropped (alarm events never)",
     )
@@ -124,15 +125,15 @@ class BufferConfig(StrictModel):
         description="Most backlog messages published per second after an outage (0: no "
         "limit); live readings and alarm events go out at once, ahead of the backlog",
     )
-    disk_retry: Duration = Field(
+    disk_retry: Annotated[Duration, at_least("1s")] = Field(
         default=30.0,
-        gt=0,
         description="With the buffer in memory (read-only or full filesystem at start): how "
         "often the disk is tried again",
     )
     commit_every: Duration = Field(
         default=0.0,
         ge=0,
+        le=60,
         description="Least time between two buffer commits (0: one commit per polling "
         "cycle); longer groups more polls per write (less SD-card wear), at the price of "
         "that much latency and power-cut window. Alarm events are committed at once",
@@ -162,6 +163,17 @@ class ClockConfig(StrictModel):
         description="Time stamps before this date (UTC) are never trusted (default: the "
         "release date of the agent)",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> ClockConfig:
+        if not self.sync_file.strip():
+            raise ValueError("sync_file is empty: give the path of the flag file")
+        if self.not_before is not None and self.not_before > date.today():
+            raise ValueError(
+                f"not_before {self.not_before} is in the future: the clock would never be "
+                "trusted; use a date in the past, such as the day this gateway was set up"
+            )
+        return self
 
     def not_before_ms(self) -> int | None:
         """:attr:`not_before` as UTC milliseconds (None: the default)."""
