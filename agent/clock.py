@@ -159,10 +159,15 @@ class Clock:
                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall / 1000)),
                 )
             else:
+                why = {
+                    "auto": f"the kernel's NTP status says so and there is no {self.sync_file}",
+                    "kernel": "the kernel's NTP status says so",
+                    "file": f"there is no {self.sync_file}",
+                }.get(self.source, self.source)
                 log.warning(
-                    "the wall clock is not synchronised (source: %s): time stamps are flagged "
+                    "the wall clock is not synchronised (%s): time stamps are flagged "
                     '"clock": "unsynced" and re-stamped once it is',
-                    self.source,
+                    why,
                 )
         self._was_synced = synced
         self.synced = synced
