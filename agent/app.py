@@ -168,6 +168,10 @@ class BufferWriter:
         self.handed_upto: Callable[[], int] = lambda: 0
         self.on_drops: Callable[[list[tuple[int, int, int]]], None] = lambda reports: None
         """Called with the buffer cap's drop blocks (count, first seq, last seq)."""
+        self.take_acked: Callable[[], list[int]] = list
+        """Seqs the broker acknowledged, deleted in the next commit's transaction."""
+        self.return_acked: Callable[[list[int]], None] = lambda seqs: None
+        """Takes back what :attr:`take_acked` gave when the commit failed."""
         self.restamp_offset: int | None = None
         """Set to the synchronised clock's offset: the next commit re-stamps the buffered
         messages of untrusted clock epochs (:meth:`agent.buffer.Buffer.append_many`)."""
@@ -218,9 +222,13 @@ class BufferWriter:
         state, self.state = self.state, {}
         alarms, self.alarms = self.alarms, {}
         restamp = self.restamp_offset
+        acked = self.take_acked()
         try:
-            seqs = await self.buffer.append_many(batch, self.handed_upto(), state, alarms, restamp)
+            seqs = await self.buffer.append_many(
+                batch, self.handed_upto(), state, alarms, restamp, acked
+            )
         except sqlite3.Error as exc:
+            self.return_acked(acked)
             self.pending = batch + self.pending
             self.state = {**state, **self.state}
             self.alarms = {**alarms, **self.alarms}
@@ -325,6 +333,8 @@ class Agent:
             self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
         )
         self.writer.on_commit = self.publisher.offer
+        self.writer.take_acked = self.publisher.take_acked
+        self.writer.return_acked = self.publisher.return_acked
         self.writer.handed_upto = lambda: self.publisher.cursor
         self.writer.on_drops = self._report_drops
         self._prefix = prefix
@@ -652,7 +662,9 @@ class Agent:
 
     async def _alarm_timer(self) -> None:
         """Let time act on the alarms (delays, stale data) and keep the outputs and the
-        status LED current."""
+        status LED current; with none of them, only follow the clock (once a second)."""
+        busy = self.cfg.alarms or self.cfg.outputs or self.cfg.gpio.status_led
+        tick = ALARM_TICK_S if busy else 1.0
         while True:
             self._check_clock()
             events = self.alarms.tick(time.monotonic(), now_ms())
@@ -666,7 +678,7 @@ class Agent:
                     self.writer.kick()
                 self.gpio.apply(desired_outputs(self.cfg.outputs, self.alarms.alarms))
             self.gpio.set_status(self.link.connected.is_set())
-            await asyncio.sleep(ALARM_TICK_S)
+            await asyncio.sleep(tick)
 
     async def run(self) -> int:
         """Run until :attr:`stop_event` is set; return the process exit code."""

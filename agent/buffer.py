@@ -587,10 +587,13 @@ class Buffer:
         state: Mapping[tuple[str, str], int] | None = None,
         alarms: Mapping[str, str] | None = None,
         restamp_offset: int | None = None,
+        acked: Sequence[int] = (),
     ) -> list[int]:
         """Commit ``(topic, body, ts_ms[, prio[, epoch]])`` items in one transaction; return
         their seqs. ``prio`` 1 marks an alarm event: the size cap never deletes it. The seq
-        range of each clock ``epoch`` is recorded (table ``clock_epoch``).
+        range of each clock ``epoch`` is recorded (table ``clock_epoch``). ``acked``: seqs
+        the broker acknowledged, deleted in the same transaction (one transaction per
+        polling cycle, acknowledgements included).
 
         ``restamp_offset`` (the synchronised clock's wall - monotonic offset, ms): in the
         same transaction, re-stamp the buffered messages of every open epoch of this boot
@@ -613,6 +616,8 @@ class Buffer:
         drops: list[tuple[int, int, int, int]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
+            gone = self._delete_acked(acked) if acked else 0
+            self._count -= gone
             # only telemetry makes room: a commit of alarm events and notices alone (never
             # dropped) may pass the cap by their few bytes until the next poll's commit,
             # so that reporting a drop never causes another one
@@ -663,6 +668,7 @@ class Buffer:
                 )
             db.execute("COMMIT")
         except BaseException:
+            self._count += gone
             self._rollback()
             raise
         self.restamps.extend(restamped)
@@ -792,17 +798,23 @@ class Buffer:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            deleted = 0
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                q = f"DELETE FROM outbox WHERE seq IN ({marks})"
-                deleted += db.execute(q, chunk).rowcount
+            deleted = self._delete_acked(ids)
             db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
         self._count = max(0, self._count - deleted)
+
+    def _delete_acked(self, ids: Sequence[int]) -> int:
+        """Inside the caller's transaction: delete these seqs; return how many existed."""
+        deleted = 0
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            deleted += self._db.execute(
+                f"DELETE FROM outbox WHERE seq IN ({marks})", chunk
+            ).rowcount
+        return deleted
 
     def stats(self) -> BufferStats:
         """Current counters (cheap: one indexed query each)."""
@@ -902,10 +914,11 @@ class AsyncBuffer:
         state: Mapping[tuple[str, str], int] | None = None,
         alarms: Mapping[str, str] | None = None,
         restamp_offset: int | None = None,
+        acked: Sequence[int] = (),
     ) -> list[int]:
         """See :meth:`Buffer.append_many`."""
         return await self._run(  # type: ignore[return-value]
-            self.sync.append_many, items, handed_upto, state, alarms, restamp_offset
+            self.sync.append_many, items, handed_upto, state, alarms, restamp_offset, acked
         )
 
     async def fetch(self, after_seq: int, limit: int, prio_only: bool = False) -> list[Row]:

@@ -31,7 +31,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,20 @@ def mono_ms() -> int:
     return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
 
 
+_ADJTIMEX: list[Any] = []
+"""``adjtimex`` and its ``struct timex`` buffer, looked up once."""
+
+
 def kernel_synced() -> bool | None:
     """The kernel's view, from ``adjtimex(2)`` (read only: ``modes = 0``); None when it
     cannot be asked (not Linux). The buffer is larger than ``struct timex`` on any ABI."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        buf = ctypes.create_string_buffer(512)
-        state = int(libc.adjtimex(buf))
+        if not _ADJTIMEX:
+            _ADJTIMEX.append(ctypes.CDLL(None, use_errno=True).adjtimex)
+            _ADJTIMEX.append(ctypes.create_string_buffer(512))
+        fn, buf = _ADJTIMEX
+        ctypes.memset(buf, 0, 512)
+        state = int(fn(buf))
     except (OSError, AttributeError):
         return None
     if state < 0:

@@ -166,7 +166,8 @@ class MqttLink:
                 self.client.loop_read(max_packets=1000)
             if self.client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
-            await asyncio.sleep(0.5)
+            # keep-alive is counted in whole seconds; TLS may hold decrypted bytes back
+            await asyncio.sleep(0.5 if isinstance(sock, ssl.SSLSocket) else 1.0)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any

@@ -294,8 +294,20 @@ class Publisher:
         if self._ahead and advance:
             self._ahead = {s for s in self._ahead if s > self.cursor}
 
-    async def run_acks(self, interval: float = 0.5) -> None:
-        """Delete acknowledged rows in batches; cancel to stop (call :meth:`flush_acks`)."""
+    def take_acked(self) -> list[int]:
+        """Hand the acknowledged seqs to the buffer writer, which deletes them in its next
+        commit (one transaction per polling cycle, acknowledgements included)."""
+        out, self._acked = self._acked, []
+        return out
+
+    def return_acked(self, seqs: list[int]) -> None:
+        """The commit that was to delete ``seqs`` failed: keep them for the next try."""
+        self._acked = seqs + self._acked
+        self._ack_event.set()
+
+    async def run_acks(self, interval: float = 2.0) -> None:
+        """Delete acknowledged rows that no commit took within ``interval`` (no polls, or
+        long poll intervals), in batches; cancel to stop (call :meth:`flush_acks`)."""
         while True:
             await self._ack_event.wait()
             self._ack_event.clear()

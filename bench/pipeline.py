@@ -126,11 +126,12 @@ def run(devices: int, registers: int, seconds: float, warmup: float, interval: s
         "cpu_s": round(cpu1 - cpu0, 3),
         "cpu_s_user": round(u1 - u0, 3),
         "cpu_s_system": round(s1 - s0, 3),
-        "cpu_s_per_1000_readings": round((cpu1 - cpu0) / readings * 1000, 5),
+        "cpu_s_per_1000_readings": round((cpu1 - cpu0) / readings * 1000, 5) if readings else None,
+        "cpu_ms_per_s": round((cpu1 - cpu0) / elapsed * 1000, 2),
         "cpu_s_by_thread": per_thread,
         "peak_rss_mb": round(rss, 1),
-        "latency_ms_p50": round(statistics.median(lat), 1),
-        "latency_ms_p99": round(lat[int(len(lat) * 0.99) - 1], 1),
+        "latency_ms_p50": round(statistics.median(lat), 1) if lat else None,
+        "latency_ms_p99": round(lat[max(0, int(len(lat) * 0.99) - 1)], 1) if lat else None,
     }
 
 

@@ -1,9 +1,10 @@
-"""Modbus TCP polling with pymodbus's asyncio client.
+"""Modbus polling: buses, block planning and decoding.
 
-One :class:`ModbusTcpBus` per TCP endpoint; requests on a bus run one at a time. Points of a
-device are read in contiguous blocks (one request per block). Reconnecting is owned by the
-caller (the agent's bus task): pymodbus's own reconnect is switched off
-(``reconnect_delay=0``) so that there is exactly one backoff policy.
+One :class:`ModbusTcpBus` per TCP endpoint (:mod:`drivers.modbus.tcp`), one
+:class:`LineBus` per serial line (:mod:`drivers.modbus.line`); requests on a bus run one at
+a time. Points of a device are read in contiguous blocks (one request per block).
+Reconnecting is owned by the caller (the agent's bus task), so that there is exactly one
+backoff policy.
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException, ModbusIOException
 
 from drivers.base import GOOD, PointResult
 from drivers.codec import (
@@ -43,6 +40,7 @@ from drivers.modbus.line import (
     read_pdu,
     write_pdu,
 )
+from drivers.modbus.tcp import MbapClient
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +166,7 @@ def describe_error(exc: BaseException) -> str:
     """A line for people about a failed request (exception replies by code and name)."""
     if isinstance(exc, ExceptionReply):
         return f"exception {exc.code} ({EXCEPTION_NAMES.get(exc.code, 'unknown exception')})"
-    if isinstance(exc, TimeoutError | ModbusIOException):
+    if isinstance(exc, TimeoutError):
         return f"no response{': ' + str(exc) if str(exc) else ''}"
     return str(exc) or type(exc).__name__
 
@@ -288,13 +286,11 @@ class ModbusBus(ABC):
             return _bad(block.points, "exception", what, code)
         except FrameError as exc:
             return _bad(block.points, "frame_error", str(exc))
-        except (TimeoutError, ModbusException, OSError) as exc:
-            # pymodbus turns a cancellation into ModbusIOException("Request cancelled
-            # outside library"): give the caller its cancellation back.
+        except (TimeoutError, OSError) as exc:
             task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if task is not None and task.cancelling():  # ours, not the device's timeout
                 raise asyncio.CancelledError from None
-            if isinstance(exc, TimeoutError | ModbusIOException):
+            if isinstance(exc, TimeoutError):
                 detail = f": {exc}" if str(exc) else ""
                 return _bad(block.points, "timeout", f"no response from unit {unit_id}{detail}")
             return _bad(block.points, "no_connection", f"{self.name}: {exc}")
@@ -338,28 +334,37 @@ class ModbusBus(ABC):
         return apply_decimal_points([p for b in blocks for p in b.points], out)
 
 
-class _PymodbusBus(ModbusBus):
-    """A bus driven by a pymodbus asyncio client."""
+class ModbusTcpBus(ModbusBus):
+    """A Modbus TCP endpoint (MBAP framing): a Modbus TCP device or a TCP-to-RS-485 gateway,
+    through :class:`drivers.modbus.tcp.MbapClient` (late replies discarded by transaction
+    id; a timeout keeps the connection for the other units).
 
-    _client: AsyncModbusTcpClient
-    timeout: float
+    Args:
+        host, port: the endpoint.
+        timeout: default seconds to wait for each response (and for the connection).
+    """
 
-    def _no_disconnect_on_timeouts(self) -> None:
-        # Timeouts of one unit behind a converter must not close the connection that the
-        # other units still answer on.
-        self._client.set_max_no_responses(1_000_000)
+    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
+        self.name = f"tcp://{host}:{port}"
+        self.narrowed = []
+        self.timeout = timeout
+        self._client = MbapClient(host, port, timeout)
 
     @property
     def connected(self) -> bool:
-        return bool(self._client.connected)
+        return self._client.connected
 
     async def connect(self) -> bool:
         try:
-            return bool(await self._client.connect())
-        except (OSError, ModbusException) as exc:
-            self.last_error = str(exc)
+            await self._client.connect()
+        except TimeoutError:
+            self.last_error = f"no answer within {self.timeout:g} s"
+            return False
+        except OSError as exc:
+            self.last_error = exc.strerror or str(exc)
             log.debug("connect %s failed: %s", self.name, exc)
             return False
+        return True
 
     def close(self) -> None:
         self._client.close()
@@ -367,24 +372,9 @@ class _PymodbusBus(ModbusBus):
     async def _read_values(
         self, unit_id: int, block: Block, timeout: float | None
     ) -> Sequence[int] | Sequence[bool]:
-        c = self._client
-        table, start, count = block.table, block.start, block.count
-        # requests on a bus run one at a time, so the client's timeout can follow the device
-        c.comm_params.timeout_connect = self.timeout if timeout is None else timeout
-        if table == "holding":
-            resp: Any = await c.read_holding_registers(start, count=count, device_id=unit_id)
-        elif table == "input":
-            resp = await c.read_input_registers(start, count=count, device_id=unit_id)
-        elif table == "coil":
-            resp = await c.read_coils(start, count=count, device_id=unit_id)
-        else:
-            resp = await c.read_discrete_inputs(start, count=count, device_id=unit_id)
-        if resp.isError():
-            raise ExceptionReply(int(getattr(resp, "exception_code", 0)))
-        fc = FUNCTION_CODES[table]
-        if int(resp.function_code) != fc:
-            raise FrameError(f"reply with function code {resp.function_code}, asked {fc}")
-        return resp.bits if table in BIT_TABLES else resp.registers  # type: ignore[no-any-return]
+        request = bytes([unit_id]) + read_pdu(block.table, block.start, block.count)
+        data = await self._client.transact(request, self.timeout if timeout is None else timeout)
+        return data_to_values(request[1], block.count, data)
 
     async def write(
         self,
@@ -394,41 +384,8 @@ class _PymodbusBus(ModbusBus):
         values: Sequence[int] | Sequence[bool],
         timeout: float | None = None,
     ) -> None:
-        c = self._client
-        if table == "coil":
-            bits = [bool(v) for v in values]
-            if len(bits) == 1:
-                resp: Any = await c.write_coil(address, bits[0], device_id=unit_id)
-            else:
-                resp = await c.write_coils(address, bits, device_id=unit_id)
-        elif table == "holding":
-            words = [int(v) for v in values]
-            if len(words) == 1:
-                resp = await c.write_register(address, words[0], device_id=unit_id)
-            else:
-                resp = await c.write_registers(address, words, device_id=unit_id)
-        else:
-            raise ValueError(f"table {table!r} is read-only")
-        if resp.isError():
-            raise ExceptionReply(int(getattr(resp, "exception_code", 0)))
-
-
-class ModbusTcpBus(_PymodbusBus):
-    """A Modbus TCP endpoint (MBAP framing): a Modbus TCP device or a TCP-to-RS-485 gateway.
-
-    Args:
-        host, port: the endpoint.
-        timeout: seconds to wait for each response.
-    """
-
-    def __init__(self, host: str, port: int, timeout: float = 1.0) -> None:
-        self.name = f"tcp://{host}:{port}"
-        self.narrowed = []
-        self.timeout = timeout
-        self._client = AsyncModbusTcpClient(
-            host, port=port, timeout=timeout, retries=0, reconnect_delay=0, name=self.name
-        )
-        self._no_disconnect_on_timeouts()
+        request = bytes([unit_id]) + write_pdu(table, address, values)
+        await self._client.transact(request, self.timeout if timeout is None else timeout)
 
 
 class LineBus(ModbusBus):

@@ -163,9 +163,12 @@ def check_reply(request: bytes, adu: bytes) -> bytes:
         what = "registers" if fc in (3, 4) else "bits"
         if len(adu) < 3 or adu[2] != expected or len(adu) != 3 + adu[2]:
             got = adu[2] if len(adu) >= 3 else "no"
+            kind = "garbled"
+            if len(adu) >= 3 and len(adu) == 3 + adu[2]:
+                kind = "long" if adu[2] > expected else "short"
             raise FrameError(
-                f"byte count {got} in reply from unit {unit}, expected {expected} for {count} "
-                f"{what}: nothing of it is used"
+                f"{kind} reply: byte count {got} in reply from unit {unit}, expected "
+                f"{expected} for {count} {what}: nothing of it is used"
             )
         return bytes(adu[3:])
     if adu[1:6] != request[1:6]:
