@@ -29,8 +29,6 @@ import struct
 import time
 from collections.abc import Sequence
 
-from pymodbus.framer.rtu import FramerRTU
-
 from drivers.serial_io import open_serial
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,10 @@ def min_frame_gap(baudrate: int, parity: str = "N", stopbits: int = 1, bytesize:
 
 def crc16(data: bytes) -> bytes:
     """The two CRC bytes of an RTU frame, low byte first, as sent on the wire (Modbus over
-    Serial Line V1.02, 6.2.2)."""
+    Serial Line V1.02, 6.2.2). pymodbus computes it; imported here so that an agent
+    without serial lines never loads pymodbus."""
+    from pymodbus.framer.rtu import FramerRTU
+
     return int(FramerRTU.compute_CRC(data)).to_bytes(2, "big")
 
 
