@@ -442,7 +442,7 @@ class Agent:
             self.notice(
                 "dropped",
                 f"buffer full: dropped {count} unsent telemetry message(s), seq {first}..{last} "
-                "(alarm events in that range are kept)",
+                "(alarm events and notices in that range are kept)",
                 count=count,
                 first_seq=first,
                 last_seq=last,

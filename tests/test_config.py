@@ -1046,3 +1046,12 @@ def test_relative_sync_file_is_relative_to_the_config_file(cfgdir: Path) -> None
     write(cfgdir, "site/a.yaml", HEAD + "clock: {sync: file, sync_file: flag}\n" + ONE_DEVICE)
     cfg = load_config("site/a.yaml")
     assert cfg.clock.sync_file == str(cfgdir / "site" / "flag")
+
+
+def test_a_section_written_as_a_value_says_how_to_write_it(cfgdir: Path) -> None:
+    write(cfgdir, "a.yaml", HEAD + "clock: auto\n" + ONE_DEVICE)
+    (issue,) = issues_of("a.yaml")
+    assert "a section of keys, not 'auto'" in issue.message and issue.line == 3
+    write(cfgdir, "b.yaml", HEAD + "clock: {not_before: 2026-11-15T10:00:00Z}\n" + ONE_DEVICE)
+    (issue,) = issues_of("b.yaml")
+    assert issue.message.startswith("2026-11-15T10:00:00+00:00 is not a date")

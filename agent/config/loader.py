@@ -360,6 +360,15 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{value!r} is not one of {', '.join(options)}{hint}"
     msg = str(err["msg"])
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        where = str(loc[-1]) if loc else "this"
+        return (
+            f"a section of keys, not {value!r}: write it as '{where}: {{key: value}}' or as "
+            "indented 'key: value' lines below it"
+        )
+    if kind in ("date_from_datetime_inexact", "date_from_datetime_parsing", "date_type"):
+        shown = value.isoformat() if hasattr(value, "isoformat") else repr(value)
+        return f"{shown} is not a date: write it as YYYY-MM-DD, e.g. 2026-11-01"
     if kind == "string_pattern_mismatch":
         pattern = err.get("ctx", {}).get("pattern", "")
         return f"{value!r} is not allowed here: {PATTERN_WORDS.get(pattern, msg)}"
