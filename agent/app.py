@@ -742,10 +742,10 @@ class Agent:
                 len(self.writer.pending),
                 self.buffer.sync.path,
             )
-        for _ in range(3):  # committing the drop notices can make the cap drop more
-            reports = await self.buffer.flush_drop_reports()
-            if not reports:
-                break
+        # the last commit's drops, to the platform too (a commit of notices alone never
+        # makes the cap drop anything)
+        reports = await self.buffer.flush_drop_reports()
+        if reports:
             self._report_drops(reports)
             await self.writer.commit()
         await self.publisher.drain(STOP_BUDGET_S / 2)
