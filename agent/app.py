@@ -624,12 +624,12 @@ class Agent:
             stats = await self.buffer.stats()
             draining = stats.pending > self.cfg.mqtt.max_inflight
             if self.link.connected.is_set():
-                hours = max(time.monotonic() - start, 1.0) / 3600
+                elapsed = time.monotonic() - start
                 written = self._disk_write_bytes()
                 per_hour = (
-                    None
-                    if written is None or start_bytes is None
-                    else round((written - start_bytes) / hours)
+                    None  # (a rate over the first seconds says nothing about SD wear)
+                    if written is None or start_bytes is None or elapsed < 60
+                    else round((written - start_bytes) / (elapsed / 3600))
                 )
                 doc = {
                     "gateway": self.cfg.gateway_id,

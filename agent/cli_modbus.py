@@ -138,6 +138,13 @@ def take_bus_options(kw: dict[str, Any], lists: bool = False) -> BusOptions:
     )
     if opts.serial_port is not None and opts.host is not None:
         raise click.UsageError("give --serial-port or --host, not both")
+    host = opts.host or ""
+    if host.count(":") == 1 and host.rsplit(":", 1)[1].isdigit():
+        name, port = host.rsplit(":", 1)
+        raise click.BadParameter(
+            f"{host!r}: give the port on its own: --host {name} --port {port}",
+            param_hint="--host",
+        )
     for b in opts.baudrate.split(","):
         if not b.strip().isdigit() or int(b) < 50:
             raise click.BadParameter(
@@ -181,20 +188,30 @@ def parse_point_spec(spec: str) -> ModbusPoint:
         raise click.BadParameter(f"{spec!r}: {msg}", param_hint="--point") from None
 
 
+def shipped_profiles_dir() -> Path:
+    """The profiles that come with the agent: ``config/profiles`` of this repository, or
+    where an install put them (``{prefix}/share/edge-agent/profiles``)."""
+    repo = Path(__file__).resolve().parent.parent / "config" / "profiles"
+    if repo.is_dir():
+        return repo
+    return Path(sys.prefix) / "share" / "edge-agent" / "profiles"
+
+
 def default_profile_dirs() -> list[Path]:
     """Where ``--profile`` looks when no ``--profiles-dir`` is given."""
     return [
         Path("profiles"),
         Path("config/profiles"),
         Path("/etc/edge-agent/profiles"),
-        Path(__file__).resolve().parent.parent / "config" / "profiles",
+        shipped_profiles_dir(),
     ]
 
 
 def find_profile(name: str, directory: str | None) -> list[ModbusPoint]:
     from agent.config.loader import load_profiles
 
-    dirs = [Path(directory)] if directory else [d for d in default_profile_dirs() if d.is_dir()]
+    searched = [Path(directory)] if directory else default_profile_dirs()
+    dirs = [d for d in searched if d.is_dir()]
     known: set[str] = set()
     for d in dirs:
         profiles = load_profiles(d)
@@ -202,8 +219,9 @@ def find_profile(name: str, directory: str | None) -> list[ModbusPoint]:
             return list(profiles.valid[name].points)
         known |= set(profiles.valid)
     raise click.BadParameter(
-        f"no profile {name!r} in {', '.join(map(str, dirs)) or 'any profile directory'}"
-        f" (known: {', '.join(sorted(known)) or 'none'})",
+        f"no profile {name!r} (known: {', '.join(sorted(known)) or 'none'}; looked in "
+        f"{', '.join(map(str, searched))}): give the directory of your profiles with "
+        "--profiles-dir",
         param_hint="--profile",
     )
 

@@ -27,6 +27,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.cli_modbus import shipped_profiles_dir
 from agent.config.loader import load_profiles
 from agent.simulator import ModbusSimulator, flood_level, gas_pressure
 
@@ -159,11 +160,23 @@ def run_demo(duration: float, workdir: Path | None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="edge-agent-demo-")
         workdir = Path(tmp.name)
     workdir.mkdir(parents=True, exist_ok=True)
-    loaded = load_profiles(REPO_CONFIG / "profiles")
+    loaded = load_profiles(shipped_profiles_dir())
     profiles, errors = loaded.valid, loaded.issues
     if errors:
         for e in errors:
             print(e, file=sys.stderr)
+        return 1
+    missing = [
+        n
+        for n in ("radar-water-level", "submersible-water-level", "gas-pressure")
+        if n not in profiles
+    ]
+    if missing:
+        print(
+            f"the demo needs the shipped profiles {', '.join(missing)}, not found in "
+            f"{shipped_profiles_dir()}: install the agent from its repository (pip install .)",
+            file=sys.stderr,
+        )
         return 1
 
     broker_port = free_port()
@@ -231,7 +244,7 @@ def run_demo(duration: float, workdir: Path | None) -> int:
     cfg_path.write_text(
         DEMO_CONFIG.format(
             state=workdir / "state",
-            profiles=REPO_CONFIG / "profiles",
+            profiles=shipped_profiles_dir(),
             broker=broker_port,
             water=water.port,
             gas=gas.port,

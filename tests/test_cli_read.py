@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from agent.cli import main
@@ -141,3 +142,19 @@ def test_read_a_device_that_never_answers() -> None:
     assert result.exit_code == 1, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "timeout" in result.output and "Traceback" not in result.output
+
+
+def test_read_finds_the_shipped_profiles_and_says_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no profiles/ here: the shipped ones are found
+    missing = CliRunner().invoke(main, ["read", "--host", "127.0.0.1", "--profile", "nope"])
+    assert missing.exit_code == 2
+    assert "gas-pressure" in missing.output and "--profiles-dir" in missing.output
+    assert "config/profiles" in missing.output  # where it looked
+
+
+def test_read_host_with_a_port_says_to_use_port() -> None:
+    args = ["read", "--host", "127.0.0.1:5020", "--point", "v=holding:0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--host 127.0.0.1 --port 5020" in result.output
