@@ -461,7 +461,14 @@ def scan(**kw: Any) -> None:
                     10,
                     11,
                 ):
-                    found.append((unit, f"answers{at}: {r.error}"))
+                    found.append(
+                        (
+                            unit,
+                            f"answers{at} (present; it refused register {address} with "
+                            f"exception {r.exception_code}: try another --address to read "
+                            "a value)",
+                        )
+                    )
             if bus is not None:
                 bus.close()
         return name, found
