@@ -238,32 +238,41 @@ async def read_table(
     from pymodbus.exceptions import ModbusException
 
     from drivers.modbus.config import BIT_TABLES
-    from drivers.modbus.driver import apply_decimal_points, decode_block, plan_blocks
+    from drivers.modbus.driver import Block, apply_decimal_points, decode_block, plan_blocks
     from drivers.modbus.line import ExceptionReply, FrameError
 
     raw: dict[str, str] = {}
     results: dict[str, Any] = {}
     ordered: list[ModbusPoint] = []
     unsent: list[Any] = []
-    for block in plan_blocks(points, max_gap, max_registers):
+
+    async def read(block: Block, narrow: bool) -> list[Any]:
+        """One block with its raw words; refused with an exception: point by point, so
+        that the points the device has still show their raw registers."""
         try:
             words = await bus.read_raw(unit_id, block, timeout)
-        except (ExceptionReply, FrameError, TimeoutError, OSError, ModbusException):
+        except ExceptionReply:
+            if narrow and len(block.points) > 1:
+                out: list[Any] = []
+                for p in block.points:
+                    out += await read(Block(block.table, p.address, p.register_count, (p,)), False)
+                return out
+            words = None
+        except (FrameError, TimeoutError, OSError, ModbusException):
             words = None
         if words is None or len(words) < block.count:
-            block_results = await bus.read_block(unit_id, block, timeout)
-        else:
-            block_results = decode_block(block, words)
-            for p in block.points:
-                off = p.address - block.start
-                if block.table in BIT_TABLES:
-                    raw[p.name] = str(int(bool(words[off])))
-                else:
-                    raw[p.name] = " ".join(
-                        f"{int(w):04X}" for w in words[off : off + p.register_count]
-                    )
+            return await bus.read_block(unit_id, block, timeout)
+        for p in block.points:
+            off = p.address - block.start
+            if block.table in BIT_TABLES:
+                raw[p.name] = str(int(bool(words[off])))
+            else:
+                raw[p.name] = " ".join(f"{int(w):04X}" for w in words[off : off + p.register_count])
+        return decode_block(block, words)
+
+    for block in plan_blocks(points, max_gap, max_registers):
         ordered += block.points
-        unsent += block_results
+        unsent += await read(block, True)
     for r in apply_decimal_points(ordered, unsent):
         results[r.point] = r
     return [(p, raw.get(p.name, ""), results[p.name]) for p in points]

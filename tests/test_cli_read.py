@@ -158,3 +158,23 @@ def test_read_host_with_a_port_says_to_use_port() -> None:
     args = ["read", "--host", "127.0.0.1:5020", "--point", "v=holding:0"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "--host 127.0.0.1 --port 5020" in result.output
+
+
+def test_read_shows_raw_registers_when_a_point_of_the_block_is_refused() -> None:
+    """The device refuses one address of a block: the block is read point by point, and
+    every point it has still shows its raw register."""
+    from agent.config.loader import load_profiles
+    from tests.helpers import PROFILES
+
+    sim = ModbusSimulator()
+    sim.add_device(1, list(load_profiles(PROFILES).valid["submersible-water-level"].points))
+    sim.set_raw(1, "holding", 0x0004, [1523])
+    sim.start_thread()
+    args = ["read", "--host", "127.0.0.1", "--port", str(sim.port), "--profile"]
+    args += ["submersible-water-level", "--profiles-dir", str(PROFILES)]
+    result = CliRunner().invoke(main, [*args, "--point", "extra=holding:7:uint16"])
+    sim.stop_thread()
+    level = next(line.split() for line in result.output.splitlines() if "holding 4 " in line)
+    extra = next(line for line in result.output.splitlines() if "holding 7 " in line)
+    assert level[3] == "05F3", result.output
+    assert "unsupported" in extra
