@@ -64,6 +64,12 @@ CREATE TABLE IF NOT EXISTS point_state (
 """
 
 
+EPOCH_UPSERT = (
+    "INSERT INTO clock_epoch VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+    "first_seq = min(first_seq, excluded.first_seq), last_seq = max(last_seq, excluded.last_seq)"
+)
+"""Record (boot, epoch offset, first seq, last seq), widening a range already recorded."""
+
 RESERVE_BLOCK = 1_000_000
 """Seqs reserved ahead in ``seq.reserved`` (see :class:`Buffer`)."""
 MEMORY_MAX_BYTES = 8_000_000
@@ -550,9 +556,7 @@ class Buffer:
                 src.execute("SELECT device, point, value FROM point_state").fetchall(),
             )
             db.executemany(
-                "INSERT INTO clock_epoch VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                "first_seq = min(first_seq, excluded.first_seq), "
-                "last_seq = max(last_seq, excluded.last_seq)",
+                EPOCH_UPSERT,
                 src.execute("SELECT * FROM clock_epoch").fetchall(),
             )
             lost = int(src.execute("SELECT value FROM counters WHERE name='dropped'").fetchone()[0])
@@ -641,9 +645,7 @@ class Buffer:
                     span[1] = seq
             if epochs:
                 db.executemany(
-                    "INSERT INTO clock_epoch VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                    "first_seq = min(first_seq, excluded.first_seq), "
-                    "last_seq = max(last_seq, excluded.last_seq)",
+                    EPOCH_UPSERT,
                     [(self.boot, off, a, b) for off, (a, b) in epochs.items()],
                 )
             restamped = [] if restamp_offset is None else self._restamp(restamp_offset)
