@@ -315,6 +315,28 @@ def account(sub: Subscriber, state: Path) -> tuple[int, int, int, list[tuple[int
     return last_seq, len(by_seq), dups, drops
 
 
+def finish(
+    agent: AgentProcess,
+    sim: ModbusSimulator,
+    sub: Subscriber,
+    state: Path,
+    uplink: Any = None,
+    settle: float = 0.5,
+) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+    """End a fault test: the agent stops cleanly, the uplink and the simulator go, and
+    after ``settle`` seconds every seq is accounted for (see :func:`account`); the
+    subscriber is closed (what it received stays readable)."""
+    assert agent.stop() == 0, agent.log()
+    if uplink is not None:
+        uplink.close()
+    sim.stop_thread()
+    time.sleep(settle)
+    try:
+        return account(sub, state)
+    finally:
+        sub.close()
+
+
 @pytest.mark.timeout(240)
 def test_case_023_027_ten_broker_restarts_in_two_minutes(tmp_path: Path, broker: Mosquitto) -> None:
     """50 readings/s; the broker stops and starts again 10 times in 2 minutes (7 s up, 5 s
@@ -331,11 +353,7 @@ def test_case_023_027_ten_broker_restarts_in_two_minutes(tmp_path: Path, broker:
         time.sleep(5)
         broker.start()
     time.sleep(6)
-    assert agent.stop() == 0, agent.log()
-    sim.stop_thread()
-    time.sleep(1)
-    last_seq, received, dups, drops = account(sub, tmp_path / "state")
-    sub.close()
+    last_seq, received, dups, drops = finish(agent, sim, sub, tmp_path / "state", settle=1)
     assert not drops and received == last_seq
     assert last_seq >= 50 * 115, "about 50 readings/s for two minutes"
     assert agent.log().count("lost connection to broker") >= 10
@@ -362,11 +380,7 @@ def test_ten_agent_kills_lose_nothing_committed(tmp_path: Path, broker: Mosquitt
     agent = AgentProcess(cfg, tmp_path / "agent-final.log")
     agent.start()
     time.sleep(4)
-    assert agent.stop() == 0, agent.log()
-    sim.stop_thread()
-    time.sleep(1)
-    last_seq, received, dups, drops = account(sub, tmp_path / "state")
-    sub.close()
+    last_seq, received, dups, drops = finish(agent, sim, sub, tmp_path / "state", settle=1)
     polls = len(sim.requests)
     assert not drops and received == last_seq
     uncommitted = polls - last_seq
@@ -400,12 +414,7 @@ def test_blackholed_link_for_60_s_loses_nothing(tmp_path: Path, broker: Mosquitt
     uplink.close()  # the stale connections go; new ones are refused until reopened
     uplink.open()
     time.sleep(8)
-    assert agent.stop() == 0, agent.log()
-    uplink.close()
-    sim.stop_thread()
-    time.sleep(1)
-    last_seq, received, dups, drops = account(sub, tmp_path / "state")
-    sub.close()
+    last_seq, received, dups, drops = finish(agent, sim, sub, tmp_path / "state", uplink, settle=1)
     assert not drops and received == last_seq
     assert noticed <= 1.5 * 5 + 2, f"noticed after {noticed:.1f}s"
     print(
@@ -445,12 +454,7 @@ def test_20_mb_cap_under_a_long_outage(tmp_path: Path, broker: Mosquitto) -> Non
     wait_until(lambda: "unsent message(s), seq" in agent.log(), 30, "the drops")
     wait_until(lambda: len(sub.telemetry()) > 1000, 30, "the drain")
     time.sleep(8)
-    assert agent.stop() == 0, agent.log()
-    uplink.close()
-    sim.stop_thread()
-    time.sleep(1)
-    last_seq, received, _, drops = account(sub, state)
-    sub.close()
+    last_seq, received, _, drops = finish(agent, sim, sub, state, uplink, settle=1)
     size_after = (state / "buffer.db").stat().st_size
     assert drops, "the cap was hit and reported"
     assert size_during <= 20_000_000 * 1.05 and size_after <= 20_000_000 * 1.05, (
@@ -507,15 +511,10 @@ def test_unsynchronised_clock_is_flagged_then_restamped(tmp_path: Path, broker: 
         "the re-stamp notice",
     )
     time.sleep(1.5)
-    assert agent.stop() == 0, agent.log()
-    uplink.close()
-    sim.stop_thread()
-    time.sleep(0.5)
-    last_seq, received, dups, _ = account(sub, tmp_path / "state")
+    last_seq, received, dups, _ = finish(agent, sim, sub, tmp_path / "state", uplink)
     notices = [m.json() for m in sub.on("/notice")]
     restamps = [n for n in notices if n["type"] == "clock_restamp"]
     steps = [n["step_ms"] for n in notices if n["type"] == "clock_step"]
-    sub.close()
     by_seq = {m.json()["seq"]: m.json() for m in sub.telemetry()}
     flags = {s: doc.get("clock") for s, doc in by_seq.items()}
     unsynced = [s for s, f in flags.items() if f == "unsynced"]
@@ -589,12 +588,7 @@ def test_disk_full_while_running_on_a_small_filesystem(tmp_path: Path, broker: M
         uplink.open()
         wait_until(lambda: len(sub.telemetry()) >= 200, 20, "the backlog")
         time.sleep(3)
-        assert agent.stop() == 0, agent.log()
-        uplink.close()
-        sim.stop_thread()
-        time.sleep(0.5)
-        last_seq, received, dups, drops = account(sub, state)
-        sub.close()
+        last_seq, received, dups, drops = finish(agent, sim, sub, state, uplink)
     assert "cannot write buffer" in full_log or "bytes free on the filesystem" in full_log, full_log
     gaps = _unexplained_time_gaps(sub, drops, 1000)
     assert not gaps, f"polls missing in time with no drop reported: {gaps[:10]}"
@@ -661,12 +655,7 @@ def test_read_only_filesystem_at_start_buffers_in_memory_then_goes_back_to_disk(
             lambda: min(m.json()["seq"] for m in sub.telemetry()) == 1, 10, "the earlier run's"
         )
         time.sleep(1.5)
-        assert agent.stop() == 0, agent.log()
-        uplink.close()
-        sim.stop_thread()
-        time.sleep(0.5)
-        last_seq, received, dups, drops = account(sub, state)
-        sub.close()
+        last_seq, received, dups, drops = finish(agent, sim, sub, state, uplink)
     assert not drops
     print(
         f"\nread-only at start: {earlier} messages of the earlier run on disk, {last_seq} in "
@@ -696,10 +685,5 @@ def test_drops_made_while_stopping_are_reported_too(tmp_path: Path, broker: Mosq
     agent = AgentProcess(cfg, tmp_path / "agent2.log")
     agent.start()
     wait_until(lambda: len(sub.telemetry()) >= 15, 15, "readings after the restart")
-    assert agent.stop() == 0, agent.log()
-    uplink.close()
-    sim.stop_thread()
-    time.sleep(0.5)
-    last_seq, received, _, drops = account(sub, tmp_path / "state")
-    sub.close()
+    last_seq, received, _, drops = finish(agent, sim, sub, tmp_path / "state", uplink)
     assert drops and received < last_seq
