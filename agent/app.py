@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.alarms import Alarm, AlarmEngine, Event
+from agent.availability import AvailabilityTracker, Change
 from agent.buffer import (
     MEMORY_MAX_BYTES,
     AsyncBuffer,
@@ -35,25 +36,30 @@ from agent.buffer import (
     open_buffer,
 )
 from agent.clock import RELEASE_DATE_MS, Clock
-from agent.config.alarms import AlarmRule
 from agent.config.model import AgentConfig
-from agent.gpio import Gpio, desired_outputs
-from agent.mqtt import MqttLink
-from agent.pipeline import CounterTracker
-from agent.poller import BusPoller
-from agent.publisher import ALARMS_MAX, Publisher
-from agent.readings import TelemetryEncoder, iso_ms, now_ms
-from agent.seismic import SeismicOutput, SeismicProcessor
-from agent.topics import (
+from agent.contract import payloads
+from agent.contract.info import gateway_info, streams
+from agent.contract.telemetry import TelemetryEncoder
+from agent.contract.topics import (
     OFFLINE,
     alarm_state_topic,
+    availability_topic,
     event_topic,
     health_topic,
+    info_topic,
     notice_topic,
     status_topic,
     telemetry_topic,
     waveform_topic,
 )
+from agent.gpio import Gpio, desired_outputs
+from agent.mqtt import MqttLink
+from agent.pipeline import CounterTracker
+from agent.poller import BusPoller
+from agent.publisher import ALARMS_MAX, Publisher
+from agent.readings import now_ms
+from agent.retained import RetainedState
+from agent.seismic import SeismicOutput, SeismicProcessor
 from drivers.base import PointResult
 from drivers.modbus.config import (
     ModbusDevice,
@@ -69,8 +75,6 @@ from drivers.serial_line import SerialLineDevice, SerialLineReader
 log = logging.getLogger(__name__)
 
 STOP_BUDGET_S = 5.0
-TIME_KEYS = frozenset({"onset", "end", "start", "pga_at", "pgv_at", "peak_raw_at"})
-"""Fields of seismic messages that are times (UTC ms inside, ISO 8601 on the wire)."""
 HEALTH_S = 30.0
 """How often the health message is published."""
 HEALTH_DRAINING_S = 2.0
@@ -342,7 +346,18 @@ class Agent:
             expand_rules(cfg), self.buffer.sync.alarm_state(), time.monotonic(), now_ms()
         )
         self.publisher.add_alarm_events(self.buffer.sync.fetch(0, ALARMS_MAX, prio_only=True))
-        self.publisher.on_online = self._publish_alarm_states
+        self.publisher.on_online = self._on_online
+        self.availability = AvailabilityTracker(
+            [(d.id, streams(d)) for d in cfg.devices],
+            cfg.availability.offline_after,
+            cfg.availability.stream_timeout,
+            time.monotonic(),
+        )
+        self.retained = RetainedState(
+            self.link, self.buffer, self._owned_retained(), self.buffer.sync.retained_topics()
+        )
+        self.publisher.on_other_puback = self.retained.on_puback
+        self.retained.publish(info_topic(prefix, cfg.gateway_id), gateway_info(cfg, now_ms()))
         initial = {
             n: st for n, st in desired_outputs(cfg.outputs, self.alarms.alarms).items() if st.on
         }
@@ -370,6 +385,14 @@ class Agent:
         ]
         for poller in self.pollers:
             poller.on_cycle_end = self.writer.kick
+
+    def _owned_retained(self) -> set[str]:
+        """Every retained topic this config publishes."""
+        gw, p = self.cfg.gateway_id, self._prefix
+        owned = {status_topic(p, gw), health_topic(p, gw), info_topic(p, gw)}
+        owned |= {availability_topic(p, gw, d.id) for d in self.cfg.devices}
+        owned |= {alarm_state_topic(p, gw, a.device, a.rule.id) for a in self.alarms.alarms}
+        return owned
 
     def _open_disk_buffer(self) -> tuple[Buffer, str | None]:
         b = self.cfg.buffer
@@ -436,6 +459,9 @@ class Agent:
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
             self._emit(events)
+        change = self.availability.on_reading(dev.id, results, time.monotonic(), ts_ms)
+        if change is not None:
+            self._availability_changed([change])
 
     def _report_drops(self, reports: list[tuple[int, int, int]]) -> None:
         for count, first, last in reports:
@@ -452,12 +478,8 @@ class Agent:
         """A gateway notice for the platform (``{prefix}/{gateway_id}/notice``), buffered
         with alarm priority: never dropped, sent ahead of any backlog."""
         ts = now_ms()
-        doc = {"gateway": self.cfg.gateway_id, "type": kind, "message": message, **fields}
-        doc["ts"] = iso_ms(ts)
         epoch = self.clock.epoch
-        if epoch is not None:
-            doc["clock"] = "unsynced"
-        body = json.dumps(doc, separators=(",", ":")).encode()
+        body = payloads.notice(self.cfg.gateway_id, kind, message, ts, epoch is not None, **fields)
         self.writer.submit(notice_topic(self._prefix, self.cfg.gateway_id), body, ts, 1, epoch)
         self.writer.kick()
 
@@ -514,18 +536,10 @@ class Agent:
                     assert out.results is not None
                     self._on_line(dev, out.ts_ms, out.results)
                     continue
-                assert out.doc is not None
-                doc = {
-                    k: iso_ms(v) if k in TIME_KEYS and isinstance(v, int) else v
-                    for k, v in out.doc.items()
-                }
-                head = {"gateway": gw, "device": dev.id, "type": "seismic"}
-                if out.kind == "waveform":
-                    head["type"] = "waveform"
+                doc = out.doc
+                assert doc is not None
                 epoch = self.clock.epoch
-                if epoch is not None:
-                    head["clock"] = "unsynced"
-                body = json.dumps({**head, **doc}, separators=(",", ":")).encode()
+                body = payloads.seismic(gw, dev.id, out.kind, out.ts_ms, doc, epoch is not None)
                 if out.kind == "event":
                     self.writer.submit(events, body, out.ts_ms, 1, epoch)
                     log.warning(
@@ -562,7 +576,9 @@ class Agent:
         self.gpio.apply(desired_outputs(self.cfg.outputs, self.alarms.alarms))
         epoch = self.clock.epoch
         for a, e in events:
-            body = alarm_event_body(self.cfg.gateway_id, a, e, self.gpio, epoch is not None)
+            body = payloads.alarm_event(
+                self.cfg.gateway_id, a, e, self._outputs_state(), epoch is not None
+            )
             self.writer.submit(
                 event_topic(self._prefix, self.cfg.gateway_id, a.device), body, e.at_ms, 1, epoch
             )
@@ -587,15 +603,38 @@ class Agent:
     def _publish_alarm_state(self, a: Alarm, wall: int) -> None:
         if self.link.connected.is_set():
             topic = alarm_state_topic(self._prefix, self.cfg.gateway_id, a.device, a.rule.id)
-            body = alarm_state_body(self.cfg.gateway_id, a, wall)
+            body = payloads.alarm_state(self.cfg.gateway_id, a, wall)
             self.link.publish(topic, body, qos=1, retain=True)
 
-    def _publish_alarm_states(self) -> None:
-        """After every CONNACK: the current state of every alarm, retained, and the health."""
+    def _outputs_state(self) -> str | None:
+        """``ok``/``unavailable`` for the GPIO outputs, None without any."""
+        if not self.gpio.outputs:
+            return None
+        return "ok" if self.gpio.available else "unavailable"
+
+    def _on_online(self) -> None:
+        """After every CONNACK: the current state of every alarm, the other retained state
+        (info, availability, clears of stale topics) and the health."""
         self._health_now.set()
         wall = now_ms()
         for a in self.alarms.alarms:
             self._publish_alarm_state(a, wall)
+        self.retained.on_connected()
+
+    def _availability_changed(self, changes: list[Change]) -> None:
+        """Devices that went online or offline: logged, and their retained state."""
+        gw, wall = self.cfg.gateway_id, now_ms()
+        for c in changes:
+            # (the poller has said loudly why a device fails: this is what the platform sees)
+            if c.online:
+                log.info("availability of %s: online", c.device)
+            elif c.reason != "gateway_stopped":
+                log.info("availability of %s: offline (%s)", c.device, c.reason)
+            body = payloads.availability(
+                gw, c.device, c.online, c.reason, c.error, c.since_ms, wall
+            )
+            self.retained.publish(availability_topic(self._prefix, gw, c.device), body)
+        self._health_now.set()
 
     def acknowledge(self, by: str, keys: list[str] | None = None) -> int:
         """Acknowledge alarms (all, or those ``keys``: ``device/rule``); return how many
@@ -631,27 +670,26 @@ class Agent:
                     if written is None or start_bytes is None or elapsed < 60
                     else round((written - start_bytes) / (elapsed / 3600))
                 )
-                doc = {
-                    "gateway": self.cfg.gateway_id,
-                    "ts": iso_ms(now_ms()),
-                    "pending": stats.pending,
-                    "last_seq": stats.last_seq,
-                    "dropped": stats.dropped,
-                    "published": self.publisher.published,
-                    "acked": self.publisher.acked_total,
-                    "draining": draining,
-                    "disk_write_bytes_per_hour": per_hour,
-                    "gpio": "none"
-                    if not self.gpio.outputs
-                    else ("ok" if self.gpio.available else "unavailable"),
-                    "gpio_factory": self.gpio.factory_name or None,
-                    "alarms_active": sum(1 for a in self.alarms.alarms if a.on),
-                    "buffer": "memory" if self.buffer.sync.memory else "disk",
-                    "clock": "synced" if self.clock.synced else "unsynced",
-                }
-                if self.buffer_error is not None:
-                    doc["buffer_error"] = self.buffer_error
-                body = json.dumps(doc, separators=(",", ":")).encode()
+                body = payloads.health(
+                    payloads.Health(
+                        gateway=self.cfg.gateway_id,
+                        ts_ms=now_ms(),
+                        pending=stats.pending,
+                        last_seq=stats.last_seq,
+                        dropped=stats.dropped,
+                        published=self.publisher.published,
+                        acked=self.publisher.acked_total,
+                        draining=draining,
+                        disk_write_bytes_per_hour=per_hour,
+                        gpio=self._outputs_state() or "none",
+                        gpio_factory=self.gpio.factory_name or None,
+                        alarms_active=sum(1 for a in self.alarms.alarms if a.on),
+                        devices_offline=self.availability.offline,
+                        buffer="memory" if self.buffer.sync.memory else "disk",
+                        clock="synced" if self.clock.synced else "unsynced",
+                        buffer_error=self.buffer_error,
+                    )
+                )
                 self.link.publish(
                     health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True
                 )
@@ -667,6 +705,9 @@ class Agent:
         tick = ALARM_TICK_S if busy else 1.0
         while True:
             self._check_clock()
+            changes = self.availability.tick(time.monotonic(), now_ms())
+            if changes:
+                self._availability_changed(changes)
             events = self.alarms.tick(time.monotonic(), now_ms())
             if events:
                 self._emit(events)
@@ -700,6 +741,7 @@ class Agent:
             asyncio.create_task(self.publisher.run_acks(), name="acks"),
             asyncio.create_task(self._health(), name="health"),
             asyncio.create_task(self._disk_retry(), name="disk-retry"),
+            asyncio.create_task(self.retained.run(), name="retained"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         loop = asyncio.get_running_loop()
@@ -754,6 +796,7 @@ class Agent:
         await asyncio.gather(*bg, return_exceptions=True)
         if not await self.publisher.flush_acks():
             log.warning("some acknowledged messages stay in the buffer; they will be sent again")
+        self._availability_changed(self.availability.stop(now_ms()))
         sent = await self.publisher.publish_offline(OFFLINE, STOP_BUDGET_S / 4)
         if not sent and self.link.ever_connected:
             log.warning(
@@ -789,70 +832,6 @@ def expand_rules(cfg: AgentConfig) -> list[Alarm]:
                 unit = next((p.unit for p in d.points if p.name == rule.point), None)
                 out.append(Alarm(rule, d.id, unit))
     return out
-
-
-def _limits(rule: AlarmRule) -> dict[str, Any]:
-    if rule.kind in ("high", "low"):
-        return {"setpoint": rule.setpoint, "clear": rule.clear_level}
-    if rule.kind == "rate":
-        return {"change": rule.change, "window_s": rule.window, "clear": rule.clear_level}
-    return {"after_s": rule.after}
-
-
-def alarm_event_body(gateway: str, a: Alarm, e: Event, gpio: Gpio, unsynced: bool = False) -> bytes:
-    """The JSON of one alarm event (``docs/mqtt.md``); ``seq`` is spliced in later."""
-    rule = a.rule
-    doc: dict[str, Any] = {
-        "gateway": gateway,
-        "device": a.device,
-        "type": "alarm",
-        "event": e.event,
-        "alarm": a.key,
-        "rule": rule.id,
-        "point": rule.point,
-        "kind": rule.kind,
-        "category": rule.category,
-        "severity": rule.severity,
-        "state": e.state,
-        "value": e.value,
-        "unit": a.unit,
-        "quality": e.quality,
-        **_limits(rule),
-        "ts": iso_ms(e.at_ms),
-    }
-    if unsynced:
-        doc["clock"] = "unsynced"
-    if a.state.raised_ms is not None:
-        doc["raised_at"] = iso_ms(a.state.raised_ms)
-    if rule.message:
-        doc["message"] = rule.message
-    if e.by:
-        doc["by"] = e.by
-    if gpio.outputs:
-        doc["outputs"] = "ok" if gpio.available else "unavailable"
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-
-
-def alarm_state_body(gateway: str, a: Alarm, wall_ms: int) -> bytes:
-    """The retained current state of one alarm."""
-    rule = a.rule
-    doc: dict[str, Any] = {
-        "gateway": gateway,
-        "device": a.device,
-        "alarm": a.key,
-        "rule": rule.id,
-        "point": rule.point,
-        "kind": rule.kind,
-        "category": rule.category,
-        "severity": rule.severity,
-        "state": a.state.state,
-        "value": a.state.value,
-        "unit": a.unit,
-        **_limits(rule),
-        "raised_at": None if a.state.raised_ms is None else iso_ms(a.state.raised_ms),
-        "ts": iso_ms(wall_ms),
-    }
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
 async def run_agent(cfg: AgentConfig) -> int:

@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS clock_epoch (
     last_seq  INTEGER NOT NULL,
     PRIMARY KEY (boot, offset_ms)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS retained_topic (
+    topic TEXT PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS point_state (
     device TEXT    NOT NULL,
     point  TEXT    NOT NULL,
@@ -78,7 +81,15 @@ MEMORY_MAX_BYTES = 8_000_000
 ROW_OVERHEAD = 40
 """Bytes a row takes in the database beyond its topic and body (seq, ts, prio, b-tree)."""
 OUR_TABLES = frozenset(
-    {"outbox", "counters", "alarm_state", "point_state", "clock_epoch", "sqlite_sequence"}
+    {
+        "outbox",
+        "counters",
+        "alarm_state",
+        "point_state",
+        "clock_epoch",
+        "retained_topic",
+        "sqlite_sequence",
+    }
 )
 
 
@@ -559,6 +570,10 @@ class Buffer:
                 EPOCH_UPSERT,
                 src.execute("SELECT * FROM clock_epoch").fetchall(),
             )
+            db.executemany(
+                "INSERT OR IGNORE INTO retained_topic(topic) VALUES (?)",
+                src.execute("SELECT topic FROM retained_topic").fetchall(),
+            )
             lost = int(src.execute("SELECT value FROM counters WHERE name='dropped'").fetchone()[0])
             db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost,))
             last = other._last_seq()
@@ -792,6 +807,25 @@ class Buffer:
                     out[str(key)] = value
         return out
 
+    def retained_topics(self) -> set[str]:
+        """The retained topics this gateway published and has not cleared yet (see
+        :class:`agent.retained.RetainedState`)."""
+        return {str(r[0]) for r in self._db.execute("SELECT topic FROM retained_topic")}
+
+    def set_retained_topics(self, topics: Iterable[str]) -> None:
+        """Replace the stored set of retained topics (one transaction)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM retained_topic")
+            db.executemany(
+                "INSERT INTO retained_topic(topic) VALUES (?)", [(t,) for t in sorted(topics)]
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
     def ack(self, seqs: Iterable[int]) -> None:
         """Delete acknowledged rows (one transaction). Unknown seqs are ignored."""
         ids = list(seqs)
@@ -930,6 +964,10 @@ class AsyncBuffer:
     async def ack(self, seqs: Sequence[int]) -> None:
         """See :meth:`Buffer.ack`."""
         await self._run(self.sync.ack, seqs)
+
+    async def set_retained_topics(self, topics: Iterable[str]) -> None:
+        """See :meth:`Buffer.set_retained_topics`."""
+        await self._run(self.sync.set_retained_topics, list(topics))
 
     async def flush_drop_reports(self) -> list[tuple[int, int, int]]:
         """Report the drops not reported yet, now (on the buffer's thread), and return

@@ -186,17 +186,13 @@ class Clock:
         return out
 
 
-TIME_KEYS = frozenset(
-    {"ts", "raised_at", "onset", "end", "start", "pga_at", "pgv_at", "peak_raw_at"}
-)
-"""Members of buffered messages that hold a time stamp (``docs/mqtt.md``)."""
-
-
 def restamp_body(body: bytes, correction_ms: int) -> tuple[bytes, int] | None:
     """Re-stamp a buffered message flagged ``"clock":"unsynced"``: every time stamp in it
-    (:data:`TIME_KEYS`, ISO 8601 UTC) moved by ``correction_ms`` and the flag changed to
-    ``"restamped"``; member order and number formatting are kept. Returns the new body and
-    its new ``ts`` (UTC ms), or None when the body is not flagged or has no ``ts``."""
+    (:data:`agent.contract.payloads.TIME_KEYS`, ISO 8601 UTC) moved by ``correction_ms``
+    and the flag changed to ``"restamped"``; member order and number formatting are kept.
+    Returns the new body and its new ``ts`` (UTC ms), or None when the body is not flagged
+    or has no ``ts``."""
+    from agent.contract.payloads import TIME_KEYS
     from agent.readings import iso_ms, parse_iso_ms
 
     if b'"clock":"unsynced"' not in body:

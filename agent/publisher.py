@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 
 from agent.buffer import AsyncBuffer, Row, payload_with_seq
+from agent.contract.topics import ONLINE
 from agent.mqtt import MqttLink
-from agent.topics import ONLINE
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class Publisher:
         self._ahead: set[int] = set()  # alarm events handed ahead of the cursor
         self.on_online: Callable[[], None] = lambda: None
         """Called after `online` was published on a new connection (retained states)."""
+        self.on_other_puback: Callable[[int], None] = lambda mid: None
+        """Called with the PUBACK of a publish that is not a buffered row (retained state)."""
         link.on_connected = self.on_connected
         link.on_puback = self.on_puback
 
@@ -192,6 +194,7 @@ class Publisher:
         was_full = len(self.inflight) >= self.window
         row = self.inflight.pop(mid, None)
         if row is None:
+            self.on_other_puback(mid)
             return
         if ok:
             self._acked.append(row.seq)

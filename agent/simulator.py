@@ -93,6 +93,7 @@ class ModbusSimulator:
         self._t0 = 0.0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: ModbusServerContext | None = None
 
     def add_device(
         self, unit_id: int, points: list[ModbusPoint], curves: dict[str, Curve] | None = None
@@ -134,6 +135,17 @@ class ModbusSimulator:
         finally:
             block.mutable = False
 
+    def set_online(self, unit_id: int, online: bool) -> None:
+        """Take unit ``unit_id`` off the line (it stops answering, as a unit with its power
+        cut behind a TCP-to-RS-485 converter: the master times out) or put it back. Call
+        it on the simulator's thread (:meth:`call`) once serving."""
+        assert self._context is not None
+        devices = self._context._devices  # pymodbus keeps the units in this dict
+        if online:
+            devices[unit_id] = self.devices[unit_id].context
+        else:
+            devices.pop(unit_id, None)
+
     def _trace(self, sending: bool, pdu: Any) -> Any:
         if not sending:
             self.requests.append(
@@ -163,6 +175,7 @@ class ModbusSimulator:
         context = ModbusServerContext(
             devices={u: d.context for u, d in self.devices.items()}, single=False
         )
+        self._context = context
         if self.serial_port is not None:
             self._server = ModbusSerialServer(
                 context,

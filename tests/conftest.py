@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IN_PROCESS, RUNNING, Mosquitto, start_line
+from tests.helpers import IN_PROCESS, RUNNING, SUBSCRIBERS, Mosquitto, start_line
 
 
 @pytest.fixture
@@ -34,6 +34,16 @@ def _no_agent_left_behind() -> Iterator[None]:
         RUNNING.pop().kill()
     while IN_PROCESS:
         IN_PROCESS.pop().stop()
+
+
+@pytest.fixture(autouse=True)
+def _every_message_follows_the_contract() -> Iterator[None]:
+    """Every message a test's platform subscriber received validates against its JSON
+    Schema in docs/schemas (tests/contract_check.py)."""
+    yield
+    invalid = [msg for sub in SUBSCRIBERS for msg in sub.invalid]
+    SUBSCRIBERS.clear()
+    assert not invalid, f"{len(invalid)} message(s) break the contract:\n" + "\n".join(invalid[:10])
 
 
 @pytest.fixture

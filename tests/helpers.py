@@ -24,6 +24,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.contract_check import problem
+
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "config" / "profiles"
 
@@ -134,13 +136,28 @@ class Message:
         return json.loads(self.payload)
 
 
+SUBSCRIBERS: list[Subscriber] = []
+"""Every subscriber a test made; conftest checks after each test that every message they
+received follows the contract's schemas."""
+
+
 class Subscriber:
-    """The platform: a persistent-session QoS 1 subscriber collecting every message."""
+    """The platform: a persistent-session QoS 1 subscriber collecting every message, and
+    checking each one against the contract's JSON Schemas (``docs/schemas``) as a platform
+    would (:attr:`invalid` lists what failed; conftest fails the test on any)."""
 
     def __init__(
-        self, port: int, topic: str = "#", client_id: str | None = None, clean: bool = False
+        self,
+        port: int,
+        topic: str = "#",
+        client_id: str | None = None,
+        clean: bool = False,
+        prefix: str = "lifeline",
     ) -> None:
         self.messages: list[Message] = []
+        self.invalid: list[str] = []
+        self.checked = 0
+        SUBSCRIBERS.append(self)
         self._lock = threading.Lock()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -156,7 +173,11 @@ class Subscriber:
             self.connected.set()
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+            wrong = problem(msg.topic, msg.payload, prefix)
             with self._lock:
+                self.checked += 1
+                if wrong is not None:
+                    self.invalid.append(wrong)
                 self.messages.append(
                     Message(
                         msg.topic,

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.readings import parse_telemetry, telemetry_body
+from agent.contract.telemetry import parse_telemetry, telemetry_body
 from drivers.base import GOOD, PointResult
 from drivers.codec import (
     REGISTER_COUNT,

@@ -273,7 +273,7 @@ def test_case_011_string_keeps_its_own_byte_order() -> None:
 
 
 def test_string_over_modbus_and_in_json() -> None:
-    from agent.readings import parse_telemetry, telemetry_body
+    from agent.contract.telemetry import parse_telemetry, telemetry_body
 
     label = pt(name="label", address=0, type="string", length=7)
     got, requests = read_once([label], {0: [0x5441, 0x4E4B, 0x2D30, 0x3700]})

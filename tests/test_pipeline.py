@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from agent.contract.telemetry import TelemetryEncoder
 from agent.pipeline import CounterTracker, counter_delta
-from agent.readings import TelemetryEncoder
 from agent.simulator import ModbusSimulator
 from drivers.base import PointResult
 from drivers.modbus.config import ModbusPoint, ModbusTcpDevice

@@ -132,7 +132,8 @@ def prefill_backlog(
     """``n`` telemetry rows as a 3-hour outage leaves them in the buffer: one reading of 10
     points every second, flagged historical."""
     from agent.buffer import Buffer
-    from agent.readings import TelemetryEncoder, iso_ms
+    from agent.contract.telemetry import TelemetryEncoder
+    from agent.readings import iso_ms
     from drivers.base import PointResult
 
     enc = TelemetryEncoder("test-gw", device, {f"p{i}": "m" for i in range(10)})

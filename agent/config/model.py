@@ -183,6 +183,22 @@ class ClockConfig(StrictModel):
         return int(start.timestamp()) * 1000
 
 
+class AvailabilityConfig(StrictModel):
+    """When a device counts as offline (``{prefix}/{gateway_id}/availability/{device}``)."""
+
+    offline_after: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Consecutive polls without an answer that make a polled device offline",
+    )
+    stream_timeout: Annotated[Duration, at_least("1s")] = Field(
+        default=10.0,
+        description="Silence that makes a streaming sensor (serial line without request, "
+        "seismic) offline",
+    )
+
+
 class AgentConfig(StrictModel):
     """The root of the config file."""
 
@@ -201,6 +217,7 @@ class AgentConfig(StrictModel):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     clock: ClockConfig = Field(default_factory=ClockConfig)
+    availability: AvailabilityConfig = Field(default_factory=AvailabilityConfig)
     devices: list[Device] = Field(default_factory=list)
     alarms: list[AlarmRule] = Field(default_factory=list, description="On-device alarm rules")
     outputs: list[OutputConfig] = Field(

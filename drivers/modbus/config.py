@@ -234,6 +234,7 @@ class ModbusDevice(StrictModel):
     """What every Modbus device has, whatever its transport."""
 
     id: Name = Field(description="Device id, unique on the gateway; used in MQTT topics")
+    name: str | None = Field(default=None, description="Display name (payloads only)")
     unit_id: int = Field(default=1, ge=1, le=247, strict=True, description="Modbus unit id (1–247)")
     poll_interval: Annotated[Duration, at_least("50ms")] = Field(
         default=1.0, description="e.g. '200ms', '1s', '1min'"

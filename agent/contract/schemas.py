@@ -1,0 +1,503 @@
+"""JSON Schemas (draft 2020-12) of every payload kind of the platform contract.
+
+Each schema describes exactly what this version of the agent sends (no member beyond the
+ones listed), so a platform can validate every message it receives. The files in
+``docs/schemas/`` are written from this module::
+
+    python -m agent.contract.schemas --write docs/schemas     # or --check
+
+and a test fails when they are stale. Each JSON payload names its schema in ``schema``
+(``"{kind}/{version}"`` → ``{kind}.v{version}.json``); the retained ``status`` payload is
+plain text (``online``/``offline``, also the last will), described here as a string.
+Imported only by tools and tests, never by the running agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent.contract.payloads import SCHEMA_VERSIONS, schema_id
+
+DRAFT = "https://json-schema.org/draft/2020-12/schema"
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TS = {
+    "type": "string",
+    "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z$",
+    "description": "UTC time, ISO 8601 with milliseconds and Z",
+}
+ID = {"type": "string", "pattern": ID_PATTERN}
+SEQ = {
+    "type": "integer",
+    "minimum": 1,
+    "description": "gateway-wide message sequence number; deduplicate on (gateway, seq)",
+}
+CLOCK = {
+    "enum": ["unsynced", "restamped"],
+    "description": "absent: stamped by a trusted clock; see docs/mqtt.md, Clock trust",
+}
+NUMBER_OR_NULL = {"type": ["number", "null"]}
+QUALITIES = [
+    "good",
+    "timeout",
+    "exception",
+    "unsupported",
+    "no_connection",
+    "frame_error",
+    "decode_error",
+    "nan",
+    "inf",
+    "invalid",
+]
+RULE_KINDS = ["high", "low", "rate", "stale", "sensor_fault"]
+ALARM_STATES = ["normal", "active", "acked", "cleared"]
+
+
+def _obj(required: list[str], props: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": required,
+        "properties": props,
+        "additionalProperties": False,
+        **extra,
+    }
+
+
+def _head(kind: str, title: str, description: str) -> dict[str, Any]:
+    return {
+        "$schema": DRAFT,
+        "$id": f"urn:lifeline-edge-agent:schema:{kind}:{SCHEMA_VERSIONS[kind]}",
+        "title": title,
+        "description": description,
+    }
+
+
+def _schema_const(kind: str) -> dict[str, Any]:
+    return {"const": schema_id(kind)}
+
+
+def _telemetry() -> dict[str, Any]:
+    point = _obj(
+        ["value", "unit", "quality"],
+        {
+            "value": {
+                "type": ["number", "boolean", "string", "null"],
+                "description": "engineering value (raw × scale + offset); null unless good",
+            },
+            "unit": {"type": ["string", "null"]},
+            "quality": {"enum": QUALITIES},
+            "error": {"type": "string", "description": "why the quality is not good"},
+            "exception_code": {"type": "integer", "minimum": 1, "maximum": 255},
+            "delta": {
+                "type": "integer",
+                "description": "counter points: increase since the last poll",
+            },
+        },
+        **{
+            "if": {"properties": {"quality": {"const": "good"}}},
+            "then": {
+                "properties": {"value": {"not": {"type": "null"}}},
+                "not": {"required": ["error"]},
+            },
+            "else": {"properties": {"value": {"type": "null"}}, "required": ["error"]},
+        },
+    )
+    return {
+        **_head("telemetry", "Telemetry", "One device poll: a reading per point."),
+        **_obj(
+            ["seq", "schema", "gateway", "device", "ts", "points"],
+            {
+                "seq": SEQ,
+                "schema": _schema_const("telemetry"),
+                "gateway": ID,
+                "device": ID,
+                "ts": TS,
+                "clock": CLOCK,
+                "historical": {
+                    "const": True,
+                    "description": "taken while the gateway had no broker connection",
+                },
+                "points": {
+                    "type": "object",
+                    "propertyNames": {"pattern": ID_PATTERN},
+                    "additionalProperties": point,
+                },
+            },
+        ),
+    }
+
+
+def _alarm_common() -> dict[str, Any]:
+    return {
+        "gateway": ID,
+        "device": ID,
+        "alarm": {"type": "string", "description": "{device}/{rule}"},
+        "rule": ID,
+        "point": ID,
+        "kind": {"enum": RULE_KINDS},
+        "category": {"enum": ["process", "fault"]},
+        "severity": {"enum": ["warning", "critical"]},
+        "value": NUMBER_OR_NULL,
+        "unit": {"type": ["string", "null"]},
+        "setpoint": NUMBER_OR_NULL,
+        "clear": NUMBER_OR_NULL,
+        "change": NUMBER_OR_NULL,
+        "window_s": NUMBER_OR_NULL,
+        "after_s": NUMBER_OR_NULL,
+        "ts": TS,
+    }
+
+
+def _alarm_event() -> dict[str, Any]:
+    props = {
+        "seq": SEQ,
+        "schema": _schema_const("alarm_event"),
+        **_alarm_common(),
+        "type": {"const": "alarm"},
+        "event": {"enum": ["raise", "clear", "ack"]},
+        "state": {"enum": ALARM_STATES, "description": "the state after the event"},
+        "quality": {"enum": QUALITIES},
+        "clock": CLOCK,
+        "raised_at": TS,
+        "message": {"type": "string"},
+        "by": {"type": "string", "description": "ack events: who acknowledged"},
+        "outputs": {"enum": ["ok", "unavailable"]},
+    }
+    req = ["seq", "schema", "gateway", "device", "type", "event", "alarm", "rule", "point"]
+    req += ["kind", "category", "severity", "state", "value", "unit", "quality", "ts"]
+    return {
+        **_head("alarm_event", "Alarm event", "One alarm transition: raise, clear or ack."),
+        **_obj(req, props),
+    }
+
+
+def _alarm_state() -> dict[str, Any]:
+    props = {
+        "schema": _schema_const("alarm_state"),
+        **_alarm_common(),
+        "state": {"enum": ALARM_STATES},
+        "raised_at": {"anyOf": [TS, {"type": "null"}]},
+    }
+    req = ["schema", "gateway", "device", "alarm", "rule", "point", "kind", "category"]
+    req += ["severity", "state", "value", "unit", "raised_at", "ts"]
+    return {
+        **_head("alarm_state", "Alarm state", "The retained current state of one alarm."),
+        **_obj(req, props),
+    }
+
+
+def _seismic_event() -> dict[str, Any]:
+    num = {"type": "number"}
+    sample = {"type": "integer", "minimum": 0}
+    props = {
+        "seq": SEQ,
+        "schema": _schema_const("seismic_event"),
+        "gateway": ID,
+        "device": ID,
+        "type": {"const": "seismic"},
+        "event": {"enum": ["start", "end"]},
+        "onset": TS,
+        "onset_sample": sample,
+        "end": TS,
+        "end_sample": sample,
+        "duration_s": num,
+        "trigger_channel": ID,
+        "sta_lta": num,
+        "peak_sta_lta": num,
+        "pga": {**num, "description": "m/s², band-passed vector peak"},
+        "pga_at": TS,
+        "pgv": {**num, "description": "m/s, band-passed vector peak"},
+        "pgv_at": TS,
+        "peak_raw": {**num, "description": "m/s², unfiltered vector peak"},
+        "peak_raw_at": TS,
+        "peak_raw_sample": sample,
+        "intensity": {**num, "description": "GB/T 17742-2020 instrumental intensity"},
+        "degree": {"type": "integer", "minimum": 1, "maximum": 12},
+        "i_a": num,
+        "i_v": num,
+        "delay_s": num,
+        "ts": TS,
+        "clock": CLOCK,
+    }
+    start = ["onset", "onset_sample", "trigger_channel", "sta_lta", "pga", "pgv"]
+    start += ["intensity", "degree", "delay_s"]
+    end = ["onset", "onset_sample", "end", "end_sample", "duration_s", "trigger_channel"]
+    end += ["peak_sta_lta", "pga", "pga_at", "pgv", "pgv_at", "peak_raw", "peak_raw_at"]
+    end += ["peak_raw_sample", "intensity", "degree", "i_a", "i_v"]
+    return {
+        **_head("seismic_event", "Seismic event", "The start or end of a seismic trigger."),
+        **_obj(
+            ["seq", "schema", "gateway", "device", "type", "event", "ts"],
+            props,
+            allOf=[
+                {
+                    "if": {"properties": {"event": {"const": "start"}}},
+                    "then": {"required": start},
+                    "else": {"required": end},
+                }
+            ],
+        ),
+    }
+
+
+def _waveform() -> dict[str, Any]:
+    props = {
+        "seq": SEQ,
+        "schema": _schema_const("waveform"),
+        "gateway": ID,
+        "device": ID,
+        "type": {"const": "waveform"},
+        "onset": TS,
+        "start": {**TS, "description": "time of the first sample"},
+        "sample_rate": {"type": "number", "exclusiveMinimum": 0},
+        "channels": {"type": "array", "items": ID, "minItems": 1, "maxItems": 3},
+        "scale": {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 3},
+        "samples": {"type": "integer", "minimum": 0},
+        "encoding": {"const": "base64 float32 little-endian counts, interleaved by channel"},
+        "data": {"type": "string", "contentEncoding": "base64"},
+        "ts": TS,
+        "clock": CLOCK,
+    }
+    req = ["seq", "schema", "gateway", "device", "type", "onset", "start", "sample_rate"]
+    req += ["channels", "scale", "samples", "encoding", "data", "ts"]
+    return {
+        **_head("waveform", "Waveform excerpt", "The samples of one seismic event."),
+        **_obj(req, props),
+    }
+
+
+NOTICE_TYPES: dict[str, dict[str, Any]] = {
+    "dropped": {
+        "count": {"type": "integer", "minimum": 1},
+        "first_seq": SEQ,
+        "last_seq": SEQ,
+    },
+    "buffer_moved_aside": {"next_seq": {"type": ["integer", "null"], "minimum": 1}},
+    "buffer_in_memory": {"first_seq": {"type": "integer", "minimum": 0}},
+    "buffer_on_disk": {"moved": {"type": "integer", "minimum": 0}},
+    "clock_step": {"step_ms": {"type": "integer"}, "synced": {"type": "boolean"}},
+    "clock_restamp": {
+        "first_seq": SEQ,
+        "last_seq": SEQ,
+        "correction_ms": {"type": "integer"},
+    },
+}
+"""Every notice type and its own members (all required for that type)."""
+
+
+def _notice() -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "seq": SEQ,
+        "schema": _schema_const("notice"),
+        "gateway": ID,
+        "type": {"enum": sorted(NOTICE_TYPES)},
+        "message": {"type": "string", "description": "for people"},
+        "ts": TS,
+        "clock": CLOCK,
+    }
+    rules = []
+    for kind, members in NOTICE_TYPES.items():
+        for name, spec in members.items():
+            props.setdefault(name, spec)
+        others = sorted({n for m in NOTICE_TYPES.values() for n in m} - set(members))
+        then: dict[str, Any] = {"required": sorted(members)}
+        if others:
+            then["not"] = {"anyOf": [{"required": [n]} for n in others]}
+        rules.append({"if": {"properties": {"type": {"const": kind}}}, "then": then})
+    return {
+        **_head("notice", "Gateway notice", "An event of the gateway itself."),
+        **_obj(["seq", "schema", "gateway", "type", "message", "ts"], props, allOf=rules),
+    }
+
+
+def _health() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    props = {
+        "schema": _schema_const("health"),
+        "gateway": ID,
+        "ts": TS,
+        "pending": count,
+        "last_seq": count,
+        "dropped": count,
+        "published": count,
+        "acked": count,
+        "draining": {"type": "boolean"},
+        "disk_write_bytes_per_hour": {"type": ["integer", "null"], "minimum": 0},
+        "gpio": {"enum": ["none", "ok", "unavailable"]},
+        "gpio_factory": {"type": ["string", "null"]},
+        "alarms_active": count,
+        "devices_offline": count,
+        "buffer": {"enum": ["disk", "memory"]},
+        "buffer_error": {"type": "string"},
+        "clock": {"enum": ["synced", "unsynced"]},
+    }
+    req = [k for k in props if k != "buffer_error"]
+    return {
+        **_head("health", "Gateway health", "Retained; at every connect and every 30 s."),
+        **_obj(req, props),
+    }
+
+
+def _status() -> dict[str, Any]:
+    return {
+        **_head(
+            "status",
+            "Gateway status",
+            "Retained plain text (not JSON): online after every connect; offline on a clean "
+            "stop and as the last will.",
+        ),
+        "type": "string",
+        "enum": ["online", "offline"],
+        "contentMediaType": "text/plain",
+    }
+
+
+def _info() -> dict[str, Any]:
+    point = _obj(
+        ["name", "unit", "type"],
+        {"name": ID, "unit": {"type": ["string", "null"]}, "type": {"type": "string"}},
+    )
+    device = _obj(
+        ["id", "driver", "bus", "poll_interval_s", "points"],
+        {
+            "id": ID,
+            "name": {"type": "string", "description": "display name, any Unicode"},
+            "driver": {
+                "enum": [
+                    "modbus_tcp",
+                    "modbus_rtu",
+                    "modbus_rtu_over_tcp",
+                    "serial_line",
+                    "seismic",
+                ]
+            },
+            "bus": {"type": "string"},
+            "poll_interval_s": {"type": ["number", "null"]},
+            "points": {"type": "array", "items": point},
+        },
+    )
+    alarm = _obj(
+        ["alarm", "point", "kind", "severity"],
+        {
+            "alarm": {"type": "string"},
+            "point": ID,
+            "kind": {"enum": RULE_KINDS},
+            "severity": {"enum": ["warning", "critical"]},
+        },
+    )
+    props = {
+        "schema": _schema_const("info"),
+        "gateway": ID,
+        "version": {"type": "string"},
+        "config_hash": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+        "boot_id": {"type": "string"},
+        "started": TS,
+        "devices": {"type": "array", "items": device},
+        "alarms": {"type": "array", "items": alarm},
+    }
+    return {
+        **_head("info", "Gateway info", "Retained birth certificate: software, config, devices."),
+        **_obj(list(props), props),
+    }
+
+
+def _availability() -> dict[str, Any]:
+    props = {
+        "schema": _schema_const("availability"),
+        "gateway": ID,
+        "device": ID,
+        "state": {"enum": ["online", "offline"]},
+        "reason": {
+            "enum": [
+                None,
+                "timeout",
+                "no_connection",
+                "frame_error",
+                "exception",
+                "silent",
+                "gateway_stopped",
+            ]
+        },
+        "error": {"type": "string"},
+        "since": TS,
+        "ts": TS,
+    }
+    return {
+        **_head("availability", "Device availability", "Retained state of one device."),
+        **_obj(
+            ["schema", "gateway", "device", "state", "reason", "since", "ts"],
+            props,
+            allOf=[
+                {
+                    "if": {"properties": {"state": {"const": "online"}}},
+                    "then": {
+                        "properties": {"reason": {"const": None}},
+                        "not": {"required": ["error"]},
+                    },
+                    "else": {"properties": {"reason": {"type": "string"}}},
+                }
+            ],
+        ),
+    }
+
+
+BUILDERS = {
+    "telemetry": _telemetry,
+    "alarm_event": _alarm_event,
+    "seismic_event": _seismic_event,
+    "waveform": _waveform,
+    "notice": _notice,
+    "health": _health,
+    "alarm_state": _alarm_state,
+    "status": _status,
+    "info": _info,
+    "availability": _availability,
+}
+
+
+def schemas() -> dict[str, dict[str, Any]]:
+    """File name (``{kind}.v{version}.json``) → schema document, for every payload kind."""
+    return {f"{k}.v{SCHEMA_VERSIONS[k]}.json": build() for k, build in BUILDERS.items()}
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The text of a schema file (stable: sorted by nothing but insertion, 2-space indent)."""
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def stale_files(directory: Path) -> list[str]:
+    """Schema files in ``directory`` that are missing or differ from :func:`schemas`."""
+    out = []
+    for name, doc in schemas().items():
+        path = directory / name
+        if not path.is_file() or path.read_text(encoding="utf-8") != render(doc):
+            out.append(name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--write DIR`` writes every schema file; ``--check DIR`` exits 1 if one is stale."""
+    p = argparse.ArgumentParser(prog="python -m agent.contract.schemas", description=__doc__)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--write", metavar="DIR", type=Path)
+    g.add_argument("--check", metavar="DIR", type=Path)
+    args = p.parse_args(argv)
+    if args.write is not None:
+        args.write.mkdir(parents=True, exist_ok=True)
+        for name, doc in schemas().items():
+            (args.write / name).write_text(render(doc), encoding="utf-8")
+        print(f"wrote {len(BUILDERS)} schemas to {args.write}")
+        return 0
+    stale = stale_files(args.check)
+    for name in stale:
+        fix = f"python -m agent.contract.schemas --write {args.check}"
+        print(f"{args.check / name} is stale: run {fix}")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

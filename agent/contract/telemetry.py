@@ -1,0 +1,139 @@
+"""The telemetry payload of the platform contract (``docs/mqtt.md``, Telemetry): one JSON
+object per device poll, built fast on the polling path and parsed back for consumers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from agent.contract.payloads import schema_id
+from agent.readings import Reading, iso_ms, parse_iso_ms
+from drivers.base import GOOD, PointResult
+
+
+def _json_value(value: int | float | bool | str) -> str | None:
+    """JSON text of a good value, or None when it cannot be a JSON number (NaN, ±Inf)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if math.isfinite(value):
+        return float.__repr__(value)  # what json.dumps writes for a float
+    return None
+
+
+class TelemetryEncoder:
+    """Encodes the polls of one device as telemetry JSON objects, without ``seq``.
+
+    Shape (see ``docs/mqtt.md``)::
+
+        {"schema": "telemetry/1", "gateway": str, "device": str, "ts": "…Z",
+         "points": {name: {"value": number|bool|null, "unit": str|null,
+                           "quality": "good"|code, ["error": str], ["exception_code": int]}}}
+
+    The constant parts (names, units) are escaped once with :func:`json.dumps`; per poll only
+    values are formatted. Non-finite floats never reach the JSON: they are published as
+    ``null`` with quality ``nan``/``inf`` (JSON has no such tokens, RFC 8259 section 6).
+    """
+
+    def __init__(self, gateway_id: str, device_id: str, units: dict[str, str | None]) -> None:
+        self._head = (
+            f'{{"schema":"{schema_id("telemetry")}","gateway":{json.dumps(gateway_id)},'
+            f'"device":{json.dumps(device_id)},"ts":"'
+        )
+        self._units = units
+        self._key: dict[str, str] = {}
+        self._good_tail: dict[str, str] = {}
+
+    def _prepare(self, point: str) -> None:
+        unit = json.dumps(self._units.get(point))
+        self._key[point] = f'{json.dumps(point)}:{{"value":'
+        self._good_tail[point] = f',"unit":{unit},"quality":"good"}}'
+
+    def encode(
+        self,
+        ts_ms: int,
+        results: Sequence[PointResult],
+        deltas: dict[str, int] | None = None,
+        historical: bool = False,
+        unsynced: bool = False,
+    ) -> bytes:
+        """One poll (acquisition time in UTC ms, one result per point) as UTF-8 JSON;
+        ``deltas`` adds ``"delta"`` to counter points; ``historical`` marks a poll taken
+        while the gateway had no broker connection (``"historical":true``); ``unsynced`` one
+        stamped by a clock not (yet) trusted (``"clock":"unsynced"``, ``agent.clock``)."""
+        parts = []
+        for r in results:
+            if r.point not in self._key:
+                self._prepare(r.point)
+            text = None
+            if r.quality == GOOD and r.value is not None:
+                text = _json_value(r.value)
+            if text is not None:
+                tail = self._good_tail[r.point]
+                if deltas and r.point in deltas:
+                    tail = f'{tail[:-1]},"delta":{deltas[r.point]}}}'
+                parts.append(self._key[r.point] + text + tail)
+                continue
+            quality, error = r.quality, r.error
+            if quality == GOOD:  # a non-finite float that slipped through
+                assert isinstance(r.value, float)
+                quality = "nan" if math.isnan(r.value) else "inf"
+                error = f"device sent {r.value!r}"
+            entry: dict[str, Any] = {
+                "value": None,
+                "unit": self._units.get(r.point),
+                "quality": quality,
+                "error": error or quality,
+            }
+            if r.exception_code is not None:
+                entry["exception_code"] = r.exception_code
+            body = json.dumps(entry, separators=(",", ":"), allow_nan=False)
+            parts.append(f"{json.dumps(r.point)}:{body}")
+        flag = ',"clock":"unsynced"' if unsynced else ""
+        if historical:
+            flag += ',"historical":true'
+        return f'{self._head}{iso_ms(ts_ms)}"{flag},"points":{{{",".join(parts)}}}}}'.encode()
+
+
+def telemetry_body(
+    gateway_id: str,
+    device_id: str,
+    ts_ms: int,
+    results: Sequence[PointResult],
+    units: dict[str, str | None],
+) -> bytes:
+    """One-off form of :meth:`TelemetryEncoder.encode`."""
+    return TelemetryEncoder(gateway_id, device_id, units).encode(ts_ms, results)
+
+
+def parse_telemetry(payload: bytes | str) -> list[Reading]:
+    """Decode a telemetry message (as the platform receives it) into readings.
+
+    Raises:
+        ValueError: not a telemetry message of this contract.
+    """
+    doc = json.loads(payload)
+    if not isinstance(doc, dict) or "points" not in doc:
+        raise ValueError("not a telemetry message")
+    ts = parse_iso_ms(doc["ts"])
+    return [
+        Reading(
+            doc["gateway"],
+            doc["device"],
+            name,
+            p["value"],
+            p.get("unit"),
+            p["quality"],
+            p.get("error"),
+            ts,
+            doc.get("seq"),
+        )
+        for name, p in doc["points"].items()
+    ]
