@@ -41,7 +41,7 @@ def _every_message_follows_the_contract() -> Iterator[None]:
     """Every message a test's platform subscriber received validates against its JSON
     Schema in docs/schemas (tests/contract_check.py)."""
     yield
-    invalid = [msg for sub in SUBSCRIBERS for msg in sub.invalid]
+    invalid = [msg for sub in SUBSCRIBERS for msg in sub.check()]
     SUBSCRIBERS.clear()
     assert not invalid, f"{len(invalid)} message(s) break the contract:\n" + "\n".join(invalid[:10])
 

@@ -1,6 +1,13 @@
 """The platform's side of the contract: every message checked against the JSON Schemas in
-``docs/schemas/`` (the files a platform would use), with the reference validator
-(``jsonschema``, draft 2020-12)."""
+``docs/schemas/`` (the files a platform would use).
+
+Two validators: ``fastjsonschema`` compiles each schema to Python (about 50 µs per
+telemetry message, so a subscriber keeps up with a backlog draining at thousands of
+messages per second), and the reference implementation ``jsonschema`` (draft 2020-12,
+about 400 µs) checks the schemas themselves and words the error of a message the fast one
+refused. The schemas use only keywords both read alike (those of draft 7);
+``tests/test_contract.py`` checks that they agree.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft202012Validator
 
 from agent.contract.topics import parse_topic
@@ -16,13 +24,23 @@ from agent.contract.topics import parse_topic
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 
 
+def _load(schema: str) -> Any:
+    kind, _, version = schema.partition("/")
+    return json.loads((SCHEMA_DIR / f"{kind}.v{version}.json").read_text(encoding="utf-8"))
+
+
 @cache
 def validator(schema: str) -> Draft202012Validator:
-    """The validator of ``schema`` (``"{kind}/{version}"``), from its file."""
-    kind, _, version = schema.partition("/")
-    doc = json.loads((SCHEMA_DIR / f"{kind}.v{version}.json").read_text(encoding="utf-8"))
+    """The reference validator of ``schema`` (``"{kind}/{version}"``), from its file."""
+    doc = _load(schema)
     Draft202012Validator.check_schema(doc)
     return Draft202012Validator(doc)
+
+
+@cache
+def fast_validator(schema: str) -> Any:
+    """The compiled validator of ``schema``: raises ``JsonSchemaException`` when invalid."""
+    return fastjsonschema.compile(_load(schema))
 
 
 def _no_constant(name: str) -> Any:
@@ -51,12 +69,12 @@ def problem(topic: str, payload: bytes, prefix: str = "lifeline") -> str | None:
         if not isinstance(schema, str) or schema.partition("/")[0] not in kind.schemas:
             return f"{topic}: schema {schema!r} is not one of {kind.schemas}: {payload[:200]!r}"
     try:
-        v = validator(schema)
+        fast_validator(schema)(instance)
     except FileNotFoundError:
         return f"{topic}: no schema file for {schema!r}"
-    errors = sorted(v.iter_errors(instance), key=lambda e: list(e.path))
-    if errors:
-        where = "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:3])
+    except fastjsonschema.JsonSchemaException as exc:
+        errors = sorted(validator(schema).iter_errors(instance), key=lambda e: list(e.path))
+        where = "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:3]) or str(exc)
         return f"{topic}: {where}: {payload[:300]!r}"
     device = instance.get("device") if isinstance(instance, dict) else None
     if parsed.ids and device not in (None, parsed.ids[0]):

@@ -142,9 +142,12 @@ received follows the contract's schemas."""
 
 
 class Subscriber:
-    """The platform: a persistent-session QoS 1 subscriber collecting every message, and
-    checking each one against the contract's JSON Schemas (``docs/schemas``) as a platform
-    would (:attr:`invalid` lists what failed; conftest fails the test on any)."""
+    """The platform: a persistent-session QoS 1 subscriber collecting every message, each
+    of which is checked against the contract's JSON Schemas (``docs/schemas``) as a
+    platform would (:meth:`check`; conftest runs it after the test and fails the test on
+    any message that breaks the contract). The check runs after the test, not in the
+    network thread, so that a subscriber taking thousands of messages a second keeps up
+    and the latencies a test measures are the gateway's, not the checker's."""
 
     def __init__(
         self,
@@ -157,6 +160,7 @@ class Subscriber:
         self.messages: list[Message] = []
         self.invalid: list[str] = []
         self.checked = 0
+        self.prefix = prefix
         SUBSCRIBERS.append(self)
         self._lock = threading.Lock()
         self.client = mqtt.Client(
@@ -173,11 +177,7 @@ class Subscriber:
             self.connected.set()
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-            wrong = problem(msg.topic, msg.payload, prefix)
             with self._lock:
-                self.checked += 1
-                if wrong is not None:
-                    self.invalid.append(wrong)
                 self.messages.append(
                     Message(
                         msg.topic,
@@ -194,6 +194,18 @@ class Subscriber:
         self.client.loop_start()
         assert self.connected.wait(10), "subscriber could not connect"
         time.sleep(0.2)  # SUBACK
+
+    def check(self) -> list[str]:
+        """Check every message received since the last call against its schema; return
+        (and keep in :attr:`invalid`) what breaks the contract."""
+        with self._lock:
+            todo = self.messages[self.checked :]
+            self.checked = len(self.messages)
+        for m in todo:
+            wrong = problem(m.topic, m.payload, self.prefix)
+            if wrong is not None:
+                self.invalid.append(wrong)
+        return self.invalid
 
     def telemetry(self) -> list[Message]:
         with self._lock:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 import paho.mqtt.client as mqtt
 import pytest
 from jsonschema import Draft202012Validator
@@ -24,7 +25,7 @@ from agent.contract.topics import TOPIC_KINDS, parse_topic
 from agent.simulator import ModbusSimulator
 from drivers.base import PointResult
 from drivers.modbus.config import ModbusPoint
-from tests.contract_check import SCHEMA_DIR, problem
+from tests.contract_check import SCHEMA_DIR, fast_validator, problem, validator
 from tests.helpers import (
     AgentProcess,
     Mosquitto,
@@ -296,7 +297,24 @@ def test_schemas_refuse_what_breaks_the_contract(
 ) -> None:
     topic, payload = _samples()[index]
     assert problem(topic, payload) is None
-    assert problem(topic, _mutate(payload, change, drop)) is not None
+    bad = _mutate(payload, change, drop)
+    assert problem(topic, bad) is not None
+    # both validators agree (the fast one in the tests' subscriber, the reference one)
+    doc = json.loads(bad)
+    schema = "alarm_event/1" if "/events/" in topic else doc.get("schema", "")
+    if schema in ("telemetry/1", "alarm_event/1", "notice/1"):
+        assert not validator(schema).is_valid(doc)
+        with pytest.raises(fastjsonschema.JsonSchemaException):
+            fast_validator(schema)(doc)
+
+
+def test_both_validators_accept_every_sample() -> None:
+    for topic, payload in _samples():
+        if not payload or topic.endswith("/status"):
+            continue
+        doc = json.loads(payload)
+        assert validator(doc["schema"]).is_valid(doc)
+        fast_validator(doc["schema"])(doc)
 
 
 def test_non_finite_numbers_and_non_json_are_refused() -> None:
@@ -318,11 +336,11 @@ def test_subscriber_flags_messages_that_break_the_contract(broker: Mosquitto) ->
     pub.publish(topic, good, qos=1).wait_for_publish(5)
     pub.publish(topic, _mutate(good, {"extra": True}), qos=1).wait_for_publish(5)
     pub.publish("unrelated/topic", b"anything", qos=1).wait_for_publish(5)
-    wait_until(lambda: sub.checked >= 3, 5, "three messages")
+    wait_until(lambda: len(sub.messages) >= 3, 5, "three messages")
     pub.loop_stop()
     pub.disconnect()
     sub.close()
-    assert len(sub.invalid) == 1 and "extra" in sub.invalid[0]
+    assert len(sub.check()) == 1 and "extra" in sub.invalid[0]
     sub.invalid.clear()  # (caught on purpose: not a failure of this test)
 
 
