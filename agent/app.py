@@ -484,7 +484,11 @@ class Agent:
         for c in changes:
             # (the poller has said loudly why a device fails: this is what the platform sees)
             if c.online:
-                log.info("availability of %s: online", c.device)
+                log.log(
+                    logging.DEBUG if c.first else logging.INFO,
+                    "availability of %s: online",
+                    c.device,
+                )
             elif c.reason != "gateway_stopped":
                 log.info("availability of %s: offline (%s)", c.device, c.reason)
             body = payloads.availability(

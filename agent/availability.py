@@ -16,7 +16,7 @@ Pure apart from its own state: callers pass the monotonic time (seconds) and the
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from drivers.base import PointResult
 
@@ -44,6 +44,8 @@ class Change:
     reason: str | None
     error: str | None
     since_ms: int
+    first: bool = False
+    """The first verdict since the start (the device had no state before)."""
 
 
 @dataclass(slots=True)
@@ -97,6 +99,8 @@ class AvailabilityTracker:
                 return None
             # offline for another reason: still offline since then
             change = Change(name, False, change.reason, change.error, old.since_ms)
+        elif old is None:
+            change = replace(change, first=True)
         d.change = change
         return change
 

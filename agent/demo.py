@@ -140,6 +140,12 @@ def _format(topic: str, payload: bytes, retained: bool) -> str:
         doc = json.loads(payload)
     except ValueError:
         return f"{topic}  {payload!r}"
+    if isinstance(doc, dict) and "/availability/" in topic:
+        why = f" ({doc.get('reason')})" if doc.get("reason") else ""
+        return f"{topic}  {doc.get('state')}{why} since {doc.get('since')}"
+    if isinstance(doc, dict) and topic.endswith("/info"):
+        devices = ", ".join(str(d.get("id")) for d in doc.get("devices", []))
+        return f"{topic}  (info) version {doc.get('version')}, devices: {devices}"
     if not isinstance(doc, dict) or "points" not in doc:  # health, events, notices
         kind = topic.rsplit("/", 2)[-2] if "/events/" in topic else topic.rsplit("/", 1)[-1]
         return f"{topic}  ({kind}) {payload.decode(errors='replace')[:160]}"
