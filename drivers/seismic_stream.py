@@ -413,6 +413,21 @@ class _SampleReader:
     def _error(self, msg: str) -> None:
         self._drop("format", msg)
 
+    def report(self) -> None:
+        """Log what this reader dropped and skipped in all (at its stop)."""
+        if self.errors or self.gaps or self.overlap_samples:
+            what = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+            log.warning(
+                "device %s: %d sample instant(s) taken; dropped bad input: %s; %d gap(s) of "
+                "%d sample(s) skipped, %d sample(s) of overlaps dropped",
+                self.dev.id,
+                self.samples,
+                what,
+                self.gaps,
+                self.gap_samples,
+                self.overlap_samples,
+            )
+
     def _gap(self, kind: str, k: int, n: int) -> None:
         """Report a gap (or overlap) on, and log it at most every :data:`LOG_EVERY_S`."""
         since = self._gaps_since
@@ -519,6 +534,9 @@ class SeismicSerialReader(_SampleReader):
                         self.asm.clear()
                         self._drop("lost_bytes", f"{lost} byte(s) dropped: read too slowly")
                     self.handle(data)
+            except asyncio.CancelledError:
+                self.report()
+                raise
             finally:
                 transport.close()
             log.warning("device %s: %s went away; reopening when it is back", d.id, d.serial_port)
@@ -877,3 +895,4 @@ class SeismicUdpReader(_SampleReader):
             await asyncio.Event().wait()
         finally:
             transport.close()
+            self.report()

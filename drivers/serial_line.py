@@ -241,7 +241,8 @@ class LineAssembler:
                 line = line[:-1]
             lines.append(line)
         del buf[:pos]
-        if len(buf) > self.max_line and not self.discarding:
+        # (the held bytes may end in the first bytes of a terminator)
+        if len(buf) > self.max_line + len(term) - 1 and not self.discarding:
             if self.synced:
                 self.too_long += 1
                 errors.append(
@@ -473,6 +474,16 @@ class SerialLineReader:
                 self._close()
         finally:
             self._close()
+            if self.errors or self.dropped_bytes:
+                log.warning(
+                    "device %s: %d reading(s) from lines; %d line(s) dropped (%d over-long), "
+                    "%d byte(s) dropped unread",
+                    d.id,
+                    self.lines,
+                    self.errors,
+                    self.asm.too_long,
+                    self.dropped_bytes,
+                )
 
     def _close(self) -> None:
         if self._transport is not None:
