@@ -13,6 +13,8 @@ from collections import deque
 
 QUEUE_LIMIT = 65536
 """Most bytes a :class:`PortQueue` holds for its reader (64 KiB: over 5 s at 115200 baud)."""
+GET_MAX = 8192
+"""Most bytes :meth:`PortQueue.get` hands over at once (reads are at most 1 KiB each)."""
 
 
 class PortQueue(asyncio.Protocol):
@@ -66,17 +68,21 @@ class PortQueue(asyncio.Protocol):
         return self._size
 
     async def get(self) -> bytes | None:
-        """Everything received so far (at most ``limit`` bytes, in order), waiting for
+        """What was received first, in order: whole reads up to :data:`GET_MAX` bytes
+        together (so that one turn of the event loop handles a bounded amount), waiting for
         the first byte; ``None`` once the port is gone and all of it was taken."""
         while not self._chunks:
             if self._closed:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._size = 0
-        return data
+        parts = [self._chunks.popleft()]
+        n = len(parts[0])
+        while self._chunks and n + len(self._chunks[0]) <= GET_MAX:
+            parts.append(self._chunks.popleft())
+            n += len(parts[-1])
+        self._size -= n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def discard(self) -> bool:
         """Throw away what is waiting (bytes nobody asked for); return False when the port

@@ -41,7 +41,7 @@ from drivers.seismic_stream import (
     parse_ascii_frame,
     parse_datacast,
 )
-from drivers.serial_io import PortQueue
+from drivers.serial_io import GET_MAX, PortQueue
 from drivers.serial_line import LineAssembler, SerialLineDevice, SerialLineReader, to_results
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -157,6 +157,12 @@ def test_port_queue_holds_at_most_its_limit() -> None:
         assert q.take_lost() == q.dropped and q.take_lost() == 0
         data = await q.get()
         assert data == b"".join(bytes([i % 256]) * 1024 for i in range(9996, 10_000))
+        big = PortQueue()
+        for i in range(10):  # handed over at most GET_MAX bytes at a time, whole reads
+            big.data_received(bytes([i]) * 1024)
+        first = await big.get()
+        assert first is not None and len(first) == GET_MAX == 8 * 1024
+        assert await big.get() == b"\x08" * 1024 + b"\x09" * 1024 and big.queued == 0
         q.data_received(b"x" * 10_000)  # one read larger than the limit: its newest bytes
         assert await q.get() == b"x" * 4096 and q.take_lost() == 10_000 - 4096
         q.data_received(b"tail")
