@@ -387,16 +387,15 @@ class _SampleReader:
         self.overlap_samples = 0
         """Samples dropped because their instant had already passed."""
         self._logged_at = -1e9
-        self._last_msg = ""
         self._since: Counter[str] = Counter()
         self._gap_logged_at = -1e9
         self._gaps_since = [0, 0, 0, 0]  # gaps, samples, overlaps, samples
+        self._internal_logged = False
 
     def _drop(self, reason: str, msg: str) -> None:
         self.errors += 1
         self.dropped[reason] += 1
         self._since[reason] += 1
-        self._last_msg = msg
         now = time.monotonic()
         if now - self._logged_at >= LOG_EVERY_S:
             what = ", ".join(f"{k} {v}" for k, v in sorted(self._since.items()))
@@ -409,9 +408,6 @@ class _SampleReader:
             )
             self._logged_at = now
             self._since.clear()
-
-    def _error(self, msg: str) -> None:
-        self._drop("format", msg)
 
     def report(self) -> None:
         """Log what this reader dropped and skipped in all (at its stop)."""
@@ -427,6 +423,14 @@ class _SampleReader:
                 self.gap_samples,
                 self.overlap_samples,
             )
+
+    def _internal(self, exc: Exception) -> None:
+        """A fault of this code (or of a callback) while handling input: counted, its
+        traceback logged once."""
+        if not self._internal_logged:
+            log.error("device %s: input could not be handled", self.dev.id, exc_info=exc)
+            self._internal_logged = True
+        self._drop("internal", f"{type(exc).__name__}: {exc}")
 
     def _gap(self, kind: str, k: int, n: int) -> None:
         """Report a gap (or overlap) on, and log it at most every :data:`LOG_EVERY_S`."""
@@ -470,9 +474,14 @@ class SeismicSerialReader(_SampleReader):
 
     def handle(self, data: bytes, t: float | None = None) -> None:
         """Feed received bytes that arrived at monotonic time ``t`` (default: now); also
-        used by tests and by the replay of a file. Never raises for bad input."""
-        if t is None:
-            t = time.monotonic()
+        used by tests and by the replay of a file. Never raises: a fault while handling
+        them is counted (``internal``) and logged once with its traceback."""
+        try:
+            self._handle(data, time.monotonic() if t is None else t)
+        except Exception as exc:  # whatever the line carries, the input goes on
+            self._internal(exc)
+
+    def _handle(self, data: bytes, t: float) -> None:
         lines, errors = self.asm.feed(data)
         for e in errors:
             self._drop("too_long", e)
@@ -824,7 +833,6 @@ class SeismicUdpReader(_SampleReader):
         """Largest datagram read: a channel code, a time and ``max_samples`` counts."""
         self._senders = dev.senders()
         self._names = {c.name for c in dev.channels}
-        self._internal_logged = False
 
     def allowed(self, sender: str) -> bool:
         """Whether packets from address ``sender`` are taken."""
@@ -842,10 +850,7 @@ class SeismicUdpReader(_SampleReader):
         try:
             self._handle(packet, sender)
         except Exception as exc:  # whatever a datagram holds, the input goes on
-            if not self._internal_logged:
-                log.exception("device %s: a datagram could not be handled", self.dev.id)
-                self._internal_logged = True
-            self._drop("internal", f"{type(exc).__name__}: {exc}")
+            self._internal(exc)
 
     def _handle(self, packet: bytes, sender: str | None) -> None:
         if sender is not None and not self.allowed(sender):

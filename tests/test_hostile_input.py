@@ -504,7 +504,7 @@ def test_an_hour_long_gap_is_skipped_in_one_step() -> None:
     gaps = [e for e in events if e[0] == "gap"]
     assert sum(e[1] for e in gaps) == 3600 * 2000 - 2000 and len(gaps) <= 2
     assert sum(e[0] == "sample" for e in events) == 500
-    assert took < 0.05, f"{took:.3f} s for a gap of an hour"
+    assert took < 0.2, f"{took:.3f} s for a gap of an hour"
     check_events(events, 2000)
 
 
@@ -586,7 +586,7 @@ def test_skipping_costs_the_same_for_any_gap() -> None:
         proc.feed([float(i % 7)], 10 * i)
     t = time.perf_counter()
     assert proc.skip(10**12) == [] and proc.skip(0) == [] and proc.skip(-5) == []
-    assert time.perf_counter() - t < 0.05
+    assert time.perf_counter() - t < 0.2
     outs = [o for i in range(100) for o in proc.feed([1.0], 0)]
     summaries = [o for o in outs if o.kind == "summary"]
     assert len(summaries) == 1, "no summary for the skipped seconds"
@@ -655,7 +655,7 @@ def test_modbus_tcp_flood_drops_the_connection(peers: list[Peer]) -> None:
             t = time.monotonic()
             with pytest.raises(FrameError):
                 await client.transact(b"\x01\x03\x00\x00\x00\x01", 1.0)
-            assert time.monotonic() - t < 0.5
+            assert time.monotonic() - t < 1.0
             assert not client.connected
         assert peer.connections == 3
 
@@ -680,8 +680,8 @@ def test_modbus_tcp_stream_of_wrong_transactions_drops_the_connection(peers: lis
         await client.connect()
         t = time.monotonic()
         with pytest.raises(FrameError, match="other transaction ids"):
-            await client.transact(b"\x01\x03\x00\x00\x00\x01", 2.0)
-        assert time.monotonic() - t < 1.0
+            await client.transact(b"\x01\x03\x00\x00\x00\x01", 3.0)
+        assert time.monotonic() - t < 1.5
         assert not client.connected
         return client
 
@@ -743,13 +743,13 @@ def test_rtu_over_tcp_that_never_falls_silent_costs_one_timeout(peers: list[Peer
     peers.append(peer)
 
     async def run() -> SerialLine:
-        line = SerialLine(f"127.0.0.1:{peer.port}", tcp=True, frame_gap=0.02)
+        line = SerialLine(f"127.0.0.1:{peer.port}", tcp=True, frame_gap=0.1)
         assert await line.connect()
         await asyncio.sleep(0.05)
         t = time.monotonic()
         with pytest.raises(FrameError, match="never silent"):
             await line.transact(b"\x01\x03\x00\x00\x00\x01", 0.3)
-        assert 0.25 < time.monotonic() - t < 0.8
+        assert 0.25 < time.monotonic() - t < 1.0
         assert line.requests == 0 and line.noisy == 1
         line.close()
         return line
