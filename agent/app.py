@@ -412,15 +412,8 @@ class Agent:
                 self.writer.kick()
 
         def on_gap(kind: str, samples: int, n: int) -> None:
-            if kind == "gap":
+            if kind == "gap":  # (the reader counts and logs gaps and overlaps)
                 publish(proc.skip(samples))
-            log.warning(
-                "device %s: %s of %d sample(s) before sample %d (not bridged)",
-                dev.id,
-                kind,
-                samples,
-                n,
-            )
 
         if dev.udp_port is not None:
             return SeismicUdpReader(dev, on_sample, on_gap, now_ms)

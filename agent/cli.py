@@ -190,7 +190,9 @@ def replay(
     """Stream a recorded waveform into a serial line (e.g. one end of a pty pair) as the
     sensor's $SMP frames, or with --to udp://HOST:PORT as Raspberry Shake datacast
     packets (integer counts, 0.25 s per packet and channel), at real time or --speed
-    times faster, so the agent runs on a real earthquake. FILES: one file per channel
+    times faster, so the agent runs on a real earthquake. Faster than real time, datacast
+    packets are stamped as if the record had started earlier, so that none is stamped
+    ahead of the clock. FILES: one file per channel
     with one number per line, or one CSV file with a header and a column per channel."""
     import csv
     import math
@@ -259,7 +261,9 @@ def _replay_udp(
     if len(codes) < len(samples[0]):
         raise click.BadParameter("give a channel code per channel", param_hint="--channel-names")
     per_packet = max(1, round(rate / 4))
-    start = time.time()
+    # faster than real time, the record is stamped as if it had started earlier, so that
+    # no packet is stamped ahead of the clock (receivers drop packets from the future)
+    start = time.time() - len(samples) / rate * (1 - 1 / speed) if speed > 1 else time.time()
     t0 = time.monotonic()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for k in range(0, len(samples), per_packet):

@@ -378,8 +378,12 @@ class SeismicProcessor:
     def skip(self, samples: int) -> list[SeismicOutput]:
         """A gap of ``samples`` missing samples: time moves on, nothing is bridged, and
         STA/LTA warms up again. An event in progress ends at the last sample before the
-        gap (its ``end`` and waveform are returned)."""
+        gap (its ``end`` and waveform are returned). Costs the same for any length of gap:
+        nothing is done per missing sample or second (no summary covers a second without
+        samples). ``samples`` ≤ 0 changes nothing."""
         out: list[SeismicOutput] = []
+        if samples <= 0:
+            return out
         e = self._event
         if e is not None and e["end_index"] is None and self.i >= 0:
             out.append(self._end(self.i))
@@ -392,6 +396,8 @@ class SeismicProcessor:
         return out
 
     def feed(self, counts: Sequence[float], arrival_ms: int) -> list[SeismicOutput]:
+        if not all(math.isfinite(c) for c in counts):  # (the readers refuse them already)
+            return self.skip(1)
         self.i += 1
         i = self.i
         if self.t0_ms is None:

@@ -1,5 +1,5 @@
 """Strong-motion sensors streaming samples continuously: the frame formats, the sample
-clock (gaps and overlaps), and the serial reader.
+clock (gaps and overlaps), and the serial and UDP readers.
 
 Default frame format (``format: ascii``), one text line per sample instant::
 
@@ -10,17 +10,28 @@ the channels in the configured order (integers or decimals), ``hh`` the NMEA-sty
 (XOR of the characters between ``$`` and ``*``, two hex digits). The counter is what tells
 a gap (samples lost on the line) from an overlap (a sample sent twice) — never bridged,
 always reported. Other formats plug in through :data:`FRAME_PARSERS`.
+
+Every input is taken as hostile: a frame or datagram that cannot be a sample (garbled, a
+NaN or infinite or out-of-range count, an absurd time, too many samples, an unknown
+channel, a sender not allowed) is dropped and counted by reason in the reader's
+:attr:`~_SampleReader.dropped`, with one log line at most every :data:`LOG_EVERY_S`; it
+never ends the input, and no gap costs work per missing sample.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import math
+import re
 import time
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.config import Name
@@ -30,6 +41,31 @@ from drivers.serial_line import LineAssembler, LineError, nmea_checksum
 log = logging.getLogger(__name__)
 
 COUNTER_MOD = 2**32
+MAX_COUNT = 2**31
+"""Largest magnitude of a sample (counts): a 32-bit converter's range. Beyond it, or not
+finite, a sample is refused at the parser."""
+LOG_EVERY_S = 10.0
+"""Dropped input and gaps are logged at most this often per device."""
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+"""Where datacast packets are taken from when ``udp_senders`` is not given."""
+MIN_TIME_S = 946_684_800.0
+"""2000-01-01T00:00:00Z: an earlier datacast time is absurd."""
+MAX_TIME_S = 4_102_444_800.0
+"""2100-01-01T00:00:00Z: a later datacast time is absurd."""
+MAX_AHEAD_S = 5.0
+"""A datacast packet stamped more than this ahead of the gateway's clock is dropped: no
+sample can come from the future, and accepting it would make the genuine packets after
+it look like overlaps. Sensor and gateway must both keep synchronised time (NTP)."""
+MAX_PACKET_S = 2.0
+"""Most seconds of samples one datacast packet may carry (a Raspberry Shake sends 0.25 s)."""
+
+
+class InputError(LineError):
+    """A frame or datagram that is dropped; ``reason`` names the counter it goes to."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SeismicChannel(StrictModel):
@@ -48,7 +84,15 @@ class SeismicDevice(StrictModel):
     udp_port: int | None = Field(
         default=None, ge=1, le=65535, description="Or: UDP port for Raspberry Shake datacast"
     )
-    udp_host: str = Field(default="0.0.0.0", description="Address to listen on for UDP")
+    udp_senders: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Addresses (IP or CIDR) datacast packets are taken from; default loopback",
+    )
+    udp_host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on for UDP (beyond loopback only with udp_senders)",
+    )
     baudrate: int = Field(default=115200, ge=50, le=4_000_000)
     format: Literal["ascii", "datacast"] = Field(
         default="ascii", description="ascii ($SMP frames, serial) or datacast (UDP)"
@@ -79,6 +123,37 @@ class SeismicDevice(StrictModel):
     )
     profile: None = None
 
+    @field_validator("udp_senders")
+    @classmethod
+    def _senders(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            try:
+                ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or network: write e.g. 192.168.1.50 or "
+                    "192.168.1.0/24"
+                ) from None
+        return value
+
+    @field_validator("udp_host")
+    @classmethod
+    def _host(cls, value: str, info: Any) -> str:
+        try:
+            addr = ipaddress.ip_address("127.0.0.1" if value == "localhost" else value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP address of this gateway: write 127.0.0.1 (the "
+                "default), an interface's address, or 0.0.0.0 for every interface"
+            ) from None
+        if not addr.is_loopback and info.data.get("udp_senders", []) is None:
+            raise ValueError(
+                f"listening on {value} takes packets from the network: name the sensors "
+                "that may send with udp_senders, e.g. 'udp_senders: [192.168.1.50]' (an "
+                "address or a network such as 192.168.1.0/24), or listen on 127.0.0.1"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> SeismicDevice:
         if (self.serial_port is None) == (self.udp_port is None):
@@ -101,6 +176,12 @@ class SeismicDevice(StrictModel):
                     f"{key} {band[0]}–{band[1]} Hz must lie within 0–{self.sample_rate / 2} Hz"
                 )
         return self
+
+    def senders(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """The networks datacast packets are taken from (loopback unless ``udp_senders``)."""
+        return [
+            ipaddress.ip_network(n.strip(), strict=False) for n in (self.udp_senders or LOOPBACK)
+        ]
 
     @property
     def bus(self) -> str:
@@ -130,32 +211,46 @@ def parse_ascii_frame(line: bytes, channels: int) -> tuple[int, list[float]]:
     """``$SMP,<n>,<c1>,…*hh`` → (sample counter, counts). Pure.
 
     Raises:
-        LineError: not such a frame, a bad checksum, or the wrong number of channels.
+        InputError: not such a frame, a bad checksum or the wrong number of channels
+            (reason ``format``); a count that is not a finite number within
+            ±:data:`MAX_COUNT` (reason ``value``).
     """
     try:
         text = line.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise LineError(f"not ASCII: {line[:60]!r}") from None
+        raise InputError("format", f"not ASCII: {line[:60]!r}") from None
     if not text.startswith("$SMP,"):
-        raise LineError(f"not a $SMP frame: {text[:60]!r}")
+        raise InputError("format", f"not a $SMP frame: {text[:60]!r}")
     body, star, check = text[1:].partition("*")
     if not star or len(check) < 2:
-        raise LineError(f"frame without checksum: {text[:60]!r}")
+        raise InputError("format", f"frame without checksum: {text[:60]!r}")
     try:
         given = int(check[:2], 16)
     except ValueError:
-        raise LineError(f"checksum {check[:2]!r} is not hex: {text[:60]!r}") from None
+        raise InputError("format", f"checksum {check[:2]!r} is not hex: {text[:60]!r}") from None
     if given != nmea_checksum(body):
-        raise LineError(f"checksum error (frame {given:02X}, computed {nmea_checksum(body):02X})")
+        raise InputError(
+            "format", f"checksum error (frame {given:02X}, computed {nmea_checksum(body):02X})"
+        )
     fields = body.split(",")[1:]
     if len(fields) != channels + 1:
-        raise LineError(f"{len(fields) - 1} channel(s), expected {channels}: {text[:60]!r}")
+        raise InputError(
+            "format", f"{len(fields) - 1} channel(s), expected {channels}: {text[:60]!r}"
+        )
+    if not _COUNTER.fullmatch(fields[0]):
+        raise InputError("format", f"sample counter {fields[0][:20]!r} is not a number")
     try:
-        n = int(fields[0]) % COUNTER_MOD
         counts = [float(v) for v in fields[1:]]
     except ValueError:
-        raise LineError(f"not numbers: {text[:60]!r}") from None
-    return n, counts
+        raise InputError("value", f"not numbers: {text[:60]!r}") from None
+    for v in counts:
+        if not (math.isfinite(v) and -MAX_COUNT <= v <= MAX_COUNT):
+            raise InputError("value", f"count {v!r} is not a finite number within ±2^31")
+    return int(fields[0]) % COUNTER_MOD, counts
+
+
+_COUNTER = re.compile(r"[0-9]{1,12}")
+_COUNT = re.compile(r"\s*[+-]?[0-9]{1,10}\s*")
 
 
 def ascii_frame(n: int, counts: list[float]) -> bytes:
@@ -171,32 +266,94 @@ FRAME_PARSERS: dict[str, Callable[[bytes, int], tuple[int, list[float]]]] = {
 
 
 class SampleClock:
-    """Follows the sample counter: ``feed(n)`` returns ``(kind, count)`` with kind
-    ``first``, ``ok``, ``gap`` (``count`` samples missing before this one) or ``overlap``
-    (a sample at or before the last one: ``count`` samples back; the caller drops it).
-    Pure apart from its own state."""
+    """Follows the sample counter: ``feed(n, t)`` returns ``(kind, count)`` with kind
 
-    def __init__(self) -> None:
+    - ``first``: the first sample;
+    - ``ok``: the next one;
+    - ``gap``: ``count`` samples missing before this one (take it, after the gap);
+    - ``overlap``: a sample at or before the last one, ``count`` samples back (drop it);
+    - ``jump``: a counter further ahead than the time since the last sample allows
+      (``count`` samples), with ``t`` given: drop it, it is not a sample of this stream.
+
+    ``t`` is the sample's arrival on a monotonic clock, seconds. A sensor really missing
+    samples has taken that long: a jump of more than ``(elapsed + SLACK_S) × rate × 1.25``
+    samples is not believed, so that one bad frame cannot move the stream's time on by
+    days and leave every genuine sample after it an "overlap". A sensor whose counter
+    starts again elsewhere (restarted, replaced) sends consecutive counters that do not
+    follow the old ones: after ``rebase_after`` of them in a row the clock follows the new
+    counter and reports a ``gap`` of the samples the elapsed time says were missed (of
+    what was dropped meanwhile, without ``t``). Pure apart from its own state.
+
+    Args:
+        rate: samples per second (needed for the jump check).
+        rebase_after: consecutive counters after which a new counter is followed
+            (default: one second of samples, at least 16).
+    """
+
+    SLACK_S = 2.0
+
+    def __init__(self, rate: float | None = None, rebase_after: int | None = None) -> None:
+        self.rate = rate
+        self.rebase_after = rebase_after or max(16, round(rate or 0))
         self.last: int | None = None
+        self.last_t: float | None = None
         self.gaps = 0
         self.missing = 0
         self.overlaps = 0
+        self.jumps = 0
+        self.rebases = 0
+        self._run_last: int | None = None
+        self._run = 0
 
-    def feed(self, n: int) -> tuple[str, int]:
+    def _take(self, n: int, t: float | None) -> None:
+        self.last, self.last_t = n, t
+        self._run_last, self._run = None, 0
+
+    def feed(self, n: int, t: float | None = None) -> tuple[str, int]:
         if self.last is None:
-            self.last = n
+            self._take(n, t)
             return ("first", 0)
         step = (n - self.last) % COUNTER_MOD
         if step == 1:
-            self.last = n
+            self._take(n, t)
             return ("ok", 0)
         if step == 0 or step > COUNTER_MOD // 2:  # repeated or from the past
+            result = ("overlap", (self.last - n) % COUNTER_MOD)
+        else:
+            missing = step - 1
+            if not self._implausible(missing, t):
+                self.gaps += 1
+                self.missing += missing
+                self._take(n, t)
+                return ("gap", missing)
+            result = ("jump", missing)
+        # not a sample of the stream as it was: perhaps the first of a new counter
+        if self._run_last is not None and (n - self._run_last) % COUNTER_MOD == 1:
+            self._run += 1
+        else:
+            self._run = 1
+        self._run_last = n
+        if self._run >= self.rebase_after:
+            dropped = self._run - 1
+            missing = dropped
+            if t is not None and self.last_t is not None and self.rate:
+                missing = max(dropped, round((t - self.last_t) * self.rate) - 1)
+            self.rebases += 1
+            self.gaps += 1
+            self.missing += missing
+            self._take(n, t)
+            return ("gap", missing)
+        if result[0] == "overlap":
             self.overlaps += 1
-            return ("overlap", (self.last - n) % COUNTER_MOD)
-        self.gaps += 1
-        self.missing += step - 1
-        self.last = n
-        return ("gap", step - 1)
+        else:
+            self.jumps += 1
+        return result
+
+    def _implausible(self, missing: int, t: float | None) -> bool:
+        if t is None or self.last_t is None or not self.rate:
+            return False
+        elapsed = max(0.0, t - self.last_t)
+        return missing > (elapsed + self.SLACK_S) * self.rate * 1.25
 
 
 SampleSink = Callable[[int, list[float], int], None]
@@ -206,8 +363,9 @@ GapSink = Callable[[str, int, int], None]
 
 
 class _SampleReader:
-    """What both seismic readers share: the callbacks and the count of bad input
-    (logged at most every 10 s)."""
+    """What both seismic readers share: the callbacks, the counters of dropped input by
+    reason (:attr:`dropped`; :attr:`errors` is their sum) and of gaps and overlaps, and a
+    log line about them at most every :data:`LOG_EVERY_S`."""
 
     def __init__(
         self, dev: SeismicDevice, on_sample: SampleSink, on_gap: GapSink, now_ms: Callable[[], int]
@@ -217,47 +375,140 @@ class _SampleReader:
         self.on_gap = on_gap
         self.now_ms = now_ms
         self.errors = 0
+        """Frames or datagrams dropped, all reasons."""
+        self.dropped: Counter[str] = Counter()
+        """Frames or datagrams dropped by reason (``format``, ``value``, ``counter``,
+        ``too_long``, ``lost_bytes``; UDP: ``sender``, ``size``, ``samples``, ``time``,
+        ``ahead``, ``channel``; ``internal`` for a fault of this code)."""
         self.samples = 0
+        self.gaps = 0
+        """Gaps reported (each skipped in one step)."""
+        self.gap_samples = 0
+        self.overlap_samples = 0
+        """Samples dropped because their instant had already passed."""
         self._logged_at = -1e9
+        self._since: Counter[str] = Counter()
+        self._gap_logged_at = -1e9
+        self._gaps_since = [0, 0, 0, 0]  # gaps, samples, overlaps, samples
+        self._internal_logged = False
 
-    def _error(self, msg: str) -> None:
+    def _drop(self, reason: str, msg: str) -> None:
         self.errors += 1
-        if time.monotonic() - self._logged_at >= 10.0:
-            log.warning("device %s: bad input (%d so far): %s", self.dev.id, self.errors, msg)
-            self._logged_at = time.monotonic()
+        self.dropped[reason] += 1
+        self._since[reason] += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_S:
+            what = ", ".join(f"{k} {v}" for k, v in sorted(self._since.items()))
+            log.warning(
+                "device %s: dropped bad input (%s since the last report; %d in all): %s",
+                self.dev.id,
+                what,
+                self.errors,
+                msg,
+            )
+            self._logged_at = now
+            self._since.clear()
+
+    def report(self) -> None:
+        """Log what this reader dropped and skipped in all (at its stop)."""
+        if self.errors or self.gaps or self.overlap_samples:
+            what = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+            log.warning(
+                "device %s: %d sample instant(s) taken; dropped bad input: %s; %d gap(s) of "
+                "%d sample(s) skipped, %d sample(s) of overlaps dropped",
+                self.dev.id,
+                self.samples,
+                what,
+                self.gaps,
+                self.gap_samples,
+                self.overlap_samples,
+            )
+
+    def _internal(self, exc: Exception) -> None:
+        """A fault of this code (or of a callback) while handling input: counted, its
+        traceback logged once."""
+        if not self._internal_logged:
+            log.error("device %s: input could not be handled", self.dev.id, exc_info=exc)
+            self._internal_logged = True
+        self._drop("internal", f"{type(exc).__name__}: {exc}")
+
+    def _gap(self, kind: str, k: int, n: int) -> None:
+        """Report a gap (or overlap) on, and log it at most every :data:`LOG_EVERY_S`."""
+        since = self._gaps_since
+        if kind == "gap":
+            self.gaps += 1
+            self.gap_samples += k
+            since[0] += 1
+            since[1] += k
+        else:
+            self.overlap_samples += k
+            since[2] += 1
+            since[3] += k
+        self.on_gap(kind, k, n)
+        now = time.monotonic()
+        if now - self._gap_logged_at >= LOG_EVERY_S:
+            log.warning(
+                "device %s: %s of %d sample(s) before sample %d (not bridged); since the last "
+                "report: %d gap(s) of %d sample(s), %d overlap(s) of %d sample(s)",
+                self.dev.id,
+                kind,
+                k,
+                n,
+                *since,
+            )
+            self._gap_logged_at = now
+            self._gaps_since = [0, 0, 0, 0]
 
 
 class SeismicSerialReader(_SampleReader):
     """Reads frames from the serial port until cancelled, reopening the port when it
-    comes back; counts garbled frames in :attr:`errors`."""
+    comes back; counts what it drops in :attr:`dropped`."""
 
     def __init__(
         self, dev: SeismicDevice, on_sample: SampleSink, on_gap: GapSink, now_ms: Callable[[], int]
     ) -> None:
         super().__init__(dev, on_sample, on_gap, now_ms)
         self.parse = FRAME_PARSERS[dev.format]
-        self.clock = SampleClock()
+        self.clock = SampleClock(dev.sample_rate)
         self.asm = LineAssembler(b"\n", 1024)
 
-    def handle(self, data: bytes) -> None:
-        """Feed received bytes (also used by tests and by the replay of a file)."""
+    def handle(self, data: bytes, t: float | None = None) -> None:
+        """Feed received bytes that arrived at monotonic time ``t`` (default: now); also
+        used by tests and by the replay of a file. Never raises: a fault while handling
+        them is counted (``internal``) and logged once with its traceback."""
+        try:
+            self._handle(data, time.monotonic() if t is None else t)
+        except Exception as exc:  # whatever the line carries, the input goes on
+            self._internal(exc)
+
+    def _handle(self, data: bytes, t: float) -> None:
         lines, errors = self.asm.feed(data)
         for e in errors:
-            self._error(e)
+            self._drop("too_long", e)
         nch = len(self.dev.channels)
         ts = self.now_ms()
         for line in lines:
             try:
                 n, counts = self.parse(line, nch)
-            except LineError as exc:
-                self._error(str(exc))
+            except InputError as exc:
+                self._drop(exc.reason, str(exc))
                 continue
-            kind, k = self.clock.feed(n)
+            except LineError as exc:  # a parser of another format
+                self._drop("format", str(exc))
+                continue
+            kind, k = self.clock.feed(n, t)
             if kind == "overlap":
-                self.on_gap("overlap", k, n)
+                self._gap("overlap", k, n)
+                continue
+            if kind == "jump":
+                self._drop(
+                    "counter",
+                    f"sample counter {n} is {k} samples ahead, more than the time since the "
+                    "last sample allows",
+                )
                 continue
             if kind == "gap":
-                self.on_gap("gap", k, n)
+                self._gap("gap", k, n)
             self.samples += 1
             self.on_sample(n, counts, ts)
 
@@ -286,8 +537,15 @@ class SeismicSerialReader(_SampleReader):
             self.asm.synced = True
             log.info("device %s: %s open", d.id, d.serial_port)
             try:
-                while (data := await port.queue.get()) is not None:
+                while (data := await port.get()) is not None:
+                    lost = port.take_lost()
+                    if lost:
+                        self.asm.clear()
+                        self._drop("lost_bytes", f"{lost} byte(s) dropped: read too slowly")
                     self.handle(data)
+            except asyncio.CancelledError:
+                self.report()
+                raise
             finally:
                 transport.close()
             log.warning("device %s: %s went away; reopening when it is back", d.id, d.serial_port)
@@ -296,29 +554,46 @@ class SeismicSerialReader(_SampleReader):
 # -- Raspberry Shake "datacast" over UDP ----------------------------------------------------
 
 
-def parse_datacast(packet: bytes) -> tuple[str, float, list[int]]:
+def parse_datacast(packet: bytes, max_samples: int | None = None) -> tuple[str, float, list[int]]:
     """``{'EHZ', 1507760140.530, 614, 813, …}`` → (channel, epoch seconds of the first
     sample, integer counts): the Raspberry Shake UDP data-cast format (Raspberry Shake
     manual, "Data Producer UDP Output"). Pure.
 
     Raises:
-        LineError: anything else.
+        InputError: reason ``format`` (not such a packet, unreadable numbers), ``time``
+            (a time that is not finite or not between 2000 and 2100), ``value`` (a count
+            that is not an integer within ±:data:`MAX_COUNT`), ``samples`` (more than
+            ``max_samples``).
     """
     try:
         text = packet.decode("ascii").strip()
     except UnicodeDecodeError:
-        raise LineError(f"not ASCII: {packet[:60]!r}") from None
+        raise InputError("format", f"not ASCII: {packet[:60]!r}") from None
     if not (text.startswith("{") and text.endswith("}")):
-        raise LineError(f"not a datacast packet: {text[:60]!r}")
-    parts = [p.strip() for p in text[1:-1].split(",")]
+        raise InputError("format", f"not a datacast packet: {text[:60]!r}")
+    parts = text[1:-1].split(",")
     if len(parts) < 3:
-        raise LineError(f"datacast packet without samples: {text[:60]!r}")
-    channel = parts[0].strip("'\"")
+        raise InputError("format", f"datacast packet without samples: {text[:60]!r}")
+    if max_samples is not None and len(parts) - 2 > max_samples:
+        raise InputError(
+            "samples", f"{len(parts) - 2} samples in one packet, at most {max_samples} expected"
+        )
+    channel = parts[0].strip().strip("'\"")
+    if not channel or len(channel) > 16:
+        raise InputError("format", f"datacast channel {channel[:20]!r} is not a channel code")
     try:
         t0 = float(parts[1])
-        counts = [int(v) for v in parts[2:]]
     except ValueError:
-        raise LineError(f"datacast numbers unreadable: {text[:60]!r}") from None
+        raise InputError("format", f"datacast time unreadable: {parts[1][:30]!r}") from None
+    if not (math.isfinite(t0) and MIN_TIME_S <= t0 <= MAX_TIME_S):
+        raise InputError("time", f"datacast time {t0!r} is not a time between 2000 and 2100")
+    for v in parts[2:]:
+        if not _COUNT.fullmatch(v):
+            raise InputError("value", f"datacast count {v.strip()[:20]!r} is not an integer")
+    counts = [int(v) for v in parts[2:]]
+    for c in counts:
+        if not -MAX_COUNT <= c <= MAX_COUNT:
+            raise InputError("value", f"datacast count {c} is out of range (±2^31)")
     return channel, t0, counts
 
 
@@ -327,97 +602,286 @@ def datacast_packet(channel: str, t0: float, counts: list[int]) -> bytes:
     return ("{'" + channel + "', " + f"{t0:.3f}, " + ", ".join(map(str, counts)) + "}").encode()
 
 
+AlignerEvent = tuple[str, int, Any]
+"""``("sample", index, counts per channel)``, ``("gap", samples, index after it)`` or
+``("overlap", samples, index of the packet's first sample)``."""
+
+
+class _Runs:
+    """One channel's pending samples: sorted, non-overlapping runs ``[start, values]``."""
+
+    __slots__ = ("runs", "starts")
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, list[int]]] = []
+        self.starts: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.runs)
+
+    @property
+    def low(self) -> int:
+        return self.runs[0][0]
+
+    @property
+    def high(self) -> int:
+        """One past the last pending index."""
+        start, values = self.runs[-1]
+        return start + len(values)
+
+    def add(self, start: int, values: list[int]) -> int:
+        """Insert the samples not already held; return how many were already held."""
+        end = start + len(values)
+        pieces: list[tuple[int, list[int]]] = []
+        cur = start
+        i = max(0, bisect_right(self.starts, start) - 1)
+        while cur < end and i < len(self.runs):
+            s, v = self.runs[i]
+            e = s + len(v)
+            if e <= cur:
+                i += 1
+                continue
+            if s >= end:
+                break
+            if s > cur:
+                pieces.append((cur, values[cur - start : s - start]))
+            cur = max(cur, e)
+            i += 1
+        if cur < end:
+            pieces.append((cur, values[cur - start :]))
+        held = len(values) - sum(len(v) for _, v in pieces)
+        for p in pieces:
+            k = bisect_right(self.starts, p[0])
+            self.runs.insert(k, p)
+            self.starts.insert(k, p[0])
+        return held
+
+    def drop_below(self, index: int) -> None:
+        """Forget every sample before ``index``."""
+        while self.runs:
+            s, v = self.runs[0]
+            if s + len(v) <= index:
+                del self.runs[0], self.starts[0]
+            elif s < index:
+                self.runs[0] = (index, v[index - s :])
+                self.starts[0] = index
+                break
+            else:
+                break
+
+    def run_at(self, index: int) -> tuple[int, list[int]] | None:
+        """The run holding ``index``, or None."""
+        k = bisect_right(self.starts, index) - 1
+        if k >= 0:
+            s, v = self.runs[k]
+            if index < s + len(v):
+                return s, v
+        return None
+
+    def next_held(self, index: int) -> int | None:
+        """The first held index at or after ``index``, or None."""
+        if self.run_at(index) is not None:
+            return index
+        k = bisect_right(self.starts, index)
+        return self.starts[k] if k < len(self.starts) else None
+
+
 class ChannelAligner:
     """Puts per-channel datacast packets together into sample instants.
 
     Each packet's samples get a global index from its start time: round((t − T0)·rate),
-    T0 being the first packet's time. ``feed`` returns the instants complete on every
-    channel, in order, and reports gaps (indices no channel delivered, skipped: never
-    bridged) and overlaps (samples already passed, dropped). A channel that falls more
-    than ``max_wait`` seconds behind the others counts as a gap for the instants it misses.
+    T0 being the first packet's time. :meth:`feed` returns, in order, the instants
+    complete on every channel, the gaps (indices skipped: never bridged) and overlaps
+    (samples whose instant already passed, dropped).
+
+    An instant missing on some channel is waited for until a channel holds data more than
+    ``max_wait`` seconds newer; then every incomplete instant up to there is skipped in
+    one step (one ``gap``, whatever its length: an hour's outage costs what a second's
+    does). When every channel's next data starts later than the next instant, the gap is
+    skipped at once. Pending data is held as runs, at most ``max_wait`` seconds plus one
+    packet per channel after each feed.
+
+    A channel whose packets all come too late for ``resync_after`` seconds of samples in
+    a row (the sender's clock stepped back, or a bad packet moved the instants on) makes
+    the aligner follow the sender's time again: a ``gap`` of those samples, then T0 is
+    re-anchored so that the packet lands on the next instant.
     """
 
-    def __init__(self, channels: list[str], rate: float, max_wait: float = 2.0) -> None:
-        self.channels = channels
+    def __init__(
+        self, channels: list[str], rate: float, max_wait: float = 2.0, resync_after: float = 5.0
+    ) -> None:
+        self.channels = list(channels)
         self.rate = rate
         self.t0: float | None = None
         self.next = 0
-        self.pending: dict[str, dict[int, int]] = {c: {} for c in channels}
-        self.max_wait = round(max_wait * rate)
+        self.pending: dict[str, _Runs] = {c: _Runs() for c in channels}
+        self.max_wait = max(1, round(max_wait * rate))
+        self.resync_after = max(1, round(resync_after * rate))
+        self._late = dict.fromkeys(channels, 0)
+        self.resyncs = 0
 
-    def feed(
-        self, channel: str, t0: float, counts: list[int]
-    ) -> tuple[list[tuple[int, list[float]]], list[tuple[str, int, int]]]:
-        samples: list[tuple[int, list[float]]] = []
-        gaps: list[tuple[str, int, int]] = []
-        if channel not in self.pending:
-            return samples, gaps
+    def feed(self, channel: str, t0: float, counts: list[int]) -> list[AlignerEvent]:
+        """Take one packet (``t0``: its first sample's time, seconds; finite); return the
+        events it completes, in order. A channel not configured is ignored."""
+        out: list[AlignerEvent] = []
+        runs = self.pending.get(channel)
+        if runs is None or not counts or not math.isfinite(t0):
+            return out
         if self.t0 is None:
             self.t0 = t0
         first = round((t0 - self.t0) * self.rate)
-        late = 0
-        for j, v in enumerate(counts):
-            k = first + j
-            if k < self.next:
-                late += 1
-                continue
-            self.pending[channel][k] = v
+        n = len(counts)
+        if first + n <= self.next:  # all of it passed already
+            out.append(("overlap", n, first))
+            self._late[channel] += n
+            if self._late[channel] < self.resync_after:
+                return out
+            lost = self._late[channel]
+            self.resyncs += 1
+            for r in self.pending.values():
+                r.runs.clear()
+                r.starts.clear()
+            self._late = dict.fromkeys(self.channels, 0)
+            self.next += lost
+            out.append(("gap", lost, self.next))
+            self.t0 = t0 - self.next / self.rate
+            first = self.next
+        self._late[channel] = 0
+        late = max(0, self.next - first)
         if late:
-            gaps.append(("overlap", late, first))
+            out.append(("overlap", late, first))
+        held = runs.add(first + late, counts[late:])
+        if held:
+            out.append(("overlap", held, first))
+        self._drain(out)
+        return out
+
+    def _drain(self, out: list[AlignerEvent]) -> None:
+        chans = [self.pending[c] for c in self.channels]
         while True:
-            if all(self.next in p for p in self.pending.values()):
-                samples.append(
-                    (self.next, [float(self.pending[c].pop(self.next)) for c in self.channels])
-                )
-                self.next += 1
+            heads = [h for r in chans if (h := r.run_at(self.next)) is not None]
+            if len(heads) == len(chans):
+                m = min(s + len(v) for s, v in heads)
+                for i in range(self.next, m):
+                    out.append(("sample", i, [float(v[i - s]) for s, v in heads]))
+                for r in chans:
+                    r.drop_below(m)
+                self.next = m
                 continue
-            ahead = [min(p) for p in self.pending.values() if p]
-            newest = max((max(p) for p in self.pending.values() if p), default=self.next)
-            if ahead and (
-                (len(ahead) == len(self.channels) and min(ahead) > self.next)
-                or newest - self.next > self.max_wait
-            ):
-                target = min(ahead) if min(ahead) > self.next else self.next + 1
-                for p in self.pending.values():
-                    for k in [k for k in p if k < target]:
-                        del p[k]
-                gaps.append(("gap", target - self.next, target))
-                self.next = target
-                continue
-            break
-        return samples, gaps
+            full = [r for r in chans if r]
+            if not full:
+                return
+            newest = max(r.high for r in full) - 1
+            target: int | None = None
+            if len(full) == len(chans) and min(r.low for r in full) > self.next:
+                target = min(r.low for r in full)  # nothing anywhere at the next instant
+            elif newest - self.next > self.max_wait:
+                cutoff = newest - self.max_wait
+                common = self._first_common(self.next + 1)
+                target = common if common is not None and common < cutoff else cutoff
+            if target is None or target <= self.next:
+                return
+            out.append(("gap", target - self.next, target))
+            for r in chans:
+                r.drop_below(target)
+            self.next = target
+
+    def _first_common(self, index: int) -> int | None:
+        """The first index at or after ``index`` held by every channel, or None."""
+        chans = [self.pending[c] for c in self.channels]
+        cand = index
+        while True:
+            moved = False
+            for r in chans:
+                k = r.next_held(cand)
+                if k is None:
+                    return None
+                if k > cand:
+                    cand, moved = k, True
+            if not moved:
+                return cand
 
 
 class _Datagrams(asyncio.DatagramProtocol):
-    def __init__(self, handle: Callable[[bytes], None]) -> None:
+    def __init__(self, handle: Callable[[bytes, str | None], None]) -> None:
         self.handle = handle
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.handle(data)
+        self.handle(data, str(addr[0]) if addr else None)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP errors: nothing to do
+        log.debug("datacast socket: %s", exc)
 
 
 class SeismicUdpReader(_SampleReader):
-    """Receives Raspberry Shake datacast packets on a UDP port until cancelled."""
+    """Receives Raspberry Shake datacast packets on a UDP port until cancelled.
+
+    Only packets from ``udp_senders`` (default: this gateway, loopback) are taken. A
+    datagram larger than one packet can be (``MAX_PACKET_S`` of samples), malformed
+    (:func:`parse_datacast`), of an unknown channel, or stamped more than
+    :data:`MAX_AHEAD_S` ahead of the gateway's clock is dropped and counted in
+    :attr:`dropped`; nothing a datagram holds ends the input.
+    """
 
     def __init__(
         self, dev: SeismicDevice, on_sample: SampleSink, on_gap: GapSink, now_ms: Callable[[], int]
     ) -> None:
         super().__init__(dev, on_sample, on_gap, now_ms)
         self.aligner = ChannelAligner([c.name for c in dev.channels], dev.sample_rate)
+        self.max_samples = max(64, math.ceil(dev.sample_rate * MAX_PACKET_S))
+        self.max_bytes = 96 + 14 * self.max_samples
+        """Largest datagram read: a channel code, a time and ``max_samples`` counts."""
+        self._senders = dev.senders()
+        self._names = {c.name for c in dev.channels}
 
-    def handle(self, packet: bytes) -> None:
+    def allowed(self, sender: str) -> bool:
+        """Whether packets from address ``sender`` are taken."""
         try:
-            channel, t0, counts = parse_datacast(packet)
-        except LineError as exc:
-            self._error(str(exc))
+            addr = ipaddress.ip_address(sender.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._senders)
+
+    def handle(self, packet: bytes, sender: str | None = None) -> None:
+        """Take one datagram from ``sender`` (an IP address; None: not checked, for tests
+        and replays in process). Never raises."""
+        try:
+            self._handle(packet, sender)
+        except Exception as exc:  # whatever a datagram holds, the input goes on
+            self._internal(exc)
+
+    def _handle(self, packet: bytes, sender: str | None) -> None:
+        if sender is not None and not self.allowed(sender):
+            self._drop("sender", f"a datagram from {sender}, not one of udp_senders")
             return
-        samples, gaps = self.aligner.feed(channel, t0, counts)
+        if len(packet) > self.max_bytes:
+            self._drop("size", f"a datagram of {len(packet)} bytes, at most {self.max_bytes}")
+            return
+        try:
+            channel, t0, counts = parse_datacast(packet, self.max_samples)
+        except InputError as exc:
+            self._drop(exc.reason, str(exc))
+            return
+        if channel not in self._names:
+            self._drop("channel", f"channel {channel!r} is not configured")
+            return
+        now_s = self.now_ms() / 1000
+        if t0 > now_s + MAX_AHEAD_S:
+            self._drop(
+                "ahead",
+                f"packet of {channel} stamped {t0 - now_s:.3g} s ahead of the gateway clock "
+                "(is the gateway's or the sensor's clock synchronised?)",
+            )
+            return
         ts = self.now_ms()
-        for kind, k, n in gaps:
-            self.on_gap(kind, k, n)
-        for n, values in samples:
-            self.samples += 1
-            self.on_sample(n % COUNTER_MOD, values, ts)
+        for kind, a, b in self.aligner.feed(channel, t0, counts):
+            if kind == "sample":
+                self.samples += 1
+                self.on_sample(a % COUNTER_MOD, b, ts)
+            else:
+                self._gap(kind, a, b)
 
     async def run(self) -> None:
         d = self.dev
@@ -425,8 +889,15 @@ class SeismicUdpReader(_SampleReader):
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
             lambda: _Datagrams(self.handle), local_addr=(d.udp_host, d.udp_port)
         )
-        log.info("device %s: listening for datacast on udp %s:%d", d.id, d.udp_host, d.udp_port)
+        log.info(
+            "device %s: listening for datacast on udp %s:%d from %s",
+            d.id,
+            d.udp_host,
+            d.udp_port,
+            ", ".join(d.udp_senders or ["this gateway (loopback)"]),
+        )
         try:
             await asyncio.Event().wait()
         finally:
             transport.close()
+            self.report()

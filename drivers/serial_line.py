@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from drivers.base import PointResult
+from drivers.codec import non_finite_quality
 from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.config import Name
 from drivers.serial_io import PortQueue, open_serial
@@ -161,20 +162,31 @@ class SerialLineDevice(StrictModel):
 
 
 class LineAssembler:
-    """Cuts received bytes into lines.
+    """Cuts received bytes into lines, holding at most ``max_line`` bytes plus a
+    terminator whatever arrives.
 
     ``feed(data)`` returns ``(lines, errors)``: complete lines without the terminator, and
-    a message per over-long line (the bytes of which are dropped up to the next
-    terminator). The first partial line after a (re)open is dropped: it may be the tail
-    of a line that started before.
+    a message per over-long line. An over-long line is dropped whole, up to its
+    terminator, whether it arrives in pieces or in one read (a line of 10 MB costs no
+    more memory than one of ``max_line``); a read larger than :data:`FEED_SLICE` is cut
+    into slices first. The first partial line after a (re)open is dropped: it may be the
+    tail of a line that started before; :meth:`resync` does the same after bytes were
+    lost in between.
     """
 
+    FEED_SLICE = 65536
+    """Bytes taken from one read at a time."""
+
     def __init__(self, terminator: bytes, max_line: int) -> None:
+        if not terminator:
+            raise ValueError("a line needs a terminator")
         self.terminator = terminator
         self.max_line = max_line
         self.buf = bytearray()
         self.synced = False
         self.discarding = False
+        self.too_long = 0
+        """Over-long lines dropped (since creation)."""
 
     def reset(self) -> None:
         """After reopening the port: drop what was pending and resynchronise."""
@@ -182,35 +194,64 @@ class LineAssembler:
         self.synced = False
         self.discarding = False
 
+    def clear(self) -> None:
+        """Drop the line in progress and stay in step (request mode: the next line is the
+        answer to the next request)."""
+        self.buf.clear()
+        self.discarding = False
+
+    def resync(self) -> None:
+        """Bytes were lost between two reads: the line in progress is incomplete, drop it
+        up to the next terminator."""
+        self.buf.clear()
+        self.discarding = False
+        self.synced = False
+
     def feed(self, data: bytes) -> tuple[list[bytes], list[str]]:
-        self.buf += data
         lines: list[bytes] = []
         errors: list[str] = []
+        step = self.FEED_SLICE
+        for i in range(0, len(data), step):
+            self._feed(data[i : i + step] if len(data) > step else data, lines, errors)
+        return lines, errors
+
+    def _feed(self, data: bytes, lines: list[bytes], errors: list[str]) -> None:
+        buf = self.buf
+        buf += data
         term = self.terminator
-        while True:
-            end = self.buf.find(term)
-            if end < 0:
-                if len(self.buf) > self.max_line and not self.discarding:
-                    errors.append(
-                        f"line longer than {self.max_line} bytes, dropped: "
-                        f"{bytes(self.buf[:60])!r}…"
-                    )
-                    self.discarding = True
-                if self.discarding:
-                    self.buf.clear()
-                break
-            line = bytes(self.buf[:end])
-            del self.buf[: end + len(term)]
+        pos = 0
+        while (end := buf.find(term, pos)) >= 0:
+            start, pos = pos, end + len(term)
+            if self.discarding:
+                self.discarding = False  # the end of the over-long line: in step now
+                self.synced = True
+                continue
             if not self.synced:
                 self.synced = True  # the first (possibly partial) line
                 continue
-            if self.discarding:
-                self.discarding = False  # the end of the over-long line
+            if end - start > self.max_line:
+                self.too_long += 1
+                errors.append(
+                    f"line of {end - start} bytes, longer than {self.max_line}, dropped: "
+                    f"{bytes(buf[start : start + 60])!r}…"
+                )
                 continue
+            line = bytes(buf[start:end])
             if term == b"\n" and line.endswith(b"\r"):
                 line = line[:-1]
             lines.append(line)
-        return lines, errors
+        del buf[:pos]
+        # (the held bytes may end in the first bytes of a terminator)
+        if len(buf) > self.max_line + len(term) - 1 and not self.discarding:
+            if self.synced:
+                self.too_long += 1
+                errors.append(
+                    f"line longer than {self.max_line} bytes, dropped: {bytes(buf[:60])!r}…"
+                )
+            self.discarding = True
+        if self.discarding:
+            # keep only what could be the start of a terminator split across reads
+            del buf[: max(0, len(buf) - (len(term) - 1))]
 
 
 def nmea_checksum(body: str) -> int:
@@ -271,9 +312,14 @@ def parse_fields(text: str, parser: LineParser) -> dict[str, str]:
     return {str(i): v for i, v in enumerate(fields) if i > 0}
 
 
+INT_LIMIT = 2**63
+"""Largest magnitude of an ``int`` field (a 64-bit counter); beyond it: ``decode_error``."""
+
+
 def to_results(fields: dict[str, str], points: Sequence[LinePoint]) -> list[PointResult]:
-    """One result per point from the fields of a line; a missing or unreadable field gives
-    that point quality ``decode_error``. Pure."""
+    """One result per point from the fields of a line; a missing, unreadable or
+    out-of-range field gives that point quality ``decode_error``, a NaN or infinite one
+    quality ``nan``/``inf`` (JSON has no such numbers, RFC 8259 section 6). Pure."""
     out: list[PointResult] = []
     for p in points:
         key = p.field or p.name
@@ -284,19 +330,31 @@ def to_results(fields: dict[str, str], points: Sequence[LinePoint]) -> list[Poin
         if p.type == "str":
             out.append(PointResult(p.name, raw))
             continue
+        shown = raw if len(raw) <= 40 else raw[:40] + "…"
         try:
-            number = float(raw) if p.type == "float" else int(raw, 10)
+            number: float | int = float(raw) if p.type == "float" else int(raw, 10)
+            if isinstance(number, int) and not -INT_LIMIT <= number <= INT_LIMIT:
+                raise OverflowError
+            if p.scale != 1 or p.offset != 0:
+                number = number * p.scale + p.offset
+            if p.decimals is not None:
+                number = round(float(number), p.decimals)
         except ValueError:
             out.append(
                 PointResult(
-                    p.name, None, "decode_error", f"field {key!r} = {raw!r} is not a {p.type}"
+                    p.name, None, "decode_error", f"field {key!r} = {shown!r} is not a {p.type}"
                 )
             )
             continue
-        if p.scale != 1 or p.offset != 0:
-            number = number * p.scale + p.offset
-        if p.decimals is not None:
-            number = round(float(number), p.decimals)
+        except OverflowError:
+            out.append(
+                PointResult(p.name, None, "decode_error", f"field {key!r} = {shown!r} is too large")
+            )
+            continue
+        bad = non_finite_quality(number) if isinstance(number, float) else None
+        if bad is not None:
+            out.append(PointResult(p.name, None, bad, f"field {key!r} = {shown!r}"))
+            continue
         out.append(PointResult(p.name, number))
     return out
 
@@ -346,7 +404,11 @@ class SerialLineReader:
         self.now_ms = now_ms
         self.asm = LineAssembler(dev.terminator.encode(), dev.max_line)
         self.errors = 0
+        """Lines (and holes in the stream) that gave no reading: garbled, unparsable,
+        over-long (:attr:`LineAssembler.too_long`)."""
         self.lines = 0
+        self.dropped_bytes = 0
+        """Bytes thrown away because the device sent faster than they were read."""
         self._logged_at = -1e9
         self._suppressed = 0
         self._transport: Any = None
@@ -412,19 +474,38 @@ class SerialLineReader:
                 self._close()
         finally:
             self._close()
+            if self.errors or self.dropped_bytes:
+                log.warning(
+                    "device %s: %d reading(s) from lines; %d line(s) dropped (%d over-long), "
+                    "%d byte(s) dropped unread",
+                    d.id,
+                    self.lines,
+                    self.errors,
+                    self.asm.too_long,
+                    self.dropped_bytes,
+                )
 
     def _close(self) -> None:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
 
+    def _take(self, port: PortQueue, data: bytes) -> tuple[list[bytes], list[str]]:
+        """Cut ``data`` into lines, first resynchronising if the queue had to drop bytes."""
+        lost = port.take_lost()
+        if lost:
+            self.dropped_bytes += lost
+            self.asm.resync()
+            self._error(f"{lost} byte(s) dropped: the device sends faster than it is read")
+        return self.asm.feed(data)
+
     async def _stream(self, port: PortQueue) -> None:
         while True:
-            data = await port.queue.get()
+            data = await port.get()
             if data is None:
                 return
             ts = self.now_ms()
-            lines, errors = self.asm.feed(data)
+            lines, errors = self._take(port, data)
             for e in errors:
                 self._error(e)
             for line in lines:
@@ -451,10 +532,9 @@ class SerialLineReader:
             if delay > 0:
                 await asyncio.sleep(delay)
             next_due += d.poll_interval
-            while not port.queue.empty():  # drop what came unasked
-                if port.queue.get_nowait() is None:
-                    return
-            self.asm.buf.clear()
+            if not port.discard():  # drop what came unasked
+                return
+            self.asm.clear()
             ts = self.now_ms()
             self._transport.write(request)
             deadline = time.monotonic() + d.timeout
@@ -468,14 +548,17 @@ class SerialLineReader:
                     break
                 try:
                     async with asyncio.timeout(left):
-                        data = await port.queue.get()
+                        data = await port.get()
                 except TimeoutError:
                     continue
                 if data is None:
                     return
-                lines, errors = self.asm.feed(data)
+                lines, errors = self._take(port, data)
                 for e in errors:
                     self._error(e)
+                if errors and not lines:  # an answer too long to be one
+                    answered = True
+                    self.sink(d, ts, self._bad("frame_error", f"garbled answer: {errors[0]}"))
                 for line in lines[:1]:
                     answered = True
                     if not self._handle(line, ts):

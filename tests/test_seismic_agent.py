@@ -146,15 +146,18 @@ def test_datacast_packets_are_aligned_across_channels() -> None:
         1507760140.53,
         [614, 813, -2],
     )
-    assert parse_datacast(datacast_packet("ENN", 10.25, [1, 2])) == ("ENN", 10.25, [1, 2])
+    t = 1507760150.25
+    assert parse_datacast(datacast_packet("ENN", t, [1, 2])) == ("ENN", t, [1, 2])
     al = ChannelAligner(["EHZ", "ENN"], rate=4.0)
     got: list[tuple[int, list[float]]] = []
     gaps: list[tuple[str, int, int]] = []
 
     def feed(ch: str, t: float, counts: list[int]) -> None:
-        s, g = al.feed(ch, t, counts)
-        got.extend(s)
-        gaps.extend(g)
+        for kind, a, b in al.feed(ch, t, counts):
+            if kind == "sample":
+                got.append((a, b))
+            else:
+                gaps.append((kind, a, b))
 
     feed("EHZ", 100.0, [1, 2, 3, 4])  # waits for ENN
     assert got == []
@@ -173,6 +176,7 @@ def test_datacast_over_udp_into_the_processor() -> None:
     import asyncio
     import socket
 
+    from agent.readings import now_ms
     from agent.seismic import SeismicProcessor
     from drivers.seismic_stream import SeismicDevice, SeismicUdpReader
 
@@ -198,7 +202,7 @@ def test_datacast_over_udp_into_the_processor() -> None:
         events.extend(o.doc or {} for o in proc.feed(counts, ts) if o.kind == "event")
 
     async def run() -> SeismicUdpReader:
-        reader = SeismicUdpReader(dev, on_sample, lambda *g: gaps.append(g), lambda: 0)
+        reader = SeismicUdpReader(dev, on_sample, lambda *g: gaps.append(g), now_ms)
         task = asyncio.create_task(reader.run())
         await asyncio.sleep(0.2)
         files = [str(DATA / f"loc_RJOB20050801145719850.{c}") for c in "zne"]

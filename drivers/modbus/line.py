@@ -217,24 +217,70 @@ def parse_ascii(frame: bytes) -> bytes:
 
 # -- the line -------------------------------------------------------------------------------
 
+HINT_SPAN = 300
+"""How far into a garbled reply a whole reply is looked for (to say "garbage before a
+reply"): a little more than the longest RTU frame."""
+
+
+RX_LIMIT = 4096
+"""Most received bytes a line holds at once. A reply is far shorter: an RTU ADU has at most
+256 bytes, an ASCII frame 513 characters (Modbus over Serial Line V1.02, 2.5.1.1 and
+2.5.2.1); more than this is a device (or a serial device server) that babbles."""
+
 
 class _LineProtocol(asyncio.Protocol):
-    """Collects received bytes and the time of the last one."""
+    """Collects received bytes and the time of the last one, at most ``limit`` bytes.
 
-    def __init__(self) -> None:
+    Past the limit (a flood), what was held is thrown away and counted; on a TCP
+    connection (``drop_on_flood``) the connection is closed as well, and :attr:`flooded`
+    says why: the bus's reconnect starts it again in step.
+    """
+
+    def __init__(self, limit: int = RX_LIMIT, drop_on_flood: bool = False) -> None:
         self.buf = bytearray()
         self.last_rx = 0.0
         self.event = asyncio.Event()
         self.transport: asyncio.BaseTransport | None = None
         self.lost = False
+        self.limit = limit
+        self.drop_on_flood = drop_on_flood
+        self.overflow = 0
+        """Bytes thrown away since the last :meth:`clear` because the limit was passed."""
+        self.discarded = 0
+        """Every byte thrown away on this connection (floods and strays)."""
+        self.flooded = ""
+        """Why the connection was closed by this side (empty: it was not)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
         self.last_rx = time.monotonic()
+        if self.flooded:
+            return
+        if len(self.buf) + len(data) > self.limit:
+            n = len(self.buf) + len(data)
+            self.overflow += n
+            self.discarded += n
+            self.buf.clear()
+            if self.drop_on_flood:
+                self.flooded = (
+                    f"more than {self.limit} bytes arrived unasked or in one reply (a flood); "
+                    "connection closed, it is opened again for the next poll"
+                )
+                if self.transport is not None:
+                    self.transport.close()
+        else:
+            self.buf += data
         self.event.set()
+
+    def clear(self) -> int:
+        """Throw away what is held (bytes nobody asked for); return how many."""
+        n = len(self.buf)
+        self.discarded += n
+        self.buf.clear()
+        self.overflow = 0
+        return n
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -284,6 +330,10 @@ class SerialLine:
         self._echo_missing_logged = False
         self.requests = 0
         """Requests sent (for diagnostics and tests)."""
+        self.stray = 0
+        """Bytes that arrived unasked between two requests and were thrown away."""
+        self.noisy = 0
+        """Requests not sent because the line never fell silent."""
         self.last_error = ""
         """Why the last :meth:`connect` failed."""
 
@@ -291,12 +341,12 @@ class SerialLine:
     def connected(self) -> bool:
         """True while the port (or TCP connection) is open."""
         p = self._proto
-        return p is not None and not p.lost and p.transport is not None
+        return p is not None and not p.lost and not p.flooded and p.transport is not None
 
     async def connect(self) -> bool:
         """Open the port or connection; return whether it is open. Never raises."""
         self.close()
-        proto = _LineProtocol()
+        proto = _LineProtocol(drop_on_flood=self.tcp)
         loop = asyncio.get_running_loop()
         try:
             if self.tcp:
@@ -333,21 +383,54 @@ class SerialLine:
             raise ConnectionError(f"{self.endpoint} is not open")
         return p
 
-    async def _wait_quiet(self, p: _LineProtocol) -> None:
+    async def _wait_quiet(self, p: _LineProtocol, timeout: float) -> None:
         """Wait until the line has been silent for the frame gap, then drop what arrived
-        since the last exchange (late replies, noise)."""
+        since the last exchange (late replies, noise).
+
+        Raises:
+            FrameError: the line did not fall silent within ``timeout`` seconds after any
+                pause it owes (a device that keeps sending): no request is sent into it.
+            ConnectionError: the connection is gone (or was dropped for a flood).
+        """
+        give_up = max(self._quiet_from, time.monotonic()) + timeout
         while True:
+            self._check_open(p)
             ready = max(self._quiet_from, p.last_rx + self.frame_gap)
-            delay = ready - time.monotonic()
+            now = time.monotonic()
+            delay = ready - now
             if delay <= 0:
                 break
-            await asyncio.sleep(delay)
-        if p.buf:
+            if ready > give_up:
+                n = len(p.buf) + p.overflow
+                self.noisy += 1
+                shown = _hex(p.buf)
+                p.clear()
+                raise FrameError(
+                    f"the line was never silent for {self.frame_gap * 1000:.1f} ms within "
+                    f"{timeout:g} s ({n} byte(s) arrived unasked: {shown}): a device keeps "
+                    "sending; no request sent"
+                )
+            await asyncio.sleep(min(delay, max(give_up - now, 0.001)))
+        if p.buf or p.overflow:
             log.debug("%s: discarded %d stray byte(s): %s", self.endpoint, len(p.buf), _hex(p.buf))
-            p.buf.clear()
+            self.stray += len(p.buf) + p.overflow
+            p.clear()
+
+    def _check_open(self, p: _LineProtocol) -> None:
+        if p.flooded:
+            raise FrameError(f"{self.endpoint}: {p.flooded}")
+        if p.lost:
+            raise ConnectionError(f"{self.endpoint} closed")
 
     async def _wait_data(self, p: _LineProtocol, deadline: float) -> bool:
-        """Wait for more bytes until ``deadline``; False when none came."""
+        """Wait for more bytes until ``deadline``; False when none came.
+
+        Raises:
+            FrameError: more bytes came than any reply has (:data:`RX_LIMIT`).
+            ConnectionError: the port or connection is gone.
+        """
+        if p.flooded:
+            raise FrameError(f"{self.endpoint}: {p.flooded}")
         remaining = deadline - time.monotonic()
         if remaining <= 0 or p.lost:
             return False
@@ -357,8 +440,14 @@ class SerialLine:
                 await p.event.wait()
         except TimeoutError:
             return False
-        if p.lost:
-            raise ConnectionError(f"{self.endpoint} closed")
+        self._check_open(p)
+        if p.overflow:
+            n = p.overflow
+            p.clear()
+            raise FrameError(
+                f"{n} bytes arrived for one reply, more than {p.limit}: a device babbles; "
+                "nothing used"
+            )
         return True
 
     async def transact(self, request: bytes, timeout: float) -> bytes:
@@ -384,7 +473,7 @@ class SerialLine:
 
     async def _transact(self, request: bytes, timeout: float) -> bytes:
         p = self._port()
-        await self._wait_quiet(p)
+        await self._wait_quiet(p, timeout)
         frame = ascii_frame(request) if self.framing == "ascii" else request + crc16(request)
         assert p.transport is not None
         p.transport.write(frame)  # type: ignore[attr-defined]
@@ -493,7 +582,7 @@ class SerialLine:
             )
         if need is None:
             hint = ""
-            for k in range(1, len(buf) - 1):
+            for k in range(1, min(len(buf) - 1, HINT_SPAN)):
                 n = reply_length(request, buf[k : k + 3])
                 if (
                     n is not None

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 
 from drivers.modbus.line import FrameError, check_reply
 
@@ -25,24 +26,57 @@ MAX_ADU = 254
 """Largest unit id + PDU of a Modbus TCP frame (MBAP length field at most 254)."""
 
 
+RX_LIMIT = 4 * (6 + MAX_ADU)
+"""Most received bytes held on a connection: a reply and a few late ones. More is a peer
+that floods, and the connection is dropped (the bus task opens it again)."""
+LOG_EVERY_S = 10.0
+"""A flood is logged at most this often per connection."""
+MAX_STALE = 8
+"""Replies with another transaction id taken for one request before the connection is
+dropped as out of step (a late reply or two is normal behind a gateway; a stream is not)."""
+
+
 class _MbapProtocol(asyncio.Protocol):
-    """Collects received bytes; wakes the waiting request."""
+    """Collects received bytes (at most :data:`RX_LIMIT`); wakes the waiting request."""
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.waiter: asyncio.Future[None] | None = None
         self.lost: Exception | None = None
         self.closed = False
+        self.transport: asyncio.BaseTransport | None = None
+        self.flooded = ""
+        """Why this side dropped the connection (empty: it did not)."""
+        self.discarded = 0
+        """Bytes thrown away by a flood."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        if self.flooded:
+            self.discarded += len(data)
+            return
+        if len(self.buf) + len(data) > RX_LIMIT:
+            self.discarded += len(self.buf) + len(data)
+            self.buf.clear()
+            self.flooded = (
+                f"more than {RX_LIMIT} bytes arrived that no request asked for (a flood); "
+                "connection closed, it is opened again for the next poll"
+            )
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            self.buf += data
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.lost = exc
+        self._wake()
+
+    def _wake(self) -> None:
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -65,6 +99,9 @@ class MbapClient:
         self._tid = 0
         self.stale = 0
         """Replies discarded because their transaction id was not the current one."""
+        self.floods = 0
+        """Connections dropped because the peer sent more than :data:`RX_LIMIT` bytes."""
+        self._flood_logged = -1e9
 
     @property
     def connected(self) -> bool:
@@ -78,6 +115,9 @@ class MbapClient:
         """
         if self.connected:
             return
+        old = self._proto
+        if old is not None and old.flooded:  # dropped between two requests
+            self._note_flood(old.flooded)
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.timeout):
             transport, proto = await loop.create_connection(_MbapProtocol, self.host, self.port)
@@ -86,6 +126,13 @@ class MbapClient:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._transport, self._proto = transport, proto
+
+    def _note_flood(self, why: str) -> None:
+        self.floods += 1
+        now = time.monotonic()
+        if now - self._flood_logged >= LOG_EVERY_S:
+            log.warning("%s:%s: %s (%d time(s) so far)", self.host, self.port, why, self.floods)
+            self._flood_logged = now
 
     def close(self) -> None:
         if self._transport is not None:
@@ -96,10 +143,14 @@ class MbapClient:
         """Send ``request`` (unit id + PDU) and return the checked reply's data
         (:func:`drivers.modbus.line.check_reply`).
 
+        Bytes no request asked for are bounded: past :data:`RX_LIMIT` held bytes, or more
+        than :data:`MAX_STALE` replies to other requests, the connection is closed (the bus
+        task opens it again with its backoff) and the request fails with FrameError.
+
         Raises:
             ExceptionReply: a Modbus exception reply.
             FrameError: a reply that does not fit the request (the connection is closed
-                if the MBAP framing itself is broken).
+                if the MBAP framing itself is broken, or the peer floods).
             TimeoutError: no reply within ``timeout`` seconds (the connection stays).
             ConnectionError: not connected, or the connection is gone.
         """
@@ -110,11 +161,19 @@ class MbapClient:
         transport.write(struct.pack(">HHH", tid, 0, len(request)) + request)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        stale = 0
         while True:
             frame = await self._frame(proto, deadline)
             got = (frame[0] << 8) | frame[1]
             if got != tid:
                 self.stale += 1
+                stale += 1
+                if stale > MAX_STALE:
+                    self.close()
+                    raise FrameError(
+                        f"more than {MAX_STALE} replies with other transaction ids than "
+                        f"{tid} (last {got}): the peer is out of step; connection closed"
+                    )
                 log.debug(
                     "%s:%s: discarded a late reply (transaction %d)", self.host, self.port, got
                 )
@@ -138,6 +197,10 @@ class MbapClient:
                     frame = bytes(buf[: 6 + length])
                     del buf[: 6 + length]
                     return frame
+            if proto.flooded:
+                self._note_flood(proto.flooded)
+                self.close()
+                raise FrameError(f"{self.host}:{self.port}: {proto.flooded}")
             if proto.closed:
                 raise ConnectionError(
                     f"connection to {self.host}:{self.port} closed"
