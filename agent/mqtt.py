@@ -247,7 +247,10 @@ class MqttLink:
 
     def _failed(self, exc: BaseException) -> None:
         """Log why a connection attempt failed (once per cause)."""
-        cause = tlsmod.explain(exc, self._where()) if self.tls is not None else None
+        cause = None
+        if self.tls is not None:
+            sock = self._context.last_socket if self._context is not None else None
+            cause = tlsmod.explain_close(sock, self._where(), exc)
         if cause is not None:
             self._problem(logging.ERROR, cause.key, f"cannot connect: {cause.text}")
             return
@@ -272,11 +275,11 @@ class MqttLink:
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(False)
             sock = self._context.last_socket if self._context is not None else None
-            error = sock.tls_error if sock is not None else None
+            cause = tlsmod.explain_close(sock, self._where()) if self.tls is not None else None
             if self._stopping:
                 pass
-            elif error is not None:
-                self._failed(error)
+            elif cause is not None:
+                self._problem(logging.ERROR, cause.key, f"cannot connect: {cause.text}")
             else:
                 self._problem(
                     logging.WARNING,
@@ -332,6 +335,8 @@ class MqttLink:
     def _attempt(self, first: bool) -> None:
         """One connection attempt (on an executor thread): the password as it is now,
         then TCP, TLS handshake (files read afresh) and CONNECT."""
+        if self._context is not None:
+            self._context.last_socket = None  # this attempt's socket, once it has one
         if self.cfg.username is not None:
             self.client.username_pw_set(self.cfg.username, tlsmod.password_of(self.cfg))
         if first:

@@ -337,32 +337,43 @@ class TlsSetupError(OSError):
 
 
 class RecordingSocket(ssl.SSLSocket):
-    """An SSL socket that keeps the last TLS error seen while reading or writing.
+    """An SSL socket that notes whether its handshake completed and the last error seen
+    while reading or writing after it.
 
-    With TLS 1.3 the broker judges the client certificate after the client's handshake is
-    done: its refusal arrives as an alert on the first read, which paho reports only as
-    "connection lost". The error kept here tells the link why.
+    With TLS 1.3 the broker judges the client certificate after the client's side of the
+    handshake is done: its refusal arrives as an alert on the first read, or (when the
+    broker closes at once, while the CONNECT it did not read is still in its buffer) as a
+    reset that discards the alert. paho reports either as "connection lost"; what is noted
+    here tells the link why (:func:`explain_close`).
     """
 
-    tls_error: ssl.SSLError | None = None
+    tls_error: OSError | None = None
+    handshake_done: bool = False
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        self.handshake_done = True
 
     def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
         try:
             return super().recv(buflen, flags)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _NOT_ERRORS:
             raise
-        except ssl.SSLError as exc:
+        except OSError as exc:
             self.tls_error = exc
             raise
 
     def send(self, data: Any, flags: int = 0) -> int:
         try:
             return super().send(data, flags)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except _NOT_ERRORS:
             raise
-        except ssl.SSLError as exc:
+        except OSError as exc:
             self.tls_error = exc
             raise
+
+
+_NOT_ERRORS = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
 
 
 def build_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -540,25 +551,10 @@ def explain(exc: BaseException, at: Where) -> Cause | None:
     mutual = tls.has_client_cert
     required = reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
     if not mutual and (required or reason == "SSLV3_ALERT_HANDSHAKE_FAILURE"):
-        return Cause(
-            "client_cert_required",
-            f"the broker {at.host}:{at.port} requires a client certificate: give "
-            "mqtt.tls.cert_file and mqtt.tls.key_file (or key_credential) issued by a CA "
-            "the broker trusts",
-        )
+        return _client_cert_cause(at, "TLS alert: certificate required")
     if reason in _CLIENT_CERT_ALERTS or required:
         alert = _CLIENT_CERT_ALERTS.get(reason, "certificate required")
-        expired = ""
-        now = datetime.now(UTC)
-        if at.client_not_after is not None and at.client_not_after < now:
-            expired = f"; it expired on {_iso(at.client_not_after)}"
-        return Cause(
-            f"client_cert_rejected:{reason}",
-            f"the broker {at.host}:{at.port} refused this gateway's client certificate "
-            f"{tls.cert_file or tls.key_credential} (TLS alert: {alert}){expired}: it needs a "
-            "certificate issued by a CA the broker trusts, valid and not revoked; renewed "
-            "files are used at the next attempt, no restart needed",
-        )
+        return _client_cert_cause(at, f"TLS alert: {alert}")
     if reason in _VERSION_REASONS:
         return Cause(
             "tls_version",
@@ -589,10 +585,55 @@ def explain(exc: BaseException, at: Where) -> Cause | None:
     return Cause(f"tls:{reason or type(exc).__name__}", f"TLS error with the broker: {exc}")
 
 
+def _client_cert_cause(at: Where, evidence: str, sure: bool = True) -> Cause:
+    """The broker requires a client certificate (none configured) or refused this one."""
+    maybe = "" if sure else "probably "
+    if not at.tls.has_client_cert:
+        return Cause(
+            "client_cert_required",
+            f"the broker {at.host}:{at.port} {maybe}requires a client certificate "
+            f"({evidence}): give mqtt.tls.cert_file and mqtt.tls.key_file (or key_credential) "
+            "issued by a CA the broker trusts",
+        )
+    expired = ""
+    if at.client_not_after is not None and at.client_not_after < datetime.now(UTC):
+        expired = f"; it expired on {_iso(at.client_not_after)}"
+    return Cause(
+        "client_cert_rejected",
+        f"the broker {at.host}:{at.port} {maybe}refused this gateway's client certificate "
+        f"{at.tls.cert_file} ({evidence}){expired}: it needs a certificate issued by a CA the "
+        "broker trusts, valid and not revoked; renewed files are used at the next attempt, "
+        "no restart needed",
+    )
+
+
+def explain_close(
+    sock: RecordingSocket | None, at: Where, exc: BaseException | None = None
+) -> Cause | None:
+    """The cause of a failed TLS connection attempt: ``exc`` raised by the attempt, or the
+    close before CONNACK seen on ``sock`` (the attempt's socket, None if it got no TLS
+    socket); None when nothing points at TLS. An alert says it exactly; a close or reset
+    right after a completed handshake is what a broker does that refuses (or misses) the
+    client certificate (TLS 1.3 judges it after the client's side of the handshake is
+    done), while a broker refusing anything else answers CONNECT with a reason code."""
+    error = exc if exc is not None else (sock.tls_error if sock is not None else None)
+    if sock is None or (exc is not None and not isinstance(exc, OSError)):
+        return explain(error, at) if error is not None else None
+    closed = error is None or isinstance(
+        error, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionError
+    )
+    if sock.handshake_done and closed:
+        what = "closed" if error is None or isinstance(error, ssl.SSLError) else "reset"
+        return _client_cert_cause(
+            at, f"it {what} the connection right after the TLS handshake", sure=False
+        )
+    return explain(error, at) if error is not None else None
+
+
 def _verify_cause(exc: ssl.SSLCertVerificationError, at: Where) -> Cause:
     tls = at.tls
     code = exc.verify_code
-    detail = f"OpenSSL verify code {code}: {exc.verify_message}"
+    detail = f"OpenSSL verify code {code}: {str(exc.verify_message).rstrip('.')}"
     name = tls.server_name or at.host
     if code in _UNKNOWN_CA:
         trusted = f"in {tls.ca_file}" if tls.ca_file else "in the system's CA store"
