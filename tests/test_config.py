@@ -927,8 +927,7 @@ def test_names_and_quoted_values_explained_in_words(cfgdir: Path) -> None:
     name = write(
         cfgdir,
         "agent.yaml",
-        "gateway_id: gw 17\nstate_dir: s\nmqtt: {username: 12345, password: 67890}\n"
-        + ONE_DEVICE,
+        "gateway_id: gw 17\nstate_dir: s\nmqtt: {username: 12345, password: 67890}\n" + ONE_DEVICE,
     )
     messages = {i.path: i.message for i in issues_of(name)}
     assert "letters, digits" in messages["gateway_id"] and "^" not in messages["gateway_id"]
