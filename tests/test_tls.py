@@ -800,3 +800,75 @@ def test_secret_appears_nowhere(
         assert secret not in everything
         assert secret.encode() not in state
         assert secret.encode("utf-16-le") not in state
+
+
+# ---------------------------------------------------------------------------------------
+# pure parts
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.255.0.9", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("10.0.0.5", False),
+        ("128.0.0.1", False),
+        ("0.0.0.0", False),
+        ("localhost.city.test", False),
+        ("broker", False),
+    ],
+)
+def test_loopback_means_written_as_loopback(host: str, loopback: bool) -> None:
+    from agent.tls import is_loopback
+
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize("cert", ["expired", "not_yet_valid", "good"])
+def test_certificate_dates_read_as_openssl_reads_them(pki: Pki, cert: str) -> None:
+    """notAfter read from the file's DER (UTCTime up to 2049, GeneralizedTime from 2050,
+    RFC 5280 4.1.2.5) is the date openssl prints."""
+    from datetime import UTC, datetime
+
+    from agent.tls import cert_file_not_after
+
+    path = pki.server[cert][0]
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-enddate", "-dateopt", "iso_8601", "-in", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    want = datetime.strptime(out.split("=", 1)[1].strip(), "%Y-%m-%d %H:%M:%SZ")
+    assert cert_file_not_after(path) == want.replace(tzinfo=UTC)
+    assert cert_file_not_after(pki.server[cert][1]) is None  # a key is no certificate
+    assert cert_file_not_after(path.with_name("missing.pem")) is None
+
+
+def test_expiry_notices_once_a_day_per_certificate() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from agent.tls import CertExpiry
+
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    e = CertExpiry()
+    e.not_after = {"client": now + timedelta(days=40), "server": now + timedelta(days=29, hours=1)}
+    (n,) = e.notices(now, mono=0.0)
+    assert n[0] == "cert_expiring"
+    assert n[2] == {"certificate": "server", "expires": "2026-12-30T01:00:00Z", "days_left": 29}
+    assert e.notices(now, mono=3600.0) == []  # once a day
+    assert [x[2]["certificate"] for x in e.notices(now, mono=86400.0)] == ["server"]
+    e.not_after["server"] = now + timedelta(days=365)  # renewed: quiet
+    assert e.notices(now, mono=86401.0) == []
+    e.not_after["client"] = now - timedelta(days=2)  # expired: said, with days_left < 0
+    (n,) = e.notices(now, mono=86402.0)
+    assert n[2]["days_left"] == -2 and "expired on 2026-11-29" in n[1]
+    assert e.health() == {
+        "server_cert_expires": "2027-12-01T00:00:00Z",
+        "client_cert_expires": "2026-11-29T00:00:00Z",
+    }
