@@ -619,6 +619,13 @@ def explain_close(
     error = exc if exc is not None else (sock.tls_error if sock is not None else None)
     if sock is None or (exc is not None and not isinstance(exc, OSError)):
         return explain(error, at) if error is not None else None
+    if isinstance(error, TimeoutError) and not sock.handshake_done:
+        return Cause(
+            "handshake_timeout",
+            f"{at.host}:{at.port} accepted the connection but did not complete the TLS "
+            "handshake in time: is a TLS broker listening there (not a firewall, a plain "
+            "MQTT port or another service)?",
+        )
     closed = error is None or isinstance(
         error, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionError
     )

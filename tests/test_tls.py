@@ -305,6 +305,8 @@ def test_case_048_first_byte_is_a_tls_handshake_never_a_plain_connect(
     for data in listener.seen:
         assert data[:1] == b"\x16", data[:16]  # TLS record type 22: handshake
         assert secret.encode() not in data and b"gw017" not in data
+        if variant == "tls_block_loopback_ip":  # server_name went out as SNI (RFC 6066 s. 3)
+            assert NAME.encode() in data
     log = agent.log()
     assert len(error_lines(log, "closed the connection during the TLS handshake")) == 1, log
     assert secret not in log
@@ -514,6 +516,7 @@ def secret_file(cfgdir: Path, name: str = "mqtt.pw", text: str = "pw\n", mode: i
         ("127.0.0.1", "  tls: true\n", "", True, 8883),
         ("127.0.0.1", "  tls: {server_name: broker.city.test}\n", "", True, 8883),
         ("10.0.0.5", "", "  port: 1884\n", True, 1884),
+        ("127.0.0.1", "", "  port: 8883\n", True, 8883),  # the TLS port: never plain
     ],
 )
 def test_tls_is_the_default_off_loopback_and_the_port_follows(
@@ -872,3 +875,83 @@ def test_expiry_notices_once_a_day_per_certificate() -> None:
         "server_cert_expires": "2027-12-01T00:00:00Z",
         "client_cert_expires": "2026-11-29T00:00:00Z",
     }
+
+
+# ---------------------------------------------------------------------------------------
+# hostile peers on the TLS port
+
+
+class Peer:
+    """A TLS port that misbehaves: ``silent`` accepts and never answers the ClientHello
+    (case 049 D); ``tls1.1`` is a broker offering TLS 1.0/1.1 only."""
+
+    def __init__(self, mode: str, cert: tuple[Path, Path]) -> None:
+        import ssl
+        import warnings
+
+        self.mode = mode
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.load_cert_chain(*cert)
+        with warnings.catch_warnings():  # the versions are deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._ctx.minimum_version = ssl.TLSVersion.TLSv1
+            self._ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        self._ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        self._srv = socket.socket()
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(8)
+        self.port = int(self._srv.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._srv.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.mode == "silent":
+                self._held.append(conn)
+                continue
+            with contextlib.suppress(OSError):
+                self._ctx.wrap_socket(conn, server_side=True).close()
+            conn.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._srv.shutdown(socket.SHUT_RDWR)
+        self._srv.close()
+        for c in self._held:
+            c.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "needle"),
+    [("tls1.1", "share no TLS version"), ("silent", "did not complete the TLS handshake")],
+)
+def test_case_049_tls_port_that_answers_wrong_is_a_failed_attempt(
+    tmp_path: Path, pki: Pki, mode: str, needle: str
+) -> None:
+    """A broker offering only TLS 1.1 is refused (TLS 1.2 at least) and a port that never
+    answers the ClientHello times out (paho's 5 s): each a failed attempt, never
+    "connected", retried, the cause logged once, the process up."""
+    peer = Peer(mode, pki.server["good"])
+    cfg = write_config(
+        tmp_path / "agent.yaml", peer.port, one_point_device(1, "1s"), tls_block(pki)
+    )
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    try:
+        wait_until(lambda: peer.accepted >= 2, 20, "a second attempt")
+        time.sleep(0.2)
+        assert agent.proc is not None and agent.proc.poll() is None
+    finally:
+        code = agent.stop()
+        peer.close()
+    log = agent.log()
+    assert code == 0, log
+    assert len(error_lines(log, needle)) == 1, log
+    assert "connected to mqtt" not in log

@@ -135,7 +135,8 @@ class MqttConfig(StrictModel):
     """Connection to the city platform's MQTT broker.
 
     ``tls`` absent means TLS towards any host that is not a loopback address
-    (:func:`agent.tls.is_loopback`), plain MQTT to a loopback one; ``false`` turns it off,
+    (:func:`agent.tls.is_loopback`) and towards port 8883, plain MQTT to a loopback one
+    otherwise; ``false`` turns it off,
     ``true`` turns it on with the system's CAs. ``port`` defaults to 8883 with TLS and 1883
     without (use :attr:`broker_port`, :attr:`tls_settings`).
     """
@@ -217,8 +218,9 @@ class MqttConfig(StrictModel):
         """The TLS settings in force, or None for plain MQTT (see the class docstring)."""
         if isinstance(self.tls, TlsConfig):
             return self.tls
-        if self.tls is None:
-            return None if is_loopback(self.host) else TlsConfig()
+        if self.tls is None:  # 8883 is MQTT over TLS (IANA): never plain MQTT there
+            plain = is_loopback(self.host) and self.port != 8883
+            return None if plain else TlsConfig()
         return TlsConfig() if self.tls else None
 
     @property
