@@ -81,6 +81,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
 
 
+BROKERS: list[TlsBroker] = []
+"""Brokers a test started; stopped after each test, also a failed one."""
+
+
+@pytest.fixture(autouse=True)
+def _stop_brokers() -> Iterator[None]:
+    yield
+    while BROKERS:
+        BROKERS.pop().stop()
+
+
 class TlsBroker:
     """mosquitto with a plain listener (``port``, for the test's subscriber) and a TLS
     listener (``tls_port``) whose certificate and client CA can be changed by a restart."""
@@ -95,6 +106,7 @@ class TlsBroker:
         self.tls_port = free_listen_port()
         self.extra = extra
         self.broker = Mosquitto(workdir)
+        BROKERS.append(self)
         self.configure(server, client_ca)
         self.broker.start()
         self._wait()
@@ -552,6 +564,22 @@ def test_case_048_password_in_clear_to_a_remote_host_is_refused_at_its_line(
     warnings = [ln for ln in lines if ": warning: " in ln]
     assert any(ln.startswith("agent.yaml:5:3: mqtt.tls: warning: TLS is off") for ln in warnings)
     assert any("in clear" in ln and "allow_plaintext_credentials" in ln for ln in warnings)
+
+
+@pytest.mark.parametrize(
+    ("tls", "message"),
+    [
+        ('"maybe"', "'maybe' is neither true, false nor TLS settings: write 'tls: false'"),
+        ("{ca_fil: x}", "unknown key 'ca_fil' (did you mean 'ca_file'?)"),
+        ("{cert_file: a.pem}", "cert_file and key_file go together"),
+        ("{key_file: k, key_credential: k}", "key_file and key_credential both given"),
+        ("{key_credential: ..}", "'..' is not a credential name"),
+    ],
+)
+def test_tls_settings_mistakes_explained(cfgdir: Path, tls: str, message: str) -> None:
+    code, lines = validate(cfgdir, HEAD + f"mqtt:\n  tls: {tls}\n" + DEVICE)
+    assert code == EX_CONFIG
+    assert lines[0].startswith("agent.yaml:4:") and message in lines[0], lines
 
 
 def test_case_048_tls_false_and_insecure_are_warned(cfgdir: Path) -> None:

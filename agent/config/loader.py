@@ -380,6 +380,11 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"driver '{tag}' is not one of {', '.join(options)}{hint}"
     value = err.get("input")
+    if kind in ("bool_parsing", "bool_type") and loc[-1:] == ("switch",):  # mqtt.tls
+        return (
+            f"{value!r} is neither true, false nor TLS settings: write 'tls: false', "
+            "'tls: true', or keys below it (ca_file, server_name, cert_file, key_file, ...)"
+        )
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         options = [o.strip().strip("'") for o in expected.replace(" or ", ", ").split(",")]
