@@ -161,12 +161,14 @@ def key_file_of(tls: TlsConfig) -> str | None:
     return tls.key_file
 
 
-def readable_by_others(path: str | Path) -> bool:
-    """Whether every user of the machine may read ``path`` (mode ``o+r``)."""
+def readable_by_others(path: str | Path) -> int | None:
+    """The permission bits of ``path`` when every user of the machine may read it (mode
+    ``o+r``), else None (also when it cannot be looked at)."""
     try:
-        return bool(os.stat(path).st_mode & stat.S_IROTH)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
-        return False
+        return None
+    return mode if mode & stat.S_IROTH else None
 
 
 def security_warnings(
@@ -207,7 +209,7 @@ def security_warnings(
     if cfg.password is not None:
         where = (
             f"; and {config_file} is readable by every user"
-            if config_file is not None and readable_by_others(config_file)
+            if config_file is not None and readable_by_others(config_file) is not None
             else ""
         )
         out.append(
@@ -222,9 +224,9 @@ def security_warnings(
     if tls is not None:
         files.append(("key_file", tls.key_file))
     for key, name in files:
-        if name is not None and readable_by_others(name):
+        mode = readable_by_others(name) if name is not None else None
+        if mode is not None:
             path = ("mqtt", key) if key == "password_file" else ("mqtt", "tls", key)
-            mode = stat.S_IMODE(os.stat(name).st_mode)
             out.append(
                 (
                     path,
