@@ -73,14 +73,6 @@ def is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------------------------------
 # secrets
 
