@@ -189,7 +189,7 @@ class Agent:
             if isinstance(d, ModbusDevice) and any(p.counter for p in d.points)
         }
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
-        self.link = MqttLink(cfg.mqtt, client_id, self.status_topic)
+        self.link = MqttLink(cfg.mqtt, client_id, self.status_topic, lambda: self.clock.synced)
         self.publisher = Publisher(
             self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
         )
@@ -514,6 +514,8 @@ class Agent:
         start_bytes = self._disk_write_bytes()
         start = time.monotonic()
         while True:
+            for kind, message, fields in self.link.tls_notices():  # cert_expiring
+                self.notice(kind, message, **fields)
             stats = await self.buffer.stats()
             draining = stats.pending > self.cfg.mqtt.max_inflight
             if self.link.connected.is_set():
@@ -542,6 +544,7 @@ class Agent:
                         buffer="memory" if self.buffer.sync.memory else "disk",
                         clock="synced" if self.clock.synced else "unsynced",
                         buffer_error=self.buffer_error,
+                        **self.link.tls_health(),
                     )
                 )
                 self.link.publish(

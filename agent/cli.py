@@ -29,11 +29,11 @@ def setup_logging(level: str) -> None:
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
-def load_or_exit(path: str) -> object:
+def load_or_exit(path: str, need_secrets: bool = False) -> object:
     from agent.config.loader import ConfigError, load_config
 
     try:
-        return load_config(path)
+        return load_config(path, need_secrets)
     except ConfigError as exc:
         for issue in exc.issues:
             click.echo(str(issue), err=True)
@@ -91,7 +91,7 @@ def run(config_file: str, log_level: str | None) -> None:
     from agent.buffer import BufferError, StateDirError
     from agent.config.model import AgentConfig
 
-    cfg = load_or_exit(config_file)
+    cfg = load_or_exit(config_file, need_secrets=True)
     assert isinstance(cfg, AgentConfig)
     setup_logging(log_level or cfg.log_level)
     try:

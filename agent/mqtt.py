@@ -7,6 +7,10 @@ reset after a connection that held for a while. paho's own automatic reconnect i
 
 QoS 1 messages that were in flight when the connection dropped stay in paho's queue and are
 resent (DUP=1) by paho after the next CONNACK; the buffer keeps its rows until PUBACK anyway.
+
+TLS (:mod:`agent.tls`): the context handed to paho reads its files again for every attempt;
+a failed handshake is a failed attempt, its cause logged once in plain words. The password
+is read (from its file or credential) before every attempt too.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
+from agent import tls as tlsmod
 from agent.config.model import MqttConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,8 @@ class MqttLink:
         cfg: the ``mqtt`` config section.
         client_id: MQTT client identifier.
         will_topic: the retained status topic; ``offline`` is set as last will (QoS 1).
+        clock_synced: whether the wall clock is trusted now (:class:`agent.clock.Clock`),
+            for the hint on an expired or not yet valid broker certificate.
 
     Attributes:
         on_connected: called (in the loop) after every successful CONNACK.
@@ -51,8 +58,11 @@ class MqttLink:
         cfg: MqttConfig,
         client_id: str,
         will_topic: str,
+        clock_synced: Callable[[], bool] = lambda: True,
     ) -> None:
         self.cfg = cfg
+        self.port = cfg.broker_port
+        self._clock_synced = clock_synced
         self.client_id = client_id
         self.on_connected: Callable[[], None] = lambda: None
         self.on_puback: PubackHandler = lambda mid, ok, reason: None
@@ -63,7 +73,8 @@ class MqttLink:
         self._loop_thread = threading.get_ident()
         self._stopping = False
         self._stop_event = asyncio.Event()
-        self._problem_logged = False
+        self._cause: str | None = None
+        """Key of the connection problem last logged loudly (None after a CONNACK)."""
         self._write_soon = False
         self._short_drop = False
         self.ever_connected = False
@@ -83,12 +94,16 @@ class MqttLink:
         c.max_inflight_messages_set(cfg.max_inflight)
         c.max_queued_messages_set(0)
         c.will_set(will_topic, b"offline", qos=1, retain=True)
-        if cfg.username is not None:
-            c.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls is not None:
-            t = cfg.tls
-            c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file)
-            c.tls_insecure_set(t.insecure)
+        self.tls = cfg.tls_settings
+        self._context: tlsmod.ReloadingContext | None = None
+        self.expiry = tlsmod.CertExpiry()
+        if self.tls is not None:
+            self._context = tlsmod.ReloadingContext(self.tls)
+            c.tls_set_context(self._context)
+            if self.tls.cert_file is not None:
+                self.expiry.not_after["client"] = tlsmod.cert_file_not_after(self.tls.cert_file)
+        for _, message in tlsmod.security_warnings(cfg):
+            log.warning("%s", message)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
@@ -179,7 +194,7 @@ class MqttLink:
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(ok)
         if ok:
-            self._problem_logged = False
+            self._cause = None
             self.ever_connected = True
             if self._short_drop:
                 self._short_drop = False
@@ -187,23 +202,66 @@ class MqttLink:
             self._connected_at = time.monotonic()
             self._disconnected.clear()
             self.connected.set()
-            log.info(
-                "connected to mqtt://%s:%d as %r", self.cfg.host, self.cfg.port, self.client_id
-            )
+            self._log_connected()
             self.on_connected()
         else:
-            self._problem(logging.ERROR, "broker %s:%d refused the connection: %s", reason)
+            self._problem(
+                logging.ERROR,
+                f"refused:{reason}",
+                f"broker {self.cfg.host}:{self.port} refused the connection: {reason}",
+            )
 
-    def _problem(self, level: int, msg: str, detail: object) -> None:
-        """Log a connection problem loudly once; repeats go to DEBUG until a CONNACK."""
-        log.log(
-            logging.DEBUG if self._problem_logged else level,
-            msg,
-            self.cfg.host,
-            self.cfg.port,
-            detail,
+    def _log_connected(self) -> None:
+        where = f"{self.cfg.host}:{self.port} as {self.client_id!r}"
+        sock = self._sock if self._sock is not None else self.client.socket()
+        if self.tls is None or not isinstance(sock, ssl.SSLSocket):
+            log.info("connected to mqtt://%s", where)
+            return
+        self.expiry.not_after["server"] = tlsmod.peer_not_after(sock)
+        if self._context is not None and self._context.client_not_after is not None:
+            self.expiry.not_after["client"] = self._context.client_not_after
+        version = sock.version()
+        if self.tls.insecure:
+            log.warning(
+                "connected to mqtts://%s (%s) WITHOUT verifying the broker's certificate "
+                "(mqtt.tls.insecure): anyone on the path can pose as the broker",
+                where,
+                version,
+            )
+        else:
+            name = self.tls.server_name or self.cfg.host
+            log.info(
+                "connected to mqtts://%s (%s, certificate verified for %s)", where, version, name
+            )
+
+    def _problem(self, level: int, key: str, text: str) -> None:
+        """Log a connection problem loudly once per cause (a changed cause is logged
+        again); repeats of the same cause go to DEBUG until a CONNACK."""
+        log.log(logging.DEBUG if key == self._cause else level, "%s", text)
+        self._cause = key
+
+    def _where(self) -> tlsmod.Where:
+        assert self.tls is not None
+        client = self._context.client_not_after if self._context is not None else None
+        return tlsmod.Where(self.cfg.host, self.port, self.tls, self._clock_synced(), client)
+
+    def _failed(self, exc: BaseException) -> None:
+        """Log why a connection attempt failed (once per cause)."""
+        cause = None
+        if self.tls is not None:
+            sock = self._context.last_socket if self._context is not None else None
+            cause = tlsmod.explain_close(sock, self._where(), exc)
+        if cause is not None:
+            self._problem(logging.ERROR, cause.key, f"cannot connect: {cause.text}")
+            return
+        if isinstance(exc, tlsmod.SecretError):
+            self._problem(logging.ERROR, f"secret:{exc}", f"cannot connect: {exc}; retrying")
+            return
+        self._problem(
+            logging.WARNING,
+            f"os:{type(exc).__name__}:{getattr(exc, 'errno', None)}",
+            f"cannot connect to broker {self.cfg.host}:{self.port}: {exc}; retrying with backoff",
         )
-        self._problem_logged = True
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -216,12 +274,19 @@ class MqttLink:
         self._disconnected.set()
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(False)
-            if not self._stopping:
+            sock = self._context.last_socket if self._context is not None else None
+            cause = tlsmod.explain_close(sock, self._where()) if self.tls is not None else None
+            if self._stopping:
+                pass
+            elif cause is not None:
+                self._problem(logging.ERROR, cause.key, f"cannot connect: {cause.text}")
+            else:
                 self._problem(
                     logging.WARNING,
-                    "%s:%d closed the connection before answering CONNECT (%s): is it an MQTT "
-                    "broker, and does it expect TLS (mqtt.tls) on this port?",
-                    reason,
+                    f"closed:{reason}",
+                    f"{self.cfg.host}:{self.port} closed the connection before answering "
+                    f"CONNECT ({reason}): is it an MQTT broker, and does it expect TLS "
+                    "(mqtt.tls) on this port?",
                 )
         if self._stopping:
             return
@@ -230,7 +295,7 @@ class MqttLink:
             log.warning(
                 "lost connection to broker %s:%d (%s) after %.1fs; buffering",
                 self.cfg.host,
-                self.cfg.port,
+                self.port,
                 reason,
                 held,
             )
@@ -267,8 +332,31 @@ class MqttLink:
 
     # -- public ---------------------------------------------------------------------------
 
-    def _connect_blocking(self) -> None:
-        self.client.connect(self.cfg.host, self.cfg.port, keepalive=int(self.cfg.keepalive))
+    def _attempt(self, first: bool) -> None:
+        """One connection attempt (on an executor thread): the password as it is now,
+        then TCP, TLS handshake (files read afresh) and CONNECT."""
+        if self._context is not None:
+            self._context.last_socket = None  # this attempt's socket, once it has one
+        if self.cfg.username is not None:
+            self.client.username_pw_set(self.cfg.username, tlsmod.password_of(self.cfg))
+        if first:
+            self.client.connect(self.cfg.host, self.port, keepalive=int(self.cfg.keepalive))
+        else:
+            self.client.reconnect()
+
+    def tls_health(self) -> dict[str, Any]:
+        """Health fields: ``tls`` (None for plain MQTT, else ``verify``,
+        ``server_cert_expires``, ``client_cert_expires``) and ``tls_verify`` with TLS."""
+        if self.tls is None:
+            return {"tls": None}
+        verify = not self.tls.insecure
+        return {"tls": {"verify": verify, **self.expiry.health()}, "tls_verify": verify}
+
+    def tls_notices(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """``cert_expiring`` notices due now (:meth:`agent.tls.CertExpiry.notices`)."""
+        if self._context is not None and self._context.client_not_after is not None:
+            self.expiry.not_after["client"] = self._context.client_not_after
+        return self.expiry.notices()
 
     async def run(self) -> None:
         """Connect and stay connected until :meth:`stop`; never raises for network errors."""
@@ -280,21 +368,14 @@ class MqttLink:
         while not self._stopping:
             self._connack = self._loop.create_future()
             try:
-                if first:
-                    await self._loop.run_in_executor(None, self._connect_blocking)
-                else:
-                    await self._loop.run_in_executor(None, self.client.reconnect)
+                await self._loop.run_in_executor(None, self._attempt, first)
                 first = False
                 async with asyncio.timeout(30):
                     ok = await asyncio.shield(self._connack)
-            except (OSError, ssl.SSLError, TimeoutError, mqtt.WebsocketConnectionError) as exc:
+            except (OSError, TimeoutError, mqtt.WebsocketConnectionError) as exc:
                 ok = False
                 self._short_drop = False  # the broker was away: not a client-id takeover
-                self._problem(
-                    logging.WARNING,
-                    "cannot connect to broker %s:%d: %s; retrying with backoff",
-                    exc,
-                )
+                self._failed(exc)
                 if self.client.socket() is not None:
                     self.client.disconnect()
             if ok:

@@ -156,6 +156,7 @@ class Subscriber:
         client_id: str | None = None,
         clean: bool = False,
         prefix: str = "lifeline",
+        auth: tuple[str, str] | None = None,
     ) -> None:
         self.messages: list[Message] = []
         self.invalid: list[str] = []
@@ -169,6 +170,8 @@ class Subscriber:
             clean_session=clean,
         )
         self.client.reconnect_delay_set(0.1, 0.5)
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.topic = topic
         self.connected = threading.Event()
 
@@ -234,8 +237,16 @@ RUNNING: list[AgentProcess] = []
 class AgentProcess:
     """``python -m agent run --config FILE`` as a child process, stderr to a log file."""
 
-    def __init__(self, config: Path, log: Path, wall_offset_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        wall_offset_file: Path | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.config = config
+        self.args = args
+        """More arguments of ``run``, e.g. ``("--log-level", "debug")``."""
         self.log_path = log
         self.wall = wall_offset_file
         """With a file: the agent's wall clock is off by the milliseconds written in it
@@ -248,7 +259,7 @@ class AgentProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         wrap = [] if self.wall is None else [str(REPO / "tests" / "wallclock.py"), str(self.wall)]
         self.proc = subprocess.Popen(
-            [sys.executable, *wrap, "-m", "agent", "run", "--config", str(self.config)],
+            [sys.executable, *wrap, "-m", "agent", "run", "--config", str(self.config), *self.args],
             stdout=self._log,
             stderr=self._log,
             env=env,

@@ -927,11 +927,15 @@ def test_names_and_quoted_values_explained_in_words(cfgdir: Path) -> None:
     name = write(
         cfgdir,
         "agent.yaml",
-        "gateway_id: gw 17\nstate_dir: s\nmqtt: {username: u, password: 12345}\n" + ONE_DEVICE,
+        "gateway_id: gw 17\nstate_dir: s\nmqtt: {username: 12345, password: 67890}\n" + ONE_DEVICE,
     )
     messages = {i.path: i.message for i in issues_of(name)}
     assert "letters, digits" in messages["gateway_id"] and "^" not in messages["gateway_id"]
-    assert messages["mqtt.password"] == '12345 is not text: write it in quotes, e.g. "12345"'
+    assert messages["mqtt.username"] == '12345 is not text: write it in quotes, e.g. "12345"'
+    # a secret is never repeated, not even a mistyped one
+    assert messages["mqtt.password"] == (
+        "must be text: write it in quotes (the value is not repeated here)"
+    )
 
 
 def test_unusable_state_dir_is_a_config_error(cfgdir: Path) -> None:

@@ -141,6 +141,11 @@ def _samples() -> list[tuple[str, bytes]]:
         "buffer_on_disk": {"moved": 12},
         "clock_step": {"step_ms": -3600000, "synced": True},
         "clock_restamp": {"first_seq": 1, "last_seq": 9, "correction_ms": 86400000},
+        "cert_expiring": {
+            "certificate": "client",
+            "expires": "2027-01-01T00:00:00.000Z",
+            "days_left": 29,
+        },
     }
     assert set(examples) == set(NOTICE_TYPES)
     for i, (kind, fields) in enumerate(examples.items()):
@@ -220,6 +225,12 @@ def _samples() -> list[tuple[str, bytes]]:
         clock="synced",
         buffer_error="read-only filesystem",
         devices_offline=1,
+        tls={
+            "verify": True,
+            "server_cert_expires": "2027-01-01T00:00:00.000Z",
+            "client_cert_expires": None,
+        },
+        tls_verify=True,
     )
     info = payloads.info(
         GW,

@@ -20,14 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
-from agent.config.model import AgentConfig, TlsConfig
+from agent.config.model import AgentConfig, MqttConfig, TlsConfig
+from agent.tls import (
+    CREDENTIALS_ENV,
+    SecretError,
+    credential_path,
+    is_loopback,
+    load_client_cert,
+    read_secret_file,
+    security_warnings,
+)
 from drivers.modbus.config import (
     ModbusPoint,
     ModbusProfile,
@@ -326,9 +335,29 @@ PATTERN_WORDS = {
 """Config patterns said in words (the regular expression means nothing to ops teams)."""
 
 
+def _is_secret(model: type[BaseModel], loc: tuple[int | str, ...]) -> bool:
+    """Whether ``loc`` names a secret field (typed ``SecretStr``) or lies within one."""
+    for n in range(len(loc), 0, -1):
+        owner = _model_at(model, loc[: n - 1])
+        field = owner.model_fields.get(str(loc[n - 1])) if owner is not None else None
+        if field is not None and SecretStr in set(_types_in(field.annotation)):
+            return True
+    return False
+
+
+def _types_in(annotation: Any) -> Iterator[Any]:
+    yield annotation
+    for arg in typing.get_args(annotation):
+        yield from _types_in(arg)
+
+
 def _message(err: Any, model: type[BaseModel]) -> str:
     kind = err["type"]
     loc = tuple(err["loc"])
+    if _is_secret(model, loc):  # never repeat a secret, not even a mistyped one
+        if kind == "string_type":
+            return "must be text: write it in quotes (the value is not repeated here)"
+        return "invalid value (not repeated here: it is a secret)"
     if kind == "extra_forbidden":
         bad = str(loc[-1])
         owner = _model_at(model, loc[:-1])
@@ -351,6 +380,11 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"driver '{tag}' is not one of {', '.join(options)}{hint}"
     value = err.get("input")
+    if kind in ("bool_parsing", "bool_type") and loc[-1:] == ("switch",):  # mqtt.tls
+        return (
+            f"{value!r} is neither true, false nor TLS settings: write 'tls: false', "
+            "'tls: true', or keys below it (ca_file, server_name, cert_file, key_file, ...)"
+        )
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
         options = [o.strip().strip("'") for o in expected.replace(" or ", ", ").split(",")]
@@ -544,6 +578,8 @@ def _splice_includes(
                 )
 
 
+_SECRET_KEY_RE = re.compile(r"\bpassword\s*:")
+"""A line that gives a secret: its values are never repeated in a message."""
 _DATE_RE = re.compile(r"(?<![\w'\"])(\d{4}-\d{1,2}-\d{1,2}(?:[Tt ][0-9:.]+(?:Z|[+-]\d\d:?\d\d)?)?)")
 
 
@@ -557,7 +593,8 @@ def _bad_date(text: str) -> tuple[int, int, str]:
             try:
                 date(y, mo, d)
             except ValueError:
-                return n, m.start() + 1, m.group(1)
+                secret = _SECRET_KEY_RE.search(line[: m.start()]) is not None
+                return n, m.start() + 1, "a value" if secret else m.group(1)
     return 1, 1, ""
 
 
@@ -590,6 +627,68 @@ def _state_dir_problem(path: Path) -> str | None:
     return None
 
 
+def _resolve_mqtt(
+    mqtt: MqttConfig,
+    base: Path,
+    data: Any,
+    display: str,
+    origins: _Origins,
+    need_secrets: bool,
+) -> tuple[MqttConfig, list[ConfigIssue]]:
+    """The ``mqtt`` section with its paths made absolute, and its problems: credentials
+    that would cross the network in clear, secret and TLS files that cannot be used."""
+    issues: list[ConfigIssue] = []
+
+    def issue(loc: tuple[str, ...], message: str) -> None:
+        f, line, col, p = _locate(data, ("mqtt", *loc), display, origins, key=False)
+        issues.append(ConfigIssue(f, line, col, p, message))
+
+    def _abs(p: str | None) -> str | None:
+        return None if p is None else str((base / p).resolve())
+
+    update: dict[str, Any] = {"password_file": _abs(mqtt.password_file)}
+    tls = mqtt.tls_settings
+    if isinstance(mqtt.tls, TlsConfig):
+        update["tls"] = tls = mqtt.tls.model_copy(
+            update={
+                "ca_file": _abs(mqtt.tls.ca_file),
+                "cert_file": _abs(mqtt.tls.cert_file),
+                "key_file": _abs(mqtt.tls.key_file),
+            }
+        )
+    mqtt = mqtt.model_copy(update=update)
+
+    source = mqtt.password_source
+    clear = tls is None and not is_loopback(mqtt.host)
+    if clear and mqtt.username is not None and not mqtt.allow_plaintext_credentials:
+        issue(
+            (source or "username",),
+            f"the MQTT {'password' if source else 'username'} would cross the network "
+            f"in clear: {mqtt.host} is not a loopback address and 'tls: false' turns TLS "
+            "off. Remove 'tls: false' (TLS is the default), or, on a trusted network "
+            "only, set mqtt.allow_plaintext_credentials: true",
+        )
+    if mqtt.password_file is not None:
+        try:
+            read_secret_file(Path(mqtt.password_file))
+        except SecretError as exc:
+            issue(("password_file",), str(exc))
+    creds = [("password_credential",), ("tls", "key_credential")]
+    for loc in creds:
+        name = getattr(mqtt if len(loc) == 1 else tls, loc[-1], None)
+        if name is None or (not need_secrets and not os.environ.get(CREDENTIALS_ENV)):
+            continue
+        try:
+            path = credential_path(name)
+            if loc[0] == "password_credential":
+                read_secret_file(path)
+        except SecretError as exc:
+            issue(loc, str(exc))
+    if tls is not None and not issues:
+        issues += _check_tls(tls, data, display, origins)
+    return mqtt, issues
+
+
 def _check_tls(tls: TlsConfig, data: Any, display: str, origins: _Origins) -> list[ConfigIssue]:
     """Load the TLS files the way the MQTT client will, so a missing or unreadable file is
     a config error at its line, not a crash at connect time."""
@@ -611,20 +710,34 @@ def _check_tls(tls: TlsConfig, data: Any, display: str, origins: _Origins) -> li
             ctx.load_verify_locations(cafile=tls.ca_file)
         except (ssl.SSLError, OSError) as exc:
             issue("ca_file", f"cannot load CA certificates from {tls.ca_file}: {exc}")
-    if tls.cert_file is not None and tls.key_file is not None:
-        try:
-            ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        except (ssl.SSLError, OSError) as exc:
-            issue("cert_file", f"cannot load client certificate/key: {exc}")
+    if tls.key_credential is not None and not os.environ.get(CREDENTIALS_ENV):
+        return issues  # not checkable outside the service (validate says so)
+    try:
+        load_client_cert(ctx, tls)
+    except SecretError as exc:
+        issue("key_credential" if tls.key_credential else "key_file", str(exc))
+    except (ssl.SSLError, OSError) as exc:
+        issue("cert_file", f"cannot load client certificate/key: {_ssl_reason(exc)}")
     return issues
 
 
-def load_config(path: str | Path) -> AgentConfig:
+def _ssl_reason(exc: BaseException) -> str:
+    """An SSL/OS error in a few words (OpenSSL's reason code, or the OS's message)."""
+    reason = getattr(exc, "reason", None)
+    if reason == "KEY_VALUES_MISMATCH":
+        return "the key does not belong to the certificate"
+    return str(reason or getattr(exc, "strerror", None) or type(exc).__name__)
+
+
+def load_config(path: str | Path, need_secrets: bool = False) -> AgentConfig:
     """Load, validate and resolve the config at ``path``.
 
-    Relative paths in the file (``state_dir``, ``profiles_dir``, ``include``, TLS files)
-    are resolved against the file's directory. Device profiles are merged into each
-    device's ``points`` (profile points first).
+    Relative paths in the file (``state_dir``, ``profiles_dir``, ``include``, TLS and
+    password files) are resolved against the file's directory. Device profiles are merged
+    into each device's ``points`` (profile points first). Secret files and systemd
+    credentials are checked for being there; with ``need_secrets`` (the agent about to run)
+    a credential without ``$CREDENTIALS_DIRECTORY`` is an error too, otherwise
+    ``validate`` only warns that it could not check it (:func:`config_notes`).
 
     A valid file is read once with the small safe YAML loader; only an invalid one is read
     again with positions (ruamel's round-trip mode, several times the memory for a big
@@ -636,13 +749,13 @@ def load_config(path: str | Path) -> AgentConfig:
         ConfigError: with every problem found, each at ``file:line:col``.
     """
     try:
-        return _load(Path(path), fast=True)
+        return _load(Path(path), fast=True, need_secrets=need_secrets)
     except (ConfigError, YAMLError, ValueError, TypeError, KeyError, OSError):
         pass
-    return _load(Path(path), fast=False)
+    return _load(Path(path), fast=False, need_secrets=need_secrets)
 
 
-def _load(path: Path, fast: bool) -> AgentConfig:
+def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
     main = Path(path).resolve()
     base = main.parent
     display = _display(main)
@@ -755,19 +868,9 @@ def _load(path: Path, fast: bool) -> AgentConfig:
     if problem is not None:
         f, line, col, p = _locate(data, ("state_dir",), display, origins, key=False)
         raise ConfigError([ConfigIssue(f, line, col, p, problem)])
-    mqtt = cfg.mqtt
-    if mqtt.tls is not None:
-        tls = mqtt.tls.model_copy(
-            update={
-                "ca_file": _abs(mqtt.tls.ca_file),
-                "cert_file": _abs(mqtt.tls.cert_file),
-                "key_file": _abs(mqtt.tls.key_file),
-            }
-        )
-        tls_issues = _check_tls(tls, data, display, origins)
-        if tls_issues:
-            raise ConfigError(tls_issues)
-        mqtt = mqtt.model_copy(update={"tls": tls})
+    mqtt, mqtt_issues = _resolve_mqtt(cfg.mqtt, base, data, display, origins, need_secrets)
+    if mqtt_issues:
+        raise ConfigError(mqtt_issues)
     return cfg.model_copy(
         update={
             "devices": resolved,
@@ -1020,5 +1123,40 @@ def config_notes(path: str | Path) -> list[ConfigIssue]:
             if not perrs and isinstance(pdata, dict):
                 out += _point_notes(
                     pdata.get("points"), ("points",), pdata, _display(p), _Origins({})
+                )
+    out += _mqtt_notes(data, main, display, origins)
+    return out
+
+
+def _mqtt_notes(data: Any, main: Path, display: str, origins: _Origins) -> list[ConfigIssue]:
+    """Warnings about how the ``mqtt`` section treats the link and its secrets
+    (:func:`agent.tls.security_warnings`), and credentials that cannot be checked here."""
+    raw = _to_plain(data).get("mqtt") or {}
+    try:
+        mqtt, _ = _resolve_mqtt(
+            MqttConfig.model_validate(raw), main.parent, data, display, origins, False
+        )
+    except ValidationError:
+        return []
+    out: list[ConfigIssue] = []
+
+    def warn(loc: tuple[str, ...], message: str) -> None:
+        f, line, col, p = _locate(data, loc, display, origins, key=True)
+        out.append(ConfigIssue(f, line, col, p, message, "warning"))
+
+    for loc, message in security_warnings(mqtt, main):
+        warn(loc, message)
+    if not os.environ.get(CREDENTIALS_ENV):
+        tls = mqtt.tls_settings
+        for loc, name in (
+            (("mqtt", "password_credential"), mqtt.password_credential),
+            (("mqtt", "tls", "key_credential"), tls.key_credential if tls else None),
+        ):
+            if name is not None:
+                warn(
+                    loc,
+                    f"credential {name!r} not checked: ${CREDENTIALS_ENV} is not set here (systemd "
+                    f"sets it for a unit with LoadCredential={name}:/path/to/file); "
+                    "'edge-agent run' refuses to start without it",
                 )
     return out

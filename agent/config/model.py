@@ -9,9 +9,18 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    model_validator,
+)
 
 from agent.config.alarms import AlarmRule, GpioConfig, OutputConfig
+from agent.tls import is_loopback
 from drivers.common import Duration, Size, StrictModel, at_least
 from drivers.modbus.config import (
     ModbusRtuDevice,
@@ -40,26 +49,102 @@ Device = Annotated[
 """Every device kind the agent knows, chosen by ``driver`` (default ``modbus_tcp``)."""
 
 
-class TlsConfig(StrictModel):
-    """TLS towards the broker. Relative paths are relative to the config file."""
+def _credential_name(value: str) -> str:
+    if value in (".", ".."):
+        raise ValueError(
+            f"{value!r} is not a credential name: use the NAME of LoadCredential=NAME:…"
+        )
+    return value
 
-    ca_file: str | None = Field(default=None, description="CA bundle (PEM) to verify the broker")
+
+CredentialName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9_.@-]{1,255}$",
+        description="Name of a systemd credential (LoadCredential=NAME:...), a file name",
+    ),
+    AfterValidator(_credential_name),
+]
+"""A systemd credential name: a file name in ``$CREDENTIALS_DIRECTORY`` (systemd.exec(5),
+"Credentials")."""
+
+
+class TlsConfig(StrictModel):
+    """TLS towards the broker. Relative paths are relative to the config file.
+
+    The broker's certificate is always verified (against ``ca_file``, or the system's CA
+    store without it) and must name the host connected to, or ``server_name``; TLS 1.2 is
+    the least version offered. See :mod:`agent.tls`.
+    """
+
+    ca_file: str | None = Field(
+        default=None, description="CA bundle (PEM) to verify the broker (default: system CAs)"
+    )
     cert_file: str | None = Field(default=None, description="Client certificate (PEM)")
     key_file: str | None = Field(default=None, description="Client private key (PEM)")
-    insecure: bool = Field(default=False, description="Skip host name check (testing only)")
+    key_credential: CredentialName | None = Field(
+        default=None,
+        description="The client key as a systemd credential (LoadCredential=), instead of key_file",
+    )
+    server_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Name checked against the broker's certificate and sent as SNI, when "
+        "connecting by IP address (default: mqtt.host)",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Do not verify the broker's certificate at all (testing only; warned "
+        "about at every start and connect)",
+    )
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together: give both or neither")
-        return self
+        if self.key_file is not None and self.key_credential is not None:
+            raise ValueError("key_file and key_credential both given: use one of them")
+        has_key = self.key_file is not None or self.key_credential is not None
+        if (self.cert_file is not None) == has_key:
+            return self
+        if self.cert_file is None:
+            raise ValueError("a client key needs its certificate: give cert_file too")
+        raise ValueError(
+            "cert_file and key_file go together: give the client key as key_file (or "
+            "key_credential)"
+        )
+
+    @property
+    def has_client_cert(self) -> bool:
+        """Whether a client certificate is configured (mutual TLS)."""
+        return self.cert_file is not None
+
+
+def _tls_kind(value: Any) -> str:
+    return "mapping" if isinstance(value, dict | TlsConfig) else "switch"
+
+
+TlsSetting = Annotated[
+    Annotated[TlsConfig, Tag("mapping")] | Annotated[bool, Tag("switch")],
+    Discriminator(_tls_kind),
+]
+"""``mqtt.tls``: ``true``/``false`` or a mapping of TLS settings."""
 
 
 class MqttConfig(StrictModel):
-    """Connection to the city platform's MQTT broker."""
+    """Connection to the city platform's MQTT broker.
+
+    ``tls`` absent means TLS towards any host that is not a loopback address
+    (:func:`agent.tls.is_loopback`) and towards port 8883, plain MQTT to a loopback one
+    otherwise; ``false`` turns it off,
+    ``true`` turns it on with the system's CAs. ``port`` defaults to 8883 with TLS and 1883
+    without (use :attr:`broker_port`, :attr:`tls_settings`).
+    """
 
     host: str = Field(default="127.0.0.1", min_length=1)
-    port: int = Field(default=1883, ge=1, le=65535)
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Default: 8883 with TLS, 1883 without"
+    )
     protocol: Annotated[Literal["3.1.1", "5"], BeforeValidator(str)] = Field(
         default="3.1.1", description="MQTT protocol version: 3.1.1 or 5"
     )
@@ -74,8 +159,30 @@ class MqttConfig(StrictModel):
         description="Defaults to '<gateway_id>-<8 hex of /etc/machine-id>'",
     )
     username: str | None = None
-    password: str | None = None
-    tls: TlsConfig | None = None
+    password: SecretStr | None = Field(
+        default=None,
+        description="The password itself (prefer password_file or password_credential)",
+    )
+    password_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="File holding the password (trailing newline ignored); relative: to "
+        "the config file",
+    )
+    password_credential: CredentialName | None = Field(
+        default=None,
+        description="systemd credential holding the password (LoadCredential=NAME:FILE)",
+    )
+    allow_plaintext_credentials: bool = Field(
+        default=False,
+        description="Allow username/password without TLS to a host that is not a loopback "
+        "address (they cross the network in clear)",
+    )
+    tls: TlsSetting | None = Field(
+        default=None,
+        description="Absent: TLS unless host is a loopback address; false; true; or a "
+        "mapping of settings",
+    )
     keepalive: Annotated[Duration, at_least("5s")] = Field(
         default=60.0, description="MQTT keep-alive, e.g. '60s'"
     )
@@ -91,13 +198,46 @@ class MqttConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
-        if self.password is not None and self.username is None:
-            raise ValueError("password given without username")
+        sources = [
+            k
+            for k in ("password", "password_file", "password_credential")
+            if getattr(self, k) is not None
+        ]
+        if len(sources) > 1:
+            raise ValueError(f"{' and '.join(sources)} both given: use one of them")
+        if sources and self.username is None:
+            raise ValueError(f"{sources[0]} given without username")
         if self.reconnect_max < self.reconnect_min:
             raise ValueError("reconnect_max must not be shorter than reconnect_min")
         if self.keepalive > 65535:
             raise ValueError("keepalive must be at most 65535s (MQTT 3.1.1 section 3.1.2.10)")
         return self
+
+    @property
+    def tls_settings(self) -> TlsConfig | None:
+        """The TLS settings in force, or None for plain MQTT (see the class docstring)."""
+        if isinstance(self.tls, TlsConfig):
+            return self.tls
+        if self.tls is None:  # 8883 is MQTT over TLS (IANA): never plain MQTT there
+            plain = is_loopback(self.host) and self.port != 8883
+            return None if plain else TlsConfig()
+        return TlsConfig() if self.tls else None
+
+    @property
+    def broker_port(self) -> int:
+        """``port``, or 8883 (MQTT over TLS, IANA) with TLS and 1883 without."""
+        if self.port is not None:
+            return self.port
+        return 8883 if self.tls_settings is not None else 1883
+
+    @property
+    def password_source(self) -> str | None:
+        """Which key gives the password (``password``, ``password_file``,
+        ``password_credential``), or None."""
+        for key in ("password", "password_file", "password_credential"):
+            if getattr(self, key) is not None:
+                return key
+        return None
 
 
 class BufferConfig(StrictModel):

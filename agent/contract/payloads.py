@@ -187,6 +187,11 @@ class Health:
     clock: str
     buffer_error: str | None = None
     devices_offline: int = 0
+    tls: Mapping[str, Any] | None = None
+    """None for plain MQTT; else ``verify``, ``server_cert_expires``, ``client_cert_expires``
+    (:meth:`agent.mqtt.MqttLink.tls_health`)."""
+    tls_verify: bool | None = None
+    """With TLS: whether the broker's certificate is verified (case 048)."""
 
 
 def health(h: Health) -> bytes:
@@ -211,6 +216,9 @@ def health(h: Health) -> bytes:
     }
     if h.buffer_error is not None:
         doc["buffer_error"] = h.buffer_error
+    doc["tls"] = None if h.tls is None else dict(h.tls)
+    if h.tls_verify is not None:
+        doc["tls_verify"] = h.tls_verify
     return _dumps(doc)
 
 

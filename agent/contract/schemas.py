@@ -285,6 +285,11 @@ NOTICE_TYPES: dict[str, dict[str, Any]] = {
         "last_seq": SEQ,
         "correction_ms": {"type": "integer"},
     },
+    "cert_expiring": {
+        "certificate": {"enum": ["client", "server"]},
+        "expires": {**TS, "description": "the certificate's notAfter"},
+        "days_left": {"type": "integer", "description": "whole days; negative once expired"},
+    },
 }
 """Every notice type and its own members (all required for that type)."""
 
@@ -334,8 +339,25 @@ def _health() -> dict[str, Any]:
         "buffer": {"enum": ["disk", "memory"]},
         "buffer_error": {"type": "string"},
         "clock": {"enum": ["synced", "unsynced"]},
+        "tls": {
+            "oneOf": [
+                {"type": "null", "description": "plain MQTT (a broker on the gateway itself)"},
+                _obj(
+                    ["verify", "server_cert_expires", "client_cert_expires"],
+                    {
+                        "verify": {"type": "boolean"},
+                        "server_cert_expires": {"anyOf": [TS, {"type": "null"}]},
+                        "client_cert_expires": {"anyOf": [TS, {"type": "null"}]},
+                    },
+                ),
+            ]
+        },
+        "tls_verify": {
+            "type": "boolean",
+            "description": "with TLS: false when the broker's certificate is not verified",
+        },
     }
-    req = [k for k in props if k != "buffer_error"]
+    req = [k for k in props if k not in ("buffer_error", "tls_verify")]
     return {
         **_head("health", "Gateway health", "Retained; at every connect and every 30 s."),
         **_obj(req, props),
