@@ -428,7 +428,7 @@ def test_case_048_health_says_certificate_expiry_and_expiring_notices(
     tls = health["tls"]
     assert tls["verify"] is True
     assert tls["client_cert_expires"] == f"{end[:4]}-{end[4:6]}-{end[6:8]}T{end[8:10]}:" + (
-        f"{end[10:12]}:{end[12:14]}Z"
+        f"{end[10:12]}:{end[12:14]}.000Z"
     )
     server_end = (
         subprocess.run(
@@ -441,7 +441,7 @@ def test_case_048_health_says_certificate_expiry_and_expiring_notices(
         .strip()
     )
     expected = time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.strptime(server_end, "%b %d %H:%M:%S %Y GMT")
+        "%Y-%m-%dT%H:%M:%S.000Z", time.strptime(server_end, "%b %d %H:%M:%S %Y GMT")
     )
     assert tls["server_cert_expires"] == expected
     notices = {m.json()["certificate"]: m.json() for m in sub.on("/notice")}
@@ -891,7 +891,7 @@ def test_expiry_notices_once_a_day_per_certificate() -> None:
     e.not_after = {"client": now + timedelta(days=40), "server": now + timedelta(days=29, hours=1)}
     (n,) = e.notices(now, mono=0.0)
     assert n[0] == "cert_expiring"
-    assert n[2] == {"certificate": "server", "expires": "2026-12-30T01:00:00Z", "days_left": 29}
+    assert n[2] == {"certificate": "server", "expires": "2026-12-30T01:00:00.000Z", "days_left": 29}
     assert e.notices(now, mono=3600.0) == []  # once a day
     assert [x[2]["certificate"] for x in e.notices(now, mono=86400.0)] == ["server"]
     e.not_after["server"] = now + timedelta(days=365)  # renewed: quiet
@@ -900,8 +900,8 @@ def test_expiry_notices_once_a_day_per_certificate() -> None:
     (n,) = e.notices(now, mono=86402.0)
     assert n[2]["days_left"] == -2 and "expired on 2026-11-29" in n[1]
     assert e.health() == {
-        "server_cert_expires": "2027-12-01T00:00:00Z",
-        "client_cert_expires": "2026-11-29T00:00:00Z",
+        "server_cert_expires": "2027-12-01T00:00:00.000Z",
+        "client_cert_expires": "2026-11-29T00:00:00.000Z",
     }
 
 
