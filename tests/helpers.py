@@ -483,7 +483,7 @@ def small_filesystem(path: Path, size: str) -> Iterator[Path]:
     afterwards. Mounting needs root (as in CI) or password-less sudo."""
     path.mkdir(parents=True, exist_ok=True)
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    opts = f"size={size},mode=0777"
+    opts = f"size={size},mode=0700,uid={os.getuid()},gid={os.getgid()}"
     done = subprocess.run(
         [*sudo, "mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
         check=False,

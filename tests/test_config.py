@@ -977,14 +977,20 @@ def test_case_014_validate_says_where_modicon_numbers_point(cfgdir: Path) -> Non
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("gateway_id: g\n? [a, b]\n: c\n", "a key that is a list or a map"),
-        ("gateway_id: g\nmqtt: &m {host: a, x: *m}\n", "nested too deeply"),
-        ("gateway_id: g\nmqtt: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+        ("gateway_id: g\n? [a, b]\n: c\n", "agent.yaml:2:3: a key that is a list or a map"),
+        (
+            "gateway_id: g\nmqtt: &m {host: a, x: *m}\n",
+            "agent.yaml:2:23: the alias *m is inside the value &m it refers to",
+        ),
+        (
+            "gateway_id: g\nmqtt: " + "[" * 3000 + "]" * 3000 + "\n",
+            "agent.yaml:2:70: nested more than 64 levels deep",
+        ),
         (
             "a0: &a0 [x,x,x,x,x,x,x,x,x,x]\n"
             + "".join(f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
             + "gateway_id: g\n",
-            "more than 100000 values once aliases are expanded",
+            "agent.yaml:6:",
         ),
     ],
 )
@@ -994,7 +1000,7 @@ def test_hostile_yaml_is_a_config_error(cfgdir: Path, text: str, message: str) -
     name = write(cfgdir, "agent.yaml", text)
     code, lines = validate(name)
     assert code == EX_CONFIG
-    assert message in lines[0], lines
+    assert lines[0].startswith(message), lines
 
 
 def test_alarm_and_pin_values_are_checked(cfgdir: Path) -> None:

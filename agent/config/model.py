@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, Tag, model_validator
 
 from agent.config.alarms import AlarmRule, GpioConfig, OutputConfig
 from drivers.common import Duration, Size, StrictModel, at_least
@@ -17,10 +17,21 @@ from drivers.modbus.config import (
     ModbusRtuDevice,
     ModbusRtuOverTcpDevice,
     ModbusTcpDevice,
-    Name,
 )
+from drivers.names import Name, topic_prefix_problem
 from drivers.seismic_stream import SeismicDevice
 from drivers.serial_line import SerialLineDevice
+
+
+def _topic_prefix(value: str) -> str:
+    problem = topic_prefix_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
+"""``mqtt.topic_prefix``: safe topic levels (:func:`drivers.names.topic_prefix_problem`)."""
 
 
 def _driver_of(value: Any) -> str:
@@ -63,10 +74,10 @@ class MqttConfig(StrictModel):
     protocol: Annotated[Literal["3.1.1", "5"], BeforeValidator(str)] = Field(
         default="3.1.1", description="MQTT protocol version: 3.1.1 or 5"
     )
-    topic_prefix: str = Field(
+    topic_prefix: TopicPrefix = Field(
         default="lifeline",
-        pattern=r"^[^#+/\s]+(/[^#+/\s]+)*$",
-        description="First topic level(s), e.g. 'lifeline' or 'city/zz/lifeline'",
+        description="First topic level(s), e.g. 'lifeline' or 'city/zz/lifeline': ids "
+        "separated by single '/', at most 100 characters, no leading '$'",
     )
     client_id: str | None = Field(
         default=None,
