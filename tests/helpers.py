@@ -297,12 +297,14 @@ def write_config(
     path: Path, broker_port: int, devices_yaml: str, extra: str = "", tail: str = ""
 ) -> Path:
     """An agent config for the tests: ``extra`` goes into the ``mqtt`` section, ``tail``
-    after ``devices``."""
+    after ``devices``. The shipped profiles are copied beside it, in ``profiles/``, where a
+    config's profiles must be."""
+    shutil.copytree(PROFILES, path.parent / "profiles", dirs_exist_ok=True)
     path.write_text(
         "version: 1\n"
         "gateway_id: test-gw\n"
         f"state_dir: {path.parent / 'state'}\n"
-        f"profiles_dir: {PROFILES}\n"
+        "profiles_dir: profiles\n"
         "mqtt:\n"
         "  host: 127.0.0.1\n"
         f"  port: {broker_port}\n"
