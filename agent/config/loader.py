@@ -489,7 +489,8 @@ def _id_message(value: Any, loc: tuple[Any, ...], model: type[BaseModel]) -> str
     fix = suggest_name(text)
     if fix is not None and fix != text:
         message += f"; try '{fix}'"
-    owner = _model_at(model, loc[:-1]) if loc and isinstance(loc[-1], str) else None
+    defines = bool(loc) and loc[-1] in ("id", "name")  # not a reference to another id
+    owner = _model_at(model, loc[:-1]) if defines else None
     if owner is not None and loc[-1] in owner.model_fields and text.strip():
         spare = [f for f in ("name", "description") if f != loc[-1] and f in owner.model_fields]
         if spare and control_character(text) is None and len(text) <= DISPLAY_NAME_MAX:
