@@ -1066,7 +1066,7 @@ def _load(path: Path, fast: bool) -> AgentConfig:
                             line,
                             col,
                             p,
-                            f"duplicate device id {did!r} (also "
+                            f"duplicate device id {short_repr(did)} (also "
                             f"devices[{seen[did]}]); device ids must be "
                             "unique",
                         )
@@ -1112,7 +1112,7 @@ def _load(path: Path, fast: bool) -> AgentConfig:
             close = difflib.get_close_matches(ref, list(profiles), n=1)
             known = ", ".join(sorted(profiles)) or f"none found in {_display(pdir)}"
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known profiles: {known}"
-            issues.append(ConfigIssue(f, line, col, p, f"unknown profile {ref!r}{hint}"))
+            issues.append(ConfigIssue(f, line, col, p, f"unknown profile {short_repr(ref)}{hint}"))
 
     if cfg is None:
         raise ConfigError(issues)
