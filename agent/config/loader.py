@@ -1,9 +1,11 @@
 """Load the YAML config into :class:`AgentConfig`, reporting every problem at file:line:col.
 
-Flow: parse each file with ruamel.yaml (round-trip mode keeps positions), look for duplicate
-keys in the composed node tree, splice ``include`` files into ``devices``, load the device
-profiles, validate with pydantic, then map each error's ``loc`` back to the YAML position it
-came from. Positions are 1-based lines and columns.
+Flow: read each file (at most :data:`MAX_FILE_BYTES`), walk its YAML events for nesting
+and alias bombs before anything is built from it, parse it with ruamel.yaml (round-trip
+mode keeps positions), look for duplicate keys in the composed node tree, splice
+``include`` files into ``devices`` and load the device profiles (both confined to the
+config file's directory), validate with pydantic, then map each error's ``loc`` back to
+the YAML position it came from. Positions are 1-based lines and columns.
 """
 
 from __future__ import annotations
