@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -185,10 +186,87 @@ class BufferStats:
     last_seq: int
 
 
+STATE_FILES = (
+    "agent.lock",
+    "buffer.db",
+    "buffer.db-wal",
+    "buffer.db-shm",
+    "seq.reserved",
+    "seq.reserved.tmp",
+)
+"""The files the agent keeps in its state_dir; none of them may be a symbolic link."""
+PRIVATE = 0o600
+"""Mode of the files the agent creates itself (the daemon also runs with umask 027, so
+SQLite's files are 0640): readings, seqs and pids are nobody else's business."""
+
+
+def _link_refused(path: Path) -> StateDirError:
+    return StateDirError(
+        f"{path} is a symbolic link: the agent does not follow links in its state_dir "
+        f"(one could make it write over another file); remove it (rm {path}) and start again"
+    )
+
+
+def open_nofollow(path: Path, flags: int, mode: int = PRIVATE) -> int:
+    """``os.open`` that never follows a symbolic link at ``path`` (``O_NOFOLLOW``, open(2))
+    and refuses anything but a regular file.
+
+    Raises:
+        StateDirError: ``path`` is a symbolic link or not a regular file.
+        OSError: as os.open.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _link_refused(path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StateDirError(f"{path} is not a regular file: remove it and start again")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def write_replace(target: Path, data: bytes, sync: bool) -> None:
+    """Replace ``target`` with a file holding ``data``, atomically: written to
+    ``target.tmp`` (created anew, ``O_EXCL|O_NOFOLLOW``: a leftover or a planted link is
+    removed first, never followed), mode :data:`PRIVATE`, then renamed over ``target``
+    (rename(2) replaces a link itself, not what it points to). With ``sync`` the file and
+    the directory are fsynced.
+
+    Raises:
+        OSError: the file cannot be written (full or read-only filesystem, permissions).
+    """
+    tmp = target.with_name(target.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, PRIVATE)
+    except FileExistsError:
+        tmp.unlink()
+        fd = os.open(tmp, flags, PRIVATE)
+    try:
+        os.write(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    if sync:
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
 def lock_state_dir(state_dir: Path) -> int:
     """Take the exclusive lock ``state_dir/agent.lock`` for this process (released by the
     kernel when the process ends, however it ends). Two agents on one buffer would send each
     other's rows and fight over the MQTT client id.
+
+    None of :data:`STATE_FILES` may be a symbolic link: the agent refuses to start rather
+    than write through one. The lock file is created with mode :data:`PRIVATE`.
 
     On a read-only or full filesystem (the agent then buffers in memory) an existing lock
     file is locked read-only; without one, the agent runs unlocked and says so.
@@ -196,17 +274,21 @@ def lock_state_dir(state_dir: Path) -> int:
     Returns:
         the open file descriptor holding the lock (keep it open), or -1: no lock.
     Raises:
-        StateDirError: the directory cannot be created or written (a config problem).
+        StateDirError: the directory cannot be created or written (a config problem), or
+            one of its files is a symbolic link.
         BufferError: another process holds the lock.
     """
     lock = state_dir / "agent.lock"
+    for name in STATE_FILES:
+        if (state_dir / name).is_symlink():
+            raise _link_refused(state_dir / name)
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        fd = open_nofollow(lock, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
         if exc.errno in DISK_ERRNOS:
             try:
-                fd = os.open(lock, os.O_RDONLY)
+                fd = open_nofollow(lock, os.O_RDONLY)
             except OSError:
                 log.warning("cannot create the lock %s (%s): running without it", lock, exc)
                 return -1
@@ -217,6 +299,8 @@ def lock_state_dir(state_dir: Path) -> int:
         ) from exc
     _flock(fd, state_dir)
     with contextlib.suppress(OSError):  # a full disk: the lock is what counts
+        if os.fstat(fd).st_mode & 0o077:  # a lock file of an earlier version
+            os.fchmod(fd, PRIVATE)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -266,19 +350,41 @@ def memory_mark_path(path: Path) -> Path:
     return Path(tempfile.gettempdir()) / name
 
 
-def _read_int(path: Path) -> int:
+def _read_int(path: Path, owner_only: bool = False) -> int:
+    """The number at the start of ``path``; 0 if there is none or it cannot be read.
+
+    Raises:
+        StateDirError: ``path`` is a symbolic link (unless ``owner_only``: then it is
+            ignored, as is a file of another user, with a warning: a shared directory
+            such as /tmp).
+    """
     try:
-        return max(0, int(path.read_text().split()[0]))
+        fd = open_nofollow(path, os.O_RDONLY)
+    except StateDirError:
+        if not owner_only:
+            raise
+        log.warning("ignoring %s: a symbolic link or not a regular file", path)
+        return 0
+    except OSError:
+        return 0
+    try:
+        if owner_only and os.fstat(fd).st_uid != os.geteuid():
+            log.warning("ignoring %s: it belongs to another user", path)
+            return 0
+        return max(0, int(os.read(fd, 64).split()[0]))
     except (OSError, ValueError, IndexError):
         return 0
+    finally:
+        os.close(fd)
 
 
 def read_reservation(path: Path) -> int:
-    """The lowest seq a new buffer at ``path`` may hand out (0: no reservation readable)."""
-    try:
-        return max(0, int(reservation_path(path).read_text().split()[0]))
-    except (OSError, ValueError, IndexError):
-        return 0
+    """The lowest seq a new buffer at ``path`` may hand out (0: no reservation readable).
+
+    Raises:
+        StateDirError: ``seq.reserved`` is a symbolic link.
+    """
+    return _read_int(reservation_path(path))
 
 
 def disk_high_water(path: Path) -> int | None:
@@ -296,6 +402,25 @@ def disk_high_water(path: Path) -> int | None:
             db.close()
     except (sqlite3.Error, ValueError, TypeError):
         return None
+
+
+def _make_private(path: Path) -> None:
+    """Take read and write access away from others on the buffer ``path`` and its WAL and
+    shared-memory files, if an earlier version (or a umask of 022) left them open: they
+    hold every unsent reading. Best effort (a read-only filesystem keeps its modes)."""
+    for name in (str(path), f"{path}-wal", f"{path}-shm"):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+            if mode & 0o007:
+                os.fchmod(fd, stat.S_IMODE(mode) & ~0o007)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 class Buffer:
@@ -363,9 +488,10 @@ class Buffer:
             self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
             return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout=5000")
+            _make_private(path)
             # look before writing anything: another program's file is left exactly as it is
             self._refuse_foreign()
             check = self._db.execute("PRAGMA quick_check").fetchone()[0]
@@ -382,7 +508,7 @@ class Buffer:
             if self._last_seq() == 0 and not self._has_rows() and self._reserved > 1:
                 self._set_sequence(self._reserved - 1)  # a new buffer: past every old seq
                 self.next_seq = self._reserved
-            mark = _read_int(memory_mark_path(path))
+            mark = _read_int(memory_mark_path(path), owner_only=True)
             if mark > self._last_seq():
                 log.warning(
                     "an earlier run buffered in memory up to seq %d (its filesystem could "
@@ -466,20 +592,8 @@ class Buffer:
             return
         target = reservation_path(self.path)
         new = last + RESERVE_BLOCK
-        tmp = target.with_name(target.name + ".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, f"{new}\n".encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-            dfd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_replace(target, f"{new}\n".encode(), sync=True)
         except OSError as exc:
             log.warning("cannot write %s: %s; will try again", target, exc)
             return
@@ -531,11 +645,9 @@ class Buffer:
     def _mark_memory(self, seq: int) -> None:
         """In memory: note ``seq`` in :func:`memory_mark_path` (RAM; no fsync needed)."""
         target = memory_mark_path(self.path)
-        tmp = target.with_name(target.name + ".tmp")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(f"{seq}\n")
-            os.replace(tmp, target)
+            target.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            write_replace(target, f"{seq}\n".encode(), sync=False)
         except OSError as exc:
             if not self._mark_failed:
                 log.warning("cannot note the in-memory seqs in %s: %s", target, exc)

@@ -16,6 +16,9 @@ import click
 from agent import __version__
 
 EX_CONFIG = 78
+UMASK = 0o027
+"""``run``: what the agent creates (the buffer, its state directory) is readable by its
+own group at most, never by others (umask(2))."""
 
 
 def setup_logging(level: str) -> None:
@@ -91,6 +94,7 @@ def run(config_file: str, log_level: str | None) -> None:
     from agent.buffer import BufferError, StateDirError
     from agent.config.model import AgentConfig
 
+    os.umask(UMASK)
     cfg = load_or_exit(config_file, need_secrets=True)
     assert isinstance(cfg, AgentConfig)
     setup_logging(log_level or cfg.log_level)

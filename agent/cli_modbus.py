@@ -190,11 +190,11 @@ def parse_point_spec(spec: str) -> ModbusPoint:
 
 def shipped_profiles_dir() -> Path:
     """The profiles that come with the agent: ``config/profiles`` of this repository, or
-    where an install put them (``{prefix}/share/edge-agent/profiles``)."""
-    repo = Path(__file__).resolve().parent.parent / "config" / "profiles"
-    if repo.is_dir():
-        return repo
-    return Path(sys.prefix) / "share" / "edge-agent" / "profiles"
+    where an install put them (``{prefix}/share/edge-agent/profiles``); a config may name
+    this directory as its ``profiles_dir`` wherever the config lives."""
+    from agent.config.loader import shipped_profiles_dir as shipped
+
+    return shipped()
 
 
 def default_profile_dirs() -> list[Path]:

@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from drivers.common import Duration, StrictModel, at_least
-from drivers.modbus.config import Name
+from drivers.names import DisplayName, Name
 from drivers.serial_io import PortQueue, open_serial
 from drivers.serial_line import LineAssembler, LineError, nmea_checksum
 
@@ -80,6 +80,9 @@ class SeismicDevice(StrictModel):
 
     driver: Literal["seismic"]
     id: Name
+    name: DisplayName | None = Field(
+        default=None, description="Text for people (any Unicode); in payloads, never in topics"
+    )
     serial_port: str | None = Field(default=None, min_length=1, description="Serial source")
     udp_port: int | None = Field(
         default=None, ge=1, le=65535, description="Or: UDP port for Raspberry Shake datacast"

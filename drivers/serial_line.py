@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from drivers.base import PointResult
 from drivers.codec import non_finite_quality
 from drivers.common import Duration, StrictModel, at_least
-from drivers.modbus.config import Name
+from drivers.names import DisplayName, Name
 from drivers.serial_io import PortQueue, open_serial
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,9 @@ class SerialLineDevice(StrictModel):
 
     driver: Literal["serial_line"]
     id: Name
+    name: DisplayName | None = Field(
+        default=None, description="Text for people (any Unicode); in payloads, never in topics"
+    )
     serial_port: str = Field(min_length=1, description="Device, /dev/serial/by-id/… or URL")
     baudrate: int = Field(default=9600, ge=50, le=4_000_000)
     parity: Literal["N", "E", "O"] = "N"

@@ -341,12 +341,14 @@ def write_config(
     path: Path, broker_port: int, devices_yaml: str, extra: str = "", tail: str = ""
 ) -> Path:
     """An agent config for the tests: ``extra`` goes into the ``mqtt`` section, ``tail``
-    after ``devices``."""
+    after ``devices``. The shipped profiles are copied beside it, in ``profiles/``, where a
+    config's profiles must be."""
+    shutil.copytree(PROFILES, path.parent / "profiles", dirs_exist_ok=True)
     path.write_text(
         "version: 1\n"
         "gateway_id: test-gw\n"
         f"state_dir: {path.parent / 'state'}\n"
-        f"profiles_dir: {PROFILES}\n"
+        "profiles_dir: profiles\n"
         "mqtt:\n"
         "  host: 127.0.0.1\n"
         f"  port: {broker_port}\n"
@@ -527,7 +529,7 @@ def small_filesystem(path: Path, size: str) -> Iterator[Path]:
     afterwards. Mounting needs root (as in CI) or password-less sudo."""
     path.mkdir(parents=True, exist_ok=True)
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-    opts = f"size={size},mode=0777"
+    opts = f"size={size},mode=0700,uid={os.getuid()},gid={os.getgid()}"
     done = subprocess.run(
         [*sudo, "mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
         check=False,

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, model_validator
 
 from drivers.common import Duration, StrictModel, at_least
-from drivers.modbus.config import Name
+from drivers.names import Name
 
 Severity = Literal["warning", "critical"]
 SEVERITIES: tuple[str, ...] = ("warning", "critical")

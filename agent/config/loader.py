@@ -1,21 +1,28 @@
 """Load the YAML config into :class:`AgentConfig`, reporting every problem at file:line:col.
 
-Flow: parse each file with ruamel.yaml (round-trip mode keeps positions), look for duplicate
-keys in the composed node tree, splice ``include`` files into ``devices``, load the device
-profiles, validate with pydantic, then map each error's ``loc`` back to the YAML position it
-came from. Positions are 1-based lines and columns.
+Flow: read each file (at most :data:`MAX_FILE_BYTES`), walk its YAML events for nesting
+and alias bombs before anything is built from it, parse it with ruamel.yaml (round-trip
+mode keeps positions), look for duplicate keys in the composed node tree, splice
+``include`` files into ``devices`` and load the device profiles (both confined to the
+config file's directory), validate with pydantic, then map each error's ``loc`` back to
+the YAML position it came from. Positions are 1-based lines and columns.
 """
 
 from __future__ import annotations
 
 import difflib
 import glob
+import grp
+import json
 import os
+import pwd
 import re
 import ssl
+import stat
+import sys
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,14 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import (
+    AliasEvent,
+    CollectionEndEvent,
+    CollectionStartEvent,
+    MappingStartEvent,
+    NodeEvent,
+    ScalarEvent,
+)
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
@@ -42,6 +57,14 @@ from drivers.modbus.config import (
     ModbusProfile,
     check_decimal_point_refs,
     modicon_address,
+)
+from drivers.names import (
+    DISPLAY_NAME_MAX,
+    NAME_PATTERN,
+    NAME_RULE,
+    control_character,
+    short_repr,
+    suggest_name,
 )
 
 
@@ -106,21 +129,163 @@ def _offset_to_pos(text: str, offset: int) -> tuple[int, int]:
     return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
 
 
+MAX_FILE_BYTES = 3_000_000
+"""Largest config, include or profile file, bytes. 10 devices × 1,000 points written one
+key per line, each point with a description, take 2.5 MB; a bigger file is refused before
+it is parsed."""
+MAX_VALUES = 250_000
+"""Most values a file may hold once its aliases are expanded (the 10,000-point config above
+holds 110,000)."""
+MAX_DEPTH = 64
+"""Deepest nesting of lists and maps in a file (a config needs 6)."""
+
+
+class _Refused(ConfigError):
+    """A file refused before it was parsed (too big, nested too deep, an alias bomb): the
+    positions pass is not tried, it would only take longer to say the same."""
+
+
+def _read_text(path: Path, display: str) -> str:
+    """The text of ``path``, at most :data:`MAX_FILE_BYTES` of it, with universal newlines.
+
+    Raises:
+        _Refused: the file is bigger; ``ConfigError`` when it cannot be read or decoded.
+    """
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise ConfigError([ConfigIssue(display, 1, 1, "", f"cannot read: {path} is {kind}")])
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigIssue(display, 1, 1, "", f"cannot read file: {exc.strerror}")]
+        ) from None
+    if size > MAX_FILE_BYTES or len(raw) > MAX_FILE_BYTES:
+        raise _Refused(
+            [
+                ConfigIssue(
+                    display,
+                    1,
+                    1,
+                    "",
+                    f"the file is {max(size, len(raw)) / 1e6:.1f} MB: a config file may have at "
+                    f"most {MAX_FILE_BYTES / 1e6:g} MB (10,000 points with a description each "
+                    "take 2.5 MB); is it the right file?",
+                )
+            ]
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue(display, 1, 1, "", f"not UTF-8 text: {exc}")]) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _prescan(text: str, display: str) -> None:
+    """Walk the YAML event stream of ``text`` before anything is built from it, and refuse
+    what would take the loader down: nesting deeper than :data:`MAX_DEPTH`, more than
+    :data:`MAX_VALUES` values once aliases are expanded (an "alias bomb"), an alias
+    inside the value it refers to (a structure containing itself), and keys that are lists
+    or maps (YAML complex keys, which no config needs). Each at its line.
+
+    The event stream comes from libyaml's parser (``ruamel.yaml.clib``; its state is a
+    stack on the heap, whatever the nesting), and where libyaml finds a syntax error, from
+    ruamel's pure-Python parser (which the positions pass uses, and which takes some YAML
+    1.2 that libyaml does not). The nodes are composed afterwards, recursively (in C in
+    the fast path), which is why the depth must be known first: 30,000 levels overflow the
+    C stack (SIGSEGV). The walk stops at the first problem, so a bomb costs what its first
+    few hundred bytes cost. Syntax errors are left to the parse proper, which says them
+    with their position.
+
+    Raises:
+        _Refused: with the problem at its line and column.
+    """
+
+    def refuse(mark: Any, message: str) -> None:
+        raise _Refused([ConfigIssue(display, mark.line + 1, mark.column + 1, "", message)])
+
+    for pure in (False, True):
+        try:
+            _walk_events(YAML(typ="safe", pure=pure).parse(text), refuse)
+            return
+        except YAMLError:
+            continue  # libyaml (YAML 1.1) refuses some YAML 1.2: try ruamel's own parser
+
+
+def _walk_events(events: Iterator[Any], refuse: Callable[[Any, str], None]) -> None:
+    """The checks of :func:`_prescan` on one event stream; ``refuse(mark, message)`` raises."""
+    depth = 0
+    count = 0
+    # per open list or map: [is a map, the next node is a key, anchor, count at its start]
+    stack: list[list[Any]] = []
+    sizes: dict[str, int] = {}
+    open_anchors: set[str] = set()
+    for ev in events:
+        if isinstance(ev, CollectionEndEvent):
+            _, _, anchor, start = stack.pop()
+            depth -= 1
+            if anchor is not None:
+                sizes[anchor] = max(1, count - start)
+                open_anchors.discard(anchor)
+            continue
+        if not isinstance(ev, NodeEvent):
+            continue  # stream and document start and end
+        is_key = False
+        if stack and stack[-1][0]:
+            is_key = stack[-1][1]
+            stack[-1][1] = not is_key
+        if isinstance(ev, AliasEvent):
+            if ev.anchor in open_anchors:
+                refuse(
+                    ev.start_mark,
+                    f"the alias *{ev.anchor} is inside the value &{ev.anchor} it refers "
+                    "to: a value cannot contain itself",
+                )
+            added = sizes.get(ev.anchor, 1)
+        else:
+            added = 1
+        start = count
+        if not is_key:
+            count += added
+            if count > MAX_VALUES:
+                refuse(
+                    ev.start_mark,
+                    f"more than {MAX_VALUES} values once aliases are expanded: "
+                    "use fewer aliases (*name) or split the file",
+                )
+        if isinstance(ev, CollectionStartEvent):
+            if is_key:
+                refuse(ev.start_mark, "a key that is a list or a map; keys are names")
+            depth += 1
+            if depth > MAX_DEPTH:
+                refuse(ev.start_mark, f"nested more than {MAX_DEPTH} levels deep")
+            stack.append([isinstance(ev, MappingStartEvent), True, ev.anchor, start])
+            if ev.anchor is not None:
+                open_anchors.add(ev.anchor)
+        elif isinstance(ev, ScalarEvent) and ev.anchor is not None:
+            sizes[ev.anchor] = 1
+
+
 def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[ConfigIssue]]:
     """Parse one YAML file; return its data and any syntax / duplicate-key issues.
 
     ``fast`` uses the small safe loader (plain dicts, no positions; a duplicate key raises
     at the first one): good enough to accept a valid file, not to explain an invalid one.
+    Otherwise the file is composed once by ruamel's round-trip parser and built from those
+    nodes, maps and lists keeping the line and column of every key and item.
+
+    Raises:
+        _Refused: too big, too deep, an alias bomb (see :func:`_prescan`).
     """
-    if path.exists() and not path.is_file():
-        kind = "a directory" if path.is_dir() else "not a regular file"
-        return None, [ConfigIssue(display, 1, 1, "", f"cannot read: {path} is {kind}")]
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        return None, [ConfigIssue(display, 1, 1, "", f"cannot read file: {exc.strerror}")]
-    except UnicodeDecodeError as exc:
-        return None, [ConfigIssue(display, 1, 1, "", f"not UTF-8 text: {exc}")]
+        text = _read_text(path, display)
+    except _Refused:
+        raise
+    except ConfigError as exc:
+        return None, exc.issues
+    _prescan(text, display)
     try:
         if fast:
             data = YAML(typ="safe").load(text)
@@ -130,7 +295,7 @@ def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[Conf
             return data, []
         y = _yaml()
         node = y.compose(text)
-        data = y.load(text)
+        data = y.constructor.construct_document(node) if node is not None else None
         problem = _shape_problem(data)
         if problem:
             return None, [ConfigIssue(display, 1, 1, "", problem)]
@@ -164,11 +329,6 @@ def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[Conf
     except YAMLError as exc:
         return None, [ConfigIssue(display, 1, 1, "", f"YAML error: {exc}")]
     return data, issues
-
-
-MAX_VALUES = 100_000
-"""Most values a config may hold once its aliases are expanded."""
-MAX_DEPTH = 64
 
 
 def _shape_problem(data: Any) -> str | None:
@@ -326,12 +486,7 @@ def _driver_names(model: type[BaseModel]) -> tuple[Any, ...]:
     return typing.get_args(field.annotation) if field is not None else ()
 
 
-PATTERN_WORDS = {
-    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$": "use 1 to 64 letters, digits, '_', '.' or '-', "
-    "starting with a letter or digit",
-    r"^[^#+/\s]+(/[^#+/\s]+)*$": "topic levels separated by single '/', without "
-    "a leading or trailing '/', spaces, '+' or '#'",
-}
+PATTERN_WORDS = {NAME_PATTERN: NAME_RULE}
 """Config patterns said in words (the regular expression means nothing to ops teams)."""
 
 
@@ -349,6 +504,26 @@ def _types_in(annotation: Any) -> Iterator[Any]:
     yield annotation
     for arg in typing.get_args(annotation):
         yield from _types_in(arg)
+
+
+def _id_message(value: Any, loc: tuple[Any, ...], model: type[BaseModel]) -> str:
+    """Why ``value`` cannot be an id, with an id to use instead and, where the model has a
+    field for free text (a device's ``name``, a point's ``description``), where the text
+    can go: ``'pump #2' is not allowed as an id: ...; try 'pump-2', and put the text in
+    name: "pump #2"``."""
+    text = str(value)
+    message = f"{short_repr(value)} is not allowed as an id: {NAME_RULE}"
+    fix = suggest_name(text)
+    if fix is not None and fix != text:
+        message += f"; try '{fix}'"
+    defines = bool(loc) and loc[-1] in ("id", "name")  # not a reference to another id
+    owner = _model_at(model, loc[:-1]) if defines else None
+    if owner is not None and loc[-1] in owner.model_fields and text.strip():
+        spare = [f for f in ("name", "description") if f != loc[-1] and f in owner.model_fields]
+        if spare and control_character(text) is None and len(text) <= DISPLAY_NAME_MAX:
+            quoted = json.dumps(text, ensure_ascii=False)
+            message += f"{',' if fix else ';'} and put the text in {spare[0]}: {quoted}"
+    return message
 
 
 def _message(err: Any, model: type[BaseModel]) -> str:
@@ -405,7 +580,9 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         return f"{shown} is not a date: write it as YYYY-MM-DD, e.g. 2026-11-01"
     if kind == "string_pattern_mismatch":
         pattern = err.get("ctx", {}).get("pattern", "")
-        return f"{value!r} is not allowed here: {PATTERN_WORDS.get(pattern, msg)}"
+        if pattern == NAME_PATTERN:
+            return _id_message(value, loc, model)
+        return f"{short_repr(value)} is not allowed here: {PATTERN_WORDS.get(pattern, msg)}"
     if kind == "string_type" and isinstance(value, int | float | bool):
         return f'{value!r} is not text: write it in quotes, e.g. "{value}"'
     bounds = {
@@ -465,6 +642,41 @@ def _pydantic_issues(
 # ---------------------------------------------------------------------------------------
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    """``path`` is ``directory`` or below it (both as given: resolve them first)."""
+    return path == directory or directory in path.parents
+
+
+def shipped_profiles_dir() -> Path:
+    """The profiles that come with the agent: ``config/profiles`` of this repository, or
+    where an install put them (``{sys.prefix}/share/edge-agent/profiles``, pyproject's
+    data-files)."""
+    repo = Path(__file__).resolve().parents[2] / "config" / "profiles"
+    if repo.is_dir():
+        return repo
+    return Path(sys.prefix) / "share" / "edge-agent" / "profiles"
+
+
+def _profiles_dir(raw: object, base: Path) -> tuple[Path, str | None]:
+    """The profile directory a config names (default: ``profiles`` beside it), and why it
+    may not be used, or None: after resolving links it must be the config file's
+    directory ``base`` or below it, or the shipped profiles (:func:`shipped_profiles_dir`)."""
+    pdir = base / str(raw) if raw else base / "profiles"
+    real = pdir.resolve()
+    shipped = {
+        shipped_profiles_dir().resolve(),
+        (Path(sys.prefix) / "share" / "edge-agent" / "profiles").resolve(),
+    }
+    if _inside(real, base) or any(_inside(real, s) for s in shipped):
+        return pdir, None
+    what = f"profiles_dir {str(raw)!r}" if raw else f"{pdir} (the default profiles_dir)"
+    return pdir, (
+        f"{what} leads to {real}, outside {base}, the config file's directory: keep the "
+        f"profiles in it or below it (e.g. profiles/ beside the config), or use the shipped "
+        f"ones ({shipped_profiles_dir()})"
+    )
+
+
 def _display(path: Path) -> str:
     try:
         return str(path.relative_to(Path.cwd()))
@@ -483,17 +695,48 @@ class Profiles:
     valid: dict[str, ModbusProfile]
     broken: set[str]
     issues: list[ConfigIssue]
+    refused: bool = False
+    """A file was refused before parsing (too big, too deep, an alias bomb)."""
+
+
+def _profile_files(directory: Path) -> tuple[list[Path], list[ConfigIssue]]:
+    """The ``*.yaml``/``*.yml`` files of ``directory``; one that is a link to a file
+    outside it is not read, but reported (its text is never shown)."""
+    real = directory.resolve()
+    files: list[Path] = []
+    issues: list[ConfigIssue] = []
+    for p in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+        if _inside(p.resolve(), real):
+            files.append(p)
+        else:
+            issues.append(
+                ConfigIssue(
+                    _display(p),
+                    1,
+                    1,
+                    "",
+                    f"a link to a file outside {real}: not read; copy the profile into it",
+                )
+            )
+    return files, issues
 
 
 def load_profiles(directory: Path, fast: bool = False) -> Profiles:
-    """Load and validate every ``*.yaml``/``*.yml`` profile in ``directory``."""
+    """Load and validate every ``*.yaml``/``*.yml`` profile in ``directory`` (links to
+    files outside it are reported, not read)."""
     profiles: dict[str, ModbusProfile] = {}
     broken: set[str] = set()
     where: dict[str, str] = {}
-    issues: list[ConfigIssue] = []
-    for p in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+    files, issues = _profile_files(directory)
+    refused = False
+    for p in files:
         disp = _display(p)
-        data, errs = _parse(p, disp, fast)
+        try:
+            data, errs = _parse(p, disp, fast)
+        except _Refused as exc:
+            issues += exc.issues
+            refused = True
+            continue
         issues += errs
         if data is None:
             continue
@@ -518,7 +761,7 @@ def load_profiles(directory: Path, fast: bool = False) -> Profiles:
             continue
         profiles[prof.name] = prof
         where[prof.name] = disp
-    return Profiles(profiles, broken, issues)
+    return Profiles(profiles, broken, issues, refused)
 
 
 def _splice_includes(
@@ -550,11 +793,35 @@ def _splice_includes(
         if not pattern.strip():
             issues.append(ConfigIssue(f, line, col, p, "empty include pattern"))
             continue
+        if not _inside(Path(os.path.normpath(base / pattern)), base):
+            issues.append(
+                ConfigIssue(
+                    f,
+                    line,
+                    col,
+                    p,
+                    f"include {pattern!r} reaches outside {base}, the config file's "
+                    "directory: include files must be in it or below it",
+                )
+            )
+            continue
         matches = sorted(m for m in glob.glob(str(base / pattern)) if Path(m).is_file())
         if not matches:
             issues.append(ConfigIssue(f, line, col, p, f"include {pattern!r} matches no file"))
         for m in matches:
             mdisp = _display(Path(m))
+            if not _inside(Path(m).resolve(), base):
+                issues.append(
+                    ConfigIssue(
+                        f,
+                        line,
+                        col,
+                        p,
+                        f"include {pattern!r} matches {mdisp}, a link to a file outside "
+                        f"{base}, the config file's directory: copy the file into it instead",
+                    )
+                )
+                continue
             part, errs = _parse(Path(m), mdisp, fast)
             issues += errs
             if part is None and not errs:
@@ -605,25 +872,134 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
+SYSTEM_DIRS = frozenset(
+    {
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/libx32",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/proc",
+        "/root",
+        "/run",
+        "/sbin",
+        "/srv",
+        "/sys",
+        "/tmp",
+        "/usr",
+        "/usr/bin",
+        "/usr/lib",
+        "/usr/local",
+        "/usr/local/bin",
+        "/usr/local/lib",
+        "/usr/sbin",
+        "/usr/share",
+        "/var",
+        "/var/backups",
+        "/var/cache",
+        "/var/lib",
+        "/var/local",
+        "/var/log",
+        "/var/mail",
+        "/var/opt",
+        "/var/run",
+        "/var/spool",
+        "/var/tmp",
+    }
+)
+"""Directories of the system (Filesystem Hierarchy Standard 3.0) that are never a
+state_dir: the agent creates, replaces and moves aside files in its state_dir."""
+SYSTEM_TREES = ("/boot", "/dev", "/proc", "/sys")
+"""Nothing below these is a state_dir."""
+
+
+def _others_can_write(st: os.stat_result, *, above: bool, owners: set[int]) -> str | None:
+    """Who other than root and this user (and ``owners``) can change the entries of the
+    directory ``st``, or None. ``above``: a directory above state_dir, where the sticky bit
+    (only an entry's owner may rename or remove it, as in /tmp) is enough."""
+    if st.st_uid not in owners:
+        return f"belongs to user {_user(st.st_uid)}"
+    sticky = above and st.st_mode & stat.S_ISVTX
+    if st.st_mode & stat.S_IWOTH and not sticky:
+        return "is writable by every user"
+    if st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid()) and not sticky:
+        return f"is writable by group {_group(st.st_gid)}"
+    return None
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
 def _state_dir_problem(path: Path) -> str | None:
-    """Why ``path`` cannot serve as state_dir, or None. A missing directory is fine (the
-    agent, or systemd's StateDirectory=, creates it); its nearest existing parent must be a
-    directory."""
-    if path.exists():
-        if not path.is_dir():
+    """Why ``path`` (resolved) cannot serve as state_dir, or None.
+
+    Refused: a system directory (:data:`SYSTEM_DIRS`, anything below
+    :data:`SYSTEM_TREES`); a directory others can write (world-writable, or group-writable
+    by a group not this user's); a directory above it that lets another user swap a
+    component for a link (writable by others without the sticky bit, or owned by a user
+    other than root, this user and the state directory's owner; below a sticky
+    world-writable directory such as /tmp, the entry must belong to root or this user).
+    A missing directory is fine (the agent, or systemd's StateDirectory=, creates it); its
+    nearest existing parent must be a directory.
+    """
+    text = str(path)
+    hint = "give the agent a directory of its own, such as /var/lib/edge-agent"
+    if text in SYSTEM_DIRS or any(_inside(path, Path(t)) for t in SYSTEM_TREES):
+        return f"{path} is a system directory: {hint}"
+    me = {0, os.geteuid()}
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        if existing == path:
             return f"{path} exists and is not a directory"
+        return f"{existing} is not a directory, so {path} cannot be created"
+    if existing == path:
+        st = path.stat()
+        in_sticky = path.parent.stat().st_mode & stat.S_ISVTX
+        why = _others_can_write(st, above=False, owners=me if in_sticky else {st.st_uid} | me)
+        if why is not None:
+            return (
+                f"{path} {why}: another user could replace the buffer or plant links in it; "
+                f"{hint} (e.g. chmod o-w,g-w {path})"
+            )
         if not os.access(path, os.W_OK | os.X_OK) and not _read_only_fs(path):
             # (a read-only filesystem is a fault, not a config error: the agent then
             # buffers in memory until it can write again)
             return f"{path} is not writable by this user"
-        return None
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is not a directory, so {path} cannot be created"
-    if str(parent).startswith(("/proc", "/sys")):
-        return f"{path} cannot be created under {parent}"
+        owners = {st.st_uid} | me
+    else:
+        owners = set(me)
+    chain = [existing] if existing != path else []
+    chain += list(existing.parents)
+    for i, d in enumerate(chain):
+        st = d.stat()
+        parent_sticky = i + 1 < len(chain) and chain[i + 1].stat().st_mode & stat.S_ISVTX
+        why = _others_can_write(st, above=True, owners=me if parent_sticky else owners)
+        if why is not None:
+            return (
+                f"{d}, above {path}, {why}: another user could put a link in place of "
+                f"{path}; {hint}"
+            )
     return None
 
 
@@ -750,6 +1126,8 @@ def load_config(path: str | Path, need_secrets: bool = False) -> AgentConfig:
     """
     try:
         return _load(Path(path), fast=True, need_secrets=need_secrets)
+    except _Refused:
+        raise
     except (ConfigError, YAMLError, ValueError, TypeError, KeyError, OSError):
         pass
     return _load(Path(path), fast=False, need_secrets=need_secrets)
@@ -803,7 +1181,7 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
                             line,
                             col,
                             p,
-                            f"duplicate device id {did!r} (also "
+                            f"duplicate device id {short_repr(did)} (also "
                             f"devices[{seen[did]}]); device ids must be "
                             "unique",
                         )
@@ -820,16 +1198,21 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
 
     # profiles
     pdir_raw = plain.get("profiles_dir") if isinstance(plain, dict) else None
-    pdir = base / str(pdir_raw) if pdir_raw else base / "profiles"
+    pdir, outside = _profiles_dir(pdir_raw, base)
     profiles: dict[str, ModbusProfile] = {}
     broken: set[str] = set()
-    if pdir_raw and not pdir.is_dir():
+    if outside is not None:
+        f, line, col, p = _locate(data, ("profiles_dir",), display, origins, key=False)
+        issues.append(ConfigIssue(f, line, col, p, outside))
+    elif pdir_raw and not pdir.is_dir():
         f, line, col, p = _locate(data, ("profiles_dir",), display, origins, key=False)
         issues.append(
             ConfigIssue(f, line, col, p, f"profiles_dir {str(pdir)!r} is not a directory")
         )
     elif pdir.is_dir():
         loaded = load_profiles(pdir, fast)
+        if loaded.refused:
+            raise _Refused(loaded.issues)
         profiles, broken = loaded.valid, loaded.broken
         issues += loaded.issues
 
@@ -844,7 +1227,7 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
             close = difflib.get_close_matches(ref, list(profiles), n=1)
             known = ", ".join(sorted(profiles)) or f"none found in {_display(pdir)}"
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known profiles: {known}"
-            issues.append(ConfigIssue(f, line, col, p, f"unknown profile {ref!r}{hint}"))
+            issues.append(ConfigIssue(f, line, col, p, f"unknown profile {short_repr(ref)}{hint}"))
 
     if cfg is None:
         raise ConfigError(issues)
@@ -1102,24 +1485,33 @@ def _point_notes(
 def config_notes(path: str | Path) -> list[ConfigIssue]:
     """Warnings and notes for ``edge-agent validate`` about a config that loads: which PDU
     address each Modicon ``register`` became, and ``address`` values that look like Modicon
-    numbers (used as written, never "fixed"). Reads the files again with positions."""
+    numbers (used as written, never "fixed"). The files are read again, quickly to see
+    whether there is anything to say, and only then with positions (slow for a big file)."""
     main = Path(path).resolve()
+    try:
+        if not _config_notes(main, fast=True):
+            return []
+        return _config_notes(main, fast=False)
+    except ConfigError:  # changed since it was loaded: the next load says what is wrong
+        return []
+
+
+def _config_notes(main: Path, fast: bool) -> list[ConfigIssue]:
     display = _display(main)
-    data, issues = _parse(main, display)
+    data, issues = _parse(main, display, fast)
     if issues or not isinstance(data, dict):
         return []
     origins = _Origins({})
-    _splice_includes(data, main.parent, display, origins, [], False)
+    _splice_includes(data, main.parent, display, origins, [], fast)
     out: list[ConfigIssue] = []
     devices = data.get("devices")
     for i, dev in enumerate(devices if isinstance(devices, list) else []):
         if isinstance(dev, dict):
             out += _point_notes(dev.get("points"), ("devices", i, "points"), data, display, origins)
-    pdir_raw = data.get("profiles_dir")
-    pdir = main.parent / str(pdir_raw) if pdir_raw else main.parent / "profiles"
-    if pdir.is_dir():
-        for p in sorted(pdir.glob("*.yaml")) + sorted(pdir.glob("*.yml")):
-            pdata, perrs = _parse(p, _display(p))
+    pdir, outside = _profiles_dir(data.get("profiles_dir"), main.parent)
+    if outside is None and pdir.is_dir():
+        for p in _profile_files(pdir)[0]:
+            pdata, perrs = _parse(p, _display(p), fast)
             if not perrs and isinstance(pdata, dict):
                 out += _point_notes(
                     pdata.get("points"), ("points",), pdata, _display(p), _Origins({})

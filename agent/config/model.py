@@ -26,10 +26,21 @@ from drivers.modbus.config import (
     ModbusRtuDevice,
     ModbusRtuOverTcpDevice,
     ModbusTcpDevice,
-    Name,
 )
+from drivers.names import Name, topic_prefix_problem
 from drivers.seismic_stream import SeismicDevice
 from drivers.serial_line import SerialLineDevice
+
+
+def _topic_prefix(value: str) -> str:
+    problem = topic_prefix_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
+"""``mqtt.topic_prefix``: safe topic levels (:func:`drivers.names.topic_prefix_problem`)."""
 
 
 def _driver_of(value: Any) -> str:
@@ -148,10 +159,10 @@ class MqttConfig(StrictModel):
     protocol: Annotated[Literal["3.1.1", "5"], BeforeValidator(str)] = Field(
         default="3.1.1", description="MQTT protocol version: 3.1.1 or 5"
     )
-    topic_prefix: str = Field(
+    topic_prefix: TopicPrefix = Field(
         default="lifeline",
-        pattern=r"^[^#+/\s]+(/[^#+/\s]+)*$",
-        description="First topic level(s), e.g. 'lifeline' or 'city/zz/lifeline'",
+        description="First topic level(s), e.g. 'lifeline' or 'city/zz/lifeline': ids "
+        "separated by single '/', at most 100 characters, no leading '$'",
     )
     client_id: str | None = Field(
         default=None,

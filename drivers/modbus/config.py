@@ -14,10 +14,10 @@ from pydantic_core import PydanticCustomError
 from drivers.codec import REGISTER_COUNT, ByteOrder, DataType
 from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.line import min_frame_gap
+from drivers.names import DisplayName, Name
 
 Table = Literal["holding", "input", "coil", "discrete_input"]
 BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete_input"})
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 MAX_REGISTERS_PER_READ = 125
 """FC 03/04 read at most 125 registers (Modbus Application Protocol V1.1b3, 6.3 and 6.4)."""
@@ -234,7 +234,9 @@ class ModbusDevice(StrictModel):
     """What every Modbus device has, whatever its transport."""
 
     id: Name = Field(description="Device id, unique on the gateway; used in MQTT topics")
-    name: str | None = Field(default=None, description="Display name (payloads only)")
+    name: DisplayName | None = Field(
+        default=None, description="Text for people (any Unicode); in payloads, never in topics"
+    )
     unit_id: int = Field(default=1, ge=1, le=247, strict=True, description="Modbus unit id (1–247)")
     poll_interval: Annotated[Duration, at_least("50ms")] = Field(
         default=1.0, description="e.g. '200ms', '1s', '1min'"

@@ -1,0 +1,144 @@
+"""Ids and display names in the config.
+
+An id (the gateway's, a device's, a point's, an alarm rule's, an output's, a seismic
+channel's, a profile's) becomes an MQTT topic level and a key in payloads. It is therefore
+restricted to a set that is safe in both: 1 to 64 characters, letters ``A-Z a-z``, digits,
+``_``, ``.`` and ``-``, starting with a letter or digit (:data:`NAME_PATTERN`). Nothing else:
+
+- ``/`` separates topic levels: ``Pump 3/North`` would become two levels and be confused
+  with a device ``Pump 3`` (MQTT 3.1.1 §4.7.1.1);
+- ``+`` and ``#`` are wildcards and must not appear in a topic name a client publishes to
+  (MQTT 3.1.1 §4.7.1.2, §4.7.1.3; MQTT 5.0 §4.7.1): Mosquitto closes the connection of a
+  client that does, so the gateway would reconnect and publish again for ever;
+- U+0000 is not allowed in any MQTT string, nor are the control characters U+0001..U+001F
+  and U+007F..U+009F (MQTT 3.1.1 §1.5.3); white space and non-ASCII letters are allowed by
+  MQTT but are easy to mistype on a platform and differ in their Unicode forms.
+
+Free text for people (``Pumpe Süd``, ``T2 candle 5W RGB+CW``) goes in a device's ``name``
+(:data:`DisplayName`): any printable Unicode text up to :data:`DISPLAY_NAME_MAX`
+characters. It only travels inside JSON payloads, never in a topic.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
+
+NAME_MAX = 64
+"""Longest id, characters."""
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""The id rule as a regular expression (checked by pydantic; ``$`` is the end of the text
+in pydantic's regular expression engine, a trailing newline does not match)."""
+NAME_RULE = (
+    "use 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit "
+    "(no spaces, '/', '+', '#' or control characters: ids become MQTT topic levels)"
+)
+"""The id rule in words, for config messages."""
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+"""An id: see the module documentation."""
+
+DISPLAY_NAME_MAX = 200
+"""Longest display name, characters."""
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Bidirectional embeddings, overrides and isolates (Unicode UAX #9): they make text shown
+on a dashboard read differently from what it holds."""
+
+TOPIC_PREFIX_MAX = 100
+"""Longest ``mqtt.topic_prefix``, characters (topics are at most 65,535 bytes, MQTT 3.1.1
+§1.5.3; the prefix is repeated in every message)."""
+_LEVEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+TOPIC_PREFIX_RULE = (
+    "topic_prefix is one or more topic levels separated by single '/', each of 1 to 64 "
+    "letters, digits, '_', '.' or '-' starting with a letter or digit, at most "
+    f"{TOPIC_PREFIX_MAX} characters in all"
+)
+
+
+def short_repr(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for messages about hostile input
+    (a 70,000-character value is shown by its start and its length)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit + 10 else text[: limit + 10] + "…"
+
+
+def control_character(text: str) -> str | None:
+    """The first character of ``text`` that is no printable text: a control character
+    (Unicode category Cc, which includes U+0000), a lone surrogate (Cs), a line or
+    paragraph separator (Zl, Zp) or a bidirectional control (UAX #9); None if there is
+    none."""
+    for c in text:
+        if c in _BIDI_CONTROLS or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp"):
+            return c
+    return None
+
+
+def suggest_name(text: str) -> str | None:
+    """A valid id made from ``text``: letters with accents lose them (NFKD, Unicode UAX
+    #15), every run of other characters becomes one ``-``, leading ``-_.`` are dropped and
+    the result is cut to :data:`NAME_MAX`. None if nothing is left (``'+'``, ``'北'``)."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", folded).lstrip("-_.")[:NAME_MAX].rstrip("-")
+    return name or None
+
+
+def _display_name(value: str) -> str:
+    if len(value) > DISPLAY_NAME_MAX:
+        raise ValueError(
+            f"name is {len(value)} characters long: at most {DISPLAY_NAME_MAX}; put longer "
+            "text in the platform's asset register"
+        )
+    if not value.strip():
+        raise ValueError("name is empty: leave it out, or give the text people should see")
+    bad = control_character(value)
+    if bad is not None:
+        raise ValueError(
+            f"name {short_repr(value)} holds the control character U+{ord(bad):04X}: a name is "
+            "text for people; remove it"
+        )
+    return value
+
+
+DisplayName = Annotated[str, AfterValidator(_display_name)]
+"""Text for people: any printable Unicode, at most :data:`DISPLAY_NAME_MAX` characters, no
+control characters. Never part of a topic."""
+
+
+def topic_prefix_problem(value: str) -> str | None:
+    """Why ``value`` cannot be ``mqtt.topic_prefix``, with a fix; None if it can.
+
+    Refused: more than :data:`TOPIC_PREFIX_MAX` characters, control characters (the broker
+    refuses the whole connection, MQTT 3.1.1 §1.5.3), a leading ``$`` (topics starting with
+    ``$`` are the broker's own, e.g. ``$SYS``, and are not matched by ``#`` subscriptions,
+    MQTT 3.1.1 §4.7.2), empty levels (``a//b``, a leading or trailing ``/``), wildcards
+    ``+`` ``#`` (§4.7.1) and any level that is not an id (:data:`NAME_PATTERN`).
+    """
+    if not value:
+        why = "it is empty"
+    elif len(value) > TOPIC_PREFIX_MAX:
+        why = f"it is {len(value)} characters long"
+    elif (bad := control_character(value)) is not None:
+        why = f"it holds the control character U+{ord(bad):04X}"
+    elif value.startswith("$"):
+        why = (
+            "topics starting with '$' belong to the broker ($SYS) and are not delivered "
+            "to '#' subscribers"
+        )
+    elif "" in value.split("/"):
+        why = "it has an empty level (a leading, trailing or double '/')"
+    elif "+" in value or "#" in value:
+        why = "'+' and '#' are MQTT wildcards, not allowed in a topic a client publishes to"
+    else:
+        odd = [level for level in value.split("/") if not _LEVEL_RE.fullmatch(level)]
+        if not odd:
+            return None
+        why = f"level {short_repr(odd[0])} is not allowed"
+    levels = [suggest_name(level) for level in value[: TOPIC_PREFIX_MAX * 2].split("/")]
+    fix = "/".join(level for level in levels if level)[:TOPIC_PREFIX_MAX].rstrip("/-")
+    hint = f"; try '{fix}'" if fix and fix != value else ""
+    return f"{short_repr(value)} is not allowed: {why}; {TOPIC_PREFIX_RULE}{hint}"
