@@ -60,6 +60,19 @@ def _limits(rule: AlarmRule) -> dict[str, Any]:
     return {"after_s": rule.after}
 
 
+def _alarm(a: Alarm) -> dict[str, Any]:
+    """What names an alarm and says what kind it is (in events and retained states)."""
+    rule = a.rule
+    return {
+        "alarm": a.key,
+        "rule": rule.id,
+        "point": rule.point,
+        "kind": rule.kind,
+        "category": rule.category,
+        "severity": rule.severity,
+    }
+
+
 def alarm_event(
     gateway: str, a: Alarm, e: Event, outputs: str | None, unsynced: bool = False
 ) -> bytes:
@@ -79,12 +92,7 @@ def alarm_event(
         "device": a.device,
         "type": "alarm",
         "event": e.event,
-        "alarm": a.key,
-        "rule": rule.id,
-        "point": rule.point,
-        "kind": rule.kind,
-        "category": rule.category,
-        "severity": rule.severity,
+        **_alarm(a),
         "state": e.state,
         "value": e.value,
         "unit": a.unit,
@@ -107,21 +115,15 @@ def alarm_event(
 
 def alarm_state(gateway: str, a: Alarm, wall_ms: int) -> bytes:
     """The retained current state of one alarm on ``alarms/{device}/{rule}``."""
-    rule = a.rule
     doc: dict[str, Any] = {
         "schema": schema_id("alarm_state"),
         "gateway": gateway,
         "device": a.device,
-        "alarm": a.key,
-        "rule": rule.id,
-        "point": rule.point,
-        "kind": rule.kind,
-        "category": rule.category,
-        "severity": rule.severity,
+        **_alarm(a),
         "state": a.state.state,
         "value": a.state.value,
         "unit": a.unit,
-        **_limits(rule),
+        **_limits(a.rule),
         "raised_at": None if a.state.raised_ms is None else iso_ms(a.state.raised_ms),
         "ts": iso_ms(wall_ms),
     }
