@@ -308,7 +308,7 @@ class Agent:
             deltas = counters.deltas(results)
             for name, value in counters.last.items():
                 self.writer.state[(dev.id, name)] = value
-        historical = not self.link.connected.is_set()
+        historical = self.link.outage
         self._check_clock()
         epoch = self.clock.epoch
         body = self._encoders[dev.id].encode(ts_ms, results, deltas, historical, epoch is not None)

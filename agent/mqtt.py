@@ -78,6 +78,8 @@ class MqttLink:
         self._write_soon = False
         self._short_drop = False
         self.ever_connected = False
+        self.failed_attempts = 0
+        """Connection attempts that did not end in a CONNACK, since the start."""
         self._sock: socket.socket | None = None
         self._misc_task: asyncio.Task[None] | None = None
         self._short_sessions: collections.deque[float] = collections.deque(maxlen=5)
@@ -382,6 +384,8 @@ class MqttLink:
                 await self._disconnected.wait()
                 if time.monotonic() - self._connected_at > 30:
                     state.attempt_number = 1
+            else:
+                self.failed_attempts += 1
             if self._stopping:
                 break
             delay = wait(state)
@@ -390,6 +394,13 @@ class MqttLink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop_event.wait()
+
+    @property
+    def outage(self) -> bool:
+        """The broker is known to be out of reach: not connected, and since the start an
+        attempt failed or the connection was lost. While the first attempt after the start
+        is under way there is no outage yet."""
+        return not self.connected.is_set() and (self.failed_attempts > 0 or self.ever_connected)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; return its message id (PUBACK arrives via ``on_puback``)."""

@@ -66,6 +66,8 @@ class Publisher:
         """Most backlog rows published per second (0: no limit)."""
         self._tokens = 0.0
         self._tokens_at = time.monotonic()
+        self._early: list[Row] = []  # committed at start, before the first connection
+        self._connections = 0
         self._alarms: dict[int, Row] = {}  # alarm events not yet handed to the client
         self._ahead: set[int] = set()  # alarm events handed ahead of the cursor
         self.on_online: Callable[[], None] = lambda: None
@@ -91,6 +93,9 @@ class Publisher:
         self.add_alarm_events(rows)
         if rows:
             self.last_offered = rows[-1].seq
+        if not self._connections and not self.link.outage and len(self._early) < FRESH_MAX:
+            # taken while the first connection attempt is under way: live, not backlog
+            self._early.extend(r for r in rows if not r.prio)
         if (
             rows
             and not self._caught_up
@@ -156,11 +161,18 @@ class Publisher:
     def on_connected(self) -> None:
         """After every CONNACK, synchronously inside the client's CONNACK handling, so
         before the client resends its in-flight messages: first the alarm events not yet
-        sent, then ``online`` (retained) and :attr:`on_online`, then the rest in seq
+        sent, then ``online`` (retained) and :attr:`on_online`, then (after the start's
+        first attempt) the rows polled while it was under way, then the rest in seq
         order."""
         self._send_alarm_events()
         self.link.publish(self.status_topic, ONLINE, qos=1, retain=True)
         self.on_online()
+        self._connections += 1
+        early, self._early = self._early, []
+        if self._connections == 1 and self.link.failed_attempts == 0:
+            # the first attempt after the start succeeded: what was polled meanwhile is
+            # live, and goes ahead of a backlog left by the previous run
+            self._send_ahead([r for r in early if r.seq > self.cursor])
         self._wake.set()
 
     def _send_alarm_events(self) -> None:
