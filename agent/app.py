@@ -27,6 +27,7 @@ from agent.buffer import (
     AsyncBuffer,
     Buffer,
     BufferError,
+    BufferStats,
     Restamp,
     StateDirError,
     lock_state_dir,
@@ -146,6 +147,8 @@ class Agent:
         self.buffer_error: str | None = None
         """Why the buffer is in memory (None: it is on disk)."""
         self._health_now = asyncio.Event()
+        self._started = time.monotonic()
+        self._start_bytes: int | None = None
         try:
             sync, notice = self._open_disk_buffer()
         except StateDirError:
@@ -445,6 +448,7 @@ class Agent:
                 e.state,
             )
             self._publish_alarm_state(a, wall)
+        self._health_now.set()  # alarms_active
         self.writer.alarms.update(
             {k: json.dumps(v) for k, v in self.alarms.take_changed(now, wall).items()}
         )
@@ -510,50 +514,55 @@ class Agent:
 
     async def _health(self) -> None:
         """Publish the gateway's health (retained) every :data:`HEALTH_S`, every
-        :data:`HEALTH_DRAINING_S` while a backlog drains."""
-        start_bytes = self._disk_write_bytes()
-        start = time.monotonic()
+        :data:`HEALTH_DRAINING_S` while a backlog drains, and at once when asked
+        (:attr:`_health_now`: a connect, an alarm or availability change)."""
         while True:
             for kind, message, fields in self.link.tls_notices():  # cert_expiring
+                log.warning("%s", message)
                 self.notice(kind, message, **fields)
             stats = await self.buffer.stats()
             draining = stats.pending > self.cfg.mqtt.max_inflight
-            if self.link.connected.is_set():
-                elapsed = time.monotonic() - start
-                written = self._disk_write_bytes()
-                per_hour = (
-                    None  # (a rate over the first seconds says nothing about SD wear)
-                    if written is None or start_bytes is None or elapsed < 60
-                    else round((written - start_bytes) / (elapsed / 3600))
-                )
-                body = payloads.health(
-                    payloads.Health(
-                        gateway=self.cfg.gateway_id,
-                        ts_ms=now_ms(),
-                        pending=stats.pending,
-                        last_seq=stats.last_seq,
-                        dropped=stats.dropped,
-                        published=self.publisher.published,
-                        acked=self.publisher.acked_total,
-                        draining=draining,
-                        disk_write_bytes_per_hour=per_hour,
-                        gpio=self._outputs_state() or "none",
-                        gpio_factory=self.gpio.factory_name or None,
-                        alarms_active=sum(1 for a in self.alarms.alarms if a.on),
-                        devices_offline=self.availability.offline,
-                        buffer="memory" if self.buffer.sync.memory else "disk",
-                        clock="synced" if self.clock.synced else "unsynced",
-                        buffer_error=self.buffer_error,
-                        **self.link.tls_health(),
-                    )
-                )
-                self.link.publish(
-                    health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True
-                )
+            self._publish_health(stats, draining)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HEALTH_DRAINING_S if draining else HEALTH_S):
                     await self._health_now.wait()
             self._health_now.clear()
+
+    def _publish_health(self, stats: BufferStats, draining: bool) -> None:
+        """The health message now, retained (when connected)."""
+        if not self.link.connected.is_set():
+            return
+        elapsed = time.monotonic() - self._started
+        written = self._disk_write_bytes()
+        per_hour = (
+            None  # (a rate over the first seconds says nothing about SD wear)
+            if written is None or self._start_bytes is None or elapsed < 60
+            else round((written - self._start_bytes) / (elapsed / 3600))
+        )
+        body = payloads.health(
+            payloads.Health(
+                gateway=self.cfg.gateway_id,
+                ts_ms=now_ms(),
+                pending=stats.pending,
+                last_seq=stats.last_seq,
+                dropped=stats.dropped,
+                published=self.publisher.published,
+                acked=self.publisher.acked_total,
+                draining=draining,
+                disk_write_bytes_per_hour=per_hour,
+                gpio=self._outputs_state() or "none",
+                gpio_factory=self.gpio.factory_name or None,
+                alarms_active=sum(1 for a in self.alarms.alarms if a.on),
+                devices_offline=self.availability.offline,
+                buffer="memory" if self.buffer.sync.memory else "disk",
+                clock="synced" if self.clock.synced else "unsynced",
+                buffer_error=self.buffer_error,
+                **self.link.tls_health(),
+            )
+        )
+        self.link.publish(
+            health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True
+        )
 
     async def _alarm_timer(self) -> None:
         """Let time act on the alarms (delays, stale data) and keep the outputs and the
@@ -580,6 +589,8 @@ class Agent:
 
     async def run(self) -> int:
         """Run until :attr:`stop_event` is set; return the process exit code."""
+        self._start_bytes = self._disk_write_bytes()
+        self._started = time.monotonic()
         stats = await self.buffer.stats()
         log.info(
             "gateway %s: %d device(s) on %d bus(es); buffer %s holds %d unsent "
@@ -654,6 +665,7 @@ class Agent:
         if not await self.publisher.flush_acks():
             log.warning("some acknowledged messages stay in the buffer; they will be sent again")
         self._availability_changed(self.availability.stop(now_ms()))
+        self._publish_health(await self.buffer.stats(), False)  # the last word on the broker
         sent = await self.publisher.publish_offline(OFFLINE, STOP_BUDGET_S / 4)
         if not sent and self.link.ever_connected:
             log.warning(

@@ -71,12 +71,15 @@ def validate(config_file: str) -> None:
 
     cfg = load_or_exit(config_file)
     assert isinstance(cfg, AgentConfig)
-    for note in config_notes(config_file):
+    notes = config_notes(config_file)
+    for note in notes:
         click.echo(str(note), err=True)
     points = sum(len(d.points) for d in cfg.devices)
+    warnings = sum(1 for n in notes if n.level == "warning")
+    said = f", {warnings} warning{'s' if warnings != 1 else ''} above" if warnings else ""
     click.echo(
         f"{config_file}: OK (gateway {cfg.gateway_id}, {len(cfg.devices)} device(s), "
-        f"{points} point(s))"
+        f"{points} point(s){said})"
     )
 
 

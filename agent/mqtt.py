@@ -38,6 +38,20 @@ log = logging.getLogger(__name__)
 PubackHandler = Callable[[int, bool, str], None]
 
 
+def _refusal_hint(reason: str) -> str:
+    """What to check for a CONNACK refusal (MQTT 3.1.1 section 3.2.2.3, MQTT 5.0 section
+    3.2.2.2 reason codes)."""
+    low = reason.lower()
+    if "not authorized" in low or "user name or password" in low:
+        return (
+            "; check mqtt.username and its password (password_file, password_credential) "
+            "against the broker's accounts"
+        )
+    if "identifier" in low:
+        return "; the broker does not accept this client id (mqtt.client_id)"
+    return ""
+
+
 class MqttLink:
     """One MQTT session to the broker, kept up for the life of the agent.
 
@@ -210,7 +224,8 @@ class MqttLink:
             self._problem(
                 logging.ERROR,
                 f"refused:{reason}",
-                f"broker {self.cfg.host}:{self.port} refused the connection: {reason}",
+                f"broker {self.cfg.host}:{self.port} refused the connection: {reason}"
+                + _refusal_hint(reason),
             )
 
     def _log_connected(self) -> None:

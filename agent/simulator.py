@@ -136,9 +136,10 @@ class ModbusSimulator:
             block.mutable = False
 
     def set_online(self, unit_id: int, online: bool) -> None:
-        """Take unit ``unit_id`` off the line (it stops answering, as a unit with its power
-        cut behind a TCP-to-RS-485 converter: the master times out) or put it back. Call
-        it on the simulator's thread (:meth:`call`) once serving."""
+        """Take unit ``unit_id`` off the line or put it back. Off the line, pymodbus answers
+        for it as a TCP-to-RS-485 converter does for a unit with its power cut: exception
+        11, gateway target device failed to respond (MODBUS Application Protocol V1.1b3,
+        clause 7). Call it on the simulator's thread (:meth:`call`) once serving."""
         assert self._context is not None
         devices = self._context._devices  # pymodbus keeps the units in this dict
         if online:

@@ -191,6 +191,16 @@ def security_warnings(
                     f"the MQTT username and password go to {cfg.host} in clear",
                 )
             )
+    if tls is not None and cfg.port == 1883:
+        out.append(
+            (
+                ("mqtt", "port"),
+                "TLS is on but port 1883 is MQTT's plain port (IANA): a broker there will "
+                "not answer the TLS handshake. Use the broker's TLS port (8883, the default "
+                "with TLS: remove 'port'), or say 'tls: false' for plain MQTT on the "
+                "gateway's own network",
+            )
+        )
     if tls is not None and tls.insecure:
         out.append(
             (
@@ -634,6 +644,14 @@ def explain_close(
         what = "closed" if error is None or isinstance(error, ssl.SSLError) else "reset"
         return _client_cert_cause(
             at, f"it {what} the connection right after the TLS handshake", sure=False
+        )
+    if closed and error is not None:  # hung up on the ClientHello, no alert
+        return Cause(
+            "handshake_closed",
+            f"{at.host}:{at.port} closed the connection during the TLS handshake ({error}): "
+            "is this the broker's TLS port? A plain MQTT port (1883) hangs up on a TLS "
+            "handshake; MQTT over TLS is usually on 8883 (remove mqtt.port, or set "
+            "'tls: false' for a plain broker on the gateway's own network)",
         )
     return explain(error, at) if error is not None else None
 

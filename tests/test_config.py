@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 
 from agent.cli import EX_CONFIG, main
-from agent.config.loader import ConfigError, ConfigIssue, load_config
+from agent.config.loader import ConfigError, ConfigIssue, config_notes, load_config
 from agent.config.model import AgentConfig
 from drivers.common import parse_duration
 from drivers.modbus.config import ModbusPoint, ModbusProfile, ModbusTcpDevice
@@ -364,6 +364,27 @@ devices:
     assert where(issue) == ("agent.yaml", 6, 14, "devices[0].profile")
     assert "unknown profile 'radar-water-levl'" in issue.message
     assert "did you mean 'radar-water-level'" in issue.message
+
+
+def test_unknown_profile_is_the_one_problem_not_its_rules(with_profiles: Path) -> None:
+    """A misspelt profile is reported once: the alarm rules on that device's points are
+    not each reported as naming a point the device lacks."""
+    name = write(
+        with_profiles,
+        "agent.yaml",
+        HEAD
+        + """\
+devices:
+  - id: radar-1
+    host: 192.0.2.10
+    profile: radar-water-levl
+alarms:
+  - {id: h, device: radar-1, point: water_level, kind: high, setpoint: 1}
+  - {id: hh, device: radar-1, point: water_level, kind: high, setpoint: 2}
+""",
+    )
+    (issue,) = issues_of(name)
+    assert issue.path == "devices[0].profile"
 
 
 def test_yaml_syntax_error_position(cfgdir: Path) -> None:
@@ -1099,3 +1120,32 @@ def test_a_huge_id_is_shown_by_its_start_and_length(cfgdir: Path) -> None:
     assert [i.path for i in issues] == ["devices[0].id", "devices[1].id", "devices[1].id"]
     assert all(len(i.message) < 400 for i in issues), [len(i.message) for i in issues]
     assert "(70002 characters)" in issues[0].message
+
+
+def test_small_mistakes_get_plain_words(cfgdir: Path) -> None:
+    """A tab, a port that is no number: said in words a technician can act on."""
+    (issue,) = issues_of(write(cfgdir, "tab.yaml", HEAD + "mqtt:\n\thost: x\n" + ONE_DEVICE))
+    assert where(issue)[:3] == ("tab.yaml", 4, 1)
+    assert "never with tabs" in issue.message
+    (issue,) = issues_of(write(cfgdir, "port.yaml", HEAD + "mqtt:\n  port: 4l96\n" + ONE_DEVICE))
+    assert issue.path == "mqtt.port" and issue.message == "'4l96' is not a whole number"
+
+
+def test_a_comment_glued_to_an_id_is_warned(cfgdir: Path) -> None:
+    """`id: culvert #2` is the id 'culvert' and a comment; validate says so (an id with a
+    comment after a space, '# like this', is left alone)."""
+    name = write(
+        cfgdir,
+        "agent.yaml",
+        HEAD
+        + "devices:\n"
+        + "  - id: culvert #2\n    host: 192.0.2.1\n    points: [{name: v, address: 0}]\n"
+        + "  - id: gate  # the north gate\n    host: 192.0.2.2\n"
+        + "    points: [{name: v, address: 0}]\n",
+    )
+    cfg = load_config(name)
+    assert [d.id for d in cfg.devices] == ["culvert", "gate"]
+    (note,) = config_notes(name)
+    assert (note.file, note.line, note.col, note.level) == ("agent.yaml", 4, 17, "warning")
+    assert "'#2' after id 'culvert' is a YAML comment" in note.message
+    assert "'culvert-2'" in note.message

@@ -508,6 +508,8 @@ def test_availability_info_and_clean_stop(tmp_path: Path, broker: Mosquitto) -> 
         doc = json.loads(retained[f"lifeline/test-gw/availability/{dev}"])
         assert (doc["state"], doc["reason"]) == ("offline", "gateway_stopped")
     assert retained["lifeline/test-gw/status"] == b"offline"
+    # the retained health is the one made at the stop, not one from up to 30 s before
+    assert json.loads(retained["lifeline/test-gw/health"])["devices_offline"] == 2
     assert "availability of d2: offline (exception)" in agent.log()
     assert_all_delivered(sub, tmp_path / "state")
 
@@ -537,6 +539,14 @@ def test_case_057_retained_topics_of_a_removed_device_are_cleared(
             ),
             15,
             "d2's retained topics",
+        )
+        # an alarm raised: the health says so at once, not at its next 30 s turn
+        wait_until(
+            lambda: (
+                json.loads(_retained(broker.port)["lifeline/test-gw/health"])["alarms_active"] == 1
+            ),
+            5,
+            "the health counting the active alarm",
         )
     finally:
         assert agent.stop() == 0

@@ -195,3 +195,4 @@ def test_wrong_password_is_reported_not_fatal(tmp_path: Path, secure_broker: Sec
     assert agent.stop() == 0
     log = agent.log()
     assert "Not authorized" in log or "Bad user name or password" in log, log
+    assert "check mqtt.username and its password" in log, log

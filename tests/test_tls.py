@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -600,6 +602,19 @@ def test_case_048_tls_false_and_insecure_are_warned(cfgdir: Path) -> None:
     )
 
 
+def test_tls_on_the_plain_mqtt_port_is_warned(cfgdir: Path) -> None:
+    """A remote broker (TLS by default) with port 1883 written: the handshake would meet
+    a plain listener; validate says so at the port's line. With tls: false it does not."""
+    code, lines = validate(cfgdir, HEAD + "mqtt:\n  host: 10.0.0.5\n  port: 1883\n" + DEVICE)
+    assert code == 0
+    (warning,) = [ln for ln in lines if "warning" in ln]
+    assert warning.startswith("agent.yaml:5:3: mqtt.port: warning: TLS is on but port 1883")
+    code, lines = validate(
+        cfgdir, HEAD + "mqtt:\n  host: 127.0.0.1\n  port: 1883\n  tls: false\n" + DEVICE
+    )
+    assert code == 0 and not [ln for ln in lines if "port 1883" in ln]
+
+
 def test_password_in_the_config_and_secret_files_readable_by_others_are_warned(
     cfgdir: Path, pki: Pki
 ) -> None:
@@ -983,3 +998,73 @@ def test_case_049_tls_port_that_answers_wrong_is_a_failed_attempt(
     assert code == 0, log
     assert len(error_lines(log, needle)) == 1, log
     assert "connected to mqtt" not in log
+
+
+def test_case_048_tls_towards_a_plain_mqtt_port_says_which_port(
+    tmp_path: Path, pki: Pki, broker: Mosquitto
+) -> None:
+    """TLS towards a broker's plain MQTT listener (it hangs up on the ClientHello): a
+    failed attempt whose cause names the port mix-up, logged once over several attempts."""
+    cfg = write_config(
+        tmp_path / "agent.yaml", broker.port, one_point_device(1, "1s"), tls_block(pki)
+    )
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    needle = "closed the connection during the TLS handshake"
+    try:
+        wait_until(lambda: needle in agent.log(), 10, "the cause")
+        time.sleep(1.5)  # several more attempts (reconnect_max 500 ms)
+        assert agent.proc is not None and agent.proc.poll() is None
+    finally:
+        code = agent.stop()
+    log = agent.log()
+    assert code == 0, log
+    assert len(error_lines(log, needle)) == 1, log
+    assert "is this the broker's TLS port?" in log and "connected to mqtt" not in log
+    assert log.count("Connection reset by peer") <= 1, log
+
+
+AS_VALIDATE = [sys.executable, "-m", "agent", "validate", "agent.yaml"]
+
+
+def test_unreadable_secret_files_are_each_named(pki: Pki) -> None:
+    """validate run as the service's user (here: nobody, by setpriv: root or password-less
+    sudo, as the disk-fault tests) on files only root can read: the password file and the
+    key are each named at their own line, in one run (the certificate, readable, is not
+    blamed)."""
+    d = Path(tempfile.mkdtemp(prefix="perm-", dir="/tmp"))
+    try:
+        d.chmod(0o755)
+        cert, key = pki.client_old
+        for src, name, mode in ((pki.city.cert, "ca.pem", 0o644), (cert, "gw.pem", 0o644)):
+            shutil.copy(src, d / name)
+            (d / name).chmod(mode)
+        shutil.copy(key, d / "gw.key")
+        (d / "gw.key").chmod(0o600)
+        (d / "mqtt.pw").write_text("pw\n")
+        (d / "mqtt.pw").chmod(0o600)
+        (d / "agent.yaml").write_text(
+            "gateway_id: gw\nstate_dir: state\nmqtt:\n  host: 10.0.0.5\n  username: gw\n"
+            "  password_file: mqtt.pw\n  tls:\n    ca_file: ca.pem\n    cert_file: gw.pem\n"
+            "    key_file: gw.key\n" + DEVICE
+        )
+        (d / "agent.yaml").chmod(0o644)
+        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+        done = subprocess.run(
+            [*sudo, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *AS_VALIDATE],
+            cwd=d,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=False,
+        )
+    finally:
+        shutil.rmtree(d)
+    assert done.returncode == 78, done.stderr
+    lines = done.stderr.splitlines()
+    assert any(ln.startswith("agent.yaml:6:18: mqtt.password_file: cannot read") for ln in lines)
+    assert any(
+        ln.startswith("agent.yaml:10:15: mqtt.tls.key_file: cannot read") and "gw.key" in ln
+        for ln in lines
+    ), lines
+    assert not [ln for ln in lines if "cert_file" in ln], lines

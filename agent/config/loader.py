@@ -22,7 +22,7 @@ import stat
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -318,6 +318,8 @@ def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[Conf
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(s for s in (exc.context, exc.problem) if s)
+        if "'\\t'" in what:
+            what += " (YAML indents with spaces, never with tabs: replace the tab)"
         return None, [ConfigIssue(display, line, col, "", f"YAML syntax error: {what}")]
     except ReaderError as exc:
         line, col = _offset_to_pos(text, exc.position)
@@ -583,6 +585,10 @@ def _message(err: Any, model: type[BaseModel]) -> str:
         if pattern == NAME_PATTERN:
             return _id_message(value, loc, model)
         return f"{short_repr(value)} is not allowed here: {PATTERN_WORDS.get(pattern, msg)}"
+    if kind == "int_parsing":
+        return f"{short_repr(value)} is not a whole number"
+    if kind == "float_parsing":
+        return f"{short_repr(value)} is not a number"
     if kind == "string_type" and isinstance(value, int | float | bool):
         return f'{value!r} is not text: write it in quotes, e.g. "{value}"'
     bounds = {
@@ -1060,7 +1066,7 @@ def _resolve_mqtt(
                 read_secret_file(path)
         except SecretError as exc:
             issue(loc, str(exc))
-    if tls is not None and not issues:
+    if tls is not None:
         issues += _check_tls(tls, data, display, origins)
     return mqtt, issues
 
@@ -1076,8 +1082,16 @@ def _check_tls(tls: TlsConfig, data: Any, display: str, origins: _Origins) -> li
 
     for key in ("ca_file", "cert_file", "key_file"):
         name = getattr(tls, key)
-        if name is not None and not Path(name).is_file():
+        if name is None:
+            continue
+        if not Path(name).is_file():
             issue(key, f"no such file: {name}")
+        elif not os.access(name, os.R_OK):
+            issue(
+                key,
+                f"cannot read {name}: permission denied for this user (the agent's user, "
+                "edge-agent, must be able to read it: chown or chgrp it, mode 0640/0600)",
+            )
     if issues:
         return issues
     ctx = ssl.create_default_context()
@@ -1240,7 +1254,12 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
         merged, errs = _apply_profile(dev, prof, i, data, display, origins)
         issues += errs
         resolved.append(merged)
-    issues += _check_alarm_refs(cfg, resolved, data, display, origins)
+    # a device whose profile could not be applied has no points to check rules against:
+    # its profile's problem is the one to report, not every rule on it
+    unresolved = {
+        d.id for d in cfg.devices if d.profile is not None and d.profile not in profiles
+    }
+    issues += _check_alarm_refs(cfg, resolved, data, display, origins, unresolved)
     if issues:
         raise ConfigError(issues)
 
@@ -1266,10 +1285,16 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
 
 
 def _check_alarm_refs(
-    cfg: AgentConfig, devices: list[Any], data: Any, display: str, origins: _Origins
+    cfg: AgentConfig,
+    devices: list[Any],
+    data: Any,
+    display: str,
+    origins: _Origins,
+    unresolved: Collection[str] = (),
 ) -> list[ConfigIssue]:
     """Alarm rules name existing devices and points; outputs name existing rules; ids,
-    names and pins are unique."""
+    names and pins are unique. The points of ``unresolved`` devices (their profile is
+    unknown or broken, reported already) are not checked."""
     issues: list[ConfigIssue] = []
 
     def issue(loc: tuple[int | str, ...], message: str) -> None:
@@ -1303,6 +1328,8 @@ def _check_alarm_refs(
             if not targets:
                 issue(("alarms", i, "profile"), f"no device uses profile {rule.profile!r}")
         for d in targets:
+            if d.id in unresolved:
+                continue
             points = {p.name: p for p in d.points}
             pt = points.get(rule.point)
             if pt is None:
@@ -1517,6 +1544,46 @@ def _config_notes(main: Path, fast: bool) -> list[ConfigIssue]:
                     pdata.get("points"), ("points",), pdata, _display(p), _Origins({})
                 )
     out += _mqtt_notes(data, main, display, origins)
+    for f in {main, *(Path(p) for p in origins.files.values())}:
+        out += _comment_notes(f)
+    return out
+
+
+_ID_COMMENT = re.compile(
+    r"^\s*(?:-\s+)?(?P<key>id|gateway_id|device|point|rule)\s*:\s*"
+    r"(?P<value>[^'\"\s#{\[][^#]*?)\s+(?P<comment>#\S.*)$"
+)
+"""``id: pump #2``: an id followed on its line by a comment that starts right after its
+``#`` (``#2``, ``#north``), most likely meant as part of the id."""
+
+
+def _comment_notes(path: Path) -> list[ConfigIssue]:
+    """A warning for each id whose line goes on with ``#…`` without a space: YAML makes
+    that a comment (YAML 1.2 section 6.6), so the id is only what stands before it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _ID_COMMENT.match(line)
+        if m is None:
+            continue
+        value, comment = m.group("value").strip(), m.group("comment")
+        out.append(
+            ConfigIssue(
+                _display(path),
+                n,
+                m.start("comment") + 1,
+                "",
+                f"'{comment}' after {m.group('key')} {value!r} is a YAML comment, so the "
+                f"{m.group('key')} is {value!r}; if '{value} {comment}' was meant, note that "
+                "ids cannot hold '#' or spaces: write an id such as "
+                f"'{suggest_name(value + ' ' + comment) or value}' and put the text in "
+                "a quoted name",
+                "warning",
+            )
+        )
     return out
 
 
