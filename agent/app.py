@@ -560,9 +560,7 @@ class Agent:
                 **self.link.tls_health(),
             )
         )
-        self.link.publish(
-            health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True
-        )
+        self.link.publish(health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True)
 
     async def _alarm_timer(self) -> None:
         """Let time act on the alarms (delays, stale data) and keep the outputs and the

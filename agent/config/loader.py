@@ -1256,9 +1256,7 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
         resolved.append(merged)
     # a device whose profile could not be applied has no points to check rules against:
     # its profile's problem is the one to report, not every rule on it
-    unresolved = {
-        d.id for d in cfg.devices if d.profile is not None and d.profile not in profiles
-    }
+    unresolved = {d.id for d in cfg.devices if d.profile is not None and d.profile not in profiles}
     issues += _check_alarm_refs(cfg, resolved, data, display, origins, unresolved)
     if issues:
         raise ConfigError(issues)
