@@ -214,7 +214,12 @@ class Agent:
             time.monotonic(),
         )
         self.retained = RetainedState(
-            self.link, self.buffer, self._owned_retained(), self.buffer.sync.retained_topics()
+            self.link,
+            self.buffer,
+            self._owned_retained(),
+            self.buffer.sync.retained_topics(),
+            prefix,
+            cfg.gateway_id,
         )
         self.publisher.on_other_puback = self.retained.on_puback
         self.retained.publish(info_topic(prefix, cfg.gateway_id), gateway_info(cfg, now_ms()))

@@ -22,30 +22,61 @@ import sqlite3
 from collections.abc import Iterable
 
 from agent.buffer import AsyncBuffer
+from agent.contract.topics import parse_topic
 from agent.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
+
+
+def _ours(topic: str, prefix: str, gateway_id: str) -> bool:
+    """Whether ``topic`` is a retained topic of the contract under this gateway."""
+    parsed = parse_topic(topic, prefix)
+    return parsed is not None and parsed.gateway_id == gateway_id and parsed.kind.retained
 
 
 class RetainedState:
     """Owns the gateway's retained messages (apart from status and health, which have
     their own timing) and the clearing of stale retained topics.
 
+    Only topics of this gateway as it is configured now (``{prefix}/{gateway_id}/…``, of a
+    kind the contract makes retained) are ever cleared: a stored topic under another prefix
+    or gateway id (a state directory copied from another gateway, a renamed gateway) may
+    belong to a gateway that is running, so it is forgotten, not cleared (the log says so
+    once); so is anything that is no topic of the contract.
+
     Args:
         link: the MQTT session.
         buffer: where the set of published retained topics is kept.
         owned: every retained topic the current config can publish.
         stored: the set read from the buffer at start.
+        prefix, gateway_id: this gateway's topic prefix and id.
     """
 
     def __init__(
-        self, link: MqttLink, buffer: AsyncBuffer, owned: Iterable[str], stored: Iterable[str]
+        self,
+        link: MqttLink,
+        buffer: AsyncBuffer,
+        owned: Iterable[str],
+        stored: Iterable[str],
+        prefix: str,
+        gateway_id: str,
     ) -> None:
         self.link = link
         self.buffer = buffer
         self.owned = frozenset(owned)
         stored = frozenset(stored)
-        self.stale = set(stored - self.owned)
+        ours = {t for t in stored if _ours(t, prefix, gateway_id)}
+        foreign = stored - ours
+        if foreign:
+            log.warning(
+                "the buffer remembers %d retained topic(s) that are not this gateway's "
+                "(%s/%s/…): not clearing them, they may belong to another gateway (e.g. %s)",
+                len(foreign),
+                prefix,
+                gateway_id,
+                sorted(foreign)[0][:200],
+            )
+        self.stale = set(ours - self.owned)
         self._bodies: dict[str, bytes] = {}
         self._clearing: dict[int, str] = {}
         self._save = asyncio.Event()

@@ -575,3 +575,59 @@ def test_case_057_retained_topics_of_a_removed_device_are_cleared(
     finally:
         assert agent.stop() == 0
     assert "clearing" not in agent.log()
+
+
+def test_a_copied_state_directory_never_clears_another_gateways_topics(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """A gateway started on a state directory copied from another (a cloned SD card, then
+    its gateway_id changed) forgets the other's retained topics instead of clearing them;
+    rows in the buffer that are no topic of the contract (a wildcard, another kind) are
+    ignored: the agent connects and publishes as usual."""
+    sim = ModbusSimulator()
+    sim.add_device(1, [POINT])
+    sim.set_raw(1, "holding", 0, [5])
+    sim.start_thread()
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, _two_units(sim.port, False))
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    try:
+        wait_until(
+            lambda: "lifeline/test-gw/availability/d1" in _retained(broker.port), 10, "d1 online"
+        )
+    finally:
+        assert agent.stop() == 0
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    import shutil
+    import sqlite3
+
+    shutil.copytree(tmp_path / "state", clone / "state")
+    shutil.copytree(tmp_path / "profiles", clone / "profiles")
+    with sqlite3.connect(clone / "state" / "buffer.db") as db:
+        db.executemany(
+            "INSERT INTO retained_topic(topic) VALUES (?)",
+            [("lifeline/#",), ("lifeline/gw-018/availability/+",), ("lifeline/gw-018/x",)],
+        )
+    text = (tmp_path / "agent.yaml").read_text()
+    (clone / "agent.yaml").write_text(
+        text.replace("gateway_id: test-gw", "gateway_id: gw-018")
+        .replace("client_id: test-gw", "client_id: gw-018")
+        .replace(str(tmp_path / "state"), str(clone / "state"))
+    )
+    other = AgentProcess(clone / "agent.yaml", clone / "agent.log")
+    other.start()
+    try:
+        wait_until(
+            lambda: "lifeline/gw-018/availability/d1" in _retained(broker.port), 10, "gw-018"
+        )
+        time.sleep(0.5)
+    finally:
+        assert other.stop() == 0
+        sim.stop_thread()
+    retained = _retained(broker.port)
+    assert {"lifeline/test-gw/info", "lifeline/test-gw/availability/d1"} <= set(retained)
+    log = other.log()
+    assert "not clearing them, they may belong to another gateway" in log
+    assert "clearing" not in log.replace("not clearing", "")
+    assert "Traceback" not in log

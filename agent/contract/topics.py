@@ -8,7 +8,10 @@ section 4.7.1, MQTT 5.0 section 4.7.1).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+from drivers.names import NAME_PATTERN
 
 ONLINE = b"online"
 OFFLINE = b"offline"
@@ -104,6 +107,9 @@ TOPIC_KINDS: dict[str, TopicKind] = {
 """Every topic kind under ``{prefix}/{gateway_id}/``."""
 
 
+_ID = re.compile(NAME_PATTERN)
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
     """A topic of the contract taken apart."""
@@ -115,7 +121,8 @@ class ParsedTopic:
 
 def parse_topic(topic: str, prefix: str) -> ParsedTopic | None:
     """Take ``topic`` apart as ``{prefix}/{gateway_id}/{kind}/{ids…}``; None when it is not
-    a topic of this contract under ``prefix``. Pure."""
+    a topic of this contract under ``prefix`` (an unknown kind, the wrong number of levels,
+    a level that is not an id of the safe set). Pure."""
     head = prefix + "/"
     if not topic.startswith(head):
         return None
@@ -123,6 +130,8 @@ def parse_topic(topic: str, prefix: str) -> ParsedTopic | None:
     if len(levels) < 2:
         return None
     kind = TOPIC_KINDS.get(levels[1])
-    if kind is None or len(levels) != 2 + kind.ids or not all(levels):
+    if kind is None or len(levels) != 2 + kind.ids:
+        return None
+    if not all(_ID.fullmatch(level) for level in (levels[0], *levels[2:])):
         return None
     return ParsedTopic(levels[0], kind, tuple(levels[2:]))
