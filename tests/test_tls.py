@@ -587,7 +587,7 @@ def test_tls_settings_mistakes_explained(cfgdir: Path, tls: str, message: str) -
 def test_case_048_tls_false_and_insecure_are_warned(cfgdir: Path) -> None:
     code, lines = validate(cfgdir, HEAD + "mqtt:\n  host: 10.0.0.5\n  tls: false\n" + DEVICE)
     assert code == 0
-    assert [ln for ln in lines if "warning" in ln] == [
+    assert [ln for ln in lines if ": warning: " in ln] == [
         "agent.yaml:5:3: mqtt.tls: warning: TLS is off towards 10.0.0.5, which is not a "
         "loopback address: readings and alarms cross the network in clear and anyone on the "
         "path can forge them; remove 'tls: false' (TLS is the default)"
@@ -596,7 +596,7 @@ def test_case_048_tls_false_and_insecure_are_warned(cfgdir: Path) -> None:
         cfgdir, HEAD + "mqtt:\n  host: 10.0.0.5\n  tls:\n    insecure: true\n" + DEVICE
     )
     assert code == 0
-    (warning,) = [ln for ln in lines if "warning" in ln]
+    (warning,) = [ln for ln in lines if ": warning: " in ln]
     assert warning.startswith(
         "agent.yaml:6:5: mqtt.tls.insecure: warning: the broker's certificate is NOT verified"
     )
@@ -607,7 +607,7 @@ def test_tls_on_the_plain_mqtt_port_is_warned(cfgdir: Path) -> None:
     a plain listener; validate says so at the port's line. With tls: false it does not."""
     code, lines = validate(cfgdir, HEAD + "mqtt:\n  host: 10.0.0.5\n  port: 1883\n" + DEVICE)
     assert code == 0
-    (warning,) = [ln for ln in lines if "warning" in ln]
+    (warning,) = [ln for ln in lines if ": warning: " in ln]
     assert warning.startswith("agent.yaml:5:3: mqtt.port: warning: TLS is on but port 1883")
     code, lines = validate(
         cfgdir, HEAD + "mqtt:\n  host: 127.0.0.1\n  port: 1883\n  tls: false\n" + DEVICE
@@ -622,7 +622,7 @@ def test_password_in_the_config_and_secret_files_readable_by_others_are_warned(
         cfgdir, HEAD + "mqtt:\n  username: gw017\n  password: s3cret-in-yaml\n" + DEVICE
     )
     assert code == 0
-    (warning,) = [ln for ln in lines if "warning" in ln]
+    (warning,) = [ln for ln in lines if ": warning: " in ln]
     assert warning.startswith("agent.yaml:5:3: mqtt.password: warning: the password is written")
     assert "password_file" in warning and "password_credential" in warning
     assert "s3cret-in-yaml" not in "\n".join(lines)
@@ -637,7 +637,7 @@ def test_password_in_the_config_and_secret_files_readable_by_others_are_warned(
         "    key_file: gw.key\n" + DEVICE,
     )
     assert code == 0, lines
-    warnings = [ln for ln in lines if "warning" in ln]
+    warnings = [ln for ln in lines if ": warning: " in ln]
     assert len(warnings) == 2, lines
     assert warnings[0].startswith("agent.yaml:6:3: mqtt.password_file: warning: ")
     assert "readable by every user (mode 0644): chmod o-rwx" in warnings[0]
@@ -672,7 +672,7 @@ def test_password_file_and_systemd_credentials(
     # outside systemd: validate warns that it cannot check, run refuses to start
     code, lines = validate(cfgdir, text)
     assert code == 0, lines
-    warnings = [ln for ln in lines if "warning" in ln]
+    warnings = [ln for ln in lines if ": warning: " in ln]
     assert warnings[0].startswith(
         "agent.yaml:6:3: mqtt.password_credential: warning: credential 'mqtt-password' not checked"
     )
@@ -687,7 +687,7 @@ def test_password_file_and_systemd_credentials(
     # under systemd
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     code, lines = validate(cfgdir, text)
-    assert code == 0 and not [ln for ln in lines if "warning" in ln], lines
+    assert code == 0 and not [ln for ln in lines if ": warning: " in ln], lines
     cfg = load_config("agent.yaml", need_secrets=True)
     assert password_of(cfg.mqtt) == "from-credential"
     key.unlink()
