@@ -357,9 +357,9 @@ def _bombs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     )
     many = "more than 250000 values once aliases are expanded"
     bomb("aliases", laughs + HEAD + ONE_DEVICE, f"agent.yaml:6:14: {many}")
-    # 2.8 MB of one list: 3 values before it, the list, then item i (column 5 + 2i) is
-    # value 5 + i: value 250,001 is item 249,996
-    bomb("values", HEAD + "x: [" + "1," * 1_400_000 + "1]\n", f"agent.yaml:3:499997: {many}")
+    # 2.8 MB of one list: 6 values before it (the root map, its 3 keys, 2 scalars), the
+    # list, then item i (column 5 + 2i) is value 8 + i: value 250,001 is item 249,993
+    bomb("values", HEAD + "x: [" + "1," * 1_400_000 + "1]\n", f"agent.yaml:3:499991: {many}")
     bomb(
         "huge",
         HEAD + ONE_DEVICE + "# padding\n" * 420_000,

@@ -138,6 +138,63 @@ MAX_VALUES = 250_000
 holds 110,000)."""
 MAX_DEPTH = 64
 """Deepest nesting of lists and maps in a file (a config needs 6)."""
+MAX_FILES = 64
+"""Most files one config may be made of: the config file, its includes and its profiles."""
+MAX_TOTAL_BYTES = MAX_FILE_BYTES
+"""Most bytes in all the files of one config together."""
+MAX_TOTAL_VALUES = MAX_VALUES
+"""Most values (keys, lists and maps count too) in all the files of one config together."""
+
+
+@dataclass
+class _Budget:
+    """What the files of one config have used so far of :data:`MAX_FILES`,
+    :data:`MAX_TOTAL_BYTES` and :data:`MAX_TOTAL_VALUES`: without it an include pattern
+    matching a thousand files would multiply the per-file caps by a thousand."""
+
+    files: int = 0
+    bytes: int = 0
+    values: int = 0
+    first: str = ""
+    """The file the budget started with (the config file), for messages."""
+
+    def take_file(self, size: int, display: str) -> None:
+        """Count one more file of ``size`` bytes.
+
+        Raises:
+            _Refused: past :data:`MAX_FILES` or :data:`MAX_TOTAL_BYTES`.
+        """
+        self.first = self.first or display
+        self.files += 1
+        self.bytes += size
+        if self.files > MAX_FILES:
+            raise _Refused(
+                [
+                    ConfigIssue(
+                        display,
+                        1,
+                        1,
+                        "",
+                        f"more than {MAX_FILES} files make up {self.first} (the config file, "
+                        "its includes and its profiles): merge some of them",
+                    )
+                ]
+            )
+        if self.bytes > MAX_TOTAL_BYTES:
+            raise _Refused(
+                [
+                    ConfigIssue(
+                        display,
+                        1,
+                        1,
+                        "",
+                        f"with this file, the {self.files} files of {self.first} (the config "
+                        f"file, its includes and its profiles) hold {self.bytes / 1e6:.1f} MB: "
+                        f"at most {MAX_TOTAL_BYTES / 1e6:g} MB in all; is the include "
+                        "pattern right?",
+                    )
+                ]
+            )
 
 
 class _Refused(ConfigError):
@@ -145,23 +202,38 @@ class _Refused(ConfigError):
     positions pass is not tried, it would only take longer to say the same."""
 
 
-def _read_text(path: Path, display: str) -> str:
+def _read_text(path: Path, display: str, budget: _Budget | None = None) -> str:
     """The text of ``path``, at most :data:`MAX_FILE_BYTES` of it, with universal newlines.
 
+    The file is opened without blocking and looked at before it is read: a FIFO, a
+    device or a directory is refused (reading a FIFO would wait for ever).
+
     Raises:
-        _Refused: the file is bigger; ``ConfigError`` when it cannot be read or decoded.
+        _Refused: the file is bigger, or the config's files together pass a cap of
+            ``budget``; ``ConfigError`` when it cannot be read or decoded.
     """
-    if path.exists() and not path.is_file():
-        kind = "a directory" if path.is_dir() else "not a regular file"
-        raise ConfigError([ConfigIssue(display, 1, 1, "", f"cannot read: {path} is {kind}")])
     try:
-        with path.open("rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            raw = f.read(MAX_FILE_BYTES + 1) if size <= MAX_FILE_BYTES else b""
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(
-            [ConfigIssue(display, 1, 1, "", f"cannot read file: {exc.strerror}")]
+            [ConfigIssue(display, 1, 1, "", f"cannot read: {_os_problem(exc)}")]
         ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ConfigError([ConfigIssue(display, 1, 1, "", f"cannot read: {path} is {kind}")])
+        size = st.st_size
+        raw = b""
+        if size <= MAX_FILE_BYTES:
+            with os.fdopen(os.dup(fd), "rb") as f:
+                raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigIssue(display, 1, 1, "", f"cannot read: {_os_problem(exc)}")]
+        ) from None
+    finally:
+        os.close(fd)
     if size > MAX_FILE_BYTES or len(raw) > MAX_FILE_BYTES:
         raise _Refused(
             [
@@ -176,14 +248,39 @@ def _read_text(path: Path, display: str) -> str:
                 )
             ]
         )
+    if budget is not None:
+        budget.take_file(len(raw), display)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigIssue(display, 1, 1, "", f"not UTF-8 text: {exc}")]) from None
+        before = raw[: exc.start]
+        line, col = before.count(b"\n") + 1, exc.start - before.rfind(b"\n")
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    display,
+                    line,
+                    col,
+                    "",
+                    "not UTF-8 text (a binary file?): save it as UTF-8",
+                )
+            ]
+        ) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _prescan(text: str, display: str) -> None:
+def _os_problem(exc: OSError) -> str:
+    """An OS error in plain words (never a file's content): a loop of symbolic links is
+    named as such (ELOOP), others by the OS's message."""
+    import errno
+
+    if exc.errno == errno.ELOOP:
+        return f"{exc.filename or 'the path'} is a loop of symbolic links (ELOOP)"
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or type(exc).__name__}"
+
+
+def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
     """Walk the YAML event stream of ``text`` before anything is built from it, and refuse
     what would take the loader down: nesting deeper than :data:`MAX_DEPTH`, more than
     :data:`MAX_VALUES` values once aliases are expanded (an "alias bomb"), an alias
@@ -199,23 +296,50 @@ def _prescan(text: str, display: str) -> None:
     few hundred bytes cost. Syntax errors are left to the parse proper, which says them
     with their position.
 
+    Every key, list and map counts as a value, as does every scalar: a map of 250,000
+    keys costs what a list of 250,000 numbers does. With ``budget``, the values of the
+    config's earlier files count too (:data:`MAX_TOTAL_VALUES` in all), and this file's
+    are added to it.
+
+    Returns:
+        the number of values in ``text``, aliases expanded.
     Raises:
         _Refused: with the problem at its line and column.
     """
+    used = budget.values if budget is not None else 0
+    limit = min(MAX_VALUES, MAX_TOTAL_VALUES - used)
+    beyond = (
+        f"more than {MAX_VALUES} values once aliases are expanded: use fewer aliases "
+        "(*name) or split the file"
+        if limit == MAX_VALUES
+        else f"more than {MAX_TOTAL_VALUES} values in all the files of "
+        f"{budget.first if budget else 'this config'} (the config file, its includes and "
+        "its profiles); this file is one too many"
+    )
 
     def refuse(mark: Any, message: str) -> None:
         raise _Refused([ConfigIssue(display, mark.line + 1, mark.column + 1, "", message)])
 
+    count = 0
     for pure in (False, True):
         try:
-            _walk_events(YAML(typ="safe", pure=pure).parse(text), refuse)
-            return
+            count = _walk_events(YAML(typ="safe", pure=pure).parse(text), refuse, limit, beyond)
+            break
         except YAMLError:
             continue  # libyaml (YAML 1.1) refuses some YAML 1.2: try ruamel's own parser
+    if budget is not None:
+        budget.values += count
+    return count
 
 
-def _walk_events(events: Iterator[Any], refuse: Callable[[Any, str], None]) -> None:
-    """The checks of :func:`_prescan` on one event stream; ``refuse(mark, message)`` raises."""
+def _walk_events(
+    events: Iterator[Any],
+    refuse: Callable[[Any, str], None],
+    limit: int = MAX_VALUES,
+    beyond: str = "",
+) -> int:
+    """The checks of :func:`_prescan` on one event stream; ``refuse(mark, message)`` raises
+    (``beyond`` is the message past ``limit`` values). Returns the number of values."""
     depth = 0
     count = 0
     # per open list or map: [is a map, the next node is a key, anchor, count at its start]
@@ -247,14 +371,9 @@ def _walk_events(events: Iterator[Any], refuse: Callable[[Any, str], None]) -> N
         else:
             added = 1
         start = count
-        if not is_key:
-            count += added
-            if count > MAX_VALUES:
-                refuse(
-                    ev.start_mark,
-                    f"more than {MAX_VALUES} values once aliases are expanded: "
-                    "use fewer aliases (*name) or split the file",
-                )
+        count += added
+        if count > limit:
+            refuse(ev.start_mark, beyond)
         if isinstance(ev, CollectionStartEvent):
             if is_key:
                 refuse(ev.start_mark, "a key that is a list or a map; keys are names")
@@ -266,9 +385,12 @@ def _walk_events(events: Iterator[Any], refuse: Callable[[Any, str], None]) -> N
                 open_anchors.add(ev.anchor)
         elif isinstance(ev, ScalarEvent) and ev.anchor is not None:
             sizes[ev.anchor] = 1
+    return count
 
 
-def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[ConfigIssue]]:
+def _parse(
+    path: Path, display: str, fast: bool = False, budget: _Budget | None = None
+) -> tuple[Any, list[ConfigIssue]]:
     """Parse one YAML file; return its data and any syntax / duplicate-key issues.
 
     ``fast`` uses the small safe loader (plain dicts, no positions; a duplicate key raises
@@ -277,15 +399,16 @@ def _parse(path: Path, display: str, fast: bool = False) -> tuple[Any, list[Conf
     nodes, maps and lists keeping the line and column of every key and item.
 
     Raises:
-        _Refused: too big, too deep, an alias bomb (see :func:`_prescan`).
+        _Refused: too big, too deep, an alias bomb (see :func:`_prescan`), or, with
+            ``budget``, past a cap of the config's files together (:class:`_Budget`).
     """
     try:
-        text = _read_text(path, display)
+        text = _read_text(path, display, budget)
     except _Refused:
         raise
     except ConfigError as exc:
         return None, exc.issues
-    _prescan(text, display)
+    _prescan(text, display, budget)
     try:
         if fast:
             data = YAML(typ="safe").load(text)
@@ -357,7 +480,8 @@ def _shape_problem(data: Any) -> str | None:
             if isinstance(node, dict):
                 for key in node:
                     if isinstance(key, list | dict | tuple | set | frozenset):
-                        return f"a key that is a list or a map ({key!r}); keys are names"
+                        return f"a key that is a list or a map ({short_repr(key)}); keys are names"
+                count += len(node)  # keys count as values
                 children = list(node.values())
             else:
                 children = list(node)
@@ -711,7 +835,26 @@ def _profile_files(directory: Path) -> tuple[list[Path], list[ConfigIssue]]:
     real = directory.resolve()
     files: list[Path] = []
     issues: list[ConfigIssue] = []
-    for p in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+    names: list[Path] = []
+    for pattern in ("*.yaml", "*.yml"):
+        for p in directory.glob(pattern):
+            names.append(p)
+            if len(names) > MAX_FILES:
+                raise _Refused(
+                    [
+                        ConfigIssue(
+                            _display(directory),
+                            1,
+                            1,
+                            "",
+                            f"more than {MAX_FILES} profile files: a config may be made of at "
+                            f"most {MAX_FILES} files; keep only the profiles in use",
+                        )
+                    ]
+                )
+    for p in sorted(n for n in names if n.suffix == ".yaml") + sorted(
+        n for n in names if n.suffix == ".yml"
+    ):
         if _inside(p.resolve(), real):
             files.append(p)
         else:
@@ -727,18 +870,23 @@ def _profile_files(directory: Path) -> tuple[list[Path], list[ConfigIssue]]:
     return files, issues
 
 
-def load_profiles(directory: Path, fast: bool = False) -> Profiles:
+def load_profiles(directory: Path, fast: bool = False, budget: _Budget | None = None) -> Profiles:
     """Load and validate every ``*.yaml``/``*.yml`` profile in ``directory`` (links to
-    files outside it are reported, not read)."""
+    files outside it are reported, not read). The files count towards ``budget``, the caps
+    of the config they serve (:class:`_Budget`; a fresh one without it)."""
     profiles: dict[str, ModbusProfile] = {}
     broken: set[str] = set()
     where: dict[str, str] = {}
-    files, issues = _profile_files(directory)
+    budget = budget if budget is not None else _Budget()
+    try:
+        files, issues = _profile_files(directory)
+    except _Refused as exc:
+        return Profiles({}, set(), exc.issues, True)
     refused = False
     for p in files:
         disp = _display(p)
         try:
-            data, errs = _parse(p, disp, fast)
+            data, errs = _parse(p, disp, fast, budget)
         except _Refused as exc:
             issues += exc.issues
             refused = True
@@ -777,9 +925,22 @@ def _splice_includes(
     origins: _Origins,
     issues: list[ConfigIssue],
     fast: bool,
+    budget: _Budget | None = None,
+    main: Path | None = None,
 ) -> None:
     """Append the devices of every ``include`` file to ``devices`` (type errors of the
-    ``include`` value itself are left to the model)."""
+    ``include`` value itself are left to the model).
+
+    A pattern may hold wildcards (``*``, ``?``, ``[...]``, Python's :mod:`glob`) in its
+    file name only, never ``**`` nor in a directory part, and stays in the config file's
+    directory ``base`` or below it, after links are resolved. Each file is read once: a
+    pattern matching the config file ``main`` itself (an include cycle) or a file already
+    included (under another name or through a link) is refused, naming both. The files
+    count towards ``budget`` (:class:`_Budget`).
+
+    Raises:
+        _Refused: a cap of ``budget`` passed.
+    """
     inc = data.get("include", [])
     patterns = (
         [(("include",), inc)]
@@ -792,12 +953,29 @@ def _splice_includes(
         data["devices"] = devices
     if not isinstance(devices, list):
         return  # the model reports that 'devices' must be a list
+    seen: dict[Path, str] = {}
+    if main is not None:
+        seen[main.resolve()] = display
     for loc, pattern in patterns:
         if not isinstance(pattern, str):
             continue
         f, line, col, p = _locate(data, loc, display, origins, key=False)
         if not pattern.strip():
             issues.append(ConfigIssue(f, line, col, p, "empty include pattern"))
+            continue
+        head = os.path.dirname(pattern)
+        if "**" in pattern or glob.has_magic(head):
+            issues.append(
+                ConfigIssue(
+                    f,
+                    line,
+                    col,
+                    p,
+                    f"include {short_repr(pattern)}: wildcards (*, ?, [...]) may stand in the "
+                    "file name only, not in a directory and not as '**': write e.g. "
+                    "'devices/*.yaml'",
+                )
+            )
             continue
         if not _inside(Path(os.path.normpath(base / pattern)), base):
             issues.append(
@@ -811,12 +989,30 @@ def _splice_includes(
                 )
             )
             continue
-        matches = sorted(m for m in glob.glob(str(base / pattern)) if Path(m).is_file())
+        found: list[str] = []
+        for m in glob.iglob(str(base / pattern)):
+            found.append(m)
+            if len(found) > MAX_FILES:
+                raise _Refused(
+                    [
+                        ConfigIssue(
+                            f,
+                            line,
+                            col,
+                            p,
+                            f"include {short_repr(pattern)} matches more than {MAX_FILES} "
+                            f"files: a config may be made of at most {MAX_FILES} files; merge "
+                            "some of them",
+                        )
+                    ]
+                )
+        matches = sorted(m for m in found if os.path.isfile(m))
         if not matches:
             issues.append(ConfigIssue(f, line, col, p, f"include {pattern!r} matches no file"))
         for m in matches:
             mdisp = _display(Path(m))
-            if not _inside(Path(m).resolve(), base):
+            real = Path(m).resolve()
+            if not _inside(real, base):
                 issues.append(
                     ConfigIssue(
                         f,
@@ -828,7 +1024,26 @@ def _splice_includes(
                     )
                 )
                 continue
-            part, errs = _parse(Path(m), mdisp, fast)
+            if real in seen:
+                first = seen[real]
+                if main is not None and real == main.resolve():
+                    what = (
+                        f"the config file itself: an include cycle ({display} -> {mdisp} -> "
+                        f"{display}); narrow the pattern, e.g. 'devices/*.yaml'"
+                    )
+                elif first == mdisp:
+                    what = "again (an earlier pattern included it): a file is included once"
+                else:
+                    what = (
+                        f"the same file as {first} (a link): a file is included once; "
+                        "remove the link or narrow the pattern"
+                    )
+                issues.append(
+                    ConfigIssue(f, line, col, p, f"include {pattern!r} matches {mdisp}, {what}")
+                )
+                continue
+            seen[real] = mdisp
+            part, errs = _parse(Path(m), mdisp, fast, budget)
             issues += errs
             if part is None and not errs:
                 issues.append(ConfigIssue(mdisp, 1, 1, "", "included file is empty"))
@@ -1151,7 +1366,8 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
     main = Path(path).resolve()
     base = main.parent
     display = _display(main)
-    data, issues = _parse(main, display, fast)
+    budget = _Budget()
+    data, issues = _parse(main, display, fast, budget)
     if data is None and issues:
         raise ConfigError(issues)
     if not isinstance(data, dict):
@@ -1176,7 +1392,7 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
     origins = _Origins({})
 
     # includes: each file holds one device (mapping) or a list of devices
-    _splice_includes(data, base, display, origins, issues, fast)
+    _splice_includes(data, base, display, origins, issues, fast, budget, main)
 
     # duplicate device ids
     devs = data.get("devices")
@@ -1224,7 +1440,7 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
             ConfigIssue(f, line, col, p, f"profiles_dir {str(pdir)!r} is not a directory")
         )
     elif pdir.is_dir():
-        loaded = load_profiles(pdir, fast)
+        loaded = load_profiles(pdir, fast, budget)
         if loaded.refused:
             raise _Refused(loaded.issues)
         profiles, broken = loaded.valid, loaded.broken
@@ -1523,11 +1739,12 @@ def config_notes(path: str | Path) -> list[ConfigIssue]:
 
 def _config_notes(main: Path, fast: bool) -> list[ConfigIssue]:
     display = _display(main)
-    data, issues = _parse(main, display, fast)
+    budget = _Budget()
+    data, issues = _parse(main, display, fast, budget)
     if issues or not isinstance(data, dict):
         return []
     origins = _Origins({})
-    _splice_includes(data, main.parent, display, origins, [], fast)
+    _splice_includes(data, main.parent, display, origins, [], fast, budget, main)
     out: list[ConfigIssue] = []
     devices = data.get("devices")
     for i, dev in enumerate(devices if isinstance(devices, list) else []):
@@ -1536,7 +1753,7 @@ def _config_notes(main: Path, fast: bool) -> list[ConfigIssue]:
     pdir, outside = _profiles_dir(data.get("profiles_dir"), main.parent)
     if outside is None and pdir.is_dir():
         for p in _profile_files(pdir)[0]:
-            pdata, perrs = _parse(p, _display(p), fast)
+            pdata, perrs = _parse(p, _display(p), fast, budget)
             if not perrs and isinstance(pdata, dict):
                 out += _point_notes(
                     pdata.get("points"), ("points",), pdata, _display(p), _Origins({})
