@@ -53,7 +53,9 @@ CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"
 MAX_SECRET_BYTES = 4096
 """A password file larger than this is refused (it is not a password)."""
 MAX_PEM_BYTES = 1_000_000
-"""A certificate file larger than this is not read for its expiry."""
+"""A certificate file larger than this is not read for its expiry, and not used."""
+MAX_KEY_BYTES = 65536
+"""A client key file larger than this is refused (an RSA 16384-bit key in PEM takes 12 kB)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -98,7 +100,7 @@ def credential_path(name: str) -> Path:
             f"service whose unit has LoadCredential={name}:/path/to/file (systemd.exec(5))"
         )
     path = Path(base) / name
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise SecretError(
             f"credential {name!r}: no file {path}; the unit needs "
             f"LoadCredential={name}:/path/to/file (systemd.exec(5))"
@@ -106,19 +108,73 @@ def credential_path(name: str) -> Path:
     return path
 
 
+def _os_reason(exc: OSError) -> str:
+    """An OS error in a few words; a loop of symbolic links (ELOOP) said as such."""
+    import errno
+
+    if exc.errno == errno.ELOOP:
+        return "it is a loop of symbolic links"
+    return exc.strerror or type(exc).__name__
+
+
+def read_regular_file(path: str | Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most ``limit`` bytes.
+
+    The file is opened with ``O_NONBLOCK`` and looked at (``fstat``) before anything is
+    read: a FIFO (whose read would wait for ever), a device, a socket or a directory is
+    refused, and so is a bigger file (``what`` names the file's role in messages).
+
+    Raises:
+        SecretError: cannot be opened (missing, no permission, a loop of symbolic links),
+            not a regular file, larger than ``limit``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SecretError(f"cannot read {path}: {_os_reason(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = (
+                "a directory"
+                if stat.S_ISDIR(st.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(st.st_mode)
+                else "a device"
+                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "not a regular file"
+            )
+            raise SecretError(f"{path} is {kind}: {what} must be a regular file")
+        if st.st_size > limit:
+            raise SecretError(f"{path} is larger than {limit} bytes: not {what}")
+        chunks = []
+        total = 0
+        while total <= limit:
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        if isinstance(exc, SecretError):
+            raise
+        raise SecretError(f"cannot read {path}: {_os_reason(exc)}") from None
+    finally:
+        os.close(fd)
+    if total > limit:
+        raise SecretError(f"{path} is larger than {limit} bytes: not {what}")
+    return b"".join(chunks)
+
+
 def read_secret_file(path: Path) -> str:
     """The text of a secret file, without trailing line ends (``echo pw > file`` works).
 
     Raises:
-        SecretError: unreadable, larger than :data:`MAX_SECRET_BYTES`, not UTF-8, empty.
+        SecretError: unreadable, not a regular file, larger than :data:`MAX_SECRET_BYTES`
+            (:func:`read_regular_file`), not UTF-8, empty, or holding U+0000 (not allowed
+            in an MQTT string, MQTT 3.1.1 section 1.5.3).
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SECRET_BYTES + 1)
-    except OSError as exc:
-        raise SecretError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
-    if len(data) > MAX_SECRET_BYTES:
-        raise SecretError(f"{path} is larger than {MAX_SECRET_BYTES} bytes: not a password file")
+    data = read_regular_file(path, MAX_SECRET_BYTES, "a password file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -126,7 +182,27 @@ def read_secret_file(path: Path) -> str:
     text = text.rstrip("\r\n")
     if not text:
         raise SecretError(f"{path} is empty")
+    problem = mqtt_string_problem(text)
+    if problem is not None:
+        raise SecretError(f"the password in {path} {problem}")
     return text
+
+
+def mqtt_string_problem(text: str) -> str | None:
+    """Why ``text`` cannot be an MQTT UTF-8 string, in words that never show it, or None:
+    it holds U+0000 or a surrogate (U+D800..U+DFFF), which MQTT 3.1.1 section 1.5.3 (and
+    MQTT 5.0 section 1.5.4) forbid, or is longer than 65,535 bytes in UTF-8."""
+    rule = "MQTT strings cannot hold it (MQTT 3.1.1 section 1.5.3)"
+    if "\x00" in text:
+        return f"holds the character U+0000 (NUL): {rule}"
+    for c in text:
+        if "\ud800" <= c <= "\udfff":
+            return f"holds a lone surrogate (U+{ord(c):04X}), which is no Unicode text: {rule}"
+    if len(text.encode("utf-8")) > 65535:
+        return (
+            "is longer than 65,535 bytes, the most an MQTT string holds (MQTT 3.1.1 section 1.5.3)"
+        )
+    return None
 
 
 def password_of(cfg: MqttConfig) -> str | None:
@@ -307,8 +383,9 @@ def der_validity(der: bytes) -> tuple[datetime, datetime]:
 def cert_file_not_after(path: str | Path) -> datetime | None:
     """notAfter of the first certificate in a PEM file, or None when it cannot be read."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read(MAX_PEM_BYTES)
+        text = read_regular_file(path, MAX_PEM_BYTES, "a certificate file").decode(
+            "ascii", errors="replace"
+        )
         begin = text.index("-----BEGIN CERTIFICATE-----")
         end = text.index("-----END CERTIFICATE-----", begin) + len("-----END CERTIFICATE-----")
         return der_validity(ssl.PEM_cert_to_DER_cert(text[begin:end]))[1]
@@ -395,6 +472,8 @@ def build_context(tls: TlsConfig) -> ssl.SSLContext:
         ssl.SSLError, OSError: a file is missing or unusable (:class:`SecretError` for a
             missing key credential).
     """
+    if tls.ca_file is not None:
+        read_regular_file(tls.ca_file, MAX_PEM_BYTES, "a CA file")
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
     ctx.minimum_version = MIN_VERSION
     if tls.insecure:
@@ -418,6 +497,9 @@ def load_client_cert(ctx: ssl.SSLContext, tls: TlsConfig) -> None:
     if tls.cert_file is None:
         return
     key = key_file_of(tls)
+    read_regular_file(tls.cert_file, MAX_PEM_BYTES, "a certificate file")
+    if key is not None:
+        read_regular_file(key, MAX_KEY_BYTES, "a key file")
 
     def no_passphrase() -> str:
         raise SecretError(

@@ -21,6 +21,7 @@ characters. It only travels inside JSON payloads, never in a topic.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import unicodedata
 from typing import Annotated
@@ -142,3 +143,63 @@ def topic_prefix_problem(value: str) -> str | None:
     fix = "/".join(level for level in levels if level)[:TOPIC_PREFIX_MAX].rstrip("/-")
     hint = f"; try '{fix}'" if fix and fix != value else ""
     return f"{short_repr(value)} is not allowed: {why}; {TOPIC_PREFIX_RULE}{hint}"
+
+
+HOST_MAX = 253
+"""Longest host name, characters, without a trailing dot (RFC 1035 section 2.3.4: 255
+octets on the wire)."""
+_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+"""A host name label: letters, digits and '-', not first or last, 1 to 63 characters
+(RFC 1123 section 2.1, RFC 952)."""
+
+
+def host_problem(value: str) -> str | None:
+    """Why ``value`` is neither a host name (RFC 1123 section 2.1: labels of 1 to 63
+    letters, digits and ``-``, not starting or ending with ``-``, separated by ``.``, at
+    most :data:`HOST_MAX` characters, an optional final ``.``) nor an IP address literal
+    (IPv4 dotted quad, IPv6 with an optional ``%zone``, RFC 4007 section 11, also in
+    brackets); None if it is one. The message shows a hostile value cut short."""
+    text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        ipaddress.ip_address(text)
+        return None
+    except ValueError:
+        pass
+    if text is not value:
+        return f"{short_repr(value)} is not an IPv6 address"
+    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cs", "Zs")), None)
+    if bad is not None:
+        what = "a space" if bad == " " else f"the control character U+{ord(bad):04X}"
+        return f"the host {short_repr(value)} holds {what}: write a host name or an IP address"
+    name = value[:-1] if value.endswith(".") else value
+    if len(name) > HOST_MAX:
+        return (
+            f"the host {short_repr(value)} is {len(name)} characters long: a host name has "
+            f"at most {HOST_MAX} (RFC 1035 section 2.3.4)"
+        )
+    labels = name.split(".")
+    if all(label.isdigit() for label in labels):
+        return f"{short_repr(value)} is not an IPv4 address (four numbers 0 to 255)"
+    for label in labels:
+        if len(label) > 63:
+            return (
+                f"the host {short_repr(value)} has a label of {len(label)} characters: at "
+                "most 63 between dots (RFC 1123 section 2.1)"
+            )
+        if not _LABEL_RE.fullmatch(label):
+            return (
+                f"{short_repr(value)} is not a host name: use letters, digits and '-' (not "
+                "first or last) between single dots (RFC 1123 section 2.1), or an IP address"
+            )
+    return None
+
+
+def _host(value: str) -> str:
+    problem = host_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+HostName = Annotated[str, Field(min_length=1), AfterValidator(_host)]
+"""A host to connect to: an RFC 1123 host name or an IP address (:func:`host_problem`)."""

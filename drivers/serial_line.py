@@ -16,18 +16,19 @@ and waits for the answer, and reopens the port when it disappears and comes back
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from drivers.base import PointResult
 from drivers.codec import non_finite_quality
 from drivers.common import Duration, StrictModel, at_least
-from drivers.names import DisplayName, Name
+from drivers.names import DisplayName, Name, short_repr
 from drivers.serial_io import PortQueue, open_serial
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,24 @@ class LineParser(StrictModel):
         return self
 
 
+def _text_encoding(value: str) -> str:
+    """``value`` if it names a text encoding known to Python (bytes <-> str, such as
+    ``ascii``, ``utf-8``, ``latin-1``); codecs that turn bytes into bytes or str into str
+    (``hex``, ``base64``, ``zlib_codec``, ``uu``, ``rot13``) are refused."""
+    try:
+        info = codecs.lookup(value)
+    except (LookupError, ValueError):
+        raise ValueError(
+            f"no text encoding {short_repr(value)}: use e.g. ascii, utf-8 or latin-1"
+        ) from None
+    if not getattr(info, "_is_text_encoding", True):
+        raise ValueError(
+            f"{short_repr(value)} is a codec that does not turn bytes into text: use a text "
+            "encoding such as ascii, utf-8 or latin-1"
+        )
+    return value
+
+
 class SerialLineDevice(StrictModel):
     """A sensor on a serial port that prints (or answers with) text lines."""
 
@@ -100,7 +119,9 @@ class SerialLineDevice(StrictModel):
         default="\n", description="Line end: '\\n', '\\r\\n' or '\\r'"
     )
     max_line: int = Field(default=512, ge=8, le=65536, description="Longest line, bytes")
-    encoding: str = "ascii"
+    encoding: Annotated[str, AfterValidator(_text_encoding)] = Field(
+        default="ascii", description="Text encoding of the lines (Python codec name)"
+    )
     parser: LineParser
     request: str | None = Field(
         default=None, description="Request/response mode: send this text, read one line"
@@ -116,6 +137,15 @@ class SerialLineDevice(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> SerialLineDevice:
+        if self.request is not None:
+            try:
+                self.request.encode(self.encoding)
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"request {short_repr(self.request)}: character {exc.start + 1} "
+                    f"(U+{ord(self.request[exc.start]):04X}) cannot be written in "
+                    f"{self.encoding}; change the request or the encoding"
+                ) from None
         names = [p.name for p in self.points]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -45,10 +45,13 @@ from ruamel.yaml.reader import ReaderError
 from agent.config.model import AgentConfig, MqttConfig, TlsConfig
 from agent.tls import (
     CREDENTIALS_ENV,
+    MAX_KEY_BYTES,
+    MAX_PEM_BYTES,
     SecretError,
     credential_path,
     is_loopback,
     load_client_cert,
+    read_regular_file,
     read_secret_file,
     security_warnings,
 )
@@ -658,6 +661,8 @@ def _message(err: Any, model: type[BaseModel]) -> str:
     if _is_secret(model, loc):  # never repeat a secret, not even a mistyped one
         if kind == "string_type":
             return "must be text: write it in quotes (the value is not repeated here)"
+        if kind == "value_error":  # the agent's own checks, which never show the value
+            return str(err["msg"]).removeprefix("Value error, ")
         return "invalid value (not repeated here: it is a secret)"
     if kind == "extra_forbidden":
         bad = str(loc[-1])
@@ -1295,18 +1300,28 @@ def _check_tls(tls: TlsConfig, data: Any, display: str, origins: _Origins) -> li
         f, line, col, p = _locate(data, ("mqtt", "tls", key), display, origins, key=False)
         issues.append(ConfigIssue(f, line, col, p, message))
 
+    limits = {
+        "ca_file": (MAX_PEM_BYTES, "a CA file"),
+        "cert_file": (MAX_PEM_BYTES, "a certificate file"),
+        "key_file": (MAX_KEY_BYTES, "a key file"),
+    }
     for key in ("ca_file", "cert_file", "key_file"):
         name = getattr(tls, key)
         if name is None:
             continue
-        if not Path(name).is_file():
+        if not Path(name).exists() and not Path(name).is_symlink():
             issue(key, f"no such file: {name}")
-        elif not os.access(name, os.R_OK):
+        elif Path(name).exists() and not os.access(name, os.R_OK):
             issue(
                 key,
                 f"cannot read {name}: permission denied for this user (the agent's user, "
                 "edge-agent, must be able to read it: chown or chgrp it, mode 0640/0600)",
             )
+        else:
+            try:
+                read_regular_file(name, *limits[key])
+            except SecretError as exc:
+                issue(key, str(exc))
     if issues:
         return issues
     ctx = ssl.create_default_context()

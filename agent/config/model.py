@@ -20,14 +20,14 @@ from pydantic import (
 )
 
 from agent.config.alarms import AlarmRule, GpioConfig, OutputConfig
-from agent.tls import is_loopback
+from agent.tls import is_loopback, mqtt_string_problem
 from drivers.common import Duration, Size, StrictModel, at_least
 from drivers.modbus.config import (
     ModbusRtuDevice,
     ModbusRtuOverTcpDevice,
     ModbusTcpDevice,
 )
-from drivers.names import Name, topic_prefix_problem
+from drivers.names import HostName, Name, topic_prefix_problem
 from drivers.seismic_stream import SeismicDevice
 from drivers.serial_line import SerialLineDevice
 
@@ -131,6 +131,27 @@ class TlsConfig(StrictModel):
         return self.cert_file is not None
 
 
+def _mqtt_string(value: str) -> str:
+    problem = mqtt_string_problem(value)
+    if problem is not None:
+        raise ValueError(f"it {problem}")
+    return value
+
+
+def _mqtt_secret(value: SecretStr) -> SecretStr:
+    problem = mqtt_string_problem(value.get_secret_value())
+    if problem is not None:  # the value is never part of the message
+        raise ValueError(f"the password {problem}; the value is not repeated here")
+    return value
+
+
+MqttString = Annotated[str, AfterValidator(_mqtt_string)]
+"""A UTF-8 string of the MQTT protocol: no U+0000, no surrogates, at most 65,535 bytes
+(MQTT 3.1.1 section 1.5.3; :func:`agent.tls.mqtt_string_problem`)."""
+MqttSecret = Annotated[SecretStr, AfterValidator(_mqtt_secret)]
+"""A secret :data:`MqttString` (the password)."""
+
+
 def _tls_kind(value: Any) -> str:
     return "mapping" if isinstance(value, dict | TlsConfig) else "switch"
 
@@ -152,7 +173,7 @@ class MqttConfig(StrictModel):
     without (use :attr:`broker_port`, :attr:`tls_settings`).
     """
 
-    host: str = Field(default="127.0.0.1", min_length=1)
+    host: HostName = Field(default="127.0.0.1")
     port: int | None = Field(
         default=None, ge=1, le=65535, description="Default: 8883 with TLS, 1883 without"
     )
@@ -164,13 +185,13 @@ class MqttConfig(StrictModel):
         description="First topic level(s), e.g. 'lifeline' or 'city/zz/lifeline': ids "
         "separated by single '/', at most 100 characters, no leading '$'",
     )
-    client_id: str | None = Field(
+    client_id: MqttString | None = Field(
         default=None,
         max_length=128,
         description="Defaults to '<gateway_id>-<8 hex of /etc/machine-id>'",
     )
-    username: str | None = None
-    password: SecretStr | None = Field(
+    username: MqttString | None = None
+    password: MqttSecret | None = Field(
         default=None,
         description="The password itself (prefer password_file or password_credential)",
     )

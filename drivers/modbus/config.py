@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 from drivers.codec import REGISTER_COUNT, ByteOrder, DataType
 from drivers.common import Duration, StrictModel, at_least
 from drivers.modbus.line import min_frame_gap
-from drivers.names import DisplayName, Name
+from drivers.names import DisplayName, HostName, Name
 
 Table = Literal["holding", "input", "coil", "discrete_input"]
 BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete_input"})
@@ -303,7 +303,7 @@ class ModbusTcpDevice(ModbusDevice):
     converter; devices sharing ``host:port`` share one connection, the bus)."""
 
     driver: Literal["modbus_tcp"] = "modbus_tcp"
-    host: str = Field(min_length=1)
+    host: HostName
     port: int = Field(default=502, ge=1, le=65535)
 
     @property
@@ -386,7 +386,7 @@ class ModbusRtuOverTcpDevice(ModbusDevice, _LineOptions):
     behind one ``host:port`` share its RS-485 line: one request at a time."""
 
     driver: Literal["modbus_rtu_over_tcp"]
-    host: str = Field(min_length=1)
+    host: HostName
     port: int = Field(ge=1, le=65535, description="The server's raw TCP port for the line")
 
     @property
