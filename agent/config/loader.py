@@ -430,17 +430,35 @@ def _parse(
         return None, [ConfigIssue(display, 1, 1, "", "nested too deeply to be a config")]
     except ValueError as exc:  # an unquoted date or time that does not exist
         line, col, token = _bad_date(text)
+        secret = _secret_at(text, line, col) if token else None
+        if secret is not None:
+            return None, [_secret_issue(display, secret, "reads as a date that does not exist")]
+        if not token:  # a tag such as !!int on a value that is none: the text may be a secret
+            return None, [
+                ConfigIssue(
+                    display,
+                    1,
+                    1,
+                    "",
+                    "a value cannot be made what its YAML tag says (such as !!int or !!float "
+                    "on a word); remove the tag, or quote the value if it is meant as text",
+                )
+            ]
         return None, [
             ConfigIssue(
                 display,
                 line,
                 col,
                 "",
-                f"{token or 'a date'} is not a valid date or time ({exc}); write it as "
+                f"{token} is not a valid date or time ({exc}); write it as "
                 "YYYY-MM-DD, or quote it if it is meant as text",
             )
         ]
     except MarkedYAMLError as exc:
+        for m in (exc.problem_mark, exc.context_mark):
+            secret = _secret_at(text, m.line + 1, m.column + 1) if m is not None else None
+            if secret is not None:
+                return None, [_secret_issue(display, secret, "is not valid YAML")]
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         what = " ".join(s for s in (exc.context, exc.problem) if s)
@@ -449,6 +467,9 @@ def _parse(
         return None, [ConfigIssue(display, line, col, "", f"YAML syntax error: {what}")]
     except ReaderError as exc:
         line, col = _offset_to_pos(text, exc.position)
+        secret = _secret_at(text, line, col)
+        if secret is not None:
+            return None, [_secret_issue(display, secret, "holds a character YAML refuses")]
         return None, [
             ConfigIssue(
                 display, line, col, "", f"not YAML text: {exc.reason} (character {exc.character!r})"
@@ -457,6 +478,19 @@ def _parse(
     except YAMLError as exc:
         return None, [ConfigIssue(display, 1, 1, "", f"YAML error: {exc}")]
     return data, issues
+
+
+def _secret_issue(display: str, where: tuple[int, int], what: str) -> ConfigIssue:
+    """A problem inside the value of a ``password`` key, at the key: neither the value nor
+    a character or column of it is shown."""
+    return ConfigIssue(
+        display,
+        where[0],
+        where[1],
+        "",
+        f"the value of password {what} (not repeated here, nor where in it: it is a "
+        f"secret); {SECRET_FIX}",
+    )
 
 
 def _shape_problem(data: Any) -> str | None:
@@ -1071,8 +1105,47 @@ def _splice_includes(
                 )
 
 
-_SECRET_KEY_RE = re.compile(r"\bpassword\s*:")
+_SECRET_KEY_RE = re.compile(r"(?<![\w-])[\"']?password[\"']?\s*:(?=\s|$)")
 """A line that gives a secret: its values are never repeated in a message."""
+_SECRET_OPEN_RE = re.compile(r"(?<![\w-])[\"']?password[\"']?\s*:\s*(?:$|#|[|>\"'])")
+"""A ``password:`` whose value may go on below it (empty, a block scalar, a quoted one)."""
+SECRET_FIX = (
+    "write it in single quotes (a ' inside is written ''), e.g. password: 'it''s', or "
+    "better, put it in a file only the agent can read and name that file as password_file"
+)
+
+
+def _secret_at(text: str, line: int, col: int) -> tuple[int, int] | None:
+    """Where the ``password`` key is (1-based line and column) when the position
+    ``line``:``col`` may lie in its value, else None. Errs on the safe side: a position
+    after a ``password:`` on its line, or on a line below a ``password:`` whose value may
+    go on over lines (empty, ``|``, ``>``, quoted) and indented more than that key (YAML
+    1.2 sections 7.3 and 8.1: the lines of a multi-line value are indented more than its
+    key)."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        return None
+    here = lines[line - 1]
+    keys = [m for m in _SECRET_KEY_RE.finditer(here) if m.start() < col - 1]
+    if keys:
+        return line, keys[-1].start() + 1
+    indent = len(here) - len(here.lstrip(" ")) if here.strip() else 1 << 30
+    for n in range(line - 1, 0, -1):
+        above = lines[n - 1]
+        if not above.strip() or above.lstrip(" ").startswith("#"):
+            continue
+        own = len(above) - len(above.lstrip(" "))
+        if own >= indent:
+            continue
+        m = _SECRET_OPEN_RE.search(above)
+        if m is not None:
+            return n, m.start() + 1
+        if own == 0:
+            return None
+        indent = own
+    return None
+
+
 _DATE_RE = re.compile(r"(?<![\w'\"])(\d{4}-\d{1,2}-\d{1,2}(?:[Tt ][0-9:.]+(?:Z|[+-]\d\d:?\d\d)?)?)")
 
 
@@ -1086,8 +1159,7 @@ def _bad_date(text: str) -> tuple[int, int, str]:
             try:
                 date(y, mo, d)
             except ValueError:
-                secret = _SECRET_KEY_RE.search(line[: m.start()]) is not None
-                return n, m.start() + 1, "a value" if secret else m.group(1)
+                return n, m.start() + 1, m.group(1)
     return 1, 1, ""
 
 
@@ -1369,12 +1441,42 @@ def load_config(path: str | Path, need_secrets: bool = False) -> AgentConfig:
         ConfigError: with every problem found, each at ``file:line:col``.
     """
     try:
-        return _load(Path(path), fast=True, need_secrets=need_secrets)
-    except _Refused:
+        try:
+            return _load(Path(path), fast=True, need_secrets=need_secrets)
+        except _Refused:
+            raise
+        except (ConfigError, YAMLError, ValueError, TypeError, KeyError, OSError):
+            pass
+        return _load(Path(path), fast=False, need_secrets=need_secrets)
+    except ConfigError:
         raise
-    except (ConfigError, YAMLError, ValueError, TypeError, KeyError, OSError):
-        pass
-    return _load(Path(path), fast=False, need_secrets=need_secrets)
+    except Exception as exc:  # said as a config error, never a traceback
+        raise ConfigError([unexpected_issue(exc, path)]) from None
+
+
+def unexpected_issue(exc: BaseException, path: str | Path) -> ConfigIssue:
+    """A problem the loader did not foresee, as one line naming the file and the kind of
+    problem, never the exception's text (which may quote the file, secrets included)."""
+    import errno
+
+    where = str(getattr(exc, "filename", None) or path)
+    if isinstance(exc, RecursionError):
+        what = "it is nested too deeply to be a config"
+    elif isinstance(exc, UnicodeError):
+        what = "it is not UTF-8 text (a binary file?)"
+    elif isinstance(exc, IsADirectoryError):
+        what = "it is a directory, not a file"
+    elif isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        what = "it is a loop of symbolic links"
+    elif isinstance(exc, RuntimeError) and "loop" in str(exc).lower():
+        what = "its path goes through a loop of symbolic links"  # pathlib.Path.resolve
+    elif isinstance(exc, OSError):
+        what = f"it cannot be read ({exc.strerror or type(exc).__name__})"
+    elif isinstance(exc, MemoryError):
+        what = "it takes more memory than there is"
+    else:
+        what = f"it could not be read ({type(exc).__name__})"
+    return ConfigIssue(_display(Path(where)), 1, 1, "", f"cannot load the config: {what}")
 
 
 def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
@@ -1750,6 +1852,13 @@ def config_notes(path: str | Path) -> list[ConfigIssue]:
         return _config_notes(main, fast=False)
     except ConfigError:  # changed since it was loaded: the next load says what is wrong
         return []
+    except Exception as exc:  # said in a line, never a traceback
+        issue = unexpected_issue(exc, main)
+        return [
+            ConfigIssue(
+                issue.file, 1, 1, "", f"no notes: {issue.message.split(': ', 1)[1]}", "warning"
+            )
+        ]
 
 
 def _config_notes(main: Path, fast: bool) -> list[ConfigIssue]:
