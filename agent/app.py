@@ -59,6 +59,7 @@ from agent.publisher import ALARMS_MAX, Publisher
 from agent.readings import now_ms
 from agent.retained import RetainedState
 from agent.seismic import SeismicOutput, SeismicProcessor
+from agent.supervise import supervised, where_raised
 from agent.writer import BufferWriter
 from drivers.base import PointResult
 from drivers.modbus.config import (
@@ -621,8 +622,14 @@ class Agent:
             loop.call_soon_threadsafe(self.acknowledge, "button")
 
         self.gpio.on_ack = pressed
-        polls = [asyncio.create_task(p.run(), name=f"poll:{p.name}") for p in self.pollers]
-        polls += [asyncio.create_task(r.run(), name=f"read:{r.dev.id}") for r in self.readers]
+        polls = [
+            asyncio.create_task(supervised(f"poll:{p.name}", p.run), name=f"poll:{p.name}")
+            for p in self.pollers
+        ]
+        polls += [
+            asyncio.create_task(supervised(f"read:{r.dev.id}", r.run), name=f"read:{r.dev.id}")
+            for r in self.readers
+        ]
         polls.append(asyncio.create_task(self._alarm_timer(), name="alarms"))
         watched = [*bg, link_task, *polls]
         stop_wait = asyncio.create_task(self.stop_event.wait(), name="stop")
@@ -630,7 +637,14 @@ class Agent:
         code = 0
         for t in done:
             if t is not stop_wait and t.exception() is not None:
-                log.critical("task %s failed: %r; stopping", t.get_name(), t.exception())
+                exc = t.exception()
+                assert exc is not None
+                log.critical(
+                    "task %s failed: %s at %s; stopping",
+                    t.get_name(),
+                    type(exc).__name__,
+                    where_raised(exc),
+                )
                 code = 1
         await self._shutdown(polls, bg, link_task, stop_wait)
         return code

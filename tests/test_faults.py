@@ -490,3 +490,71 @@ def test_stop_ends_even_when_a_library_swallows_the_cancellation() -> None:
         return task in done
 
     assert asyncio.run(run()), "the poller did not stop after its cancellation was swallowed"
+
+
+def test_a_device_task_that_raises_is_logged_and_restarted_while_others_go_on(
+    tmp_path: Path, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in one bus's polling (an exception nobody expected, whose text quotes a
+    secret) is logged at CRITICAL with its type and place, never its text; the task is
+    started again after its pause and polls again; the other bus never stops."""
+    import asyncio
+
+    from agent.app import Agent
+    from agent.config.loader import load_config
+
+    secret = "s3cr3t-in-an-exception"
+    sims = [ModbusSimulator(), ModbusSimulator()]
+    for sim in sims:
+        sim.add_device(1, [ModbusPoint(name="v", address=0)], {"v": lambda t: int(t * 10)})
+        sim.start_thread()
+    devices = one_point_device(sims[0].port, "100ms", "good") + one_point_device(
+        sims[1].port, "100ms", "buggy"
+    )
+    cfg = load_config(write_config(tmp_path / "agent.yaml", broker.port, devices))
+    sub = Subscriber(broker.port, "lifeline/#")
+
+    def count(device: str) -> int:
+        return sum(1 for m in sub.telemetry() if m.topic.endswith(f"/{device}"))
+
+    buggy_bus = ""
+
+    async def scenario() -> None:
+        agent = Agent(cfg)
+        task = asyncio.create_task(agent.run())
+        buggy = next(p for p in agent.pollers if p.states[0].device.id == "buggy")
+        nonlocal buggy_bus
+        buggy_bus = buggy.name
+        real = buggy.poll_once
+        failures = 0
+
+        async def failing(st: object) -> object:
+            nonlocal failures
+            if failures < 2:  # fault injection: twice, then the real thing again
+                failures += 1
+                raise RuntimeError(f"unexpected state holding {secret}")
+            return await real(st)  # type: ignore[arg-type]
+
+        buggy.poll_once = failing  # type: ignore[method-assign,assignment]
+        await asyncio.sleep(1.0)
+        good_during = count("good")
+        buggy_during = count("buggy")
+        await asyncio.sleep(3.0)  # pauses of 1 s then 2 s, then polls again
+        assert failures == 2
+        assert not task.done(), "one device's failure stopped the agent"
+        assert count("good") >= good_during + 20, "the other bus stopped polling"
+        assert count("buggy") > buggy_during, "the failed task was not restarted"
+        agent.stop_event.set()
+        assert await task == 0
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    for sim in sims:
+        sim.stop_thread()
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.CRITICAL] * 2, caplog.text
+    first = failed[0].getMessage()
+    assert first.startswith(f"task poll:{buggy_bus} failed: RuntimeError at test_faults.py:")
+    assert " in failing; the other tasks go on" in first
+    assert "restarting it in 1 s" in first and "restarting it in 2 s" in failed[1].getMessage()
+    assert secret not in caplog.text
