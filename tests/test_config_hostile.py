@@ -469,6 +469,113 @@ def test_config_bombs_refused_fast_in_little_memory(tmp_path: Path, name: str) -
     print(figures)
 
 
+def _many_files_bombs(tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
+    """Configs whose files are each within the per-file caps but not together, includes
+    that loop or repeat, wildcards outside the file name, maps of many keys and lists of
+    many empty lists: name -> (file, the start of the first line, a part of it)."""
+    out: dict[str, tuple[Path, str, str]] = {}
+
+    def config(name: str, text: str, start: str, part: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "agent.yaml").write_text(text)
+        out[name] = (d / "agent.yaml", start, part)
+        return d
+
+    device = "id: d{k}\nhost: 192.0.2.1\npoints: [{{name: v, address: 0}}]\n"
+    d = config(
+        "65-files",
+        HEAD + "include: inc/*.yaml\n" + ONE_DEVICE,
+        "agent.yaml:3:10: include: include 'inc/*.yaml' matches more than 64 files",
+        "a config may be made of at most 64 files",
+    )
+    (d / "inc").mkdir()
+    for k in range(1000):
+        (d / "inc" / f"{k:04d}.yaml").write_text(device.format(k=k))
+    # two files of 1.6 MB each: each within 3 MB, not both
+    pad = "# padding\n" * 160_000
+    d = config("bytes", HEAD + "include: [a.yaml, b.yaml]\n" + ONE_DEVICE, "b.yaml:1:1: ", "")
+    out["bytes"] = (
+        d / "agent.yaml",
+        "b.yaml:1:1: with this file, the 3 files of",
+        "hold 3.2 MB: at most 3 MB in all",
+    )
+    (d / "a.yaml").write_text(device.format(k=1) + pad)
+    (d / "b.yaml").write_text(device.format(k=2) + pad)
+    # two files of 150,000 values each: each within 250,000, not both
+    values = "x: [" + "1," * 150_000 + "1]\n"
+    d = config("values-in-all", HEAD + "include: [a.yaml, b.yaml]\n" + ONE_DEVICE, "b.yaml:1:", "")
+    out["values-in-all"] = (
+        d / "agent.yaml",
+        "b.yaml:1:",
+        "more than 250000 values in all the files of agent.yaml",
+    )
+    (d / "a.yaml").write_text(device.format(k=7) + values)
+    (d / "b.yaml").write_text(values)
+    config(
+        "self",
+        HEAD + "include: '*.yaml'\n" + ONE_DEVICE,
+        "agent.yaml:3:10: include: include '*.yaml' matches agent.yaml, the config file itself: "
+        "an include cycle (agent.yaml -> agent.yaml -> agent.yaml)",
+        "",
+    )
+    d = config(
+        "twice",
+        HEAD + "include: [a.yaml, same.yaml]\n" + ONE_DEVICE,
+        "agent.yaml:3:19: include[1]: include 'same.yaml' matches same.yaml, the same file as "
+        "a.yaml (a link): a file is included once",
+        "",
+    )
+    (d / "a.yaml").write_text(device.format(k=7))
+    (d / "same.yaml").symlink_to("a.yaml")
+    for name, pattern in (("star-star", "**/*.yaml"), ("star-dir", "*/a.yaml")):
+        d = config(
+            name,
+            HEAD + f"include: '{pattern}'\n" + ONE_DEVICE,
+            f"agent.yaml:3:10: include: include '{pattern}': wildcards (*, ?, [...]) may stand "
+            "in the file name only",
+            "",
+        )
+        (d / "sub").mkdir()
+        (d / "sub" / "a.yaml").write_text(device.format(k=1))
+    many = "more than 250000 values once aliases are expanded"
+    keys = ", ".join(f"k{i}" for i in range(250_000))
+    config("keys", HEAD + "x: {" + keys + "}\n", "agent.yaml:3:", many)
+    config("empty-lists", HEAD + "x: [" + "[]," * 250_000 + "[]]\n", "agent.yaml:3:", many)
+    return out
+
+
+MANY_FILES = [
+    "65-files",
+    "bytes",
+    "values-in-all",
+    "self",
+    "twice",
+    "star-star",
+    "star-dir",
+    "keys",
+    "empty-lists",
+]
+
+
+@pytest.mark.parametrize("name", MANY_FILES)
+def test_include_trees_and_counts_refused_fast_in_little_memory(tmp_path: Path, name: str) -> None:
+    """The caps hold for a config's files together (64 files, 3 MB, 250,000 values),
+    includes neither loop nor repeat a file (also through a link), wildcards stand in the
+    file name only, and keys and empty lists count as values: each refused by validate
+    with exit code 78 at its place, in under 2 s of CPU and 100 MB."""
+    path, start, part = _many_files_bombs(tmp_path)[name]
+    code, err, wall, cpu, rss = run_measured(path)
+    figures = f"{name}: {wall:.2f} s wall, {cpu:.2f} s CPU, {rss / 1e6:.0f} MB"
+    assert code == EX_CONFIG, f"{figures}; exit {code}: {err}"
+    first = err.splitlines()[0]
+    assert first.startswith(start), err
+    assert part in first, err
+    assert cpu < 2.0, figures
+    assert rss < 100_000_000, figures
+    print(figures)
+
+
 def test_ten_thousand_points_fit_the_caps(tmp_path: Path) -> None:
     """The caps leave room for a big gateway: 10 devices × 1000 points, one key per line
     and a description for each point (2.5 MB, 110,000 values), passes the size cap and the

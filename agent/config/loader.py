@@ -23,7 +23,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,8 @@ class _Budget:
     values: int = 0
     first: str = ""
     """The file the budget started with (the config file), for messages."""
+    texts: dict[str, str] = field(default_factory=dict)
+    """Files read and walked ahead (:func:`_prefetch`), by path, until they are parsed."""
 
     def take_file(self, size: int, display: str) -> None:
         """Count one more file of ``size`` bytes.
@@ -405,13 +407,17 @@ def _parse(
         _Refused: too big, too deep, an alias bomb (see :func:`_prescan`), or, with
             ``budget``, past a cap of the config's files together (:class:`_Budget`).
     """
-    try:
-        text = _read_text(path, display, budget)
-    except _Refused:
-        raise
-    except ConfigError as exc:
-        return None, exc.issues
-    _prescan(text, display, budget)
+    ahead = budget.texts.pop(str(path), None) if budget is not None else None
+    if ahead is not None:
+        text = ahead  # read and walked by _prefetch
+    else:
+        try:
+            text = _read_text(path, display, budget)
+        except _Refused:
+            raise
+        except ConfigError as exc:
+            return None, exc.issues
+        _prescan(text, display, budget)
     try:
         if fast:
             data = YAML(typ="safe").load(text)
@@ -993,6 +999,7 @@ def _splice_includes(
     if not isinstance(devices, list):
         return  # the model reports that 'devices' must be a list
     seen: dict[Path, str] = {}
+    accepted: list[tuple[str, str]] = []
     if main is not None:
         seen[main.resolve()] = display
     for loc, pattern in patterns:
@@ -1031,8 +1038,8 @@ def _splice_includes(
         found: list[str] = []
         for m in glob.iglob(str(base / pattern)):
             found.append(m)
-            if len(found) > MAX_FILES:
-                raise _Refused(
+            if len(found) > MAX_FILES:  # (a ConfigError: said at its line by the slow pass)
+                raise ConfigError(
                     [
                         ConfigIssue(
                             f,
@@ -1082,27 +1089,53 @@ def _splice_includes(
                 )
                 continue
             seen[real] = mdisp
-            part, errs = _parse(Path(m), mdisp, fast, budget)
-            issues += errs
-            if part is None and not errs:
-                issues.append(ConfigIssue(mdisp, 1, 1, "", "included file is empty"))
-            items = part if isinstance(part, list) else [part] if part is not None else []
-            for k, item in enumerate(items):
-                if isinstance(item, dict):
-                    origins.files[id(item)] = mdisp
-                    devices.append(item)
-                    continue
-                pos = _item_pos(part, k) if isinstance(part, CommentedSeq) else None
-                line_i, col_i = pos or (1, 1)
-                issues.append(
-                    ConfigIssue(
-                        mdisp,
-                        line_i,
-                        col_i,
-                        "",
-                        "an included file holds one device (a mapping of keys) or a list of them",
-                    )
+            accepted.append((m, mdisp))
+    # every file read and walked before any is built: a cap of the files together is
+    # then found at the cost of the walks, not after building the files before it
+    for m, mdisp in accepted:
+        _prefetch(Path(m), mdisp, budget)
+    for m, mdisp in accepted:
+        part, errs = _parse(Path(m), mdisp, fast, budget)
+        issues += errs
+        if part is None and not errs:
+            issues.append(ConfigIssue(mdisp, 1, 1, "", "included file is empty"))
+        items = part if isinstance(part, list) else [part] if part is not None else []
+        for k, item in enumerate(items):
+            if isinstance(item, dict):
+                origins.files[id(item)] = mdisp
+                devices.append(item)
+                continue
+            pos = _item_pos(part, k) if isinstance(part, CommentedSeq) else None
+            line_i, col_i = pos or (1, 1)
+            issues.append(
+                ConfigIssue(
+                    mdisp,
+                    line_i,
+                    col_i,
+                    "",
+                    "an included file holds one device (a mapping of keys) or a list of them",
                 )
+            )
+
+
+def _prefetch(path: Path, display: str, budget: _Budget | None) -> None:
+    """Read ``path`` and walk its events (:func:`_prescan`) into ``budget``, keeping its
+    text for :func:`_parse`; a file that cannot be read is left for :func:`_parse` to
+    report.
+
+    Raises:
+        _Refused: see :func:`_read_text` and :func:`_prescan`.
+    """
+    if budget is None:
+        return
+    try:
+        text = _read_text(path, display, budget)
+    except _Refused:
+        raise
+    except ConfigError:
+        return
+    _prescan(text, display, budget)
+    budget.texts[str(path)] = text
 
 
 _SECRET_KEY_RE = re.compile(r"(?<![\w-])[\"']?password[\"']?\s*:(?=\s|$)")
@@ -1507,6 +1540,12 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
             ]
         )
     origins = _Origins({})
+
+    # profiles read and walked ahead, so that the caps of all files are known first
+    pdir_ahead, outside_ahead = _profiles_dir(data.get("profiles_dir"), base)
+    if outside_ahead is None and pdir_ahead.is_dir():
+        for pfile in _profile_files(pdir_ahead)[0]:
+            _prefetch(pfile, _display(pfile), budget)
 
     # includes: each file holds one device (mapping) or a list of devices
     _splice_includes(data, base, display, origins, issues, fast, budget, main)
