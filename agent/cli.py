@@ -50,7 +50,7 @@ config_option = click.option(
     "-c",
     "config_file",
     required=True,
-    type=click.Path(dir_okay=False),
+    type=click.Path(),  # the loader says what is wrong with it (exit 78)
     help="The agent's YAML config file.",
 )
 
@@ -63,7 +63,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.argument("config_file", type=click.Path())  # the loader says what is wrong
 def validate(config_file: str) -> None:
     """Check CONFIG_FILE and print every problem as FILE:LINE:COL: key.path: message."""
     from agent.config.loader import config_notes

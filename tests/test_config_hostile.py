@@ -754,3 +754,204 @@ def test_replacing_a_file_never_writes_through_a_link(tmp_path: Path) -> None:
     assert target.read_text() == "42\n" and not target.is_symlink()
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert not (tmp_path / "seq-x.memory.tmp").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# values validate refuses before the agent would trip on them, secrets never shown
+
+MQTT_HEAD = (
+    "gateway_id: gw\nstate_dir: state\nmqtt:\n  tls: false\n  allow_plaintext_credentials: true\n"
+)
+SERIAL = (
+    "  - {{id: s1, driver: serial_line, serial_port: /dev/ttyUSB0, encoding: {enc}, "
+    "request: {req}, parser: {{kind: kv}}, points: [{{name: v}}]}}\n"
+)
+
+
+def _checked(tmp_path: Path, text: str) -> tuple[str, str]:
+    """validate on ``text`` as agent.yaml, measured: (first line, all of stderr), after
+    asserting exit code 78, 2 s of CPU and 100 MB, and that the secret is not shown."""
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    code, err, _, cpu, rss = run_measured(path)
+    assert code == EX_CONFIG, err
+    assert cpu < 2.0 and rss < 100_000_000, (cpu, rss)
+    assert SECRET not in err and "Traceback" not in err, err
+    return err.splitlines()[0], err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        *(
+            (
+                MQTT_HEAD + "devices:\n" + SERIAL.format(enc=enc, req="'?'"),
+                f"agent.yaml:7:72: devices[0].encoding: '{enc}' is a codec that does not turn "
+                "bytes into text",
+            )
+            for enc in ("rot13", "hex", "base64", "zlib_codec", "uu")
+        ),
+        (
+            MQTT_HEAD + "devices:\n" + SERIAL.format(enc="nosuch", req="'?'"),
+            "agent.yaml:7:72: devices[0].encoding: no text encoding 'nosuch'",
+        ),
+        (
+            MQTT_HEAD + "devices:\n" + SERIAL.format(enc="ascii", req="'Grüße?'"),
+            "agent.yaml:7:5: devices[0]: request 'Grüße?': character 3 (U+00FC) cannot be "
+            "written in ascii",
+        ),
+        *(
+            (
+                MQTT_HEAD + f"  host: {host}\n" + ONE_DEVICE,
+                f"agent.yaml:6:9: mqtt.host: {shown}",
+            )
+            for host, shown in (
+                (
+                    '"broker\\0.example"',
+                    "the host 'broker\\x00.example' holds the control character U+0000",
+                ),
+                ('"my broker"', "the host 'my broker' holds a space"),
+                ('"a\\tb"', "the host 'a\\tb' holds the control character U+0009"),
+                (
+                    "a" * 64 + ".example",
+                    "the host 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'… "
+                    "(72 characters) has a label of 64 characters",
+                ),
+                (
+                    ".".join(["a" * 60] * 5),
+                    "the host 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa'… "
+                    "(304 characters) is 304 characters long",
+                ),
+                ("-broker", "'-broker' is not a host name"),
+                ("256.1.1.1", "'256.1.1.1' is not an IPv4 address"),
+            )
+        ),
+        (
+            "gateway_id: gw\nstate_dir: state\n"
+            "devices:\n  - {id: d1, host: 'plc 1', points: [{name: v, address: 0}]}\n",
+            "agent.yaml:4:20: devices[0].host: the host 'plc 1' holds a space",
+        ),
+        (
+            MQTT_HEAD + '  username: "op\\0"\n  password_file: pw\n' + ONE_DEVICE,
+            "agent.yaml:6:13: mqtt.username: it holds the character U+0000 (NUL)",
+        ),
+        (
+            MQTT_HEAD + '  username: "op\\uD800"\n  password_file: pw\n' + ONE_DEVICE,
+            "agent.yaml:6:13: mqtt.username: it holds a lone surrogate (U+D800)",
+        ),
+        (
+            MQTT_HEAD + f'  username: op\n  password: "{SECRET}\\0"\n' + ONE_DEVICE,
+            "agent.yaml:7:13: mqtt.password: the password holds the character U+0000 (NUL)",
+        ),
+        (
+            MQTT_HEAD + f'  username: op\n  password: "{SECRET}\\uDC00"\n' + ONE_DEVICE,
+            "agent.yaml:7:13: mqtt.password: the password holds a lone surrogate (U+DC00)",
+        ),
+    ],
+)
+def test_values_the_agent_would_trip_on_are_refused_by_validate(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    """A serial encoding that is no text codec, a request the encoding cannot write, a
+    host that is neither an RFC 1123 name nor an IP address, MQTT strings holding U+0000
+    or a surrogate (MQTT 3.1.1 section 1.5.3): config errors at their line, the password
+    never shown."""
+    (tmp_path / "pw").write_text("pw\n")
+    first, _ = _checked(tmp_path, text)
+    assert first.startswith(expected), first
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f'"{SECRET}',  # unterminated
+        f'"{SECRET}\\q"',  # an unknown escape: its character is not shown either
+        "2023-02-30",  # a date that does not exist
+        f"!!int {SECRET}",
+        f"!!float {SECRET}",
+        f"!!timestamp {SECRET}",
+        f"!!binary {SECRET}",
+        f"{SECRET}: x",
+        f"'{SECRET}\x01'",  # a raw control character
+        "\n    2023-02-31",  # on the line below the key
+        '"a\n    ' + SECRET + '\\q"',  # a quoted value over two lines
+    ],
+)
+def test_a_problem_inside_a_password_never_shows_it(tmp_path: Path, value: str) -> None:
+    """YAML syntax errors, impossible dates, refused characters and tags inside the value
+    of password are said at the password key with the fix, never with the value, a
+    character of it or where in it."""
+    text = MQTT_HEAD + f"  username: op\n  password: {value}\n" + ONE_DEVICE
+    first, err = _checked(tmp_path, text)
+    if value.startswith(("!!int", "!!float")):  # where the tag failed is not known
+        assert first.startswith("agent.yaml:1:1: a value cannot be made what its YAML tag says")
+    else:
+        assert first.startswith("agent.yaml:7:3: the value of password "), err
+        assert "(not repeated here, nor where in it: it is a secret); write it in single" in first
+    assert "2023-02-3" not in err and "'q'" not in err and "\\x01" not in err
+
+
+def test_unreadable_and_odd_files_are_one_line_config_errors(tmp_path: Path) -> None:
+    """A binary config, a directory, a FIFO, a loop of symbolic links: exit 78 with a line
+    naming the file and the kind of problem, never a traceback and never a hang."""
+    (tmp_path / "bin.yaml").write_bytes(b"gateway_id: gw\n\x89PNG\x00\xff")
+    (tmp_path / "fifo.yaml").unlink(missing_ok=True)
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "loop1.yaml").symlink_to("loop2.yaml")
+    (tmp_path / "loop2.yaml").symlink_to("loop1.yaml")
+    expected = {
+        "bin.yaml": "bin.yaml:2:1: not UTF-8 text (a binary file?)",
+        "fifo.yaml": f"fifo.yaml:1:1: cannot read: {tmp_path / 'fifo.yaml'} is not a regular file",
+        "dir.yaml": f"dir.yaml:1:1: cannot read: {tmp_path / 'dir.yaml'} is a directory",
+        "loop1.yaml": "loop1.yaml:1:1: cannot load the config: its path goes through a loop of "
+        "symbolic links",
+    }
+    for name, start in expected.items():
+        code, err, _, cpu, rss = run_measured(tmp_path / name)
+        assert code == EX_CONFIG, err
+        assert err.startswith(start), err
+        assert "Traceback" not in err and cpu < 2.0 and rss < 100_000_000
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device", "loop", "big"])
+@pytest.mark.parametrize("key", ["password_file", "key_file", "ca_file"])
+def test_secret_files_must_be_small_regular_files(tmp_path: Path, kind: str, key: str) -> None:
+    """A password, key or CA file that is a FIFO (reading it would wait for ever), a
+    directory, a device, a loop of symbolic links or too big: a config error at its key,
+    in under 2 s, without reading it."""
+    target = tmp_path / "secret"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "device":
+        target.symlink_to("/dev/zero")
+    elif kind == "loop":
+        target.symlink_to("secret2")
+        (tmp_path / "secret2").symlink_to("secret")
+    else:
+        target.write_bytes(b"x" * 1_100_000)
+    tls = (
+        "  tls: {ca_file: secret}\n"
+        if key == "ca_file"
+        else ("  tls: {cert_file: secret, key_file: secret}\n" if key == "key_file" else "")
+    )
+    text = (
+        "gateway_id: gw\nstate_dir: state\nmqtt:\n  host: broker.example\n"
+        + tls
+        + ("  username: op\n  password_file: secret\n" if key == "password_file" else "")
+        + ONE_DEVICE
+    )
+    why = {
+        "fifo": "is a FIFO: ",
+        "directory": "is a directory: ",
+        "device": "is a device: ",
+        "loop": "it is a loop of symbolic links",
+        "big": "is larger than ",
+    }[kind]
+    _, err = _checked(tmp_path, text)
+    line = 5 if key != "password_file" else 6
+    said = [x for x in err.splitlines() if f".{key}: " in x]
+    assert len(said) == 1 and said[0].startswith(f"agent.yaml:{line}:"), err
+    assert why in said[0], err

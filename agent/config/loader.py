@@ -852,6 +852,15 @@ def _profiles_dir(raw: object, base: Path) -> tuple[Path, str | None]:
     )
 
 
+def _resolved(path: Path) -> str:
+    """``path`` made absolute with its links resolved; where they loop (Python 3.11's
+    ``Path.resolve`` raises then), made absolute only: opening it says the loop."""
+    try:
+        return str(path.resolve())
+    except (RuntimeError, OSError):
+        return os.path.abspath(path)
+
+
 def _display(path: Path) -> str:
     try:
         return str(path.relative_to(Path.cwd()))
@@ -1351,7 +1360,7 @@ def _resolve_mqtt(
         issues.append(ConfigIssue(f, line, col, p, message))
 
     def _abs(p: str | None) -> str | None:
-        return None if p is None else str((base / p).resolve())
+        return None if p is None else _resolved(base / p)
 
     update: dict[str, Any] = {"password_file": _abs(mqtt.password_file)}
     tls = mqtt.tls_settings
@@ -1634,7 +1643,7 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
         raise ConfigError(issues)
 
     def _abs(p: str | None) -> str | None:
-        return None if p is None else str((base / p).resolve())
+        return None if p is None else _resolved(base / p)
 
     problem = _state_dir_problem(Path(_abs(cfg.state_dir) or cfg.state_dir))
     if problem is not None:
