@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import random
 import signal
 import socket
 import struct
@@ -40,6 +39,7 @@ from tests.helpers import (
     RUNNING,
     AgentProcess,
     Mosquitto,
+    Shake,
     Subscriber,
     assert_all_delivered,
     free_port,
@@ -212,34 +212,6 @@ def wrong_tid_frames() -> bytes:
     return b"".join(frames)
 
 
-class Shake:
-    """A Raspberry Shake on this gateway: datacast packets of 3 channels, 25 samples at
-    100 Hz each 0.25 s, stamped with the time of their first sample, from 127.0.0.1."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        n = RATE // 4
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            t0 = time.time() - 0.25
-            k = 0
-            while not self._stop.wait(max(0.0, t0 + 0.25 * (k + 1) - time.time())):
-                counts = [round(1000 * random.gauss(0, 1)) for _ in range(n)]
-                for ch in CHANNELS:
-                    s.sendto(datacast_packet(ch, t0 + 0.25 * k, counts), ("127.0.0.1", self.port))
-                self.sent += 1
-                k += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-
-
 def hostile_datagrams() -> list[tuple[str, bytes]]:
     """(source address, datagram): one of each kind of bad input, from 127.0.0.1 unless
     the source is the foreign sender 127.0.0.2."""
@@ -340,7 +312,7 @@ def udp_scenario(tmp_path: Path) -> Scenario:
         f"    sample_rate: {RATE}\n"
         "    channels: [{name: EHZ}, {name: ENN}, {name: ENE}]\n"
     )
-    shake = Shake(port)
+    shake = Shake(port, CHANNELS, RATE)
 
     def after(sub: Subscriber) -> None:
         # the flood fills the socket's receive queue, so the kernel loses genuine packets
