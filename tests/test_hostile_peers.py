@@ -5,7 +5,8 @@ Each test runs a real agent process (``python -m agent run`` on gpiozero's mock 
 alarm driving a relay, while one peer attacks another of its inputs: a UDP sender of
 malformed, oversized, far-future and foreign datacast packets; a Modbus TCP peer
 flooding bytes, or frames with wrong transaction ids; a serial device server (RTU over
-TCP) flooding bytes; a serial line sending 10 MB without a line end. Through each: the
+TCP) flooding bytes; a serial line sending 10 MB without a line end; a serial line
+sending lines on which its device's regex pattern backtracks without end. Through each: the
 agent's memory stays under :data:`RSS_LIMIT_KB`, the healthy device is polled on time
 (no gap between its readings over 2 × the poll interval), the relay never drops, the
 attacked input works again afterwards, and SIGTERM stops the agent within 5 s with every
@@ -294,6 +295,8 @@ class Scenario:
     log_says: list[str] = field(default_factory=list)
     cleanup: Callable[[], None] = lambda: None
     prepare: Callable[[Subscriber], None] = lambda sub: None
+    log_once: list[str] = field(default_factory=list)
+    """Log texts that must appear exactly once (bounded logging)."""
 
 
 def _device_topic(device: str) -> str:
@@ -391,12 +394,67 @@ def serial_scenario(tmp_path: Path, far_end: str, agent_end: str) -> Scenario:
     )
 
 
+EVIL_PATTERN = r"^(?P<tag>(\w|\w\w)+)=(?P<level>[-0-9.]+)$"
+"""Reads ``level=2.5``; backtracks without end on a long word not followed by ``=``."""
+EVIL_LINE = b"1" * 40 + b"!=1\n"
+
+
+def regex_scenario(tmp_path: Path, far_end: str, agent_end: str) -> Scenario:
+    devices = (
+        f"  - id: gauge\n    driver: serial_line\n    serial_port: {agent_end}\n"
+        "    baudrate: 115200\n"
+        f"    parser: {{kind: regex, pattern: '{EVIL_PATTERN}'}}\n"
+        "    points: [{name: level, unit: m}]\n"
+    )
+
+    def level(sub: Subscriber, value: float) -> None:
+        wait_until(
+            lambda: any(m["points"]["level"]["value"] == value for m in _readings(sub, "gauge")),
+            10,
+            f"a reading of {value} from the line",
+        )
+
+    def write(data: bytes) -> None:
+        fd = os.open(far_end, os.O_RDWR | os.O_NOCTTY)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def prepare(sub: Subscriber) -> None:
+        write(b"level=1.0\nlevel=1.5\n")  # (the first line after opening may be partial)
+        level(sub, 1.5)
+
+    def attack() -> str:
+        # evil lines as fast as the line takes them, for half the attack time (the first
+        # is logged; the next report would come 10 s later)
+        end = time.monotonic() + ATTACK_S / 2
+        sent = 0
+        while time.monotonic() < end:
+            write(EVIL_LINE * 100)
+            sent += 100
+            time.sleep(0.01)
+        time.sleep(0.5)
+        write(b"level=2.5\n")
+        return f"{sent} backtracking lines written"
+
+    return Scenario(
+        devices,
+        attack,
+        lambda sub: level(sub, 2.5),
+        ["over the pattern's time limit"],
+        prepare=prepare,
+        log_once=["the pattern took over 50 ms on this line"],
+    )
+
+
 PEERS = {
     "udp_datacast": udp_scenario,
     "modbus_tcp_bytes": tcp_scenario(os.urandom(65536)),
     "modbus_tcp_wrong_tids": tcp_scenario(wrong_tid_frames()),
     "rtu_over_tcp_bytes": tcp_scenario(os.urandom(65536), "    driver: modbus_rtu_over_tcp\n"),
     "serial_line_10_mb": None,
+    "serial_line_backtracking_regex": None,
 }
 
 
@@ -422,6 +480,8 @@ def test_hostile_peer_cannot_stop_the_gateway(
 ) -> None:
     if peer == "serial_line_10_mb":
         scenario = serial_scenario(tmp_path, *line)
+    elif peer == "serial_line_backtracking_regex":
+        scenario = regex_scenario(tmp_path, *line)
     else:
         make = PEERS[peer]
         assert make is not None
@@ -477,5 +537,7 @@ def test_hostile_peer_cannot_stop_the_gateway(
     assert all(m["points"]["level"]["quality"] == "good" for m in _readings(sub, "healthy"))
     for text in scenario.log_says:
         assert text in log, f"the log does not say {text!r}"
+    for text in scenario.log_once:
+        assert log.count(text) == 1, f"the log says {text!r} {log.count(text)} times"
     assert "Traceback" not in log, log[-3000:]
     assert_all_delivered(sub, tmp_path / "state")
