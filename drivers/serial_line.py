@@ -537,16 +537,19 @@ class SerialLineReader:
         finally:
             self._close()
             if self.errors or self.dropped_bytes:
+                why = f"{self.asm.too_long} over-long"
+                if d.parser.kind == "regex":
+                    why += (
+                        f", {self.match_timeouts} over the pattern's time limit, "
+                        f"{self.unmatched} unmatched for lack of time"
+                    )
                 log.warning(
-                    "device %s: %d reading(s) from lines; %d line(s) dropped (%d over-long, "
-                    "%d over the pattern's time limit, %d unmatched for lack of time), "
+                    "device %s: %d reading(s) from lines; %d line(s) dropped (%s), "
                     "%d byte(s) dropped unread",
                     d.id,
                     self.lines,
                     self.errors,
-                    self.asm.too_long,
-                    self.match_timeouts,
-                    self.unmatched,
+                    why,
                     self.dropped_bytes,
                 )
 
