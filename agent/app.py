@@ -425,7 +425,7 @@ class Agent:
                 publish(proc.skip(samples))
 
         if dev.udp_port is not None:
-            return SeismicUdpReader(dev, on_sample, on_gap, now_ms)
+            return SeismicUdpReader(dev, on_sample, on_gap, now_ms, lambda: self.clock.synced)
         return SeismicSerialReader(dev, on_sample, on_gap, now_ms)
 
     def _emit(self, events: list[tuple[Alarm, Event]]) -> None:

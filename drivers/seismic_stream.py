@@ -58,6 +58,13 @@ sample can come from the future, and accepting it would make the genuine packets
 it look like overlaps. Sensor and gateway must both keep synchronised time (NTP)."""
 MAX_PACKET_S = 2.0
 """Most seconds of samples one datacast packet may carry (a Raspberry Shake sends 0.25 s)."""
+JUMP_MARGIN = 1.01
+"""The time since the last datacast packet taken, in samples, is allowed 1 % more (the
+sensor's clock and the gateway's run at slightly different rates)."""
+RESYNC_WITHIN_S = 30.0
+"""A datacast stream follows a sender whose clock stepped (re-anchors its time base) only
+when the sender's new time is within this of the gateway's clock, while that clock is
+synchronised; else the sender's packets are dropped (``time_base``)."""
 
 
 class InputError(LineError):
@@ -382,7 +389,8 @@ class _SampleReader:
         self.dropped: Counter[str] = Counter()
         """Frames or datagrams dropped by reason (``format``, ``value``, ``counter``,
         ``too_long``, ``lost_bytes``; UDP: ``sender``, ``size``, ``samples``, ``time``,
-        ``ahead``, ``channel``; ``internal`` for a fault of this code)."""
+        ``ahead``, ``channel``, ``time_jump``, ``time_base``; ``internal`` for a fault of
+        this code)."""
         self.samples = 0
         self.gaps = 0
         """Gaps reported (each skipped in one step)."""
@@ -704,14 +712,39 @@ class ChannelAligner:
     skipped at once. Pending data is held as runs, at most ``max_wait`` seconds plus one
     packet per channel after each feed.
 
-    A channel whose packets all come too late for ``resync_after`` seconds of samples in
-    a row (the sender's clock stepped back, or a bad packet moved the instants on) makes
-    the aligner follow the sender's time again: a ``gap`` of those samples, then T0 is
-    re-anchored so that the packet lands on the next instant.
+    With ``now`` given (the packet's arrival, monotonic seconds), a packet may move the
+    stream ahead (past the newest sample taken) by at most the time since the last packet
+    taken, times the rate (:data:`JUMP_MARGIN` more), plus ``slack`` seconds of samples;
+    a packet claiming more is a ``time_jump`` (dropped): one packet stamped hours ahead
+    cannot move the instants on and leave every genuine packet after it an overlap.
+
+    A channel whose packets all come too late, or too far ahead, for ``resync_after``
+    seconds of samples in a row, each continuing the one before (the sender's clock
+    stepped), makes the aligner follow the sender's time again: a ``gap`` of those
+    samples, then T0 is re-anchored so that the packet lands on the next instant. With
+    ``wall`` given (the gateway's synchronised wall clock, epoch seconds; None while it
+    is not synchronised), the re-anchor is taken only when the packet's time is within
+    ``resync_within`` seconds of it; else the packet is a ``time_base`` (dropped) and the
+    stream stays on its time base.
+
+    Args:
+        channels: the channel codes, in the order of the sample instants' counts.
+        rate: samples per second per channel.
+        max_wait: seconds of newer data after which an incomplete instant is skipped.
+        resync_after: seconds of samples off the time base after which it is followed.
+        slack: seconds of samples a packet may be ahead beyond what the elapsed time
+            allows (default: ``max_wait``).
+        resync_within: see above (default :data:`RESYNC_WITHIN_S`).
     """
 
     def __init__(
-        self, channels: list[str], rate: float, max_wait: float = 2.0, resync_after: float = 5.0
+        self,
+        channels: list[str],
+        rate: float,
+        max_wait: float = 2.0,
+        resync_after: float = 5.0,
+        slack: float | None = None,
+        resync_within: float = RESYNC_WITHIN_S,
     ) -> None:
         self.channels = list(channels)
         self.rate = rate
@@ -720,12 +753,30 @@ class ChannelAligner:
         self.pending: dict[str, _Runs] = {c: _Runs() for c in channels}
         self.max_wait = max(1, round(max_wait * rate))
         self.resync_after = max(1, round(resync_after * rate))
-        self._late = dict.fromkeys(channels, 0)
+        self.slack = max(1, round((max_wait if slack is None else slack) * rate))
+        self.resync_within = resync_within
+        self.head: int | None = None
+        """One past the newest sample index taken."""
+        self.taken_at: float | None = None
+        """When (``now``) the last packet was taken."""
+        self._off: dict[str, tuple[int, int]] = {}
+        """Per channel, its packets off the time base in a row: (samples, end index)."""
         self.resyncs = 0
 
-    def feed(self, channel: str, t0: float, counts: list[int]) -> list[AlignerEvent]:
-        """Take one packet (``t0``: its first sample's time, seconds; finite); return the
-        events it completes, in order. A channel not configured is ignored."""
+    def feed(
+        self,
+        channel: str,
+        t0: float,
+        counts: list[int],
+        now: float | None = None,
+        wall: float | None = None,
+    ) -> list[AlignerEvent]:
+        """Take one packet (``t0``: its first sample's time, seconds; finite) arriving at
+        ``now`` (monotonic seconds; None: no jump check) while the gateway's wall clock
+        shows ``wall`` (epoch seconds, None when it is not synchronised); return the
+        events it completes, in order: besides samples, gaps and overlaps, a dropped
+        packet is ``("time_jump", samples, first index)`` or ``("time_base", samples,
+        first index)``. A channel not configured is ignored."""
         out: list[AlignerEvent] = []
         runs = self.pending.get(channel)
         if runs is None or not counts or not math.isfinite(t0):
@@ -734,22 +785,36 @@ class ChannelAligner:
             self.t0 = t0
         first = round((t0 - self.t0) * self.rate)
         n = len(counts)
-        if first + n <= self.next:  # all of it passed already
-            out.append(("overlap", n, first))
-            self._late[channel] += n
-            if self._late[channel] < self.resync_after:
+        kind = (
+            "overlap"
+            if first + n <= self.next
+            else "time_jump"
+            if self._jumps(first + n, now)
+            else ""
+        )
+        if kind:
+            off = self._off_base(channel, first, n)
+            if off < self.resync_after:
+                out.append((kind, n, first))
                 return out
-            lost = self._late[channel]
+            # the sender's clock stepped: follow it, if the gateway's clock agrees
+            if wall is not None and abs(t0 + n / self.rate - wall) > self.resync_within:
+                out.append(("time_base", n, first))
+                return out
             self.resyncs += 1
             for r in self.pending.values():
                 r.runs.clear()
                 r.starts.clear()
-            self._late = dict.fromkeys(self.channels, 0)
-            self.next += lost
-            out.append(("gap", lost, self.next))
+            self._off.clear()
+            self.head = None
+            self.next += off
+            out.append(("gap", off, self.next))
             self.t0 = t0 - self.next / self.rate
             first = self.next
-        self._late[channel] = 0
+        self._off.pop(channel, None)
+        self.head = first + n if self.head is None else max(self.head, first + n)
+        if now is not None:
+            self.taken_at = now
         late = max(0, self.next - first)
         if late:
             out.append(("overlap", late, first))
@@ -758,6 +823,24 @@ class ChannelAligner:
             out.append(("overlap", held, first))
         self._drain(out)
         return out
+
+    def _jumps(self, end: int, now: float | None) -> bool:
+        """Whether a packet ending before index ``end`` moves the stream further ahead
+        than the time since the last packet taken allows."""
+        if now is None or self.head is None or self.taken_at is None:
+            return False
+        elapsed = max(0.0, now - self.taken_at)
+        return end - self.head > elapsed * self.rate * JUMP_MARGIN + self.slack
+
+    def _off_base(self, channel: str, first: int, n: int) -> int:
+        """Count a packet off the time base; return the samples of its channel's run of
+        such packets (a packet that does not continue the run starts a new one)."""
+        prev = self._off.get(channel)
+        total = n
+        if prev is not None and abs(first - prev[1]) <= self.slack:
+            total += prev[0]
+        self._off[channel] = (total, first + n)
+        return total
 
     def _drain(self, out: list[AlignerEvent]) -> None:
         chans = [self.pending[c] for c in self.channels]
@@ -823,14 +906,32 @@ class SeismicUdpReader(_SampleReader):
     datagram larger than one packet can be (``MAX_PACKET_S`` of samples), malformed
     (:func:`parse_datacast`), of an unknown channel, or stamped more than
     :data:`MAX_AHEAD_S` ahead of the gateway's clock is dropped and counted in
-    :attr:`dropped`; nothing a datagram holds ends the input.
+    :attr:`dropped`; so is one that moves the stream further ahead than the time since
+    the last packet allows (``time_jump``), and one of a sender whose clock stepped to a
+    time more than :data:`RESYNC_WITHIN_S` from the gateway's synchronised clock
+    (``time_base``; see :class:`ChannelAligner`). Nothing a datagram holds ends the input.
+
+    Args:
+        now_ms: the gateway's wall clock, UTC ms.
+        clock_synced: whether that clock is synchronised now (default: never, and the
+            time a sender's clock steps to is not checked).
+        mono: the monotonic clock, seconds (replays faster than real time need a
+            faster one).
     """
 
     def __init__(
-        self, dev: SeismicDevice, on_sample: SampleSink, on_gap: GapSink, now_ms: Callable[[], int]
+        self,
+        dev: SeismicDevice,
+        on_sample: SampleSink,
+        on_gap: GapSink,
+        now_ms: Callable[[], int],
+        clock_synced: Callable[[], bool] = lambda: False,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(dev, on_sample, on_gap, now_ms)
         self.aligner = ChannelAligner([c.name for c in dev.channels], dev.sample_rate)
+        self.clock_synced = clock_synced
+        self.mono = mono
         self.max_samples = max(64, math.ceil(dev.sample_rate * MAX_PACKET_S))
         self.max_bytes = 96 + 14 * self.max_samples
         """Largest datagram read: a channel code, a time and ``max_samples`` counts."""
@@ -879,10 +980,25 @@ class SeismicUdpReader(_SampleReader):
             )
             return
         ts = self.now_ms()
-        for kind, a, b in self.aligner.feed(channel, t0, counts):
+        wall = ts / 1000 if self.clock_synced() else None
+        for kind, a, b in self.aligner.feed(channel, t0, counts, self.mono(), wall):
             if kind == "sample":
                 self.samples += 1
                 self.on_sample(a % COUNTER_MOD, b, ts)
+            elif kind == "time_jump":
+                self._drop(
+                    "time_jump",
+                    f"packet of {channel} stamped {t0:.3f} moves the stream "
+                    f"{(b + a - (self.aligner.head or 0)) / self.dev.sample_rate:.3g} s ahead, "
+                    "more than the time since the last packet allows",
+                )
+            elif kind == "time_base":
+                self._drop(
+                    "time_base",
+                    f"the sender's clock stepped to {t0:.3f}, {t0 - ts / 1000:+.3g} s from the "
+                    "gateway's synchronised clock: not followed (is the sensor's clock "
+                    "synchronised?)",
+                )
             else:
                 self._gap(kind, a, b)
 

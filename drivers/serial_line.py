@@ -8,6 +8,11 @@ point values with the configured parser: delimited columns (CSV), ``key=value`` 
 regular expression with named groups, or an NMEA 0183-style sentence whose checksum is
 checked (``$…*hh``: XOR of the bytes between ``$`` and ``*``, NMEA 0183 v4.10 §5.3).
 
+A ``regex`` pattern is the user's and the line the device's: the pattern runs on the
+``regex`` package (the syntax and results of Python's ``re``) with a time limit per line,
+:data:`MATCH_TIMEOUT_S`, so that a pattern that backtracks catastrophically on some line
+(``(a|aa)+b``, ``(\\w|\\w\\w)+=``) costs a line error, never the event loop.
+
 :class:`SerialLineReader` owns the port: it opens it (a device path, a
 ``/dev/serial/by-id/…`` name or a pyserial URL), reads lines, optionally sends a request
 and waits for the answer, and reopens the port when it disappears and comes back.
@@ -17,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
@@ -33,9 +38,41 @@ from drivers.serial_io import PortQueue, open_serial
 
 log = logging.getLogger(__name__)
 
+MATCH_TIMEOUT_S = 0.05
+"""Longest a ``regex`` parser's pattern may take on one line; a line that takes longer is
+a line error (:class:`MatchTimeout`)."""
+MATCH_SHARE = 0.2
+"""Most of the time a reader may spend matching its pattern, as a share of the time
+passing (a budget of at most :data:`MATCH_TIMEOUT_S`, refilled at this rate): one line
+that runs out of time spends it, and the lines that come while it is spent are dropped
+unmatched and counted."""
+STEP_S = 0.02
+"""A burst of lines is handled in slices of about this long at most, other tasks of the
+event loop running in between."""
+
 
 class LineError(ValueError):
     """A line that cannot be used; the message says why and shows the text."""
+
+
+class MatchTimeout(LineError):
+    """A ``regex`` parser's pattern took longer than its time limit on a line."""
+
+
+@functools.lru_cache(maxsize=32)
+def compile_pattern(pattern: str) -> Any:
+    """``pattern`` compiled by the ``regex`` package (``re`` syntax; imported here, so
+    that only configs with a regex parser load it).
+
+    Raises:
+        ValueError: the pattern does not compile (the message says why).
+    """
+    import regex
+
+    try:
+        return regex.compile(pattern)
+    except regex.error as exc:
+        raise ValueError(f"pattern does not compile: {exc}") from None
 
 
 class LinePoint(StrictModel):
@@ -75,10 +112,7 @@ class LineParser(StrictModel):
         if self.kind == "regex":
             if not self.pattern:
                 raise ValueError("a regex parser needs 'pattern' with named groups")
-            try:
-                rx = re.compile(self.pattern)
-            except re.error as exc:
-                raise ValueError(f"pattern does not compile: {exc}") from None
+            rx = compile_pattern(self.pattern)
             if not rx.groupindex:
                 raise ValueError("the pattern has no named group (?P<name>…)")
         return self
@@ -152,7 +186,7 @@ class SerialLineDevice(StrictModel):
             raise ValueError(f"point name(s) used twice: {', '.join(dup)}")
         p = self.parser
         if p.kind == "regex":
-            groups = set(re.compile(p.pattern or "").groupindex)
+            groups = set(compile_pattern(p.pattern or "").groupindex)
             for pt in self.points:
                 if (pt.field or pt.name) not in groups:
                     raise ValueError(
@@ -295,12 +329,14 @@ def nmea_checksum(body: str) -> int:
     return c
 
 
-def parse_fields(text: str, parser: LineParser) -> dict[str, str]:
+def parse_fields(text: str, parser: LineParser, timeout: float = MATCH_TIMEOUT_S) -> dict[str, str]:
     """The fields of one line by name (csv: column names or 1-based numbers; kv: keys;
-    regex: groups; nmea: 1-based field numbers after the sentence id). Pure.
+    regex: groups, the pattern searched for at most ``timeout`` seconds; nmea: 1-based
+    field numbers after the sentence id). Pure.
 
     Raises:
-        LineError: the line does not fit the parser (message with the text).
+        LineError: the line does not fit the parser (message with the text);
+            :class:`MatchTimeout` when the pattern took longer than ``timeout``.
     """
     kind = parser.kind
     if kind == "csv":
@@ -320,7 +356,14 @@ def parse_fields(text: str, parser: LineParser) -> dict[str, str]:
             out[key.strip()] = value.strip()
         return out
     if kind == "regex":
-        m = re.search(parser.pattern or "", text)
+        try:
+            m = compile_pattern(parser.pattern or "").search(text, timeout=timeout)
+        except TimeoutError:
+            raise MatchTimeout(
+                f"the pattern took over {timeout * 1000:.0f} ms on this line and was "
+                "stopped (a repeated group whose branches can match the same text, such as "
+                f"(a|aa)+, backtracks without end on some lines): {text[:80]!r}"
+            ) from None
         if m is None:
             raise LineError(f"line does not match the pattern: {text!r}")
         return {k: v for k, v in m.groupdict().items() if v is not None}
@@ -392,11 +435,15 @@ def to_results(fields: dict[str, str], points: Sequence[LinePoint]) -> list[Poin
     return out
 
 
-def parse_line(line: bytes, dev: SerialLineDevice) -> list[PointResult]:
-    """Decode and parse one line into one result per point.
+def parse_line(
+    line: bytes, dev: SerialLineDevice, timeout: float = MATCH_TIMEOUT_S
+) -> list[PointResult]:
+    """Decode and parse one line into one result per point (a regex parser's pattern
+    searched for at most ``timeout`` seconds).
 
     Raises:
-        LineError: undecodable bytes, or a line that does not fit the parser.
+        LineError: undecodable bytes, or a line that does not fit the parser
+            (:class:`MatchTimeout`: the pattern took too long).
     """
     try:
         text = line.decode(dev.encoding).strip()
@@ -404,7 +451,7 @@ def parse_line(line: bytes, dev: SerialLineDevice) -> list[PointResult]:
         raise LineError(f"not {dev.encoding} text: {line[:80]!r}") from None
     if not text:
         raise LineError("empty line")
-    return to_results(parse_fields(text, dev.parser), dev.points)
+    return to_results(parse_fields(text, dev.parser, timeout), dev.points)
 
 
 # -- the port ----------------------------------------------------------------------------------
@@ -422,6 +469,11 @@ class SerialLineReader:
     are counted in :attr:`errors` and logged with the raw text at most once per
     :data:`LOG_EVERY_S`. A vanished port is reopened every second until it is back, by
     the same path (use ``/dev/serial/by-id/…`` to survive renumbering).
+
+    The time lines cost is bounded: a regex parser's pattern gets at most
+    :data:`MATCH_TIMEOUT_S` per line and :data:`MATCH_SHARE` of the time in all (lines
+    beyond that are dropped unmatched, counted), and the lines of one read are handled in
+    slices of :data:`STEP_S`, yielding to the event loop's other tasks in between.
 
     Args:
         dev: the device config.
@@ -442,6 +494,13 @@ class SerialLineReader:
         self.lines = 0
         self.dropped_bytes = 0
         """Bytes thrown away because the device sent faster than they were read."""
+        self.match_timeouts = 0
+        """Lines on which the regex parser's pattern ran out of time (in :attr:`errors`)."""
+        self.unmatched = 0
+        """Lines dropped unmatched: the pattern had used its share of time (in
+        :attr:`errors`)."""
+        self._budget = MATCH_TIMEOUT_S
+        self._budget_at = time.monotonic()
         self._logged_at = -1e9
         self._suppressed = 0
         self._transport: Any = None
@@ -508,13 +567,19 @@ class SerialLineReader:
         finally:
             self._close()
             if self.errors or self.dropped_bytes:
+                why = f"{self.asm.too_long} over-long"
+                if d.parser.kind == "regex":
+                    why += (
+                        f", {self.match_timeouts} over the pattern's time limit, "
+                        f"{self.unmatched} unmatched for lack of time"
+                    )
                 log.warning(
-                    "device %s: %d reading(s) from lines; %d line(s) dropped (%d over-long), "
+                    "device %s: %d reading(s) from lines; %d line(s) dropped (%s), "
                     "%d byte(s) dropped unread",
                     d.id,
                     self.lines,
                     self.errors,
-                    self.asm.too_long,
+                    why,
                     self.dropped_bytes,
                 )
 
@@ -541,12 +606,40 @@ class SerialLineReader:
             lines, errors = self._take(port, data)
             for e in errors:
                 self._error(e)
+            step = time.monotonic()
             for line in lines:
                 self._handle(line, ts)
+                if time.monotonic() - step >= STEP_S:
+                    # the other tasks' turn: a short sleep rather than sleep(0), after which
+                    # this task would run again before a task that was woken meanwhile
+                    await asyncio.sleep(0.001)
+                    step = time.monotonic()
 
     def _handle(self, line: bytes, ts: int) -> bool:
+        if self.dev.parser.kind != "regex":
+            return self._parse(line, ts, MATCH_TIMEOUT_S)
+        now = time.monotonic()
+        self._budget = min(MATCH_TIMEOUT_S, self._budget + (now - self._budget_at) * MATCH_SHARE)
+        self._budget_at = now
+        if self._budget < MATCH_TIMEOUT_S / 50:
+            self.unmatched += 1
+            self._error(
+                f"line dropped unmatched: the pattern used its share of time "
+                f"({MATCH_SHARE:.0%}) on the lines before: {line[:80]!r}"
+            )
+            return False
         try:
-            results = parse_line(line, self.dev)
+            return self._parse(line, ts, min(MATCH_TIMEOUT_S, self._budget))
+        finally:
+            self._budget -= time.monotonic() - now
+
+    def _parse(self, line: bytes, ts: int, timeout: float) -> bool:
+        try:
+            results = parse_line(line, self.dev, timeout)
+        except MatchTimeout as exc:
+            self.match_timeouts += 1
+            self._error(str(exc))
+            return False
         except LineError as exc:
             self._error(str(exc))
             return False

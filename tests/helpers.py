@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from drivers.seismic_stream import datacast_packet
 from tests.contract_check import problem
 
 REPO = Path(__file__).resolve().parent.parent
@@ -373,6 +374,45 @@ def start_line(a: str, b: str) -> subprocess.Popen[bytes]:
     )
     wait_until(lambda: Path(a).exists() and Path(b).exists(), 10, "socat's ptys")
     return proc
+
+
+class Shake:
+    """A Raspberry Shake on this gateway: datacast packets of its channels, ``rate / 4``
+    samples each 0.25 s, stamped with the time of their first sample on the sensor's own
+    clock (the gateway's plus ``offset`` seconds), from 127.0.0.1. While :attr:`paused`
+    is set it sends nothing (its clock goes on); :attr:`sent` counts the packets sent
+    per channel."""
+
+    def __init__(
+        self, port: int, channels: tuple[str, ...], rate: int, offset: float = 0.0
+    ) -> None:
+        self.port = port
+        self.channels = channels
+        self.rate = rate
+        self.offset = offset
+        self.sent = 0
+        self.paused = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n = self.rate // 4
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            t0 = time.time() - 0.25
+            k = 0
+            while not self._stop.wait(max(0.0, t0 + 0.25 * (k + 1) - time.time())):
+                if not self.paused.is_set():
+                    counts = [round(1000 * random.gauss(0, 1)) for _ in range(n)]
+                    stamp = t0 + self.offset + 0.25 * k
+                    for ch in self.channels:
+                        s.sendto(datacast_packet(ch, stamp, counts), ("127.0.0.1", self.port))
+                    self.sent += 1
+                k += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
 
 
 IN_PROCESS: list[InProcessAgent] = []

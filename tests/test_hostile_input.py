@@ -319,17 +319,22 @@ def shake(**extra: Any) -> SeismicDevice:
 
 
 class Collect:
-    """A datacast reader whose samples and gaps are kept, on a settable wall clock."""
+    """A datacast reader whose samples and gaps are kept, on settable wall and monotonic
+    clocks and a settable trust in the wall clock."""
 
     def __init__(self, dev: SeismicDevice) -> None:
         self.samples: list[tuple[int, list[float]]] = []
         self.gaps: list[tuple[str, int, int]] = []
         self.now = NOW
+        self.mono = 100.0
+        self.synced = False
         self.reader = SeismicUdpReader(
             dev,
             lambda n, c, ts: self.samples.append((n, c)),
             lambda *g: self.gaps.append(g),
             lambda: round(self.now * 1000),
+            lambda: self.synced,
+            lambda: self.mono,
         )
 
     def second(self, t: float, sender: str | None = "127.0.0.1") -> None:
@@ -543,6 +548,138 @@ def test_a_packet_from_the_future_or_a_clock_step_back_does_not_end_the_input() 
     assert al.resyncs == 1
     assert events[-1][0] == "sample" and sum(e[0] == "sample" for e in events) >= 900
     check_events(events, n)
+
+
+class Stream:
+    """Two channels of a 100 Hz sensor into an aligner, packets of 0.25 s arriving on a
+    monotonic clock that follows the sensor's time (``mono = sensor time - offset``);
+    the events are kept."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.al = ChannelAligner(["a", "b"], 100.0, **kw)
+        self.events: list[Any] = []
+        self.offset = NOW
+        self.wall: float | None = None
+
+    def second(self, t: float, mono: float | None = None) -> None:
+        """One second of packets stamped from ``t``, arriving from ``mono`` on."""
+        start = t - self.offset if mono is None else mono
+        for k in range(4):
+            for ch in "ab":
+                self.packet(ch, t + k / 4, start + k / 4 + 0.01)
+
+    def packet(self, ch: str, t: float, mono: float, n: int = 25) -> None:
+        self.events.extend(self.al.feed(ch, t, [1] * n, mono, self.wall))
+
+    def count(self, kind: str) -> int:
+        return sum(e[1] if e[0] != "sample" else 1 for e in self.events if e[0] == kind)
+
+
+def test_a_forged_far_ahead_packet_costs_no_genuine_sample() -> None:
+    s = Stream()
+    for sec in range(3):
+        s.second(NOW + sec)
+    for ahead in (3600.0, 30.0, 3.0):  # each between genuine packets, from 1 h to 3 s ahead
+        s.packet("a", NOW + 3 + ahead, 3.0)
+        s.packet("b", NOW + 3 + ahead, 3.0)
+        s.second(NOW + 3)
+        s.offset -= 1  # (the sensor's next second is the same again, a second later)
+    for sec in range(4, 10):
+        s.second(NOW + sec, sec + 3.0)
+    assert s.count("time_jump") == 6 * 25
+    assert s.count("sample") == 3 * 100 + 3 * 100 + 6 * 100 - 200, "all but 2 s repeated"
+    assert s.count("gap") == 0 and s.al.resyncs == 0
+    assert check_events(s.events, 0) == s.al.next
+
+
+def test_a_gap_the_elapsed_time_explains_is_skipped_in_one_step() -> None:
+    s = Stream()
+    s.second(NOW)
+    s.second(NOW + 3600)  # the sensor was away for an hour
+    gaps = [e for e in s.events if e[0] == "gap"]
+    assert s.count("gap") == 3599 * 100 and len(gaps) <= 2 and s.count("time_jump") == 0
+    assert s.count("sample") == 200
+
+
+def test_a_burst_of_held_back_packets_is_taken() -> None:
+    s = Stream()
+    s.second(NOW)
+    for sec in range(1, 6):  # the network held 5 s of packets back: they come at once
+        s.second(NOW + sec, 6.0)
+    assert s.count("sample") == 600 and s.count("time_jump") == 0
+
+
+@pytest.mark.parametrize("wall", [None, NOW + 10])
+def test_a_sender_clock_step_the_gateway_clock_agrees_with_is_followed(
+    wall: float | None,
+) -> None:
+    s = Stream()
+    s.offset = NOW - 600
+    for sec in range(5):  # the sensor's clock is 10 min behind
+        s.second(NOW - 600 + sec)
+    s.wall = wall
+    s.offset = NOW
+    for sec in range(5, 15):  # ... and steps to the true time
+        s.second(NOW + sec)
+    assert s.al.resyncs == 1 and s.count("time_base") == 0
+    jumped = s.count("time_jump")  # 5 s of samples of one channel, less a packet, each
+    assert jumped == 2 * (500 - 25), jumped
+    assert s.count("sample") == 1500 - jumped // 2
+    assert s.events[-1][0] == "sample"
+    n = check_events(s.events, 0)
+    s.events.clear()
+    for sec in range(15, 25):  # a step back of 20 s
+        s.second(NOW - 20 + sec, sec)
+    assert s.al.resyncs == 2 and s.count("time_base") == 0 and s.events[-1][0] == "sample"
+    check_events(s.events, n)
+
+
+def test_a_time_base_far_from_the_synchronised_gateway_clock_is_refused() -> None:
+    s = Stream()
+    for sec in range(5):
+        s.second(NOW + sec)
+    s.wall = NOW + 5
+    for sec in range(5, 15):  # a day back: refused once the run is long enough
+        s.second(NOW - 86400 + sec, sec)
+    assert s.al.resyncs == 0
+    assert s.count("overlap") >= 475 and s.count("time_base") >= 1500 - 500
+    assert s.count("sample") == 500
+    for sec in range(15, 20):  # the stream stays on its time base: the true time goes on
+        s.second(NOW + sec)
+    assert s.count("sample") == 1000 and s.count("gap") == 1000  # (the refused seconds)
+    check_events(s.events, 0)
+    s.wall = None  # an unsynchronised gateway clock cannot judge: followed as before
+    for sec in range(20, 30):
+        s.second(NOW - 86400 + sec, sec)
+    assert s.al.resyncs == 1 and s.events[-1][0] == "sample"
+
+
+def test_forged_datagrams_are_counted_by_reason_and_cost_no_genuine_sample() -> None:
+    c = Collect(shake())
+    c.synced = True
+    sensor = NOW - 600  # the sensor's clock is 10 min behind the gateway's
+
+    def second() -> None:
+        c.second(sensor)
+        c.mono += 1
+        c.now += 1
+
+    second()
+    c.reader.handle(datacast_packet("EHZ", c.now - 1, [5] * 25), "127.0.0.1")  # plausible
+    c.reader.handle(datacast_packet("ENN", c.now + 3, [5] * 25), "127.0.0.1")
+    for _ in range(9):
+        sensor += 1
+        second()
+    assert len(c.samples) == 1000 and c.gaps == []
+    assert dict(c.reader.dropped) == {"time_jump": 2}
+    for k in range(28):  # 7 s of one channel a day back, continuous: not followed
+        c.reader.handle(datacast_packet("EHZ", NOW - 86400 + k / 4, [5] * 25), "127.0.0.1")
+    assert c.reader.dropped["time_base"] == 28 - 19 and c.reader.aligner.resyncs == 0
+    sensor += 1
+    second()
+    assert len(c.samples) == 1100 and c.gaps == [
+        ("overlap", 25, -(86400 - 600) * 100 + k * 25) for k in range(19)
+    ]
 
 
 packets = st.lists(

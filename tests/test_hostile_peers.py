@@ -5,7 +5,8 @@ Each test runs a real agent process (``python -m agent run`` on gpiozero's mock 
 alarm driving a relay, while one peer attacks another of its inputs: a UDP sender of
 malformed, oversized, far-future and foreign datacast packets; a Modbus TCP peer
 flooding bytes, or frames with wrong transaction ids; a serial device server (RTU over
-TCP) flooding bytes; a serial line sending 10 MB without a line end. Through each: the
+TCP) flooding bytes; a serial line sending 10 MB without a line end; a serial line
+sending lines on which its device's regex pattern backtracks without end. Through each: the
 agent's memory stays under :data:`RSS_LIMIT_KB`, the healthy device is polled on time
 (no gap between its readings over 2 × the poll interval), the relay never drops, the
 attacked input works again afterwards, and SIGTERM stops the agent within 5 s with every
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import random
 import signal
 import socket
 import struct
@@ -40,6 +40,7 @@ from tests.helpers import (
     RUNNING,
     AgentProcess,
     Mosquitto,
+    Shake,
     Subscriber,
     assert_all_delivered,
     free_port,
@@ -212,34 +213,6 @@ def wrong_tid_frames() -> bytes:
     return b"".join(frames)
 
 
-class Shake:
-    """A Raspberry Shake on this gateway: datacast packets of 3 channels, 25 samples at
-    100 Hz each 0.25 s, stamped with the time of their first sample, from 127.0.0.1."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        n = RATE // 4
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            t0 = time.time() - 0.25
-            k = 0
-            while not self._stop.wait(max(0.0, t0 + 0.25 * (k + 1) - time.time())):
-                counts = [round(1000 * random.gauss(0, 1)) for _ in range(n)]
-                for ch in CHANNELS:
-                    s.sendto(datacast_packet(ch, t0 + 0.25 * k, counts), ("127.0.0.1", self.port))
-                self.sent += 1
-                k += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-
-
 def hostile_datagrams() -> list[tuple[str, bytes]]:
     """(source address, datagram): one of each kind of bad input, from 127.0.0.1 unless
     the source is the foreign sender 127.0.0.2."""
@@ -322,6 +295,8 @@ class Scenario:
     log_says: list[str] = field(default_factory=list)
     cleanup: Callable[[], None] = lambda: None
     prepare: Callable[[Subscriber], None] = lambda sub: None
+    log_once: list[str] = field(default_factory=list)
+    """Log texts that must appear exactly once (bounded logging)."""
 
 
 def _device_topic(device: str) -> str:
@@ -340,7 +315,7 @@ def udp_scenario(tmp_path: Path) -> Scenario:
         f"    sample_rate: {RATE}\n"
         "    channels: [{name: EHZ}, {name: ENN}, {name: ENE}]\n"
     )
-    shake = Shake(port)
+    shake = Shake(port, CHANNELS, RATE)
 
     def after(sub: Subscriber) -> None:
         # the flood fills the socket's receive queue, so the kernel loses genuine packets
@@ -419,12 +394,67 @@ def serial_scenario(tmp_path: Path, far_end: str, agent_end: str) -> Scenario:
     )
 
 
+EVIL_PATTERN = r"^(?P<tag>(\w|\w\w)+)=(?P<level>[-0-9.]+)$"
+"""Reads ``level=2.5``; backtracks without end on a long word not followed by ``=``."""
+EVIL_LINE = b"1" * 40 + b"!=1\n"
+
+
+def regex_scenario(tmp_path: Path, far_end: str, agent_end: str) -> Scenario:
+    devices = (
+        f"  - id: gauge\n    driver: serial_line\n    serial_port: {agent_end}\n"
+        "    baudrate: 115200\n"
+        f"    parser: {{kind: regex, pattern: '{EVIL_PATTERN}'}}\n"
+        "    points: [{name: level, unit: m}]\n"
+    )
+
+    def level(sub: Subscriber, value: float) -> None:
+        wait_until(
+            lambda: any(m["points"]["level"]["value"] == value for m in _readings(sub, "gauge")),
+            10,
+            f"a reading of {value} from the line",
+        )
+
+    def write(data: bytes) -> None:
+        fd = os.open(far_end, os.O_RDWR | os.O_NOCTTY)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def prepare(sub: Subscriber) -> None:
+        write(b"level=1.0\nlevel=1.5\n")  # (the first line after opening may be partial)
+        level(sub, 1.5)
+
+    def attack() -> str:
+        # evil lines as fast as the line takes them, for half the attack time (the first
+        # is logged; the next report would come 10 s later)
+        end = time.monotonic() + ATTACK_S / 2
+        sent = 0
+        while time.monotonic() < end:
+            write(EVIL_LINE * 100)
+            sent += 100
+            time.sleep(0.01)
+        time.sleep(0.5)
+        write(b"level=2.5\n")
+        return f"{sent} backtracking lines written"
+
+    return Scenario(
+        devices,
+        attack,
+        lambda sub: level(sub, 2.5),
+        ["over the pattern's time limit"],
+        prepare=prepare,
+        log_once=["the pattern took over 50 ms on this line"],
+    )
+
+
 PEERS = {
     "udp_datacast": udp_scenario,
     "modbus_tcp_bytes": tcp_scenario(os.urandom(65536)),
     "modbus_tcp_wrong_tids": tcp_scenario(wrong_tid_frames()),
     "rtu_over_tcp_bytes": tcp_scenario(os.urandom(65536), "    driver: modbus_rtu_over_tcp\n"),
     "serial_line_10_mb": None,
+    "serial_line_backtracking_regex": None,
 }
 
 
@@ -450,6 +480,8 @@ def test_hostile_peer_cannot_stop_the_gateway(
 ) -> None:
     if peer == "serial_line_10_mb":
         scenario = serial_scenario(tmp_path, *line)
+    elif peer == "serial_line_backtracking_regex":
+        scenario = regex_scenario(tmp_path, *line)
     else:
         make = PEERS[peer]
         assert make is not None
@@ -505,5 +537,7 @@ def test_hostile_peer_cannot_stop_the_gateway(
     assert all(m["points"]["level"]["quality"] == "good" for m in _readings(sub, "healthy"))
     for text in scenario.log_says:
         assert text in log, f"the log does not say {text!r}"
+    for text in scenario.log_once:
+        assert log.count(text) == 1, f"the log says {text!r} {log.count(text)} times"
     assert "Traceback" not in log, log[-3000:]
     assert_all_delivered(sub, tmp_path / "state")

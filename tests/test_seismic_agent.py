@@ -5,19 +5,26 @@ its end, and the waveform excerpt."""
 from __future__ import annotations
 
 import base64
+import itertools
 import json
+import re
+import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from drivers.seismic_stream import SampleClock, ascii_frame, parse_ascii_frame
+from agent.readings import parse_iso_ms
+from drivers.seismic_stream import SampleClock, ascii_frame, datacast_packet, parse_ascii_frame
 from drivers.serial_line import LineError
 from tests.helpers import (
     AgentProcess,
     Mosquitto,
+    Shake,
     Subscriber,
     assert_all_delivered,
+    free_port,
     start_line,
     wait_until,
     write_config,
@@ -229,3 +236,74 @@ def test_datacast_over_udp_into_the_processor() -> None:
     assert reader.samples == 12000 and reader.errors == 0 and gaps == []
     assert [(e["event"], e["onset_sample"]) for e in events] == [("start", 6128), ("end", 6128)]
     assert events[1]["end_sample"] == 6719
+
+
+def test_forged_datagrams_cost_the_running_agent_no_genuine_sample(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """A sensor whose clock is 10 min behind the gateway's (synchronised) clock streams
+    datacast into the agent. A datagram from its address stamped with the gateway's time
+    (plausible, 10 min ahead of the stream) is dropped as ``time_jump``: no gap, no
+    overlap, summaries a second apart at the gateway's time. While the sensor pauses,
+    7 s of packets stamped a day back are not followed (``time_base``). Every genuine
+    sample instant is taken."""
+    port = free_port()
+    devices = (
+        f"  - id: shake\n    driver: seismic\n    format: datacast\n    udp_port: {port}\n"
+        "    udp_senders: [127.0.0.1]\n    sample_rate: 100\n"
+        "    channels: [{name: EHZ}, {name: ENN}, {name: ENE}]\n"
+    )
+    cfg = write_config(
+        tmp_path / "agent.yaml", broker.port, devices, tail="clock: {sync: assume}\n"
+    )
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    wait_until(lambda: "listening for datacast" in agent.log(), 15, "the datacast socket")
+    sensor = Shake(port, ("EHZ", "ENN", "ENE"), 100, offset=-600.0)
+
+    def summaries() -> list[dict]:
+        return [m.json() for m in sub.telemetry() if m.topic.endswith("/shake")]
+
+    try:
+        wait_until(lambda: len(summaries()) >= 3, 15, "summaries")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(datacast_packet("ENN", time.time(), [9] * 25), ("127.0.0.1", port))
+            wait_until(lambda: len(summaries()) >= 8, 15, "summaries after the forged datagram")
+            sensor.paused.set()
+            time.sleep(0.5)
+            day_back = time.time() - 86400
+            for k in range(28):
+                for ch in ("EHZ", "ENN", "ENE"):
+                    stamp = day_back + k / 4
+                    s.sendto(datacast_packet(ch, stamp, [7] * 25), ("127.0.0.1", port))
+            time.sleep(0.5)
+            sensor.paused.clear()
+            n = len(summaries())
+            wait_until(lambda: len(summaries()) >= n + 3, 15, "summaries after the pause")
+    finally:
+        sensor.stop()
+    time.sleep(0.5)
+    assert agent.stop() == 0, agent.log()
+    log = agent.log()
+    assert_all_delivered(sub, tmp_path / "state")
+    got = summaries()
+    times = [parse_iso_ms(d["ts"]) for d in got]
+    gaps = [d["points"]["gap_samples"]["value"] for d in got]
+    # through the forged datagram: whole seconds, one after another, at the gateway's time
+    assert set(gaps[:8]) == {0}, gaps
+    assert all(b - a == 1000 for a, b in itertools.pairwise(times[:8])), times
+    assert abs(times[-1] - time.time() * 1000) < 5000, got[-1]["ts"]
+    report = re.search(
+        r"device shake: (\d+) sample instant\(s\) taken; dropped bad input: (.*?); "
+        r"(\d+) gap\(s\) of (\d+) sample\(s\) skipped, (\d+) sample\(s\) of overlaps",
+        log,
+    )
+    assert report is not None, log[-2000:]
+    taken, dropped_text, n_gaps, gap_samples, overlaps = report.groups()
+    assert int(taken) == sensor.sent * 25, (taken, sensor.sent)
+    dropped = dict(kv.split(" ") for kv in dropped_text.split(", "))
+    assert dropped == {"time_jump": "1", "time_base": str(3 * (28 - 19))}, dropped
+    assert int(overlaps) == 3 * 19 * 25, "the day-back packets before the run was judged"
+    assert n_gaps == "1" and 0 < int(gap_samples) == sum(gaps) <= 150, "the pause only"
+    assert "Traceback" not in log

@@ -5,7 +5,10 @@ that vanishes and returns)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -16,8 +19,11 @@ from pydantic import ValidationError
 
 from drivers.base import PointResult
 from drivers.serial_line import (
+    MATCH_SHARE,
+    MATCH_TIMEOUT_S,
     LineAssembler,
     LineError,
+    MatchTimeout,
     SerialLineDevice,
     SerialLineReader,
     nmea_checksum,
@@ -97,6 +103,48 @@ def test_regex_groups() -> None:
         parse_line(b"hello", dev)
     with pytest.raises(ValidationError, match="has no group 'x'"):
         device({"kind": "regex", "pattern": "(?P<a>.)"}, [{"name": "x"}])
+
+
+EVIL = r"^(?P<tag>(\w|\w\w)+)=(?P<level>[-0-9.]+)$"
+"""A pattern that reads ``level=2.5`` but backtracks without end (in ``re`` as in
+``regex``) on a long word not followed by ``=``: the word can be cut into one- and
+two-character pieces in exponentially many ways."""
+EVIL_LINE = b"1" * 40 + b"!=1"
+
+
+def test_a_backtracking_pattern_costs_a_line_error_in_bounded_time() -> None:
+    dev = device({"kind": "regex", "pattern": EVIL}, [{"name": "level"}])
+    assert values(parse_line(b"level=2.5", dev)) == {"level": 2.5}
+    t = time.perf_counter()
+    with pytest.raises(MatchTimeout, match="took over 50 ms"):
+        parse_line(EVIL_LINE, dev)
+    took = time.perf_counter() - t
+    assert MATCH_TIMEOUT_S <= took < MATCH_TIMEOUT_S + 0.1, took
+    with pytest.raises(MatchTimeout):
+        parse_line(EVIL_LINE, dev, timeout=0.005)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "line"),
+    [
+        (r"CH4\s+(?P<ch4>[\d.]+)%LEL\s+T(?P<t>-?\d+)", "xx CH4 12.5%LEL T-3 yy"),
+        (r"RAIN (?P<mm>[0-9.]+)mm", "RAIN 1.5mm RAIN 2.5mm"),
+        (r"(?P<a>a*?)(?P<b>b+)?$", "aaab"),
+        (r"(?i)level[:=]\s*(?P<v>\S+)", "LEVEL: 4.2 m"),
+        (r"^(?P<x>\w+)(?:,(?P<y>[^,]*))?", "ü1,,3"),
+        (r"(?P<v>(?:\d{1,3}(?:\.\d+)?))(?=\s*m\b)", "depth 12.75 m"),
+        (r"(?P<q>(?P<r>x)|y)", "y"),
+    ],
+)
+def test_regex_parser_keeps_the_results_of_python_re(pattern: str, line: str) -> None:
+    groups = re.compile(pattern).groupindex
+    dev = device({"kind": "regex", "pattern": pattern}, [{"name": n} for n in groups])
+    from drivers.serial_line import parse_fields
+
+    m = re.search(pattern, line)
+    assert m is not None
+    expected = {k: v for k, v in m.groupdict().items() if v is not None}
+    assert parse_fields(line, dev.parser) == expected
 
 
 def test_nmea_checksum() -> None:
@@ -207,6 +255,59 @@ def test_request_response_with_timeout(tmp_path: Path) -> None:
     seen = [values(rs)["level"] for _, rs in got]
     assert seen[:4] == [1.5, "timeout", 1.7, "frame_error"], seen
     assert all(v == 1.9 for v in seen[4:])
+
+
+def test_a_burst_of_backtracking_lines_leaves_the_event_loop_its_turns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """200 lines on which the pattern backtracks without end, in one read: the loop's
+    other tasks keep their turns (a ticker every 10 ms), the pattern's time is bounded by
+    its share, the first line is logged (once), and a good line afterwards is read."""
+    a, b = str(tmp_path / "sensor"), str(tmp_path / "agent")
+    proc = start_line(a, b)
+    dev = device({"kind": "regex", "pattern": EVIL}, [{"name": "level"}], serial_port=b)
+    got: list[Any] = []
+    ticks: list[float] = []
+
+    async def main() -> tuple[SerialLineReader, float]:
+        reader = SerialLineReader(dev, lambda d, ts, rs: got.append(rs), lambda: 0)
+        task = asyncio.create_task(reader.run())
+        await asyncio.sleep(0.3)
+        fd = pty_writer(a)
+        os.write(fd, b"\n" + (EVIL_LINE + b"\n") * 200)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+        os.write(fd, b"level=2.5\n")
+        os.close(fd)
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return reader, time.monotonic() - t0
+
+    with caplog.at_level(logging.WARNING, logger="drivers.serial_line"):
+        reader, elapsed = asyncio.run(main())
+    proc.terminate()
+    proc.wait(5)
+    worst = max(b - a for a, b in itertools.pairwise(ticks))
+    print(
+        f"\nlongest loop stall {worst * 1000:.0f} ms; {reader.match_timeouts} line(s) timed "
+        f"out, {reader.unmatched} dropped unmatched"
+    )
+    assert worst < MATCH_TIMEOUT_S + 0.1, f"the loop stood still for {worst:.3f} s"
+    assert [values(rs) for rs in got] == [{"level": 2.5}], "the good line afterwards"
+    assert reader.match_timeouts + reader.unmatched == 200 == reader.errors
+    # the pattern's time: a full budget, then its share of the time passing
+    spent = reader.match_timeouts * MATCH_TIMEOUT_S
+    assert spent <= MATCH_TIMEOUT_S + MATCH_SHARE * elapsed + MATCH_TIMEOUT_S, spent
+    errors = [r.getMessage() for r in caplog.records if "parse error" in r.getMessage()]
+    assert len(errors) == 1 and "took over 50 ms" in errors[0], errors
+    summary = [r.getMessage() for r in caplog.records if "line(s) dropped" in r.getMessage()]
+    assert summary and f"{reader.match_timeouts} over the pattern's time limit" in summary[0]
 
 
 def test_case_021_line_sensor_port_replugged(tmp_path: Path) -> None:
