@@ -28,7 +28,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
@@ -70,9 +70,9 @@ class BoundedClient(mqtt.Client):
     paho-mqtt (2.2.0) has no limit on inbound packets: it reads a packet's whole
     announced remaining length (up to 256 MB) into memory before looking at it, keeps
     every QoS 2 PUBLISH in ``_in_messages`` until its PUBREL, answers every PINGREQ and
-    PUBREL (queueing without limit when the broker does not read), lets ``struct.error``
-    from a truncated packet escape ``loop_read``, and ``loop_read`` ignores its
-    ``max_packets`` (it reads as many packets as messages are in flight). It offers no
+    PUBREL (queueing without limit when the broker does not read), and ``loop_read``
+    ignores its ``max_packets`` (it reads as many packets as messages are in flight). It
+    offers no
     hook for any of this, so this subclass overrides its internal ``_sock_recv`` and
     ``_packet_handle`` and reads packets itself (:meth:`read_packets`) with
     ``_packet_read`` and ``_loop_rc_handle``; ``_in_packet`` is paho's state of the packet
@@ -133,8 +133,9 @@ class BoundedClient(mqtt.Client):
             )
         try:
             return super()._packet_handle()
-        except (struct.error, UnicodeDecodeError) as exc:  # a packet cut short
-            return self._refuse("malformed", f"sent a malformed packet (type {cmd >> 4}): {exc}")
+        except MalformedPacket as exc:  # paho's _packet_read drops the connection
+            self.violation = ("malformed", f"sent a malformed packet (type {cmd >> 4}): {exc}")
+            raise
 
     def _publish_topic(self) -> str:
         """The topic of the PUBLISH in ``_in_packet`` (MQTT 3.1.1 section 3.3.2.1: a

@@ -548,7 +548,8 @@ class HostileBroker:
     - ``qos2_flood``: QoS 2 PUBLISHes of 4 KB on a topic never subscribed to, message ids
       1..65535 over and over, never a PUBREL;
     - ``reply_flood``: PINGREQ and PUBREL packets, each of which paho answers, while it
-      reads nothing the client sends.
+      reads nothing the client sends;
+    - ``malformed``: PUBACKs cut short (a one-byte message id).
     """
 
     def __init__(self, kind: str) -> None:
@@ -603,6 +604,7 @@ class HostileBroker:
                 "huge_publish": self._huge_publish,
                 "qos2_flood": self._qos2_flood,
                 "reply_flood": self._reply_flood,
+                "malformed": self._malformed,
             }[self.kind]
             attack(conn, lock, v5)
             reading.set()  # then a quiet broker until the client leaves
@@ -652,6 +654,10 @@ class HostileBroker:
             batch = [b"\xc0\x00\x62\x02" + next(mids).to_bytes(2, "big") for _ in range(1000)]
             self._send(conn, lock, b"".join(batch))
 
+    def _malformed(self, conn: socket.socket, lock: threading.Lock, v5: bool) -> None:
+        while not self._closed and time.monotonic() < self.until:
+            self._send(conn, lock, b"\x40\x01\x00" * 1000)
+
     def close(self) -> None:
         self._closed = True
         self.sock.close()
@@ -665,6 +671,7 @@ BROKER_ATTACKS = {
     "huge_publish": ("3.1.1", "too_large", "sent a packet of 200000005 bytes"),
     "qos2_flood": ("5", "publish", "sent a PUBLISH on 't', which this client never subscribed"),
     "reply_flood": ("3.1.1", "pingreq", "sent a PINGREQ (only a client sends it"),
+    "malformed": ("3.1.1", "malformed", "sent a malformed packet (type 4)"),
 }
 
 
