@@ -72,11 +72,10 @@ class BoundedClient(mqtt.Client):
     every QoS 2 PUBLISH in ``_in_messages`` until its PUBREL, answers every PINGREQ and
     PUBREL (queueing without limit when the broker does not read), and ``loop_read``
     ignores its ``max_packets`` (it reads as many packets as messages are in flight). It
-    offers no
-    hook for any of this, so this subclass overrides its internal ``_sock_recv`` and
-    ``_packet_handle`` and reads packets itself (:meth:`read_packets`) with
-    ``_packet_read`` and ``_loop_rc_handle``; ``_in_packet`` is paho's state of the packet
-    being read. Checked against paho-mqtt 2.2.0 (``tests/test_hostile_peers.py`` fails if
+    offers no hook for any of this, so this subclass overrides its internal
+    ``_sock_recv`` and ``_packet_handle`` and reads packets itself (:meth:`read_packets`)
+    with ``_packet_read`` and ``_loop_rc_handle``; ``_in_packet`` is paho's state of the
+    packet being read. Checked against paho-mqtt 2.2.0 (``tests/test_hostile_peers.py`` fails if
     an upgrade changes them).
 
     Attributes:
