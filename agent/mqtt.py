@@ -11,6 +11,13 @@ resent (DUP=1) by paho after the next CONNACK; the buffer keeps its rows until P
 TLS (:mod:`agent.tls`): the context handed to paho reads its files again for every attempt;
 a failed handshake is a failed attempt, its cause logged once in plain words. The password
 is read (from its file or credential) before every attempt too.
+
+The broker is an input like any other (:class:`BoundedClient`): an inbound packet larger
+than :data:`MAX_INBOUND_PACKET` is refused from its fixed header, before its body is read;
+a packet a server never sends unasked (a PUBLISH matching no subscription of ours, a PUBREL
+for no QoS 2 message of the broker's, a PINGREQ) or one that cannot be decoded drops the
+connection; one wake-up of the loop reads at most :data:`PACKETS_PER_READ` packets. Each
+such drop is a lost connection: the usual reconnect with backoff, nothing buffered lost.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from agent import tls as tlsmod
@@ -36,6 +46,117 @@ from agent.config.model import MqttConfig
 log = logging.getLogger(__name__)
 
 PubackHandler = Callable[[int, bool, str], None]
+
+MAX_INBOUND_PACKET = 65536
+"""Largest MQTT packet taken from the broker, bytes, fixed header included (the Packet
+Size of MQTT 5.0 section 3.1.2.11.4). The broker sends this client only CONNACK, PUBACK,
+PINGRESP and DISCONNECT, each a few bytes; a remaining length can announce 256 MB (MQTT
+3.1.1 section 2.2.3). With MQTT 5 it is also sent in CONNECT as Maximum Packet Size."""
+READ_CHUNK = 65536
+"""Most bytes asked of the socket at once (paho asks for the whole rest of a packet)."""
+PACKETS_PER_READ = 100
+"""Most packets handled in one wake-up of the event loop; a TLS socket still holding
+decrypted bytes is read again at the next loop iteration (``call_soon``)."""
+
+
+class BrokerViolation(OSError):
+    """The broker sent what no broker may send this client (paho treats the OSError
+    from a socket read as a lost connection)."""
+
+
+class BoundedClient(mqtt.Client):
+    """paho's client, taking from the broker only what this client can have asked for.
+
+    paho-mqtt (2.2.0) has no limit on inbound packets: it reads a packet's whole
+    announced remaining length (up to 256 MB) into memory before looking at it, keeps
+    every QoS 2 PUBLISH in ``_in_messages`` until its PUBREL, answers every PINGREQ and
+    PUBREL (queueing without limit when the broker does not read), and ``loop_read``
+    ignores its ``max_packets`` (it reads as many packets as messages are in flight). It
+    offers no hook for any of this, so this subclass overrides its internal
+    ``_sock_recv`` and ``_packet_handle`` and reads packets itself (:meth:`read_packets`)
+    with ``_packet_read`` and ``_loop_rc_handle``; ``_in_packet`` is paho's state of the
+    packet being read. Checked against paho-mqtt 2.2.0 (``tests/test_hostile_peers.py`` fails if
+    an upgrade changes them).
+
+    Attributes:
+        subscriptions: topic filters this client subscribed to; a PUBLISH on any other
+            topic is refused (MQTT 3.1.1 section 3.3, MQTT 5.0 section 3.3: a server sends
+            PUBLISH to a client for its matching subscriptions only). Empty: the agent
+            subscribes to nothing.
+        violation: ``(key, text)`` of the last refused packet, taken by the link when the
+            connection drops (None: none since).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.subscriptions: list[str] = []
+        self.violation: tuple[str, str] | None = None
+
+    def _refuse(self, key: str, text: str) -> MQTTErrorCode:
+        self.violation = (key, text)
+        return MQTTErrorCode.MQTT_ERR_PROTOCOL
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        packet = self._in_packet
+        if packet["have_remaining"]:  # the fixed header is read: the size is known
+            size = 1 + len(packet["remaining_count"]) + packet["remaining_length"]
+            if size > MAX_INBOUND_PACKET:
+                self.violation = (
+                    "too_large",
+                    f"sent a packet of {size} bytes (type {packet['command'] >> 4}), over "
+                    f"this client's limit of {MAX_INBOUND_PACKET}",
+                )
+                raise BrokerViolation(self.violation[1])
+        return super()._sock_recv(min(bufsize, READ_CHUNK))
+
+    def _packet_handle(self) -> MQTTErrorCode:
+        cmd = self._in_packet["command"] & 0xF0
+        if cmd == mqtt.PUBLISH:
+            topic = self._publish_topic()
+            if not any(mqtt.topic_matches_sub(f, topic) for f in self.subscriptions):
+                return self._refuse(
+                    "publish",
+                    f"sent a PUBLISH on {topic[:80]!r}, which this client never subscribed "
+                    "to (a server sends PUBLISH only for matching subscriptions, MQTT 3.1.1 "
+                    "and 5.0 section 3.3)",
+                )
+        elif cmd == mqtt.PINGREQ:
+            return self._refuse(
+                "pingreq",
+                "sent a PINGREQ (only a client sends it, MQTT 3.1.1 and 5.0 section 3.12)",
+            )
+        elif cmd == mqtt.PUBREL and not self._in_messages:
+            return self._refuse(
+                "pubrel",
+                "sent a PUBREL for no QoS 2 message it delivered (MQTT 3.1.1 and 5.0 section 3.6)",
+            )
+        try:
+            return super()._packet_handle()
+        except MalformedPacket as exc:  # paho's _packet_read drops the connection
+            self.violation = ("malformed", f"sent a malformed packet (type {cmd >> 4}): {exc}")
+            raise
+
+    def _publish_topic(self) -> str:
+        """The topic of the PUBLISH in ``_in_packet`` (MQTT 3.1.1 section 3.3.2.1: a
+        two-byte length, then UTF-8); invalid UTF-8 is shown escaped."""
+        body = self._in_packet["packet"]
+        size = int.from_bytes(body[:2], "big")
+        return bytes(body[2 : 2 + size]).decode("utf-8", "backslashreplace")
+
+    def read_packets(self, limit: int = PACKETS_PER_READ) -> bool:
+        """Read and handle at most ``limit`` packets (``loop_read`` without its unbounded
+        count); True when the limit was reached with the connection still up, so more may
+        be waiting."""
+        for _ in range(limit):
+            if self._sock is None:
+                return False
+            rc = self._packet_read()
+            if rc > 0:
+                self._loop_rc_handle(rc)
+                return False
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                return False
+        return self._sock is not None
 
 
 def _refusal_hint(reason: str) -> str:
@@ -97,9 +218,12 @@ class MqttLink:
         self._sock: socket.socket | None = None
         self._misc_task: asyncio.Task[None] | None = None
         self._short_sessions: collections.deque[float] = collections.deque(maxlen=5)
+        self._read_soon = False
+        self.violations: collections.Counter[str] = collections.Counter()
+        """Connections dropped because the broker broke the protocol, by cause."""
         self._connected_at = 0.0
         v5 = cfg.protocol == "5"
-        self.client = mqtt.Client(
+        self.client = BoundedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -185,7 +309,18 @@ class MqttLink:
             self._loop.remove_writer(sock)
 
     def _read(self) -> None:
-        self.client.loop_read(max_packets=1000)
+        self._read_soon = False
+        more = self.client.read_packets()
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket) and sock.fileno() >= 0:
+            # decrypted bytes held by the TLS layer wake no selector: read on at the next
+            # loop iteration, after whatever else is due
+            more = more or sock.pending() > 0
+        elif more:
+            return  # the kernel still holds bytes: the selector calls again
+        if more and not self._read_soon:
+            self._read_soon = True
+            self._loop.call_soon(self._read)
 
     def _write(self) -> None:
         self.client.loop_write()
@@ -193,8 +328,8 @@ class MqttLink:
     async def _misc(self) -> None:
         while self._sock is not None:
             sock = self._sock
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                self.client.loop_read(max_packets=1000)
+            if isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._read_soon:
+                self._read()
             if self.client.loop_misc() != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
             # keep-alive is counted in whole seconds; TLS may hold decrypted bytes back
@@ -287,6 +422,9 @@ class MqttLink:
 
     def _disconnect_done(self, reason: str) -> None:
         was = self.connected.is_set()
+        violation, self.client.violation = self.client.violation, None
+        if violation is not None:
+            self._violated(*violation)
         self.connected.clear()
         self._disconnected.set()
         if self._connack is not None and not self._connack.done():
@@ -307,7 +445,9 @@ class MqttLink:
                 )
         if self._stopping:
             return
-        if was:
+        if was and violation is not None:
+            log.debug("dropped the connection to %s:%d; buffering", self.cfg.host, self.port)
+        elif was:
             held = time.monotonic() - self._connected_at
             log.warning(
                 "lost connection to broker %s:%d (%s) after %.1fs; buffering",
@@ -322,6 +462,20 @@ class MqttLink:
                 # a takeover if the broker takes us back at once; a broker restart if the
                 # next connect attempt fails (see run())
                 self._short_drop = True
+
+    def _violated(self, key: str, text: str) -> None:
+        """Log (loudly the first time for each cause) and count a connection dropped
+        because the broker broke the protocol."""
+        self.violations[key] += 1
+        log.log(
+            logging.WARNING if self.violations[key] == 1 else logging.DEBUG,
+            "broker %s:%d %s: dropped the connection, reconnecting with backoff; buffered "
+            "messages are kept (is it the broker, and is it healthy? further drops for "
+            "this cause are counted and logged at debug level)",
+            self.cfg.host,
+            self.port,
+            text,
+        )
 
     def _duplicate_id_hint(self) -> None:
         log.error(
@@ -357,7 +511,14 @@ class MqttLink:
         if self.cfg.username is not None:
             self.client.username_pw_set(self.cfg.username, tlsmod.password_of(self.cfg))
         if first:
-            self.client.connect(self.cfg.host, self.port, keepalive=int(self.cfg.keepalive))
+            props = None
+            if self.cfg.protocol == "5":
+                # MQTT 5.0 section 3.1.2.11.4 (paho leaves Properties untyped)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                props.MaximumPacketSize = MAX_INBOUND_PACKET
+            self.client.connect(
+                self.cfg.host, self.port, keepalive=int(self.cfg.keepalive), properties=props
+            )
         else:
             self.client.reconnect()
 
@@ -438,3 +599,8 @@ class MqttLink:
             self._remove(sock)
         if self._misc_task is not None:
             self._misc_task.cancel()
+        if self.violations:
+            log.warning(
+                "connections dropped because the broker broke the MQTT protocol: %s",
+                ", ".join(f"{k} {n}" for k, n in sorted(self.violations.items())),
+            )

@@ -56,6 +56,38 @@ def free_listen_port() -> int:
     return free_port()
 
 
+def mqtt_length(n: int) -> bytes:
+    """``n`` as an MQTT remaining length (MQTT 3.1.1 section 2.2.3)."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        got = conn.recv(n - len(data))
+        if not got:
+            raise ConnectionError("closed")
+        data += got
+    return data
+
+
+def read_packet(conn: socket.socket) -> tuple[int, bytes]:
+    """(first byte, body) of the next MQTT packet on ``conn``."""
+    first = _recv_exact(conn, 1)[0]
+    length, mult = 0, 1
+    while True:
+        byte = _recv_exact(conn, 1)[0]
+        length += (byte & 0x7F) * mult
+        mult *= 128
+        if not byte & 0x80:
+            return first, _recv_exact(conn, length)
+
+
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

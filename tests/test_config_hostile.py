@@ -285,10 +285,65 @@ def test_hostile_topic_prefix_refused_by_validate(tmp_path: Path, text: str) -> 
     assert summary == "agent.yaml: 1 problem found"
 
 
+# ---------------------------------------------------------------------------------------
+# client id
+
+HOSTILE_CLIENT_IDS = {
+    '""': ("it is empty", None),
+    '"gw 017"': ("' ' is not allowed", "gw-017"),
+    '"city/gw-017"': ("'/' is not allowed", "city-gw-017"),
+    '"gw+1"': ("'+' is not allowed", "gw-1"),
+    '"gw#1"': ("'#' is not allowed", "gw-1"),
+    '"gw\\0x"': ("it holds the control character U+0000", "gw-x"),
+    '"gw\\x1b[2J"': ("it holds the control character U+001B", "gw-2J"),
+    '"Pumpe-Süd"': ("'ü' is not allowed", "Pumpe-S-d"),
+    "c" * 129: ("it is 129 characters long", "c" * 128),
+}
+
+
+@pytest.mark.parametrize("text", list(HOSTILE_CLIENT_IDS), ids=lambda t: t[:12])
+def test_hostile_client_id_refused_by_validate(tmp_path: Path, text: str) -> None:
+    """An empty client id, white space, '/', '+', '#', NUL and other control characters,
+    letters outside ASCII and more than 128 characters: each a config error at its line,
+    with an id to use instead."""
+    why, fix = HOSTILE_CLIENT_IDS[text]
+    path = tmp_path / "agent.yaml"
+    path.write_text(HEAD + f"mqtt:\n  client_id: {text}\n" + ONE_DEVICE)
+    out = validate(path)
+    assert out.returncode == EX_CONFIG, out.stderr
+    first, summary = out.stderr.splitlines()
+    assert first.startswith("agent.yaml:4:14: mqtt.client_id: "), first
+    assert why in first, first
+    assert "1 to 128 letters, digits, '-', '_', '.' or ':'" in first
+    assert (f"; try '{fix}'" in first) == (fix is not None), first
+    assert "\x00" not in first and "\x1b" not in first and len(first) < 500
+    assert summary == "agent.yaml: 1 problem found"
+
+
+def test_client_id_longer_than_mqtt_3_1_1_promises_is_noted(tmp_path: Path) -> None:
+    """More than 23 characters loads (common brokers take up to 65535), with a note from
+    validate under MQTT 3.1.1 (section 3.1.3.1) and none under MQTT 5 or at 23."""
+    path = tmp_path / "agent.yaml"
+    for protocol, cid, noted in (
+        ("3.1.1", "gw-017:north." + "x" * 11, True),
+        ("3.1.1", "gw-017:north." + "x" * 10, False),
+        ("5", "gw-017:north." + "x" * 11, False),
+    ):
+        path.write_text(
+            HEAD + f'mqtt: {{protocol: "{protocol}", client_id: "{cid}"}}\n' + ONE_DEVICE
+        )
+        assert load_config(path).mqtt.client_id == cid
+        out = validate(path)
+        assert out.returncode == 0, out.stderr
+        note = "agent.yaml:3:38: mqtt.client_id: note: the client id is 24 characters long"
+        assert (note in out.stderr) == noted, out.stderr
+
+
 def test_longest_prefix_and_ids_pass_through_a_real_broker(
     tmp_path: Path, broker: Mosquitto
 ) -> None:
-    """The limits are usable: a 100-character prefix and 64-character gateway id, device
+    """The limits are usable: a 100-character prefix, a 128-character client id of every
+    kind of character allowed, and a 64-character gateway id, device
     id and point name publish through mosquitto on one CONNECT, while a display name with
     '+', '#', '/' and spaces (case 051) stays out of every topic."""
     sim = ModbusSimulator()
@@ -298,10 +353,11 @@ def test_longest_prefix_and_ids_pass_through_a_real_broker(
     prefix = "/".join(["c" * 49, "l" * 50])
     assert len(prefix) == 100
     gw, dev = "g" * 64, "Pump-3.North_" + "d" * 51
+    cid = ("hostile-ids:" + "Aa0_.-:" * 20)[:128]
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(
         f"gateway_id: {gw}\nstate_dir: state\n"
-        f"mqtt: {{port: {broker.port}, topic_prefix: {prefix}, client_id: hostile-ids,\n"
+        f"mqtt: {{port: {broker.port}, topic_prefix: {prefix}, client_id: '{cid}',\n"
         "       reconnect_min: 100ms, reconnect_max: 500ms}\n"
         f'devices:\n  - {{id: {dev}, name: "Pump 3/North #1 + RGB", host: 127.0.0.1,\n'
         f"     port: {sim.port}, poll_interval: 100ms, points: [{{name: {'p' * 64}, "
@@ -320,7 +376,7 @@ def test_longest_prefix_and_ids_pass_through_a_real_broker(
         sub.close()
         sim.stop_thread()
     assert not [m.topic for m in sub.messages if "Pump 3" in m.topic or "+" in m.topic]
-    connects = broker.log.read_text().count("as hostile-ids")
+    connects = broker.log.read_text().count(f"as {cid}")
     assert connects == 1, "the agent reconnected: the broker refused something it sent"
 
 
@@ -630,6 +686,17 @@ def test_yaml_1_2_that_libyaml_refuses_is_still_depth_checked(tmp_path: Path) ->
         ("/etc", "/etc is a system directory"),
         ("/var/lib", "/var/lib is a system directory"),
         ("/sys/kernel/x", "/sys/kernel/x is a system directory"),
+        ("/etc/edge-agent", "/etc/edge-agent is a system directory (everything below /etc"),
+        ("/usr/local/lib/edge-agent", "is a system directory (everything below /usr is)"),
+        ("/bin/edge-agent", "is a system directory"),
+        ("/sbin/edge-agent", "is a system directory"),
+        ("/lib/edge-agent", "is a system directory"),
+        ("/lib64/edge-agent", "is a system directory"),
+        ("/proc/1", "is a system directory"),
+        ("/dev/shm/edge-agent", "/dev/shm/edge-agent is a system directory (everything below"),
+        ("/boot/firmware/x", "is a system directory (everything below /boot is)"),
+        ("to-etc/edge-agent", "leads through a link to /etc/edge-agent, and /etc/edge-agent is"),
+        ("to-root", "leads through a link to /, and / is a system directory"),
         ("open", "is writable by every user: another user could replace the buffer"),
         ("open/state", "above {base}/open/state, is writable by every user"),
         ("sticky/state", None),
@@ -639,8 +706,9 @@ def test_yaml_1_2_that_libyaml_refuses_is_still_depth_checked(tmp_path: Path) ->
 def test_unsafe_state_dir_refused_at_its_line(
     tmp_path: Path, state_dir: str, why: str | None
 ) -> None:
-    """System directories and directories others can write, or that let others put a
-    link in place of the state directory, are refused; below a world-writable directory
+    """System directories, anything below /etc, /usr, /bin, /sbin, /lib*, /boot, /proc,
+    /sys or /dev (also through a link), and directories others can write, or that let
+    others put a link in place of the state directory, are refused; below a world-writable directory
     with the sticky bit (like /tmp) a directory of this user's is fine."""
     (tmp_path / "open").mkdir(mode=0o777)
     (tmp_path / "open").chmod(0o777)
@@ -659,6 +727,8 @@ def test_unsafe_state_dir_refused_at_its_line(
         if done.returncode:
             pytest.fail("giving a directory to another group needs root or password-less sudo")
     (tmp_path / "grp").chmod(0o770)
+    (tmp_path / "to-etc").symlink_to("/etc")
+    (tmp_path / "to-root").symlink_to("/")
     path = tmp_path / "agent.yaml"
     path.write_text(f"gateway_id: gw\nstate_dir: {state_dir}\n" + ONE_DEVICE)
     if why is None:

@@ -11,6 +11,12 @@ agent's memory stays under :data:`RSS_LIMIT_KB`, the healthy device is polled on
 (no gap between its readings over 2 × the poll interval), the relay never drops, the
 attacked input works again afterwards, and SIGTERM stops the agent within 5 s with every
 buffered message delivered.
+
+A hostile broker (:class:`HostileBroker`, anything answering on the broker's address)
+gets the same checks: one PUBLISH announcing 200 MB, a flood of unsolicited QoS 2
+PUBLISHes, a flood of packets paho would answer (PINGREQ, PUBREL) while never reading.
+The readings cannot reach it, so they are counted in the buffer and delivered afterwards
+by a real mosquitto.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.mqtt import MAX_INBOUND_PACKET
 from agent.readings import parse_iso_ms
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
@@ -43,7 +50,10 @@ from tests.helpers import (
     Shake,
     Subscriber,
     assert_all_delivered,
+    buffer_rows,
     free_port,
+    mqtt_length,
+    read_packet,
     wait_until,
     write_config,
 )
@@ -540,4 +550,243 @@ def test_hostile_peer_cannot_stop_the_gateway(
     for text in scenario.log_once:
         assert log.count(text) == 1, f"the log says {text!r} {log.count(text)} times"
     assert "Traceback" not in log, log[-3000:]
+    assert_all_delivered(sub, tmp_path / "state")
+
+
+# -- a hostile broker ------------------------------------------------------------------------------
+
+
+def connect_properties(body: bytes) -> bytes | None:
+    """The properties of an MQTT 5 CONNECT body (MQTT 5.0 section 3.1.2.11), or None for
+    an MQTT 3.1.1 one."""
+    if body[6] != 5:  # protocol level after the protocol name (0x00 0x04 'MQTT')
+        return None
+    pos, length, mult = 10, 0, 1  # after level, flags and keep-alive
+    while True:
+        byte = body[pos]
+        pos += 1
+        length += (byte & 0x7F) * mult
+        mult *= 128
+        if not byte & 0x80:
+            return body[pos : pos + length]
+
+
+class HostileBroker:
+    """A TCP peer on the broker's address that speaks enough MQTT to be taken for a
+    broker: it answers CONNECT with CONNACK (in the client's protocol version) and
+    PINGREQ with PINGRESP, and closes on DISCONNECT. For ``seconds`` after :meth:`arm` it
+    attacks every connection right after the CONNACK (``kind``):
+
+    - ``huge_publish``: a PUBLISH whose remaining length announces 200 MB, then its body
+      streamed as fast as the connection takes it;
+    - ``qos2_flood``: QoS 2 PUBLISHes of 4 KB on a topic never subscribed to, message ids
+      1..65535 over and over, never a PUBREL;
+    - ``reply_flood``: PINGREQ and PUBREL packets, each of which paho answers, while it
+      reads nothing the client sends;
+    - ``malformed``: PUBACKs cut short (a one-byte message id).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self.until = 0.0
+        self.sent = 0
+        self.connections = 0
+        self.connects: list[bytes] = []
+        """The body of every CONNECT received."""
+        self._armed = threading.Event()
+        self._closed = False
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, seconds: float) -> None:
+        self.until = time.monotonic() + seconds
+        self._armed.set()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        lock = threading.Lock()
+        reading = threading.Event()
+        reading.set()
+        with contextlib.suppress(OSError), conn:
+            first, body = read_packet(conn)
+            assert first == 0x10, f"expected CONNECT, got {first:#x}"
+            self.connects.append(body)
+            v5 = connect_properties(body) is not None
+            conn.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
+            if self.kind == "reply_flood":
+                reading.clear()  # the client's answers pile up on its side
+            answerer = threading.Thread(
+                target=self._answer, args=(conn, lock, reading), daemon=True
+            )
+            answerer.start()
+            while not self._closed and not self._armed.wait(0.1):
+                pass
+            attack = {
+                "huge_publish": self._huge_publish,
+                "qos2_flood": self._qos2_flood,
+                "reply_flood": self._reply_flood,
+                "malformed": self._malformed,
+            }[self.kind]
+            attack(conn, lock, v5)
+            reading.set()  # then a quiet broker until the client leaves
+            while not self._closed and answerer.is_alive():
+                answerer.join(0.1)
+
+    def _answer(self, conn: socket.socket, lock: threading.Lock, reading: threading.Event) -> None:
+        with contextlib.suppress(OSError):
+            while not self._closed:
+                if not reading.is_set():
+                    time.sleep(0.1)
+                    continue
+                first, _ = read_packet(conn)
+                if first == 0xC0:  # PINGREQ
+                    with lock:
+                        conn.sendall(b"\xd0\x00")
+                elif first == 0xE0:  # DISCONNECT
+                    conn.shutdown(socket.SHUT_RDWR)
+                    return
+
+    def _send(self, conn: socket.socket, lock: threading.Lock, data: bytes) -> None:
+        with lock:
+            conn.sendall(data)
+        self.sent += len(data)
+
+    def _huge_publish(self, conn: socket.socket, lock: threading.Lock, v5: bool) -> None:
+        size = 200_000_000
+        self._send(conn, lock, b"\x30" + mqtt_length(size) + b"\x00\x01t")
+        chunk = os.urandom(65536)
+        left = size - 3
+        while left > 0 and not self._closed and time.monotonic() < self.until:
+            self._send(conn, lock, chunk[:left])
+            left -= len(chunk)
+
+    def _qos2_flood(self, conn: socket.socket, lock: threading.Lock, v5: bool) -> None:
+        payload = os.urandom(4096)
+        props = b"\x00" if v5 else b""
+        head = b"\x34" + mqtt_length(3 + 2 + len(props) + len(payload)) + b"\x00\x01t"
+        mids = itertools.cycle(range(1, 65536))
+        while not self._closed and time.monotonic() < self.until:
+            batch = [head + next(mids).to_bytes(2, "big") + props + payload for _ in range(64)]
+            self._send(conn, lock, b"".join(batch))
+
+    def _reply_flood(self, conn: socket.socket, lock: threading.Lock, v5: bool) -> None:
+        mids = itertools.cycle(range(1, 65536))
+        while not self._closed and time.monotonic() < self.until:
+            batch = [b"\xc0\x00\x62\x02" + next(mids).to_bytes(2, "big") for _ in range(1000)]
+            self._send(conn, lock, b"".join(batch))
+
+    def _malformed(self, conn: socket.socket, lock: threading.Lock, v5: bool) -> None:
+        while not self._closed and time.monotonic() < self.until:
+            self._send(conn, lock, b"\x40\x01\x00" * 1000)
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+BROKER_ATTACKS = {
+    # kind: (protocol, cause counted by the agent, what its log says)
+    "huge_publish": ("3.1.1", "too_large", "sent a packet of 200000005 bytes"),
+    "qos2_flood": ("5", "publish", "sent a PUBLISH on 't', which this client never subscribed"),
+    "reply_flood": ("3.1.1", "pingreq", "sent a PINGREQ (only a client sends it"),
+    "malformed": ("3.1.1", "malformed", "sent a malformed packet (type 4)"),
+}
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("kind", list(BROKER_ATTACKS))
+def test_hostile_broker_cannot_stop_the_gateway(
+    kind: str, tmp_path: Path, broker: Mosquitto, healthy: ModbusSimulator
+) -> None:
+    protocol, cause, says = BROKER_ATTACKS[kind]
+    hostile = HostileBroker(kind)
+    extra = f'  protocol: "{protocol}"\n'
+    cfg = write_config(
+        tmp_path / "agent.yaml", hostile.port, healthy_device(healthy.port), extra, tail=ALARM
+    )
+    agent = GpioAgent(cfg, tmp_path / "agent.log", tmp_path / "pins.txt")
+    agent.start()
+    try:
+        wait_until(lambda: (0 or agent.relay()) and agent.relay()[-1][1] == 1, 15, "relay on")
+        wait_until(lambda: hostile.connects, 10, "the agent to connect to the hostile broker")
+        time.sleep(3 * POLL_S)
+        base_kb = agent.status("VmRSS")
+        rss = RssSampler(agent)
+        t_attack = time.monotonic()
+        hostile.arm(ATTACK_S)
+        time.sleep(ATTACK_S)
+        peak_kb = rss.stop()
+        hwm_kb = agent.status("VmHWM")
+        t_term = time.monotonic()
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        code = agent.proc.wait(15)
+        stop_s = time.monotonic() - t_term
+    finally:
+        hostile.close()
+        agent.kill()
+    log = agent.log()
+    pending, last_seq = buffer_rows(tmp_path / "state")
+    print(
+        f"\n{kind} (MQTT {protocol}): {hostile.sent / 1e6:.0f} MB sent on "
+        f"{hostile.connections} connection(s), VmRSS before {base_kb / 1024:.1f} MB, peak "
+        f"{peak_kb / 1024:.1f} MB, VmHWM {hwm_kb / 1024:.1f} MB, SIGTERM to exit "
+        f"{stop_s:.2f} s, {pending} message(s) buffered"
+    )
+    assert code == 0, log[-3000:]
+    assert stop_s <= STOP_LIMIT_S, f"SIGTERM took {stop_s:.1f} s"
+    assert peak_kb < RSS_LIMIT_KB and hwm_kb < RSS_LIMIT_KB, (peak_kb, hwm_kb)
+    changes = agent.relay()
+    on_at = next(t for t, s in changes if s == 1)
+    offs = [t for t, s in changes if s == 0 and on_at < t < t_term]
+    assert not offs, f"relay dropped at {[round(t - t_attack, 2) for t in offs]} s into the attack"
+    assert "stalled" not in log
+    assert "Traceback" not in log, log[-3000:]
+    # every connection under attack was dropped at once, and said so once
+    assert hostile.connections >= 3, "the agent did not drop the hostile connection"
+    assert log.count(says) == 1, log[-3000:]
+    assert f"broke the MQTT protocol: {cause} " in log, log[-3000:]
+    assert "same client id" not in log  # the drops are not taken for a takeover
+    if protocol == "5":  # Maximum Packet Size in every CONNECT (MQTT 5.0 section 3.1.2.11.4)
+        wanted = b"\x27" + MAX_INBOUND_PACKET.to_bytes(4, "big")
+        assert all(wanted in (connect_properties(c) or b"") for c in hostile.connects)
+    assert pending > 0 and last_seq >= pending
+
+    # the same state on a real broker: every reading taken is delivered, on time
+    write_config(tmp_path / "agent.yaml", broker.port, healthy_device(healthy.port), extra, ALARM)
+    sub = Subscriber(broker.port, "lifeline/#")
+    again = GpioAgent(cfg, tmp_path / "again.log", tmp_path / "pins-again.txt")
+    again.start()
+    try:
+        wait_until(
+            lambda: {m.json()["seq"] for m in sub.sequenced()} >= set(range(1, last_seq + 1)),
+            30,
+            f"the {last_seq} messages of the attacked run",
+        )
+        assert again.stop() == 0, again.log()[-3000:]
+    finally:
+        again.kill()
+    readings = [m for m in _readings(sub, "healthy") if m["seq"] <= last_seq]
+    times = sorted({parse_iso_ms(m["ts"]) for m in readings})
+    worst = max(b - a for a, b in itertools.pairwise(times))
+    print(f"{len(times)} polls of the healthy device, longest between two {worst} ms")
+    assert times[-1] / 1000 > time.time() - (time.monotonic() - t_term) - 2 * POLL_S
+    assert worst <= 2 * POLL_S * 1000, f"a poll of the healthy device came {worst} ms late"
+    assert all(m["points"]["level"]["quality"] == "good" for m in readings)
     assert_all_delivered(sub, tmp_path / "state")

@@ -7,12 +7,14 @@ renewed certificates) of the casebook.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import shutil
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,8 @@ from click.testing import CliRunner
 
 from agent.cli import EX_CONFIG, main
 from agent.config.loader import load_config
+from agent.config.model import MqttConfig, TlsConfig
+from agent.mqtt import PACKETS_PER_READ, MqttLink
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
 from tests.helpers import (
@@ -37,6 +41,7 @@ from tests.helpers import (
     assert_all_delivered,
     free_listen_port,
     one_point_device,
+    read_packet,
     wait_until,
     write_config,
 )
@@ -1068,3 +1073,83 @@ def test_unreadable_secret_files_are_each_named(pki: Pki) -> None:
         for ln in lines
     ), lines
     assert not [ln for ln in lines if "cert_file" in ln], lines
+
+
+class AckBurstBroker:
+    """A TLS peer speaking just enough MQTT 3.1.1: CONNACK, then it reads ``n`` QoS 1
+    PUBLISHes and answers them all with one ``sendall`` of ``n`` PUBACKs (one TLS record),
+    noting when (:attr:`sent_at`, monotonic)."""
+
+    def __init__(self, server: tuple[Path, Path], n: int) -> None:
+        self.n = n
+        self.sent_at = 0.0
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(*server)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = int(self.sock.getsockname()[1])
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            raw, _ = self.sock.accept()
+            with self.ctx.wrap_socket(raw, server_side=True) as conn:
+                assert read_packet(conn)[0] == 0x10  # CONNECT
+                conn.sendall(b"\x20\x02\x00\x00")
+                mids = []
+                while len(mids) < self.n:
+                    first, body = read_packet(conn)
+                    if first & 0xF0 == 0x30:
+                        size = int.from_bytes(body[:2], "big")
+                        mids.append(body[2 + size : 4 + size])
+                conn.sendall(b"".join(b"\x40\x02" + mid for mid in mids))
+                self.sent_at = time.monotonic()
+                while read_packet(conn)[0] != 0xE0:  # until DISCONNECT
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_more_packets_than_one_read_in_one_tls_record_are_read_at_once(pki: Pki) -> None:
+    """One wake-up of the loop handles at most PACKETS_PER_READ packets; the rest of a TLS
+    record, already decrypted and so invisible to the selector, is read at the next loop
+    iteration, not at the link's next 0.5 s tick."""
+    n = 3 * PACKETS_PER_READ
+    peer = AckBurstBroker(pki.server["good_ip"], n)
+
+    async def run() -> list[float]:
+        tls = TlsConfig(ca_file=str(pki.city.cert), server_name=NAME)
+        cfg = MqttConfig(port=peer.port, tls=tls, max_inflight=1000)
+        link = MqttLink(cfg, "burst", "lifeline/burst/status")
+        acked: list[float] = []
+        done = asyncio.Event()
+
+        def on_puback(mid: int, ok: bool, reason: str) -> None:
+            acked.append(time.monotonic())
+            if len(acked) == n:
+                done.set()
+
+        link.on_puback = on_puback
+        task = asyncio.create_task(link.run())
+        try:
+            async with asyncio.timeout(10):
+                await link.connected.wait()
+            for i in range(n):
+                link.publish("lifeline/burst/x", str(i).encode())
+            async with asyncio.timeout(10):
+                await done.wait()
+        finally:
+            await link.stop()
+            task.cancel()
+        return acked
+
+    try:
+        acked = asyncio.run(run())
+    finally:
+        peer.close()
+    late = max(acked) - peer.sent_at
+    print(f"\n{n} PUBACKs in one TLS record, the last handled {late * 1000:.1f} ms after")
+    assert len(acked) == n
+    assert late < 0.3, f"the last PUBACK was handled {late:.2f} s after it was sent"

@@ -42,7 +42,12 @@ from ruamel.yaml.events import (
 from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
 from ruamel.yaml.reader import ReaderError
 
-from agent.config.model import AgentConfig, MqttConfig, TlsConfig
+from agent.config.model import (
+    PORTABLE_CLIENT_ID_MAX,
+    AgentConfig,
+    MqttConfig,
+    TlsConfig,
+)
 from agent.tls import (
     CREDENTIALS_ENV,
     MAX_KEY_BYTES,
@@ -1257,8 +1262,22 @@ SYSTEM_DIRS = frozenset(
 )
 """Directories of the system (Filesystem Hierarchy Standard 3.0) that are never a
 state_dir: the agent creates, replaces and moves aside files in its state_dir."""
-SYSTEM_TREES = ("/boot", "/dev", "/proc", "/sys")
-"""Nothing below these is a state_dir."""
+SYSTEM_TREES = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/sbin",
+    "/sys",
+    "/usr",
+)
+"""Nothing below these is a state_dir: configuration, programs, libraries and the kernel's
+own file systems (FHS 3.0 chapter 3), which a package update or the kernel owns."""
 
 
 def _others_can_write(st: os.stat_result, *, above: bool, owners: set[int]) -> str | None:
@@ -1303,8 +1322,11 @@ def _state_dir_problem(path: Path) -> str | None:
     """
     text = str(path)
     hint = "give the agent a directory of its own, such as /var/lib/edge-agent"
-    if text in SYSTEM_DIRS or any(_inside(path, Path(t)) for t in SYSTEM_TREES):
+    if text in SYSTEM_DIRS:
         return f"{path} is a system directory: {hint}"
+    tree = next((t for t in SYSTEM_TREES if _inside(path, Path(t))), None)
+    if tree is not None:
+        return f"{path} is a system directory (everything below {tree} is): {hint}"
     me = {0, os.geteuid()}
     existing = path
     while not existing.exists():
@@ -1645,7 +1667,10 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
     def _abs(p: str | None) -> str | None:
         return None if p is None else _resolved(base / p)
 
-    problem = _state_dir_problem(Path(_abs(cfg.state_dir) or cfg.state_dir))
+    state = Path(_abs(cfg.state_dir) or cfg.state_dir)
+    problem = _state_dir_problem(state)
+    if problem is not None and state != Path(os.path.normpath(base / cfg.state_dir)):
+        problem = f"{cfg.state_dir!r} leads through a link to {state}, and {problem}"
     if problem is not None:
         f, line, col, p = _locate(data, ("state_dir",), display, origins, key=False)
         raise ConfigError([ConfigIssue(f, line, col, p, problem)])
@@ -1992,6 +2017,22 @@ def _mqtt_notes(data: Any, main: Path, display: str, origins: _Origins) -> list[
 
     for loc, message in security_warnings(mqtt, main):
         warn(loc, message)
+    cid = mqtt.client_id
+    if cid is not None and mqtt.protocol == "3.1.1" and len(cid) > PORTABLE_CLIENT_ID_MAX:
+        f, line, col, p = _locate(data, ("mqtt", "client_id"), display, origins, key=False)
+        out.append(
+            ConfigIssue(
+                f,
+                line,
+                col,
+                p,
+                f"the client id is {len(cid)} characters long: an MQTT 3.1.1 broker must "
+                f"accept 1 to {PORTABLE_CLIENT_ID_MAX} and may refuse more (MQTT 3.1.1 "
+                "section 3.1.3.1); common brokers take it, but if the broker refuses the "
+                "connection with 'identifier rejected', shorten it",
+                "note",
+            )
+        )
     if not os.environ.get(CREDENTIALS_ENV):
         tls = mqtt.tls_settings
         for loc, name in (

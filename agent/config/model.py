@@ -6,6 +6,7 @@ field here.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
@@ -27,7 +28,7 @@ from drivers.modbus.config import (
     ModbusRtuOverTcpDevice,
     ModbusTcpDevice,
 )
-from drivers.names import HostName, Name, topic_prefix_problem
+from drivers.names import HostName, Name, control_character, short_repr, topic_prefix_problem
 from drivers.seismic_stream import SeismicDevice
 from drivers.serial_line import SerialLineDevice
 
@@ -41,6 +42,54 @@ def _topic_prefix(value: str) -> str:
 
 TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
 """``mqtt.topic_prefix``: safe topic levels (:func:`drivers.names.topic_prefix_problem`)."""
+
+CLIENT_ID_MAX = 128
+"""Longest ``mqtt.client_id``, characters."""
+_CLIENT_ID_RE = re.compile(rf"[A-Za-z0-9_.:-]{{1,{CLIENT_ID_MAX}}}")
+CLIENT_ID_RULE = (
+    f"a client id is 1 to {CLIENT_ID_MAX} letters, digits, '-', '_', '.' or ':' (no spaces, "
+    "'/', '+', '#' or control characters)"
+)
+PORTABLE_CLIENT_ID_MAX = 23
+"""Every MQTT 3.1.1 server accepts client ids of 1 to 23 letters and digits; longer ones,
+or other characters, it MAY refuse (MQTT 3.1.1 section 3.1.3.1)."""
+
+
+def client_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be ``mqtt.client_id``, with a fix; None if it can.
+
+    Allowed: 1 to :data:`CLIENT_ID_MAX` of ``A-Z a-z 0-9 - _ . :``. MQTT allows any UTF-8
+    string but U+0000 (MQTT 3.1.1 section 1.5.3), and servers may refuse what is not 1 to
+    23 letters and digits (section 3.1.3.1); brokers take the id into ACL patterns
+    (mosquitto's ``%c``), log lines and file names of persisted sessions, where ``/``,
+    ``+``, ``#``, white space and control characters do harm.
+    """
+    if _CLIENT_ID_RE.fullmatch(value):
+        return None
+    if not value:
+        why = "it is empty (leave client_id out for the default '<gateway_id>-<machine>')"
+    elif len(value) > CLIENT_ID_MAX:
+        why = f"it is {len(value)} characters long"
+    elif (bad := control_character(value)) is not None:
+        why = f"it holds the control character U+{ord(bad):04X}"
+    else:
+        odd = next(c for c in value if not _CLIENT_ID_RE.fullmatch(c))
+        why = f"{odd!r} is not allowed"
+    fix = re.sub(r"[^A-Za-z0-9_.:-]+", "-", value[: CLIENT_ID_MAX * 2]).strip("-")
+    fix = fix[:CLIENT_ID_MAX].rstrip("-")
+    hint = f"; try '{fix}'" if fix and fix != value else ""
+    return f"{short_repr(value)} is not allowed: {why}; {CLIENT_ID_RULE}{hint}"
+
+
+def _client_id(value: str) -> str:
+    problem = client_id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+ClientId = Annotated[str, AfterValidator(_client_id)]
+"""``mqtt.client_id``: see :func:`client_id_problem`."""
 
 
 def _driver_of(value: Any) -> str:
@@ -185,10 +234,10 @@ class MqttConfig(StrictModel):
         description="First topic level(s), e.g. 'lifeline' or 'city/zz/lifeline': ids "
         "separated by single '/', at most 100 characters, no leading '$'",
     )
-    client_id: MqttString | None = Field(
+    client_id: ClientId | None = Field(
         default=None,
-        max_length=128,
-        description="Defaults to '<gateway_id>-<8 hex of /etc/machine-id>'",
+        description="1 to 128 letters, digits, '-', '_', '.' or ':'; defaults to "
+        "'<gateway_id>-<8 hex of /etc/machine-id>'",
     )
     username: MqttString | None = None
     password: MqttSecret | None = Field(
