@@ -17,6 +17,25 @@ A ``latch`` rule stays ``active``/``acked`` after its condition is gone, until i
 acknowledged. Readings of bad quality neither raise nor clear a process alarm (a failing
 sensor must not clear a flood alarm); they are what ``stale`` and ``sensor_fault`` rules
 watch.
+
+Delays and deadband as ANSI/ISA-18.2-2016 and IEC 62682:2014 define them (clause 3, the
+terms *alarm on-delay*, *alarm off-delay* and *alarm deadband*; OPC 10000-9, OPC UA
+Alarms & Conditions, the ``OnDelay``/``OffDelay`` properties of clause 5.8.2 and the
+example of Annex B.1.5, is the same model): each good reading of a ``high``/``low``/``rate``
+rule falls in one of three zones,
+
+- the *raise* zone, beyond the setpoint (``high``: value ≥ setpoint);
+- the *clear* zone, beyond the clear level (``high``: value < clear level);
+- the deadband between them.
+
+The on-delay counts only while the readings stay in the raise zone: a reading in the
+deadband or the clear zone restarts it. The off-delay mirrors it: it counts only while the
+readings stay in the clear zone. The deadband itself only keeps the alarm in the state it
+is in. A bad-quality reading (or no reading, a tick) is no evidence either way: it neither
+starts nor restarts a delay and cannot complete one; a delay completes at a good reading
+in its zone, or at a tick when the latest reading was that one. The event carries the
+value of that reading. ``stale`` and ``sensor_fault`` rules have no deadband: their
+condition holds or not at every step.
 """
 
 from __future__ import annotations
@@ -48,10 +67,12 @@ class AlarmState:
 
     state: str = "normal"
     in_condition: bool = False
-    """The hysteretic condition (before delays): e.g. high: set at the setpoint, reset
-    below the clear level."""
-    since: float | None = None
-    """When ``in_condition`` last changed (for on-delay and off-delay)."""
+    """The hysteretic condition (before delays): e.g. high: set by a reading at or above
+    the setpoint, reset by one below the clear level, kept in the deadband."""
+    raise_since: float | None = None
+    """Start of the current unbroken run of readings in the raise zone (the on-delay)."""
+    clear_since: float | None = None
+    """Start of the current unbroken run of readings in the clear zone (the off-delay)."""
     last_good: float | None = None
     """stale: time of the last good reading (or of the start)."""
     bad_since: float | None = None
@@ -84,12 +105,20 @@ def _numeric(r: PointResult | None) -> float | None:
     return float(r.value)
 
 
-def _condition(rule: AlarmRule, st: AlarmState, now: float, r: PointResult | None) -> AlarmState:
-    """Update the hysteretic condition from a reading (or from time alone)."""
+RAISE, CLEAR, BAND = "raise", "clear", "band"
+"""Zones of a reading (see the module docstring)."""
+
+
+def _judge(
+    rule: AlarmRule, st: AlarmState, now: float, r: PointResult | None
+) -> tuple[AlarmState, str | None]:
+    """Take in a reading (or time alone): return the updated memory and the zone the step
+    puts the rule in (:data:`RAISE`, :data:`CLEAR`, :data:`BAND`), or None when the step is
+    no evidence (a bad reading or a tick of a process rule)."""
     kind = rule.kind
     value = _numeric(r)
-    cond = st.in_condition
     changes: dict[str, Any] = {}
+    zone: str | None = None
     if r is not None:
         changes["quality"] = r.quality
     if value is not None:
@@ -99,9 +128,9 @@ def _condition(rule: AlarmRule, st: AlarmState, now: float, r: PointResult | Non
             assert rule.setpoint is not None
             clear = rule.clear_level
             if kind == "high":
-                cond = value >= rule.setpoint if not cond else value >= clear
+                zone = RAISE if value >= rule.setpoint else CLEAR if value < clear else BAND
             else:
-                cond = value <= rule.setpoint if not cond else value <= clear
+                zone = RAISE if value <= rule.setpoint else CLEAR if value > clear else BAND
     elif kind == "rate":
         assert rule.window is not None and rule.change is not None
         samples = tuple(s for s in st.samples if s[0] >= now - rule.window)
@@ -109,8 +138,13 @@ def _condition(rule: AlarmRule, st: AlarmState, now: float, r: PointResult | Non
             samples = (*samples, (now, value))
             values = [v for _, v in samples]
             moved = value - (max(values) if rule.change < 0 else min(values))
-            limit = rule.change if not cond else rule.clear_level
-            cond = moved <= limit if rule.change < 0 else moved >= limit
+            sign = -1.0 if rule.change < 0 else 1.0  # a drop is a rise of -value
+            if sign * moved >= sign * rule.change:
+                zone = RAISE
+            elif sign * moved < sign * rule.clear_level:
+                zone = CLEAR
+            else:
+                zone = BAND
         changes["samples"] = samples
     elif kind == "stale":
         assert rule.after is not None
@@ -118,7 +152,7 @@ def _condition(rule: AlarmRule, st: AlarmState, now: float, r: PointResult | Non
         if value is not None or (r is not None and r.quality == GOOD):
             last = now
         changes["last_good"] = last
-        cond = now - last >= rule.after
+        zone = RAISE if now - last >= rule.after else CLEAR
     else:  # sensor_fault
         assert rule.after is not None
         bad = st.bad_since
@@ -129,11 +163,21 @@ def _condition(rule: AlarmRule, st: AlarmState, now: float, r: PointResult | Non
                 bad = now if bad is None else bad
             # timeout / no_connection: the line, not the sensor; keep the run as it is
         changes["bad_since"] = bad
-        cond = bad is not None and now - bad >= rule.after
-    if cond != st.in_condition:
-        changes["in_condition"] = cond
-        changes["since"] = now
-    return replace(st, **changes) if changes else st
+        zone = RAISE if bad is not None and now - bad >= rule.after else CLEAR
+    if zone is not None:
+        changes["raise_since"] = (
+            (st.raise_since if st.raise_since is not None else now) if zone == RAISE else None
+        )
+        changes["clear_since"] = (
+            (st.clear_since if st.clear_since is not None else now) if zone == CLEAR else None
+        )
+        if zone != BAND:
+            changes["in_condition"] = zone == RAISE
+    return (replace(st, **changes) if changes else st), zone
+
+
+def _held(since: float | None, now: float, delay: float) -> bool:
+    return since is not None and now - since >= delay
 
 
 def step(
@@ -145,16 +189,23 @@ def step(
 ) -> tuple[AlarmState, list[Event]]:
     """Advance one alarm by a reading of its point (or by time alone, ``reading=None``).
 
-    Pure: returns the new state and the events of this step (at most one).
+    Pure: returns the new state and the events of this step (at most one). ``now`` is
+    monotonic seconds, ``wall_ms`` UTC milliseconds (the time of an event). Delays follow
+    ISA-18.2 / IEC 62682 (see the module docstring): the on-delay (off-delay) completes
+    only after an unbroken run of readings beyond the setpoint (the clear level).
     """
-    st = _condition(rule, st, now, reading)
-    held = now - st.since if st.since is not None else 0.0
+    st, _ = _judge(rule, st, now, reading)
     events: list[Event] = []
     s = st.state
-    if st.in_condition and s in ("normal", "cleared") and held >= rule.on_delay:
+    # a process rule's delay completes only on good evidence: a bad reading, or a tick
+    # after one, holds it where it is
+    evidence = rule.category == "fault" or st.quality == GOOD
+    if not evidence:
+        return st, events
+    if s in ("normal", "cleared") and _held(st.raise_since, now, rule.on_delay):
         st = replace(st, state="active", raised_ms=wall_ms)
         events.append(Event("raise", "active", wall_ms, st.value, st.quality))
-    elif not st.in_condition and s in ON_STATES and held >= rule.off_delay and not rule.latch:
+    elif s in ON_STATES and not rule.latch and _held(st.clear_since, now, rule.off_delay):
         new = "cleared" if s == "active" else "normal"
         st = replace(st, state=new, raised_ms=st.raised_ms if new == "cleared" else None)
         events.append(Event("clear", new, wall_ms, st.value, st.quality))
@@ -174,8 +225,7 @@ def acknowledge(
         st = replace(st, state="normal", raised_ms=None)
         return st, [Event("ack", "normal", wall_ms, st.value, st.quality, by)]
     if s == "active":
-        held = now - st.since if st.since is not None else 0.0
-        if rule.latch and not st.in_condition and held >= rule.off_delay:
+        if rule.latch and _held(st.clear_since, now, rule.off_delay):
             st = replace(st, state="normal", raised_ms=None)
             return st, [Event("ack", "normal", wall_ms, st.value, st.quality, by)]
         st = replace(st, state="acked")
@@ -190,13 +240,17 @@ def acknowledge(
 
 
 def to_stored(st: AlarmState, now: float, wall_ms: int) -> dict[str, Any]:
-    """What survives a restart: the state, the evidence, and the running delay as a wall
-    time (monotonic time does not survive a reboot)."""
-    since_ms = None if st.since is None else wall_ms - round((now - st.since) * 1000)
+    """What survives a restart: the state, the evidence, and the running delays as wall
+    times (UTC ms; monotonic time does not survive a reboot)."""
+
+    def wall(t: float | None) -> int | None:
+        return None if t is None else wall_ms - round((now - t) * 1000)
+
     return {
         "state": st.state,
         "in_condition": st.in_condition,
-        "since_ms": since_ms,
+        "raise_since_ms": wall(st.raise_since),
+        "clear_since_ms": wall(st.clear_since),
         "value": st.value,
         "raised_ms": st.raised_ms,
     }
@@ -204,19 +258,37 @@ def to_stored(st: AlarmState, now: float, wall_ms: int) -> dict[str, Any]:
 
 def from_stored(doc: dict[str, Any], now: float, wall_ms: int) -> AlarmState:
     """Inverse of :func:`to_stored`. A delay that was running keeps its elapsed time (a
-    condition that persisted across the restart is not given a fresh on-delay); a clock
-    that went backwards counts as no time elapsed."""
+    condition that persisted across the restart is not given a fresh on-delay; the time
+    the agent was down is no evidence either way, as a bad reading is not); a clock that
+    went backwards counts as no time elapsed.
+
+    A document of an earlier version (one ``since_ms``: when the hysteretic condition last
+    changed) gives the run of the delay its state waits for: the on-delay of an alarm that
+    is off and in condition, the off-delay of one that is on and out of it.
+    """
     state = str(doc.get("state", "normal"))
     if state not in ("normal", "active", "acked", "cleared"):
         state = "normal"
-    since = None
-    if isinstance(doc.get("since_ms"), int):
-        since = now - max(0.0, (wall_ms - doc["since_ms"]) / 1000)
+    in_condition = bool(doc.get("in_condition", False))
+
+    def mono(key: str) -> float | None:
+        at = doc.get(key)
+        if not isinstance(at, int) or isinstance(at, bool):
+            return None
+        return now - max(0.0, (wall_ms - at) / 1000)
+
+    raise_since, clear_since = mono("raise_since_ms"), mono("clear_since_ms")
+    if "raise_since_ms" not in doc and "clear_since_ms" not in doc:
+        since = mono("since_ms")
+        on = state in ON_STATES
+        raise_since = since if in_condition and not on else None
+        clear_since = since if not in_condition and on else None
     value = doc.get("value")
     return AlarmState(
         state=state,
-        in_condition=bool(doc.get("in_condition", False)),
-        since=since,
+        in_condition=in_condition,
+        raise_since=raise_since,
+        clear_since=clear_since,
         last_good=now,
         value=float(value) if isinstance(value, int | float) else None,
         raised_ms=doc.get("raised_ms") if isinstance(doc.get("raised_ms"), int) else None,
@@ -332,7 +404,8 @@ class AlarmEngine:
         if (
             events
             or st.in_condition != before.in_condition
-            or (st.since != before.since and st.in_condition)
+            or st.raise_since != before.raise_since
+            or st.clear_since != before.clear_since
         ):
             self._changed[a.key] = a
 

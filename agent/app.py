@@ -60,7 +60,7 @@ from agent.readings import now_ms
 from agent.retained import RetainedState
 from agent.seismic import SeismicOutput, SeismicProcessor
 from agent.supervise import supervised, where_raised
-from agent.writer import BufferWriter
+from agent.writer import BufferWriter, Stall
 from drivers.base import PointResult
 from drivers.modbus.config import (
     ModbusDevice,
@@ -82,6 +82,8 @@ HEALTH_DRAINING_S = 2.0
 """How often while a backlog drains (its progress is the pending count)."""
 ALARM_TICK_S = 0.5
 """How often time alone is let act on the alarms (delays, stale data)."""
+STATS_WAIT_S = 10.0
+"""Longest wait for the buffer's counters before health uses the last ones known."""
 
 
 def machine_suffix(path: Path = Path("/etc/machine-id")) -> str:
@@ -168,7 +170,13 @@ class Agent:
                 cfg.buffer.disk_retry,
             )
         self.buffer = AsyncBuffer(sync)
-        self.writer = BufferWriter(self.buffer, commit_every=cfg.buffer.commit_every)
+        self.writer = BufferWriter(
+            self.buffer, commit_every=cfg.buffer.commit_every, stall_after=cfg.buffer.stall_after
+        )
+        self.writer.on_stall = self._buffer_stalled
+        self.writer.on_resume = self._buffer_resumed
+        self._stats: BufferStats | None = None
+        self._stats_task: asyncio.Future[BufferStats] | None = None
         c = cfg.clock
         self.clock = Clock(c.sync, Path(c.sync_file), c.not_before_ms() or RELEASE_DATE_MS)
         self.writer.on_restamps = self._report_restamps
@@ -309,6 +317,28 @@ class Agent:
                 "moved there from memory",
                 moved=moved,
             )
+
+    def _buffer_stalled(self, stall: Stall, waiting: int) -> None:
+        secs = time.monotonic() - stall.since
+        self.notice(
+            "buffer_stalled",
+            f"the buffer cannot be written: no commit has succeeded for {secs:.0f} s "
+            f"({stall.error}); {waiting} message(s) wait in memory",
+            error=stall.error,
+            stalled_s=round(secs, 1),
+            waiting=waiting,
+        )
+        self._health_now.set()
+
+    def _buffer_resumed(self, stall: Stall, secs: float, written: int) -> None:
+        self.notice(
+            "buffer_resumed",
+            f"the buffer is written again after {secs:.0f} s without a commit; {written} "
+            "message(s) that waited in memory are in it",
+            stalled_s=round(secs, 1),
+            written=written,
+        )
+        self._health_now.set()
 
     def _on_poll(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
         counters = self._counters.get(dev.id)
@@ -526,7 +556,7 @@ class Agent:
             for kind, message, fields in self.link.tls_notices():  # cert_expiring
                 log.warning("%s", message)
                 self.notice(kind, message, **fields)
-            stats = await self.buffer.stats()
+            stats = await self._buffer_stats()
             draining = stats.pending > self.cfg.mqtt.max_inflight
             self._publish_health(stats, draining)
             with contextlib.suppress(TimeoutError):
@@ -534,10 +564,28 @@ class Agent:
                     await self._health_now.wait()
             self._health_now.clear()
 
+    async def _buffer_stats(self) -> BufferStats:
+        """The buffer's counters; the last ones known when its thread does not answer
+        within :data:`STATS_WAIT_S` (a commit hanging on a disk that stopped answering),
+        so that health still goes out. One query at a time is outstanding."""
+        if self._stats_task is None or self._stats_task.done():
+            self._stats_task = asyncio.ensure_future(self.buffer.stats())
+        if self._stats is None:
+            self._stats = await self._stats_task
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STATS_WAIT_S):
+                self._stats = await asyncio.shield(self._stats_task)
+        return self._stats
+
     def _publish_health(self, stats: BufferStats, draining: bool) -> None:
         """The health message now, retained (when connected)."""
         if not self.link.connected.is_set():
             return
+        stall = self.writer.stalled
+        buffer_error = self.buffer_error
+        if stall is not None:
+            secs = time.monotonic() - stall.since
+            buffer_error = f"no commit has succeeded for {secs:.0f} s: {stall.error}"
         elapsed = time.monotonic() - self._started
         written = self._disk_write_bytes()
         per_hour = (
@@ -562,7 +610,8 @@ class Agent:
                 devices_offline=self.availability.offline,
                 buffer="memory" if self.buffer.sync.memory else "disk",
                 clock="synced" if self.clock.synced else "unsynced",
-                buffer_error=self.buffer_error,
+                buffer_error=buffer_error,
+                buffer_waiting=None if stall is None else self.writer.waiting,
                 **self.link.tls_health(),
             )
         )
@@ -595,7 +644,7 @@ class Agent:
         """Run until :attr:`stop_event` is set; return the process exit code."""
         self._start_bytes = self._disk_write_bytes()
         self._started = time.monotonic()
-        stats = await self.buffer.stats()
+        stats = self._stats = await self.buffer.stats()
         log.info(
             "gateway %s: %d device(s) on %d bus(es); buffer %s holds %d unsent "
             "message(s), last seq %d, %d dropped so far",
@@ -613,6 +662,7 @@ class Agent:
             asyncio.create_task(self.publisher.run_acks(), name="acks"),
             asyncio.create_task(self._health(), name="health"),
             asyncio.create_task(self._disk_retry(), name="disk-retry"),
+            asyncio.create_task(self.writer.watch(), name="buffer-watch"),
             asyncio.create_task(self.retained.run(), name="retained"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")

@@ -9,7 +9,9 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
 import click
 
@@ -21,14 +23,45 @@ UMASK = 0o027
 own group at most, never by others (umask(2))."""
 
 
+class UtcFormatter(logging.Formatter):
+    """Time stamps in UTC, ISO 8601 with milliseconds and ``Z`` (the RFC 3339 section 5.6
+    profile), e.g. ``2026-12-07T11:40:31.123Z``: two events an hour apart never print the
+    same time across a daylight-saving change, whatever the gateway's time zone."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def under_journald(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (default stderr) is connected to the systemd journal.
+
+    systemd sets ``JOURNAL_STREAM`` to ``DEVICE:INODE`` of the stream it connected to the
+    journal; a program compares them with its own stderr, because a child whose stderr
+    was redirected inherits the variable too (systemd.exec(5), "Environment Variables in
+    Spawned Processes").
+    """
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is a ValueError
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup_logging(level: str) -> None:
-    """Log to stderr, one line per event; no timestamp under journald (it adds its own)."""
+    """Log to stderr, one line per event. Under journald without a time stamp (the journal
+    adds its own); elsewhere each line starts with the UTC time (:class:`UtcFormatter`)."""
     fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr, force=True
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if under_journald():
+        handler.setFormatter(logging.Formatter(fmt))
+    else:
+        handler.setFormatter(UtcFormatter("%(asctime)s " + fmt))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +315,60 @@ def test_case_044_gpio_unavailable_keeps_the_agent_running(
     assert "remedy: install it in the agent's virtualenv" in log
     event = next(e for e in events(sub) if e["rule"] == "level-hh")
     assert event["outputs"] == "unavailable"
+
+
+def test_on_delay_counts_only_above_the_setpoint(
+    tmp_path: Path, broker: Mosquitto, pins: MockFactory
+) -> None:
+    """ISA-18.2 / IEC 62682 on-delay in the running agent. The simulated device's level
+    alternates 0.26 / 0.24 m (above and below the 0.25 m setpoint, inside the deadband down
+    to the 0.20 m clear level) for 2.5 times the 2 s on-delay: nothing is raised. Held at
+    0.27 m, the alarm is raised once, after the on-delay, with the value that held."""
+    sim = level_sim(0.05)
+    tail = (
+        "alarms:\n"
+        "  - {id: level-hd, device: underpass, point: level, kind: high, setpoint: 0.25,\n"
+        "     clear: 0.20, on_delay: 2s, severity: critical}\n"
+    )
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, device(sim.port), tail=tail)
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = InProcessAgent(cfg, pins)
+    agent.start()
+    wait_until(lambda: len(sub.telemetry()) >= 3, 10, "telemetry")
+    start = len(sub.telemetry())
+    t_end = time.monotonic() + 5.0
+    above = True
+    while time.monotonic() < t_end:
+        level = 0.26 if above else 0.24
+        sim.call(lambda level=level: sim.set_value(1, "level", level))
+        above = not above
+        time.sleep(0.3)
+    sim.call(lambda: sim.set_value(1, "level", 0.24))  # ends below the setpoint
+    time.sleep(0.5)
+    seen = [(m.json()["ts"], m.json()["points"]["level"]["value"]) for m in sub.telemetry()[start:]]
+    high = [ts for ts, v in seen if v == 0.26]
+    assert high and {v for _, v in seen} >= {0.26, 0.24}, seen
+    span = iso_s(high[-1]) - iso_s(high[0])
+    assert span > 2.0, f"the level went above the setpoint over {span:.1f} s, not > 2 s"
+    assert events(sub) == [], "alternating inside the deadband raised the alarm"
+    before = len(sub.telemetry())
+    sim.call(lambda: sim.set_value(1, "level", 0.27))
+    wait_until(lambda: events(sub), 10, "the raise")
+    time.sleep(1.0)
+    agent.stop()
+    sim.stop_thread()
+    (raised,) = events(sub)
+    assert (raised["event"], raised["rule"], raised["value"]) == ("raise", "level-hd", 0.27)
+    first = next(
+        m.json()["ts"]
+        for m in sub.telemetry()[before:]
+        if m.json()["points"]["level"]["value"] == 0.27
+    )
+    delay = iso_s(raised["ts"]) - iso_s(first)
+    assert 1.9 <= delay <= 3.0, f"raised {delay:.2f} s after the level rose (on-delay 2 s)"
+    print(f"\nraised {delay:.2f} s after the level rose and held (on-delay 2 s)")
+
+
+def iso_s(ts: str) -> float:
+    """Seconds since the epoch of an ISO 8601 UTC time of the contract (``...Z``)."""
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()

@@ -68,6 +68,147 @@ def test_off_delay_and_clear_level() -> None:
     assert (ev.event, ev.state, ev.by, st.state) == ("ack", "normal", "button", "normal")
 
 
+def alternate(a: float, b: float, t0: float, t1: float) -> list[tuple[float, PointResult]]:
+    """One reading a second from ``t0`` to ``t1`` (excluded): a, b, a, b, ..."""
+    return [(float(t), good(a if (t - t0) % 2 == 0 else b)) for t in range(int(t0), int(t1))]
+
+
+def held(v: float, t0: float, t1: float, step: float = 0.01) -> list[tuple[float, PointResult]]:
+    """One reading a second from ``t0`` to ``t1`` (excluded), rising from ``v`` by ``step``
+    each (so the event tells which reading completed the delay)."""
+    return [(float(t), good(round(v + step * (t - t0), 6))) for t in range(int(t0), int(t1))]
+
+
+LEVEL_HIGH = {"setpoint": 3.50, "clear": 3.40, "on_delay": "10s", "off_delay": "10s"}
+NAN = PointResult("p", None, "nan", "NaN")
+
+
+@pytest.mark.parametrize(
+    ("rule_doc", "feed", "expected"),
+    [
+        pytest.param(
+            LEVEL_HIGH,
+            alternate(3.51, 3.49, 0, 60),
+            [],
+            id="on-delay: 3.51/3.49 around the setpoint, inside the deadband, for 60 s",
+        ),
+        pytest.param(
+            LEVEL_HIGH,
+            alternate(3.51, 3.30, 0, 60),
+            [],
+            id="on-delay: 3.51/3.30, every other reading below the clear level",
+        ),
+        pytest.param(
+            LEVEL_HIGH,
+            alternate(3.51, 3.49, 0, 30) + held(3.51, 30, 60),
+            [(40.0, "raise", "active", 3.61)],
+            id="on-delay: then held above the setpoint: raised by the 11th reading above",
+        ),
+        pytest.param(
+            LEVEL_HIGH,
+            [*held(3.51, 0, 9), (9.0, good(3.45)), *held(3.51, 10, 25)],
+            [(20.0, "raise", "active", 3.61)],
+            id="on-delay: one reading in the deadband after 9 s restarts it",
+        ),
+        pytest.param(
+            LEVEL_HIGH,
+            [(0.0, good(3.6)), (10.0, None)],
+            [(10.0, "raise", "active", 3.6)],
+            id="on-delay: completed by time alone after a good reading above the setpoint",
+        ),
+        pytest.param(
+            LEVEL_HIGH,
+            [(0.0, good(3.6)), (9.0, NAN), (10.0, NAN), (11.0, None), (12.0, good(3.7))],
+            [(12.0, "raise", "active", 3.7)],
+            id="on-delay: a bad reading neither completes nor restarts it; the next good one does",
+        ),
+        pytest.param(
+            {**LEVEL_HIGH, "on_delay": "0s"},
+            [(0.0, good(3.49)), (1.0, NAN), (2.0, good(3.50))],
+            [(2.0, "raise", "active", 3.50)],
+            id="no on-delay: raised by the first reading at the setpoint",
+        ),
+        pytest.param(
+            LEVEL_HIGH,
+            held(3.60, 0, 11, 0) + alternate(3.39, 3.41, 11, 71),
+            [(10.0, "raise", "active", 3.60)],
+            id="off-delay: 3.39/3.41 around the clear level for 60 s does not clear",
+        ),
+        pytest.param(
+            LEVEL_HIGH,
+            held(3.60, 0, 11, 0) + alternate(3.39, 3.41, 11, 31) + held(3.39, 31, 50, -0.01),
+            [(10.0, "raise", "active", 3.60), (41.0, "clear", "cleared", 3.29)],
+            id="off-delay: then held below the clear level: cleared by the 11th reading below",
+        ),
+        pytest.param(
+            LEVEL_HIGH,
+            [
+                *held(3.6, 0, 11, 0),
+                (11.0, good(3.3)),
+                (16.0, NAN),
+                (20.9, None),
+                (21.0, NAN),
+                (22.0, None),
+                (23.0, good(3.2)),
+            ],
+            [(10.0, "raise", "active", 3.60), (23.0, "clear", "cleared", 3.2)],
+            id="off-delay: a bad reading does not complete it (no clear on bad quality)",
+        ),
+        pytest.param(
+            {"kind": "low", "setpoint": 1.0, "deadband": 0.2, "on_delay": "5s", "off_delay": "5s"},
+            alternate(0.99, 1.01, 0, 20)
+            + held(0.99, 20, 30, -0.01)
+            + alternate(1.21, 1.19, 30, 50),
+            [(25.0, "raise", "active", 0.94)],
+            id="low: the mirror image; 1.21/1.19 around its clear level 1.2 does not clear",
+        ),
+        pytest.param(
+            {"kind": "rate", "change": -20, "clear": -10, "window": "1min", "on_delay": "5s"},
+            [(0.0, good(300.0)), *alternate(279, 285, 1, 21), *held(279, 21, 30, -0.1)],
+            [(26.0, "raise", "active", 278.5)],
+            id="rate: a drop alternating between 21 and 15 (its deadband) does not raise",
+        ),
+    ],
+)
+def test_delays_count_only_while_the_condition_holds(
+    rule_doc: dict[str, Any],
+    feed: list[tuple[float, PointResult | None]],
+    expected: list[tuple[float, str, str, float]],
+) -> None:
+    """ISA-18.2 / IEC 62682 on-delay and off-delay: the raise (clear) condition held for
+    the whole delay, without a break in the deadband; the event carries the value of the
+    reading that completed the delay, with quality good."""
+    _, events = run(rule(**rule_doc), feed)
+    assert [(t, e.event, e.state, e.value) for t, e in events] == expected
+    assert all(e.quality == "good" for _, e in events)
+
+
+def test_a_latched_alarm_is_acknowledged_away_only_after_its_off_delay() -> None:
+    r = rule(setpoint=10, deadband=1, off_delay="5s", latch=True)
+    st, _ = run(r, [(0.0, good(11)), (1.0, good(8)), (3.0, good(9.5)), (4.0, good(8))])
+    st, (ev,) = acknowledge(r, st, 8.0, 8000, "button")
+    assert (ev.state, st.state) == ("acked", "acked"), "below the clear level for 4 s only"
+    st, _ = run(r, [(9.0, good(8))], st)
+    st, (ev,) = acknowledge(r, st, 9.0, 9000, "button")
+    assert (ev.event, st.state) == ("clear", "normal")
+
+
+def test_stored_state_of_an_earlier_version_keeps_its_meaning() -> None:
+    """A state stored before the delays had a run each (one ``since_ms``): an active alarm
+    whose condition still holds is not cleared by the first tick after the upgrade, and a
+    running on-delay keeps its elapsed time."""
+    r = rule(setpoint=10, on_delay="20s")
+    active = {"state": "active", "in_condition": True, "since_ms": 1_000_000, "value": 11}
+    st = from_stored(active, 0.0, 1_100_000)
+    st, events = step(r, st, 1.0, 1_101_000)
+    assert events == [] and st.state == "active"
+    running = {"state": "normal", "in_condition": True, "since_ms": 1_000_000, "value": 11}
+    st = from_stored(running, 0.0, 1_015_000)
+    assert step(r, st, 4.0, 1_019_000, good(11))[1] == []
+    ((_, ev),) = run(r, [(5.0, good(12))], st)[1]
+    assert (ev.event, ev.value) == ("raise", 12)
+
+
 def test_low_low_mirror() -> None:
     r = rule(kind="low", setpoint=100.0, deadband=5.0, severity="critical")
     _, events = run(r, [(0.0, good(101)), (1.0, good(100)), (2.0, good(104)), (3.0, good(106))])

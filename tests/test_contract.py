@@ -139,6 +139,8 @@ def _samples() -> list[tuple[str, bytes]]:
         "buffer_moved_aside": {"next_seq": 1000001},
         "buffer_in_memory": {"first_seq": 4},
         "buffer_on_disk": {"moved": 12},
+        "buffer_stalled": {"error": "database is locked", "stalled_s": 30.4, "waiting": 612},
+        "buffer_resumed": {"stalled_s": 71.2, "written": 1423},
         "clock_step": {"step_ms": -3600000, "synced": True},
         "clock_restamp": {"first_seq": 1, "last_seq": 9, "correction_ms": 86400000},
         "cert_expiring": {
@@ -221,9 +223,10 @@ def _samples() -> list[tuple[str, bytes]]:
         gpio="ok",
         gpio_factory="MockFactory",
         alarms_active=1,
-        buffer="memory",
+        buffer="disk",
         clock="synced",
-        buffer_error="read-only filesystem",
+        buffer_error="no commit has succeeded for 31 s: database is locked",
+        buffer_waiting=620,
         devices_offline=1,
         tls={
             "verify": True,

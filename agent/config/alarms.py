@@ -34,9 +34,12 @@ class AlarmRule(StrictModel):
     - ``sensor_fault``: readings arrive, but with a sensor-fault quality (``invalid``,
       ``nan``, ``inf``, ``decode_error``, ``frame_error``, ``unsupported``) for ``after``.
 
-    ``on_delay``: the condition must hold this long before the alarm is raised.
-    ``off_delay``: the condition must be gone this long before it clears. ``latch``: it
-    stays active, once raised, until acknowledged.
+    ``on_delay``: readings must stay beyond the setpoint (``rate``: the change at least
+    ``change``) this long, without one in the deadband or below, before the alarm is
+    raised. ``off_delay``: readings must stay beyond the clear level this long before it
+    clears. (ANSI/ISA-18.2-2016 and IEC 62682:2014, clause 3: *alarm on-delay*, *alarm
+    off-delay*; see :mod:`agent.alarms`.) ``latch``: it stays active, once raised, until
+    acknowledged.
     """
 
     id: Name = Field(description="Rule name, unique among the rules")

@@ -351,6 +351,12 @@ class BufferConfig(StrictModel):
         description="With the buffer in memory (read-only or full filesystem at start): how "
         "often the disk is tried again",
     )
+    stall_after: Annotated[Duration, at_least("1s")] = Field(
+        default=30.0,
+        description="When no buffer commit has succeeded for this long (the file locked by "
+        "another program, a disk that stops answering), health says buffer_error and a "
+        "buffer_stalled notice is queued; readings wait in memory meanwhile",
+    )
     commit_every: Duration = Field(
         default=0.0,
         ge=0,

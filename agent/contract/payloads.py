@@ -188,6 +188,9 @@ class Health:
     buffer: str
     clock: str
     buffer_error: str | None = None
+    """Why the buffer is in memory, or why it cannot be written (a stall)."""
+    buffer_waiting: int | None = None
+    """While the buffer cannot be written: the messages waiting in memory for a commit."""
     devices_offline: int = 0
     tls: Mapping[str, Any] | None = None
     """None for plain MQTT; else ``verify``, ``server_cert_expires``, ``client_cert_expires``
@@ -218,6 +221,8 @@ def health(h: Health) -> bytes:
     }
     if h.buffer_error is not None:
         doc["buffer_error"] = h.buffer_error
+    if h.buffer_waiting is not None:
+        doc["buffer_waiting"] = h.buffer_waiting
     doc["tls"] = None if h.tls is None else dict(h.tls)
     if h.tls_verify is not None:
         doc["tls_verify"] = h.tls_verify

@@ -285,6 +285,15 @@ NOTICE_TYPES: dict[str, dict[str, Any]] = {
         "last_seq": SEQ,
         "correction_ms": {"type": "integer"},
     },
+    "buffer_stalled": {
+        "error": {"type": "string", "description": "why no commit succeeds"},
+        "stalled_s": {"type": "number", "minimum": 0, "description": "seconds without a commit"},
+        "waiting": {"type": "integer", "minimum": 0, "description": "messages in memory"},
+    },
+    "buffer_resumed": {
+        "stalled_s": {"type": "number", "minimum": 0, "description": "seconds without a commit"},
+        "written": {"type": "integer", "minimum": 0, "description": "messages that waited"},
+    },
     "cert_expiring": {
         "certificate": {"enum": ["client", "server"]},
         "expires": {**TS, "description": "the certificate's notAfter"},
@@ -337,7 +346,15 @@ def _health() -> dict[str, Any]:
         "alarms_active": count,
         "devices_offline": count,
         "buffer": {"enum": ["disk", "memory"]},
-        "buffer_error": {"type": "string"},
+        "buffer_error": {
+            "type": "string",
+            "description": "why the buffer is in memory, or why it cannot be written",
+        },
+        "buffer_waiting": {
+            **count,
+            "description": "while no commit succeeds for buffer.stall_after: messages "
+            "waiting in memory",
+        },
         "clock": {"enum": ["synced", "unsynced"]},
         "tls": {
             "oneOf": [
@@ -357,7 +374,7 @@ def _health() -> dict[str, Any]:
             "description": "with TLS: false when the broker's certificate is not verified",
         },
     }
-    req = [k for k in props if k not in ("buffer_error", "tls_verify")]
+    req = [k for k in props if k not in ("buffer_error", "buffer_waiting", "tls_verify")]
     return {
         **_head("health", "Gateway health", "Retained; at every connect and every 30 s."),
         **_obj(req, props),
