@@ -563,6 +563,7 @@ class Agent:
                 buffer="memory" if self.buffer.sync.memory else "disk",
                 clock="synced" if self.clock.synced else "unsynced",
                 buffer_error=self.buffer_error,
+                buses={poller.name: poller.bus.counters.as_dict() for poller in self.pollers},
                 **self.link.tls_health(),
             )
         )
