@@ -260,14 +260,19 @@ class ModbusBus(ABC):
         raise NotImplementedError
 
     async def read_raw(
-        self, unit_id: int, block: Block, timeout: float | None = None
+        self,
+        unit_id: int,
+        block: Block,
+        timeout: float | None = None,
+        retry: RetryBudget | None = None,
     ) -> Sequence[int] | Sequence[bool]:
-        """Read one block's raw registers (or bits) without decoding (technicians' tools).
+        """Read one block's raw registers (or bits) without decoding (technicians' tools),
+        sent again after a failure as ``retry`` allows.
 
         Raises:
             ExceptionReply, FrameError, TimeoutError, OSError: as :meth:`_read_values`.
         """
-        return await self._read_values(unit_id, block, timeout)
+        return await self._read_retrying(unit_id, block, timeout, retry)
 
     @abstractmethod
     async def write(
