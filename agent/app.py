@@ -612,6 +612,7 @@ class Agent:
                 clock="synced" if self.clock.synced else "unsynced",
                 buffer_error=buffer_error,
                 buffer_waiting=None if stall is None else self.writer.waiting,
+                buses={poller.name: poller.bus.counters.as_dict() for poller in self.pollers},
                 **self.link.tls_health(),
             )
         )

@@ -233,24 +233,34 @@ async def read_table(
     timeout: float | None,
     max_gap: int = 0,
     max_registers: int = 125,
+    retries: int = 0,
 ) -> list[tuple[ModbusPoint, str, Any]]:
-    """Poll once: ``(point, raw registers as hex, result)`` per point, in point order."""
+    """Poll once: ``(point, raw registers as hex, result)`` per point, in point order;
+    ``retries`` failed requests are sent again (as the agent would, without its poll
+    interval to keep)."""
     from pymodbus.exceptions import ModbusException
 
     from drivers.modbus.config import BIT_TABLES
-    from drivers.modbus.driver import Block, apply_decimal_points, decode_block, plan_blocks
+    from drivers.modbus.driver import (
+        Block,
+        RetryBudget,
+        apply_decimal_points,
+        decode_block,
+        plan_blocks,
+    )
     from drivers.modbus.line import ExceptionReply, FrameError
 
     raw: dict[str, str] = {}
     results: dict[str, Any] = {}
     ordered: list[ModbusPoint] = []
     unsent: list[Any] = []
+    retry = RetryBudget(retries, float("inf"))
 
     async def read(block: Block, narrow: bool) -> list[Any]:
         """One block with its raw words; refused with an exception: point by point, so
         that the points the device has still show their raw registers."""
         try:
-            words = await bus.read_raw(unit_id, block, timeout)
+            words = await bus.read_raw(unit_id, block, timeout, retry)
         except ExceptionReply:
             if narrow and len(block.points) > 1:
                 out: list[Any] = []
@@ -292,6 +302,13 @@ def print_table(rows: list[tuple[ModbusPoint, str, Any]]) -> int:
     return bad
 
 
+def bus_counters(bus: ModbusBus) -> str:
+    """One line with the bus's counters (requests, timeouts, CRC errors, garbage bytes,
+    frame errors, retries) for this command's requests."""
+    counts = ", ".join(f"{k} {v}" for k, v in bus.counters.as_dict().items())
+    return f"  bus {bus.name}: {counts}"
+
+
 @click.command()
 @click.option(
     "--config",
@@ -313,7 +330,8 @@ def print_table(rows: list[tuple[ModbusPoint, str, Any]]) -> int:
 )
 def read(**kw: Any) -> None:
     """Poll devices once and print each point: table and address, raw registers (hex),
-    value, unit and quality. Nothing is published.
+    value, unit and quality, then the bus's counters (requests, timeouts, CRC errors,
+    garbage bytes skipped, frame errors, retries). Nothing is published.
 
     With --config: every device of the config (or --device). Without: the bus given by
     --serial-port or --host, unit --unit, points from --profile and/or --point.
@@ -322,7 +340,9 @@ def read(**kw: Any) -> None:
 
     bus_opts = take_bus_options(kw)
     config_file, device_ids = kw["config_file"], kw["device_ids"]
-    jobs: list[tuple[str, Callable[[], ModbusBus], int, list[ModbusPoint], float | None, int, int]]
+    jobs: list[
+        tuple[str, Callable[[], ModbusBus], int, list[ModbusPoint], float | None, int, int, int]
+    ]
     if config_file:
         from agent.app import make_bus
         from agent.config.model import AgentConfig
@@ -349,6 +369,7 @@ def read(**kw: Any) -> None:
                 d.timeout,
                 d.max_gap,
                 d.max_registers,
+                d.retries,
             )
             for d in chosen
             if isinstance(d, ModbusDevice)
@@ -365,11 +386,11 @@ def read(**kw: Any) -> None:
         if dup:
             raise click.BadParameter(f"point name(s) used twice: {', '.join(sorted(dup))}")
         unit = kw["unit_id"]
-        jobs = [(f"unit {unit}", bus_opts.make, unit, points, None, 0, 125)]
+        jobs = [(f"unit {unit}", bus_opts.make, unit, points, None, 0, 125, 0)]
 
     async def poll() -> int:
         bad = 0
-        for title, make, unit_id, points, timeout, gap, most in jobs:
+        for title, make, unit_id, points, timeout, gap, most, retries in jobs:
             bus = make()
             connected = await bus.connect()
             click.echo(f"{title}" if config_file else f"{title}  ({bus.name})")
@@ -379,9 +400,11 @@ def read(**kw: Any) -> None:
                 bad += 1
                 continue
             try:
-                bad += print_table(await read_table(bus, unit_id, points, timeout, gap, most))
+                rows = await read_table(bus, unit_id, points, timeout, gap, most, retries)
+                bad += print_table(rows)
             finally:
                 bus.close()
+            click.echo(bus_counters(bus))
         return 0 if bad == 0 else 1
 
     sys.exit(asyncio.run(poll()))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from agent.readings import now_ms
 from drivers.base import GOOD, PointResult
 from drivers.modbus.config import ModbusDevice
-from drivers.modbus.driver import Block, ModbusBus, plan_blocks
+from drivers.modbus.driver import Block, ModbusBus, RetryBudget, plan_blocks
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ PollSink = Callable[[ModbusDevice, int, list[PointResult]], None]
 """Receives (device, acquisition time in UTC ms, one result per point) after every poll."""
 
 COMM_QUALITIES = frozenset({"timeout", "no_connection"})
+UNANSWERED = frozenset({"timeout", "no_connection", "frame_error"})
+"""Qualities of a point the device gave no usable answer for."""
 CYCLE_SLACK_S = 0.002
 """Devices due within this much of the first due one are polled in the same cycle."""
 BACKOFF_AFTER = 3
@@ -59,6 +61,9 @@ class DeviceState:
     """Points the device rejected as unsupported: name → (retry time, last result)."""
     bridging: bool = True
     """False once the device refused a request spanning unused registers."""
+    answered: bool = True
+    """Whether the device answered anything at its last poll: only then are failed
+    requests retried (a device that stopped answering costs one timeout per poll)."""
 
     def __post_init__(self) -> None:
         self.addresses = {p.name: p.address for p in self.device.points}
@@ -132,6 +137,12 @@ class BusPoller:
         often (up to :data:`BACKOFF_MAX_S`): meanwhile its polls are published as bad
         quality without a request, so a dead meter does not take its timeout out of every
         cycle of the devices sharing its line.
+
+        A request that fails with a timeout, CRC or frame error is sent again at once, up
+        to the device's ``retries`` per poll, when the device answered its previous poll
+        and the retry, run to its timeout, ends within the poll interval
+        (:class:`drivers.modbus.driver.RetryBudget`): a noise burst costs no reading, and
+        a device that stopped answering costs the others at most one retry once.
         """
         dev = st.device
         ts = now_ms()
@@ -165,9 +176,13 @@ class BusPoller:
         if any(t <= now for t, _ in st.unsupported.values()):
             st.unsupported = {n: v for n, v in st.unsupported.items() if v[0] > now}
             st.replan()
+        retry = RetryBudget(dev.retries if st.answered else 0, now + dev.poll_interval)
         results = (
-            await self.bus.read_device(dev.unit_id, st.blocks, dev.timeout) if st.blocks else []
+            await self.bus.read_device(dev.unit_id, st.blocks, dev.timeout, retry)
+            if st.blocks
+            else []
         )
+        st.answered = not results or any(r.quality not in UNANSWERED for r in results)
         if st.bridging and any(
             b.count > sum(p.register_count for p in b.points) for b in self.bus.narrowed
         ):

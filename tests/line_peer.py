@@ -42,9 +42,11 @@ class LinePeer:
 
     ``registers[unit]`` maps holding-register addresses to values; a unit absent from it
     never answers. ``faults[unit]`` lists faults for that unit's next replies, one each:
-    ``crc``, ``garbage``, ``byte_count``, ``other_unit``, ``late:<seconds>``,
-    ``bad_echo``. ``echo`` makes every reply start with the request (the master's own
-    two-wire adapter).
+    ``crc``, ``garbage``, ``byte_count``, ``other_unit``, ``other_unit_first`` (a valid
+    frame from another unit, then the reply), ``late:<seconds>``, ``bad_echo``, or ``""``
+    (none). ``echo`` makes every reply start with the request (the master's own two-wire
+    adapter). ``prefixes``, when given, are sent in turn before each reply (line noise:
+    stray bytes before every frame).
     """
 
     baudrate: int = 9600
@@ -52,6 +54,9 @@ class LinePeer:
     registers: dict[int, dict[int, int]] = field(default_factory=dict)
     faults: dict[int, list[str]] = field(default_factory=dict)
     echo: bool = False
+    prefixes: list[bytes] = field(default_factory=list)
+    prefixed: int = 0
+    """Stray bytes sent before replies so far."""
     turnaround: float = 0.002
     """Device think time before replying, seconds."""
     requests: list[Request] = field(default_factory=list)
@@ -194,6 +199,13 @@ class LinePeer:
             wire = wire[:-1] + bytes([wire[-1] ^ 0xFF])
         if fault_now == "garbage":
             wire = b"\x00" + wire
+        if fault_now == "other_unit_first":
+            other = bytes([(unit % 247) + 1]) + adu[1:3] + bytes(len(adu) - 3)
+            wire = self._wire(other) + wire
+        if self.prefixes:
+            noise = self.prefixes[len(self.requests) % len(self.prefixes)]
+            self.prefixed += len(noise)
+            wire = noise + wire
         if self.echo:
             sent = self._wire(req)
             if fault_now == "bad_echo":

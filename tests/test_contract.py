@@ -234,6 +234,16 @@ def _samples() -> list[tuple[str, bytes]]:
             "client_cert_expires": None,
         },
         tls_verify=True,
+        buses={
+            "serial:/dev/ttyUSB0": {
+                "requests": 1200,
+                "timeouts": 3,
+                "crc_errors": 2,
+                "garbage_bytes": 17,
+                "frame_errors": 1,
+                "retries": 5,
+            }
+        },
     )
     info = payloads.info(
         GW,

@@ -197,6 +197,9 @@ class Health:
     (:meth:`agent.mqtt.MqttLink.tls_health`)."""
     tls_verify: bool | None = None
     """With TLS: whether the broker's certificate is verified (case 048)."""
+    buses: Mapping[str, Mapping[str, int]] | None = None
+    """Per Modbus bus name, its counters (:meth:`drivers.modbus.line.LineCounters.as_dict`:
+    requests, timeouts, crc_errors, garbage_bytes, frame_errors, retries); None: no bus."""
 
 
 def health(h: Health) -> bytes:
@@ -226,6 +229,7 @@ def health(h: Health) -> bytes:
     doc["tls"] = None if h.tls is None else dict(h.tls)
     if h.tls_verify is not None:
         doc["tls_verify"] = h.tls_verify
+    doc["buses"] = {name: dict(c) for name, c in (h.buses or {}).items()}
     return _dumps(doc)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +68,17 @@ def _obj(required: list[str], props: dict[str, Any], **extra: Any) -> dict[str, 
     }
 
 
-def _head(kind: str, title: str, description: str) -> dict[str, Any]:
+def _head(kind: str, title: str, description: str, version: int | None = None) -> dict[str, Any]:
     return {
         "$schema": DRAFT,
-        "$id": f"urn:lifeline-edge-agent:schema:{kind}:{SCHEMA_VERSIONS[kind]}",
+        "$id": f"urn:lifeline-edge-agent:schema:{kind}:{version or SCHEMA_VERSIONS[kind]}",
         "title": title,
         "description": description,
     }
 
 
-def _schema_const(kind: str) -> dict[str, Any]:
-    return {"const": schema_id(kind)}
+def _schema_const(kind: str, version: int | None = None) -> dict[str, Any]:
+    return {"const": f"{kind}/{version}" if version else schema_id(kind)}
 
 
 def _telemetry() -> dict[str, Any]:
@@ -328,10 +329,24 @@ def _notice() -> dict[str, Any]:
     }
 
 
-def _health() -> dict[str, Any]:
+BUS_COUNTERS = {
+    "requests": "requests sent (retries included)",
+    "timeouts": "requests without a reply within their timeout",
+    "crc_errors": "replies refused for a bad CRC (RTU) or LRC (ASCII)",
+    "garbage_bytes": "bytes received that were not part of a reply used (stray bytes "
+    "skipped to find a reply, bytes between requests, refused replies, replies to other "
+    "requests)",
+    "frame_errors": "replies refused for anything but the CRC/LRC",
+    "retries": "requests sent again within a poll after a timeout, CRC or frame error",
+}
+"""The per-bus counters of ``health``, as
+:class:`drivers.modbus.line.LineCounters` counts them."""
+
+
+def _health(version: int = SCHEMA_VERSIONS["health"]) -> dict[str, Any]:
     count = {"type": "integer", "minimum": 0}
     props = {
-        "schema": _schema_const("health"),
+        "schema": _schema_const("health", version),
         "gateway": ID,
         "ts": TS,
         "pending": count,
@@ -374,9 +389,18 @@ def _health() -> dict[str, Any]:
             "description": "with TLS: false when the broker's certificate is not verified",
         },
     }
+    props["buses"] = {
+        "type": "object",
+        "description": "per Modbus bus (its name: tcp://host:port or serial:PORT), the "
+        "counts since the agent started",
+        "additionalProperties": _obj(
+            list(BUS_COUNTERS),
+            {k: {**count, "description": d} for k, d in BUS_COUNTERS.items()},
+        ),
+    }
     req = [k for k in props if k not in ("buffer_error", "buffer_waiting", "tls_verify")]
     return {
-        **_head("health", "Gateway health", "Retained; at every connect and every 30 s."),
+        **_head("health", "Gateway health", "Retained; at every connect and every 30 s.", version),
         **_obj(req, props),
     }
 
@@ -498,9 +522,16 @@ BUILDERS = {
 }
 
 
+OLDER: dict[str, Callable[[], dict[str, Any]]] = {}
+"""Earlier versions whose files stay in ``docs/schemas`` (what older agents send)."""
+
+
 def schemas() -> dict[str, dict[str, Any]]:
-    """File name (``{kind}.v{version}.json``) → schema document, for every payload kind."""
-    return {f"{k}.v{SCHEMA_VERSIONS[k]}.json": build() for k, build in BUILDERS.items()}
+    """File name (``{kind}.v{version}.json``) → schema document, for every payload kind
+    (and the earlier versions in :data:`OLDER`)."""
+    out = {f"{k}.v{SCHEMA_VERSIONS[k]}.json": build() for k, build in BUILDERS.items()}
+    out.update({name: build() for name, build in OLDER.items()})
+    return out
 
 
 def render(doc: dict[str, Any]) -> str:

@@ -230,6 +230,13 @@ class ModbusProfile(StrictModel):
         return self
 
 
+MAX_RETRIES = 5
+RETRIES_HELP = (
+    "Times a request is sent again within one poll after a timeout, CRC or frame error, if "
+    "the device answered its previous poll and the retry can end within the poll interval"
+)
+
+
 class ModbusDevice(StrictModel):
     """What every Modbus device has, whatever its transport."""
 
@@ -243,6 +250,13 @@ class ModbusDevice(StrictModel):
     )
     timeout: Annotated[Duration, at_least("10ms")] = Field(
         default=1.0, description="Response timeout per request"
+    )
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_RETRIES,
+        strict=True,
+        description=RETRIES_HELP + "; default 0 on Modbus TCP",
     )
     profile: Name | None = Field(default=None, description="Register map from the profile dir")
     points: list[ModbusPoint] = Field(default_factory=list)
@@ -337,6 +351,13 @@ class ModbusRtuDevice(ModbusDevice, _LineOptions):
     V1.02, 2.5.1: 8 data bits, even parity by default; many sensors ship 9600 8N1)."""
 
     driver: Literal["modbus_rtu"]
+    retries: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_RETRIES,
+        strict=True,
+        description=RETRIES_HELP + "; default 1 on a serial line",
+    )
     serial_port: str = Field(
         min_length=1,
         description="Serial device (/dev/ttyUSB0, /dev/serial/by-id/...) or pyserial URL "
@@ -386,6 +407,13 @@ class ModbusRtuOverTcpDevice(ModbusDevice, _LineOptions):
     behind one ``host:port`` share its RS-485 line: one request at a time."""
 
     driver: Literal["modbus_rtu_over_tcp"]
+    retries: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_RETRIES,
+        strict=True,
+        description=RETRIES_HELP + "; default 1 on a serial line",
+    )
     host: HostName
     port: int = Field(ge=1, le=65535, description="The server's raw TCP port for the line")
 

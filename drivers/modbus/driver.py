@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from drivers.modbus.config import (
 from drivers.modbus.line import (
     ExceptionReply,
     FrameError,
+    LineCounters,
     SerialLine,
     data_to_values,
     read_pdu,
@@ -177,6 +179,25 @@ def _bad(
     return [PointResult(p.name, None, quality, error, code) for p in points]
 
 
+@dataclass(slots=True)
+class RetryBudget:
+    """The retries one poll of a device may still make.
+
+    A request that failed with a timeout, a CRC error or a frame error is sent again at
+    once (in the device's own turn on the bus: no other device's request comes between)
+    while ``left`` is above 0, the bus is still connected, and the retry, were it to run
+    to its full timeout, would end by ``until`` (monotonic seconds: the end of the
+    device's poll interval), so a retry never makes a device late for its own next poll.
+
+    Attributes:
+        left: retries still allowed in this poll (``retries`` of the device's config).
+        until: ``time.monotonic()`` by which every retry must be over.
+    """
+
+    left: int
+    until: float
+
+
 UNSUPPORTED_CODES = frozenset({1, 2})
 """Exception codes meaning "this device has no such point" (illegal function, illegal data
 address) when a single point is asked for: quality ``unsupported``."""
@@ -196,8 +217,17 @@ class ModbusBus(ABC):
 
     name: str
     narrowed: list[Block]
+    timeout: float
+    """Default seconds to wait for each reply."""
     last_error: str = ""
     """Why the last :meth:`connect` failed (empty when unknown)."""
+
+    @property
+    @abstractmethod
+    def counters(self) -> LineCounters:
+        """Requests, timeouts, CRC errors, garbage bytes, frame errors and retries on this
+        bus since it was made."""
+        raise NotImplementedError
 
     @property
     @abstractmethod
@@ -230,14 +260,19 @@ class ModbusBus(ABC):
         raise NotImplementedError
 
     async def read_raw(
-        self, unit_id: int, block: Block, timeout: float | None = None
+        self,
+        unit_id: int,
+        block: Block,
+        timeout: float | None = None,
+        retry: RetryBudget | None = None,
     ) -> Sequence[int] | Sequence[bool]:
-        """Read one block's raw registers (or bits) without decoding (technicians' tools).
+        """Read one block's raw registers (or bits) without decoding (technicians' tools),
+        sent again after a failure as ``retry`` allows.
 
         Raises:
             ExceptionReply, FrameError, TimeoutError, OSError: as :meth:`_read_values`.
         """
-        return await self._read_values(unit_id, block, timeout)
+        return await self._read_retrying(unit_id, block, timeout, retry)
 
     @abstractmethod
     async def write(
@@ -255,20 +290,52 @@ class ModbusBus(ABC):
         """
         raise NotImplementedError
 
+    async def _read_retrying(
+        self, unit_id: int, block: Block, timeout: float | None, retry: RetryBudget | None
+    ) -> Sequence[int] | Sequence[bool]:
+        """:meth:`_read_values`, sent again after a timeout, CRC or frame error while
+        ``retry`` allows (see :class:`RetryBudget`)."""
+        while True:
+            try:
+                return await self._read_values(unit_id, block, timeout)
+            except (TimeoutError, FrameError) as exc:
+                task = asyncio.current_task()
+                if (
+                    retry is None
+                    or retry.left <= 0
+                    or (task is not None and task.cancelling())
+                    or not self.connected
+                    or time.monotonic() + (timeout or self.timeout) > retry.until
+                ):
+                    raise
+                retry.left -= 1
+                self.counters.retries += 1
+                log.debug(
+                    "%s unit %d: %s; sending the request again",
+                    self.name,
+                    unit_id,
+                    describe_error(exc),
+                )
+
     async def read_block(
-        self, unit_id: int, block: Block, timeout: float | None = None
+        self,
+        unit_id: int,
+        block: Block,
+        timeout: float | None = None,
+        retry: RetryBudget | None = None,
     ) -> list[PointResult]:
         """Read one block; on an exception reply, narrow it to single points.
 
         Returns one :class:`PointResult` per point of the block, never raises for device
         faults: timeouts give quality ``timeout``; a Modbus exception quality ``exception``
         (with the code and its name), or ``unsupported`` for a single point answered with
-        exception 1 or 2; a garbled or mismatched reply ``frame_error``; a lost connection
-        ``no_connection``.
+        exception 1 or 2; a garbled or mismatched reply (a bad CRC included)
+        ``frame_error``; a lost connection ``no_connection``. A failed request is sent
+        again as ``retry`` allows (None: never).
         """
         fc = FUNCTION_CODES[block.table]
         try:
-            words = await self._read_values(unit_id, block, timeout)
+            words = await self._read_retrying(unit_id, block, timeout, retry)
         except ExceptionReply as exc:
             code = exc.code
             if len(block.points) > 1:
@@ -277,7 +344,7 @@ class ModbusBus(ABC):
                 out: list[PointResult] = []
                 for p in block.points:
                     single = Block(block.table, p.address, p.register_count, (p,))
-                    out.extend(await self.read_block(unit_id, single, timeout))
+                    out.extend(await self.read_block(unit_id, single, timeout, retry))
                 return out
             name = EXCEPTION_NAMES.get(code, "unknown exception")
             what = f"exception {code} ({name}) to FC {fc:02d} at address {block.start}"
@@ -308,13 +375,19 @@ class ModbusBus(ABC):
         return decode_block(block, words)
 
     async def read_device(
-        self, unit_id: int, blocks: Sequence[Block], timeout: float | None = None
+        self,
+        unit_id: int,
+        blocks: Sequence[Block],
+        timeout: float | None = None,
+        retry: RetryBudget | None = None,
     ) -> list[PointResult]:
         """Read every block of one device in order (``timeout`` per request, seconds; the
-        bus's default when ``None``).
+        bus's default when ``None``); failed requests are sent again as ``retry`` allows,
+        the budget shared by every block of this poll.
 
-        After a timeout or a lost connection the remaining blocks are not tried in this cycle
-        (they get the same bad quality), so a dead device costs one timeout per poll.
+        After a timeout or a lost connection (once the retries are spent) the remaining
+        blocks are not tried in this cycle (they get the same bad quality), so a dead
+        device costs one timeout per poll, plus the retries its budget allows.
         """
         self.narrowed = []
         out: list[PointResult] = []
@@ -323,7 +396,7 @@ class ModbusBus(ABC):
             if failed is not None:
                 out.extend(_bad(block.points, failed.quality, failed.error or ""))
                 continue
-            results = await self.read_block(unit_id, block, timeout)
+            results = await self.read_block(unit_id, block, timeout, retry)
             out.extend(results)
             if (
                 results
@@ -353,6 +426,10 @@ class ModbusTcpBus(ModbusBus):
     @property
     def connected(self) -> bool:
         return self._client.connected
+
+    @property
+    def counters(self) -> LineCounters:
+        return self._client.counters
 
     async def connect(self) -> bool:
         try:
@@ -409,6 +486,10 @@ class LineBus(ModbusBus):
     @property
     def connected(self) -> bool:
         return self.line.connected
+
+    @property
+    def counters(self) -> LineCounters:
+        return self.line.counters
 
     async def connect(self) -> bool:
         ok = await self.line.connect()
@@ -509,6 +590,7 @@ __all__ = [
     "ModbusBus",
     "ModbusRtuBus",
     "ModbusTcpBus",
+    "RetryBudget",
     "decode_block",
     "decode_point",
     "plan_blocks",

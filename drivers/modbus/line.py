@@ -10,9 +10,18 @@ that a generic client leaves to chance:
 - whatever arrived between two requests (a late reply, noise) is discarded before the next
   request is sent, so a late reply is never taken for the next one (case 019);
 - every reply is checked in full before any of it is used: unit id, function code, byte
-  count, CRC (RTU, 6.2.2 of the same spec) or LRC (ASCII, 6.2.1) and the frame's position
-  (garbage before the frame is an error, never a shifted frame); each failure raises
-  :class:`FrameError` with the bytes received;
+  count (reads) or echoed fields (writes), CRC (RTU, 6.2.2 of the same spec) or LRC
+  (ASCII, 6.2.1); each failure raises :class:`FrameError` (:class:`CrcError` for a bad
+  CRC/LRC) with the bytes received;
+- resynchronisation: when the bytes received do not start with the reply, the reply is
+  looked for inside them (:func:`find_reply`, :func:`find_ascii_reply`): the first
+  whole frame that answers this very request (same unit id, same function code or its
+  exception code, the byte count this request implies or the echoed fields, a valid
+  CRC/LRC) is used and the bytes before it are counted as garbage; a frame answering
+  another request (another unit, a late reply) is never taken. After stray bytes the
+  reader waits for the reply until the response timeout, not only until the next
+  silence (a device may answer several character times after its adapter's noise);
+- every request and its outcome is counted per line (:class:`LineCounters`);
 - two-wire adapters that echo the request (``local_echo``): the echo is consumed and
   compared, and the response timeout starts after it; a corrupted echo is a collision and
   the request is sent once more; an adapter that does not echo after all is noticed rather
@@ -28,6 +37,8 @@ import logging
 import struct
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from drivers.serial_io import open_serial
 
@@ -39,6 +50,56 @@ READ_FUNCTIONS = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
 class FrameError(Exception):
     """A reply arrived but cannot be used (bad CRC/LRC, garbage, wrong unit id, function
     code or byte count, a bad echo). The message says what and shows the bytes."""
+
+
+class CrcError(FrameError):
+    """The reply's CRC (RTU, Modbus over Serial Line V1.02, 6.2.2) or LRC (ASCII, 6.2.1)
+    does not match its content: a reply corrupted on the line."""
+
+
+@dataclass(slots=True)
+class LineCounters:
+    """What happened on one bus (a line or a TCP connection) since the bus was made; the
+    agent reports them in its health message, ``read`` prints them.
+
+    Attributes:
+        requests: requests sent (retries and collision resends included).
+        timeouts: requests that got no reply within their timeout.
+        crc_errors: replies refused for a bad CRC (RTU) or LRC (ASCII).
+        garbage_bytes: bytes received that were not part of a reply used: skipped
+            before a reply (resynchronisation), arrived between two requests, in a
+            refused reply, or in a frame answering another request.
+        frame_errors: replies refused for anything but the CRC/LRC (garbled, wrong byte
+            count, a frame answering another request and nothing else, a flood).
+        retries: requests sent again within a poll after a timeout, CRC or frame error.
+    """
+
+    requests: int = 0
+    timeouts: int = 0
+    crc_errors: int = 0
+    garbage_bytes: int = 0
+    frame_errors: int = 0
+    retries: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name, in the order above."""
+        return {
+            "requests": self.requests,
+            "timeouts": self.timeouts,
+            "crc_errors": self.crc_errors,
+            "garbage_bytes": self.garbage_bytes,
+            "frame_errors": self.frame_errors,
+            "retries": self.retries,
+        }
+
+    def count_failure(self, exc: BaseException) -> None:
+        """Count a failed request by its error: TimeoutError, CrcError or FrameError."""
+        if isinstance(exc, TimeoutError):
+            self.timeouts += 1
+        elif isinstance(exc, CrcError):
+            self.crc_errors += 1
+        elif isinstance(exc, FrameError):
+            self.frame_errors += 1
 
 
 class ExceptionReply(Exception):
@@ -132,6 +193,116 @@ def reply_length(request: bytes, reply_head: bytes) -> int | None:
     return 8  # 5, 6, 15, 16 answer with 4 bytes of PDU data
 
 
+def reply_size(request: bytes) -> int:
+    """Length of the RTU reply (unit id to CRC) that answers ``request`` (unit id + PDU)
+    normally: 5 + the byte count for reads (FC 1–4: 2 per register, 1 per 8 bits), 8 for
+    writes (FC 5, 6, 15, 16 echo address and value or quantity); an exception reply has 5
+    (Modbus Application Protocol V1.1b3, 6.1–6.12 and 7). Pure."""
+    fc = request[1]
+    if fc in (1, 2, 3, 4):
+        count = (request[4] << 8) | request[5]
+        return 5 + (2 * count if fc in (3, 4) else -(-count // 8))
+    return 8
+
+
+def _answer_size(request: bytes, size: int, buf: bytes | bytearray, k: int) -> int | None:
+    """Length of the frame that answers ``request`` if one starts at ``buf[k]``, judged
+    from its head only: ``None`` when it cannot (another unit, function code, byte count
+    or echoed field), 0 when too few bytes have come to tell."""
+    n = len(buf)
+    if k + 1 >= n:
+        return 0
+    fc = request[1]
+    got = buf[k + 1]
+    if got == fc | 0x80:
+        return 5
+    if got != fc:
+        return None
+    if fc in (1, 2, 3, 4):
+        if k + 2 >= n:
+            return 0
+        return size if buf[k + 2] == size - 5 else None
+    head = bytes(buf[k + 2 : k + 6])
+    return size if request[2 : 2 + len(head)] == head else None
+
+
+class Found(NamedTuple):
+    """Where :func:`find_reply` found the reply."""
+
+    at: int
+    """Offset of the reply's first byte in the buffer; -1 when there is none (yet)."""
+    length: int
+    """Its length with the CRC (0 when none)."""
+    resume: int
+    """The first offset not yet ruled out: search again from here when more bytes come."""
+
+
+def find_reply(request: bytes, buf: bytes | bytearray, start: int = 0) -> Found:
+    """The first whole RTU frame in ``buf`` (from offset ``start``) that answers
+    ``request`` (unit id + PDU, no CRC): the same unit id; the same function code or its
+    exception code (``fc | 0x80``, 5 bytes); for a read the byte count the request implies,
+    for a write the echoed address and value or quantity; and a valid CRC (Modbus over
+    Serial Line V1.02, 2.5.1.2 frame and 6.2.2 CRC). A frame that answers another request
+    is never returned. Pure; each offset costs a byte comparison, and a CRC only when a
+    whole frame with the right head is there.
+    """
+    unit = request[:1]
+    size = reply_size(request)
+    n = len(buf)
+    undecided = -1
+    k = start
+    while (k := buf.find(unit, k)) >= 0:
+        length = _answer_size(request, size, buf, k)
+        if length is not None:
+            if length == 0 or k + length > n:
+                if undecided < 0:
+                    undecided = k
+            elif crc16(bytes(buf[k : k + length - 2])) == buf[k + length - 2 : k + length]:
+                return Found(k, length, k)
+        k += 1
+    return Found(-1, 0, n if undecided < 0 else undecided)
+
+
+def _fits(request: bytes, adu: bytes) -> bool:
+    """Whether ``adu`` (unit id + PDU) answers ``request``, normally or with an exception."""
+    try:
+        check_reply(request, adu)
+    except ExceptionReply:
+        return True
+    except FrameError:
+        return False
+    return True
+
+
+def find_ascii_reply(
+    request: bytes, buf: bytes | bytearray, start: int = 0
+) -> tuple[int, int, bytes | None]:
+    """The first whole ASCII frame in ``buf`` (from ``start``) that answers ``request``:
+    ``:`` + hex + CR LF with a valid LRC (Modbus over Serial Line V1.02, 2.5.2.1 and
+    6.2.1) whose unit id, function code and byte count (or echoed fields) fit the request.
+
+    Returns ``(at, end, adu)``: the frame is ``buf[at:end]`` and ``adu`` its unit id + PDU;
+    with no such frame ``(-1, resume, None)``, ``resume`` being where the first line not
+    yet ended starts (search again from there). Pure.
+    """
+    k = start
+    while True:
+        nl = buf.find(b"\n", k)
+        if nl < 0:
+            return -1, k, None
+        line = bytes(buf[k:nl])
+        colon = line.rfind(b":")  # a frame holds no ':' after its first byte
+        if colon >= 0:
+            text = line[colon + 1 :].rstrip(b"\r")
+            try:
+                raw = bytes.fromhex(text.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                raw = b""
+            if len(raw) >= 3 and lrc(raw[:-1]) == raw[-1] and _fits(request, raw[:-1]):
+                return k + colon, nl + 1, raw[:-1]
+        k = nl + 1
+
+
 def _hex(data: bytes | bytearray) -> str:
     text = bytes(data[:64]).hex(" ").upper()
     return text + (" …" if len(data) > 64 else "")
@@ -208,7 +379,7 @@ def parse_ascii(frame: bytes) -> bytes:
     if len(raw) < 3:
         raise FrameError(f"ASCII reply too short: {frame!r}")
     if lrc(raw[:-1]) != raw[-1]:
-        raise FrameError(
+        raise CrcError(
             f"LRC error in ASCII reply: frame says {raw[-1]:02X}, computed "
             f"{lrc(raw[:-1]):02X}: {frame!r}"
         )
@@ -216,11 +387,6 @@ def parse_ascii(frame: bytes) -> bytes:
 
 
 # -- the line -------------------------------------------------------------------------------
-
-HINT_SPAN = 300
-"""How far into a garbled reply a whole reply is looked for (to say "garbage before a
-reply"): a little more than the longest RTU frame."""
-
 
 RX_LIMIT = 4096
 """Most received bytes a line holds at once. A reply is far shorter: an RTU ADU has at most
@@ -328,14 +494,18 @@ class SerialLine:
         self._quiet_from = 0.0
         self._lock = asyncio.Lock()
         self._echo_missing_logged = False
-        self.requests = 0
-        """Requests sent (for diagnostics and tests)."""
-        self.stray = 0
-        """Bytes that arrived unasked between two requests and were thrown away."""
+        self._echo_extra_logged = False
+        self.counters = LineCounters()
+        """Requests and their outcomes on this line (see :class:`LineCounters`)."""
         self.noisy = 0
         """Requests not sent because the line never fell silent."""
         self.last_error = ""
         """Why the last :meth:`connect` failed."""
+
+    @property
+    def requests(self) -> int:
+        """Requests sent (``counters.requests``)."""
+        return self.counters.requests
 
     @property
     def connected(self) -> bool:
@@ -403,6 +573,7 @@ class SerialLine:
             if ready > give_up:
                 n = len(p.buf) + p.overflow
                 self.noisy += 1
+                self.counters.garbage_bytes += n
                 shown = _hex(p.buf)
                 p.clear()
                 raise FrameError(
@@ -413,7 +584,7 @@ class SerialLine:
             await asyncio.sleep(min(delay, max(give_up - now, 0.001)))
         if p.buf or p.overflow:
             log.debug("%s: discarded %d stray byte(s): %s", self.endpoint, len(p.buf), _hex(p.buf))
-            self.stray += len(p.buf) + p.overflow
+            self.counters.garbage_bytes += len(p.buf) + p.overflow
             p.clear()
 
     def _check_open(self, p: _LineProtocol) -> None:
@@ -443,6 +614,7 @@ class SerialLine:
         self._check_open(p)
         if p.overflow:
             n = p.overflow
+            self.counters.garbage_bytes += n
             p.clear()
             raise FrameError(
                 f"{n} bytes arrived for one reply, more than {p.limit}: a device babbles; "
@@ -463,13 +635,17 @@ class SerialLine:
         """
         async with self._lock:
             try:
-                return await self._transact(request, timeout)
-            except _Collision as exc:
-                log.info("%s: %s; sending the request once more", self.endpoint, exc)
                 try:
                     return await self._transact(request, timeout)
-                except _Collision as again:
-                    raise FrameError(str(again)) from None
+                except _Collision as exc:
+                    log.info("%s: %s; sending the request once more", self.endpoint, exc)
+                    try:
+                        return await self._transact(request, timeout)
+                    except _Collision as again:
+                        raise FrameError(str(again)) from None
+            except (TimeoutError, FrameError) as exc:
+                self.counters.count_failure(exc)
+                raise
 
     async def _transact(self, request: bytes, timeout: float) -> bytes:
         p = self._port()
@@ -477,7 +653,7 @@ class SerialLine:
         frame = ascii_frame(request) if self.framing == "ascii" else request + crc16(request)
         assert p.transport is not None
         p.transport.write(frame)  # type: ignore[attr-defined]
-        self.requests += 1
+        self.counters.requests += 1
         sent = time.monotonic()
         tx_end = sent + len(frame) * self.char_time
         self._quiet_from = tx_end
@@ -545,105 +721,193 @@ class SerialLine:
     async def _rtu_reply(
         self, p: _LineProtocol, request: bytes, frame: bytes, deadline: float
     ) -> bytes:
+        """Read the RTU reply to ``request``: the frame at the front of the input (the
+        healthy path: one head check per arrival and one CRC), or else the frame found
+        inside it by :func:`find_reply`. Frames answering other requests at the front are
+        thrown away; after garbage the reply is awaited until ``deadline``, unless at
+        least a whole reply's worth of bytes came and the line fell silent (a garbled
+        reply: no other follows)."""
+        size = reply_size(request)
         silence = max(self.frame_gap, 0.02)
+        strays: list[bytes] = []
         unit = request[0]
-        stray: bytes = b""
+        front = True  # the front of the input may still be the reply, or a stray frame
+        resume = 1
+        at = length = -1
+        buf = p.buf
         while True:
-            need = reply_length(request, bytes(p.buf[:3]))
-            if need is not None and len(p.buf) >= need:
-                break
-            other = _whole_frame(p.buf) if need is None and p.buf and p.buf[0] != unit else 0
-            if other:
-                # a whole frame from another unit: a late reply to an earlier request
-                stray = bytes(p.buf[:other])
-                log.debug("%s: discarded a late frame: %s", self.endpoint, _hex(stray))
-                del p.buf[:other]
-                continue
-            if need is None and len(p.buf) >= 2:
-                # not the head of a reply to this request: take what comes until silence
-                wait_until = min(deadline, p.last_rx + silence)
-                if not await self._wait_data(p, wait_until):
+            n = len(buf)
+            if n and front:
+                head = _answer_size(request, size, buf, 0) if buf[0] == unit else None
+                if head == 0 or (head and n < head):  # it may still be the reply
+                    if not await self._wait_data(p, deadline):
+                        break
+                    continue
+                if head and crc16(bytes(buf[: head - 2])) == buf[head - 2 : head]:
+                    at, length = 0, head  # the healthy path
                     break
-                continue
+                other = _frame_size(buf)
+                if other and n >= other:
+                    front = False
+                    if crc16(bytes(buf[: other - 2])) == buf[other - 2 : other]:
+                        # a whole frame answering another request (a late reply): skip it
+                        strays.append(bytes(buf[:other]))
+                        log.debug("%s: discarded a frame: %s", self.endpoint, _hex(strays[-1]))
+                        self.counters.garbage_bytes += other
+                        del buf[:other]
+                        front, resume = True, 1
+                        continue
+                elif not other and n >= 3:
+                    front = False
+            if n:
+                found = find_reply(request, buf, resume)
+                if found.at >= 0:
+                    at, length = found.at, found.length
+                    break
+                resume = max(found.resume, 1)
+                if n >= size and found.resume >= n and not front:
+                    # a garbled reply, or garbage as long as one: it ends with silence
+                    if not await self._wait_data(p, min(deadline, p.last_rx + silence)):
+                        break
+                    continue
             if not await self._wait_data(p, deadline):
                 break
-        buf = bytes(p.buf)
-        if not buf and stray:
-            raise FrameError(
-                f"no reply from unit {unit}; a frame from unit {stray[0]} came instead (a late "
-                f"reply, or two devices with one unit id?): {_hex(stray)}"
-            )
-        if not buf:
-            raise TimeoutError(f"no reply from unit {unit}")
-        if buf.startswith(frame):
-            raise FrameError(
-                f"received our own request back ({_hex(frame)}): this adapter echoes what it "
-                "sends; set local_echo: true for this bus"
-            )
-        if need is None:
-            hint = ""
-            for k in range(1, min(len(buf) - 1, HINT_SPAN)):
-                n = reply_length(request, buf[k : k + 3])
-                if (
-                    n is not None
-                    and len(buf) >= k + n
-                    and crc16(buf[k : k + n - 2]) == buf[k + n - 2 : k + n]
-                ):
-                    hint = f"{k} byte(s) of garbage before a reply: "
-                    break
-            if not hint and len(buf) >= 2 and buf[0] == unit:
-                try:
-                    check_reply(request, buf[:-2])
-                except (FrameError, ExceptionReply) as exc:
-                    hint = f"{exc}: "
-            raise FrameError(f"garbled reply from unit {unit}: {hint}{_hex(buf)}; nothing used")
-        if len(buf) < need:
-            raise FrameError(
-                f"incomplete reply from unit {unit}: {len(buf)} of {need} bytes within the "
-                f"timeout: {_hex(buf)}"
-            )
-        body, crc = buf[: need - 2], buf[need - 2 : need]
-        if crc16(body) != crc:
-            raise FrameError(
-                f"CRC error in reply from unit {unit}: frame says {crc.hex().upper()}, "
-                f"computed {crc16(body).hex().upper()}: {_hex(buf[:need])}; nothing used"
-            )
-        return check_reply(request, body)
+        if at >= 0:
+            if at >= len(frame) and buf.startswith(frame) and not self._echo_extra_logged:
+                log.warning(
+                    "%s: received our own request back before the reply: this adapter echoes "
+                    "what it sends; set local_echo: true for this bus (the reply is used, the "
+                    "echo counted as garbage)",
+                    self.endpoint,
+                )
+                self._echo_extra_logged = True
+            if at:
+                log.debug(
+                    "%s: %d byte(s) of garbage before the reply from unit %d: %s",
+                    self.endpoint,
+                    at,
+                    request[0],
+                    _hex(buf[:at]),
+                )
+                self.counters.garbage_bytes += at
+            body = bytes(buf[at : at + length - 2])
+            del buf[: at + length]
+            return check_reply(request, body)
+        received = bytes(buf)
+        self.counters.garbage_bytes += len(received)
+        p.clear()
+        raise _rtu_failure(request, frame, received, strays)
 
     async def _ascii_reply(self, p: _LineProtocol, request: bytes, deadline: float) -> bytes:
-        while b"\n" not in p.buf:
+        """Read the ASCII reply to ``request``: the first frame that answers it
+        (:func:`find_ascii_reply`), the bytes before it counted as garbage; a frame of this
+        unit with a bad LRC ends the wait (a reply corrupted on the line)."""
+        resume = 0
+        unit_hex = f":{request[0]:02X}".encode()
+        at, end, adu = -1, 0, None
+        while True:
+            if b"\n" in p.buf[resume:]:
+                at, end, adu = find_ascii_reply(request, p.buf, resume)
+                if adu is not None:
+                    break
+                if unit_hex in p.buf[resume:end]:  # this unit's frame, spoilt: no other comes
+                    break
+                resume = end
             if not await self._wait_data(p, deadline):
                 break
+        if adu is not None:
+            self.counters.garbage_bytes += at
+            del p.buf[:end]
+            return check_reply(request, adu)
         buf = bytes(p.buf)
+        self.counters.garbage_bytes += len(buf)
+        p.clear()
         if not buf:
             raise TimeoutError(f"no reply from unit {request[0]}")
-        end = buf.find(b"\n")
-        if end < 0:
+        if b"\n" not in buf:
             raise FrameError(f"incomplete ASCII reply within the timeout: {buf!r}")
         if buf.startswith(ascii_frame(request)):
             raise FrameError(
                 "received our own request back: this adapter echoes what it sends; set "
                 "local_echo: true for this bus"
             )
-        return check_reply(request, parse_ascii(buf[: end + 1]))
+        lines = buf.split(b"\n")[:-1]
+        mine = [ln for ln in lines if unit_hex in ln]
+        line = (mine or lines)[0] + b"\n"
+        spoilt = line[line.rfind(b":") :] if mine else line
+        check_reply(request, parse_ascii(spoilt))  # raises: nothing in it answers
+        raise FrameError(f"no ASCII reply to the request from unit {request[0]}: {buf!r}")
 
 
-def _whole_frame(buf: bytearray) -> int:
-    """Length of the CRC-valid RTU reply frame (of any unit) at the start of ``buf``, or 0."""
-    if len(buf) < 5:
+def _rtu_failure(request: bytes, frame: bytes, buf: bytes, strays: list[bytes]) -> Exception:
+    """The error that says why no reply to ``request`` could be taken from ``buf`` (what
+    came after the request, less the whole frames ``strays`` that answer other requests).
+    """
+    unit = request[0]
+    if not buf and strays:
+        stray = strays[-1]
+        if stray[0] != unit:
+            return FrameError(
+                f"no reply from unit {unit}; a frame from unit {stray[0]} came instead (a late "
+                f"reply, or two devices with one unit id?): {_hex(stray)}"
+            )
+        try:
+            check_reply(request, stray[:-2])
+            why = "it answers another request"
+        except (FrameError, ExceptionReply) as exc:
+            why = str(exc)
+        return FrameError(
+            f"no reply to this request from unit {unit}; a frame that does not fit it came "
+            f"instead ({why}; a late reply?): {_hex(stray)}"
+        )
+    if not buf:
+        return TimeoutError(f"no reply from unit {unit}")
+    if buf.startswith(frame):
+        return FrameError(
+            f"received our own request back ({_hex(frame)}): this adapter echoes what it "
+            "sends; set local_echo: true for this bus"
+        )
+    size = reply_size(request)
+    k = 0
+    while (k := buf.find(request[:1], k)) >= 0:
+        length = _answer_size(request, size, buf, k)
+        if length and k + length <= len(buf):
+            body, crc = buf[k : k + length - 2], buf[k + length - 2 : k + length]
+            before = f" after {k} byte(s) of garbage" if k else ""
+            return CrcError(
+                f"CRC error in reply from unit {unit}{before}: frame says "
+                f"{crc.hex().upper()}, computed {crc16(body).hex().upper()}: {_hex(buf)}; "
+                "nothing used"
+            )
+        if length:
+            return FrameError(
+                f"incomplete reply from unit {unit}: {len(buf) - k} of {length} bytes within "
+                f"the timeout{f' after {k} byte(s) of garbage' if k else ''}: {_hex(buf)}"
+            )
+        k += 1
+    hint = ""
+    if len(buf) >= 5 and buf[0] == unit:
+        try:
+            check_reply(request, buf[:-2])
+        except (FrameError, ExceptionReply) as exc:
+            hint = f"{exc}: "
+    return FrameError(f"garbled reply from unit {unit}: {hint}{_hex(buf)}; nothing used")
+
+
+def _frame_size(buf: bytearray) -> int:
+    """Length of the RTU reply frame (of any unit, any request) that starts ``buf``, judged
+    from its function code and byte count; 0 when that is no reply's head or too few bytes
+    have come to tell."""
+    if len(buf) < 3:
         return 0
     fc = buf[1]
     if fc & 0x80:
-        n = 5
-    elif fc in (1, 2, 3, 4):
-        n = 5 + buf[2]
-    elif fc in (5, 6, 15, 16):
-        n = 8
-    else:
-        return 0
-    if len(buf) < n or crc16(bytes(buf[: n - 2])) != bytes(buf[n - 2 : n]):
-        return 0
-    return n
+        return 5
+    if fc in (1, 2, 3, 4):
+        return 5 + buf[2]
+    if fc in (5, 6, 15, 16):
+        return 8
+    return 0
 
 
 class _Collision(Exception):
@@ -651,18 +915,24 @@ class _Collision(Exception):
 
 
 __all__ = [
+    "CrcError",
     "ExceptionReply",
+    "Found",
     "FrameError",
+    "LineCounters",
     "SerialLine",
     "ascii_frame",
     "char_time",
     "check_reply",
     "crc16",
     "data_to_values",
+    "find_ascii_reply",
+    "find_reply",
     "lrc",
     "min_frame_gap",
     "parse_ascii",
     "read_pdu",
     "reply_length",
+    "reply_size",
     "write_pdu",
 ]

@@ -18,7 +18,7 @@ import socket
 import struct
 import time
 
-from drivers.modbus.line import FrameError, check_reply
+from drivers.modbus.line import FrameError, LineCounters, check_reply
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,10 @@ class MbapClient:
         """Replies discarded because their transaction id was not the current one."""
         self.floods = 0
         """Connections dropped because the peer sent more than :data:`RX_LIMIT` bytes."""
+        self.counters = LineCounters()
+        """Requests and their outcomes on this connection's endpoint (no CRC on TCP:
+        ``crc_errors`` stays 0; ``garbage_bytes`` are replies to other transactions and
+        flooded bytes)."""
         self._flood_logged = -1e9
 
     @property
@@ -129,6 +133,9 @@ class MbapClient:
 
     def _note_flood(self, why: str) -> None:
         self.floods += 1
+        if self._proto is not None:
+            self.counters.garbage_bytes += self._proto.discarded
+            self._proto.discarded = 0
         now = time.monotonic()
         if now - self._flood_logged >= LOG_EVERY_S:
             log.warning("%s:%s: %s (%d time(s) so far)", self.host, self.port, why, self.floods)
@@ -157,8 +164,18 @@ class MbapClient:
         proto, transport = self._proto, self._transport
         if proto is None or transport is None or proto.closed:
             raise ConnectionError(f"not connected to {self.host}:{self.port}")
+        try:
+            return await self._transact(proto, transport, request, timeout)
+        except (TimeoutError, FrameError) as exc:
+            self.counters.count_failure(exc)
+            raise
+
+    async def _transact(
+        self, proto: _MbapProtocol, transport: asyncio.Transport, request: bytes, timeout: float
+    ) -> bytes:
         self._tid = tid = (self._tid + 1) & 0xFFFF
         transport.write(struct.pack(">HHH", tid, 0, len(request)) + request)
+        self.counters.requests += 1
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         stale = 0
@@ -167,6 +184,7 @@ class MbapClient:
             got = (frame[0] << 8) | frame[1]
             if got != tid:
                 self.stale += 1
+                self.counters.garbage_bytes += len(frame)
                 stale += 1
                 if stale > MAX_STALE:
                     self.close()
