@@ -388,6 +388,26 @@ def test_every_bad_datagram_is_dropped_counted_and_the_input_goes_on() -> None:
     assert len(c.samples) == 200 and c.gaps == []
 
 
+def test_a_datagram_with_nan_counts_keeps_its_instants_as_invalid() -> None:
+    """A datacast packet whose counts include nan, inf and one beyond ±2^31: nothing is
+    dropped, no gap; those instants come out with None on that channel, counted."""
+    c = Collect(shake())
+    c.second(NOW - 2)
+    t = NOW - 1
+    c.reader.handle(b"{'EHZ', %.3f, 1, nan, 3, inf, 2147483649, 6}" % t, "127.0.0.1")
+    c.reader.handle(datacast_packet("ENN", t, [7, 8, 9, 10, 11, 12]), "127.0.0.1")
+    got = c.samples[100:]
+    assert [s[1] for s in got] == [
+        [1.0, 7.0],
+        [None, 8.0],
+        [3.0, 9.0],
+        [None, 10.0],
+        [None, 11.0],
+        [6.0, 12.0],
+    ]
+    assert c.reader.invalid == 3 and c.reader.errors == 0 and c.gaps == []
+
+
 def test_a_fault_while_handling_a_datagram_is_counted_not_raised(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
