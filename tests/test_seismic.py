@@ -400,6 +400,9 @@ def test_one_invalid_frame_in_strong_shaking_changes_nothing_later(
         name: max(abs(gs[k][name].value / cs[k][name].value - 1) for k in later)
         for name in ("pga", "pgv")
     }
+    worst["intensity"] = max(
+        abs(gs[k]["intensity"].value - cs[k]["intensity"].value) for k in later
+    )
     events = [(o.kind, o.doc) for o in got if o.kind != "summary"]
     clean_events = [(o.kind, o.doc) for o in clean if o.kind != "summary"]
     assert [k for k, _ in events] == ["event", "event", "waveform"]
@@ -415,7 +418,8 @@ def test_one_invalid_frame_in_strong_shaking_changes_nothing_later(
     assert wave["samples"] == c_wave["samples"]
     print(
         f"\n{label}: later seconds' worst deviation PGA {worst['pga']:.2e}, "
-        f"PGV {worst['pgv']:.2e}; event PGV {end['pgv'] / c_end['pgv'] - 1:+.2e}"
+        f"PGV {worst['pgv']:.2e}, intensity {worst['intensity']:.1f}; event PGV "
+        f"{end['pgv'] / c_end['pgv'] - 1:+.2e}"
     )
 
 
