@@ -392,3 +392,35 @@ def test_invalid_frames_in_the_running_agent_keep_the_intensity_alarm(
     assert wave["bridged"] == [[nan_at - first, 1], [inf_at - first, 1]]
     log = agent.log()
     assert "z not a finite count" in log and "2 sample instant(s) with an invalid count" in log
+
+
+def test_replay_sends_nan_and_inf_counts_over_datacast(tmp_path: Path) -> None:
+    """`edge-agent replay --to udp://` sends a record's NaN and infinite values as such
+    (as a faulty sensor would), and the parser takes them as invalid counts."""
+    from drivers.seismic_stream import parse_datacast
+
+    record = tmp_path / "z.txt"
+    record.write_text("1\n2\nnan\n4\n-inf\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        replay = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "replay",
+                str(record),
+                "--rate",
+                "20",
+                "--to",
+                f"udp://127.0.0.1:{s.getsockname()[1]}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert replay.returncode == 0, replay.stderr
+        packet = s.recv(2000)
+    assert parse_datacast(packet)[2] == [1, 2, None, 4, None]
