@@ -53,7 +53,7 @@ from agent.contract.topics import (
 )
 from agent.gpio import Gpio, desired_outputs
 from agent.mqtt import MqttLink
-from agent.pipeline import CounterTracker
+from agent.pipeline import CounterTracker, finite_results
 from agent.poller import BusPoller
 from agent.publisher import ALARMS_MAX, Publisher
 from agent.readings import now_ms
@@ -341,6 +341,7 @@ class Agent:
         self._health_now.set()
 
     def _on_poll(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
+        results = finite_results(results)
         counters = self._counters.get(dev.id)
         deltas = None
         if counters is not None:
@@ -423,7 +424,7 @@ class Agent:
         events = event_topic(self._prefix, gw, dev.id)
         waves = waveform_topic(self._prefix, gw, dev.id)
 
-        def on_sample(n: int, counts: list[float], ts: int) -> None:
+        def on_sample(n: int, counts: list[float | None], ts: int) -> None:
             publish(proc.feed(counts, ts))
 
         def publish(outs: list[SeismicOutput]) -> None:

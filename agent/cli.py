@@ -288,6 +288,7 @@ def replay(
 def _replay_udp(
     target: str, samples: list[tuple[float, ...]], rate: float, speed: float, names: str
 ) -> None:
+    import math
     import socket
     import time
 
@@ -312,7 +313,8 @@ def _replay_udp(
                 time.sleep(wait)
             chunk = samples[k : k + per_packet]
             for c in range(len(chunk[0])):
-                counts = [round(s[c]) for s in chunk]
+                # a NaN or infinite value goes out as such (as a faulty sensor sends it)
+                counts = [round(v) if math.isfinite(v := s[c]) else v for s in chunk]
                 try:
                     sock.sendto(datacast_packet(codes[c], start + k / rate, counts), (host, port))
                 except OSError as exc:

@@ -4,13 +4,38 @@ polls (pure functions plus the small state they carry)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 from drivers.base import GOOD, PointResult
-from drivers.codec import REGISTER_COUNT
+from drivers.codec import REGISTER_COUNT, non_finite_quality
 from drivers.modbus.config import ModbusDevice
 
 log = logging.getLogger(__name__)
+
+
+def finite_results(results: list[PointResult]) -> list[PointResult]:
+    """``results`` with every good float that is not finite made a bad reading (value
+    None, quality ``nan`` or ``inf``), so that whatever a driver hands back, no NaN or
+    infinity enters a counter, an alarm, the availability or the buffer (JSON has no
+    such numbers: RFC 8259, section 6). The drivers already do so; this is the gate where
+    readings enter the gateway's state. Pure: the same list when nothing changes."""
+    if all(
+        r.quality != GOOD or not isinstance(r.value, float) or math.isfinite(r.value)
+        for r in results
+    ):
+        return results
+    out = []
+    for r in results:
+        bad = None
+        if r.quality == GOOD and isinstance(r.value, float):
+            bad = non_finite_quality(r.value)
+        if bad is not None:
+            error = f"not a finite number: {r.value!r}"
+            out.append(replace(r, value=None, quality=bad, error=error))
+        else:
+            out.append(r)
+    return out
 
 
 def counter_delta(previous: int | None, current: int, bits: int) -> tuple[int | None, str]:

@@ -12,6 +12,8 @@ the batch reference implementations it is tested against.
 - :class:`GroundMotion`: 0.1–10 Hz band-pass, trapezoidal integration to velocity,
   three-component vector sum and their peaks: PGA and PGV.
 - :func:`intensity`: the instrumental seismic intensity of GB/T 17742-2020, Appendix A.
+- :class:`SeismicProcessor`: all of it for one sensor, with the gate that keeps samples
+  that are not finite numbers within range out of every filter, ratio and peak.
 
 Units: acceleration m/s², velocity m/s, sampling rate Hz.
 """
@@ -287,7 +289,13 @@ def intensity(pga: float, pgv: float) -> Intensity:
     I, [1.5, 2.5) is II, …, [11.5, 12.0] is XII.
 
     PGA or PGV of 0 (or less) count as −∞ (the result is then clamped to 1.0).
+
+    Raises:
+        ValueError: PGA or PGV not a finite number (a missing value is not "no motion":
+            the caller publishes no intensity instead).
     """
+    if not (math.isfinite(pga) and math.isfinite(pgv)):
+        raise ValueError(f"intensity needs finite PGA and PGV, got {pga!r}, {pgv!r}")
     i_a = 3.17 * math.log10(pga) + 6.59 if pga > 0 else -math.inf
     i_v = 3.00 * math.log10(pgv) + 9.77 if pgv > 0 else -math.inf
     raw = i_v if (i_a >= 6.0 and i_v >= 6.0) else (i_a + i_v) / 2
@@ -315,6 +323,33 @@ class SeismicOutput:
     doc: dict[str, Any] | None = None
 
 
+MAX_BRIDGE_S = 0.1
+"""Longest run of invalid sample instants bridged by interpolation (seconds of samples,
+at least one instant); a longer run is skipped as a gap."""
+MAX_LISTED_RUNS = 100
+"""Most runs of bridged instants a waveform excerpt lists (``bridged``)."""
+MEASURED = ("pga", "pgv", "intensity", "sta_lta", "noise")
+"""The summary points computed from the samples (null and ``invalid`` in a second with
+invalid samples); ``gap_samples`` and ``invalid_samples`` are counts."""
+
+
+def _fill(seq: list[float | None]) -> list[float]:
+    """``seq`` with every run of None replaced by the straight line between its known
+    neighbours; the first and last items must be known."""
+    out: list[float] = []
+    left = 0
+    for k, v in enumerate(seq):
+        if v is None:
+            continue
+        if k > left + 1:  # a run of None between left and k
+            a = out[left]
+            step = (v - a) / (k - left)
+            out += [a + step * j for j in range(1, k - left)]
+        out.append(v)
+        left = k
+    return out
+
+
 class SeismicProcessor:
     """Everything a strong-motion sensor's samples go through on the gateway.
 
@@ -323,7 +358,8 @@ class SeismicProcessor:
 
     - every second of samples, a summary: PGA and PGV of that second (0.1–10 Hz vector,
       m/s², m/s), their GB/T 17742-2020 intensity, the current STA/LTA, the noise level
-      (RMS of the band-passed vector acceleration) and the samples missing in gaps;
+      (RMS of the band-passed vector acceleration), the samples missing in gaps and the
+      invalid sample instants (below);
     - at the trigger onset, an ``event`` ``start`` (sent at the onset sample itself);
     - at the trigger end, an ``event`` ``end`` with the event's PGA/PGV (band-passed),
       the raw vector peak, intensity and duration;
@@ -333,15 +369,32 @@ class SeismicProcessor:
 
     STA/LTA runs on the raw counts of the trigger channel (ObsPy's convention: squared
     signal, no filter); sample times are the first sample's arrival plus index / rate.
+
+    Invalid samples: a count that is None, not a finite number, beyond ±``MAX_COUNT``
+    (:mod:`drivers.seismic_stream`) or not finite once scaled makes its instant invalid;
+    it never reaches a filter, the STA/LTA, a peak or a sum. The instant waits for the
+    next valid one, and the invalid channels are then bridged by the straight line
+    between their last and next valid counts (the other channels keep their own counts);
+    the bridged instant is processed like any other, one sample late. Linear
+    interpolation rather than holding the last count: held counts leave a step whose
+    0.1 Hz ringing stays in the velocity for tens of seconds (on the RJOB record, one
+    held sample in the strong motion moves the later seconds' PGV by up to 2.9 %; one
+    interpolated sample by under 0.7 %, PGA by under 0.03 %). A run longer than
+    :data:`MAX_BRIDGE_S`, or one that no valid instant ends (a gap, the start of the
+    stream), is skipped like a gap. The summary of a second that held an invalid instant
+    publishes :data:`MEASURED` as null with quality ``invalid`` and counts the instants
+    in ``invalid_samples``; the event's end counts them in ``invalid_samples`` and the
+    waveform lists them (``bridged``).
     """
 
     def __init__(self, dev: Any) -> None:
-        from drivers.seismic_stream import SeismicDevice
+        from drivers.seismic_stream import MAX_COUNT, SeismicDevice
 
         assert isinstance(dev, SeismicDevice)
         self.dev = dev
         fs = dev.sample_rate
         self.fs = fs
+        self.max_count = float(MAX_COUNT)
         self.names = [c.name for c in dev.channels]
         self.scales = [c.scale for c in dev.channels]
         self.trig = self.names.index(dev.trigger_channel) if dev.trigger_channel else 0
@@ -353,10 +406,20 @@ class SeismicProcessor:
         self._sum_sq = 0.0
         self._n_sec = 0
         self._gap_samples = 0
+        self._invalid_sec = 0
+        self.invalid = 0
+        """Invalid sample instants in all (bridged or skipped)."""
         self.cft = 0.0
-        self.pre: deque[tuple[float, ...]] = deque(maxlen=max(1, round(dev.pre_event * fs)))
+        self._last: list[float] | None = None
+        """The counts of the last instant processed (None: nothing to bridge from)."""
+        self._pending: list[list[float | None]] = []
+        self._max_pending = max(1, round(MAX_BRIDGE_S * fs))
+        self.pre: deque[tuple[tuple[float, ...], bool]] = deque(
+            maxlen=max(1, round(dev.pre_event * fs))
+        )
+        """The last ``pre_event`` seconds: (counts, bridged)."""
         self._event: dict[str, Any] | None = None
-        self._wave: list[tuple[float, ...]] = []
+        self._wave: list[tuple[tuple[float, ...], bool]] = []
         self._wave_start = 0
         self._post_left = -1
         self._max_wave = round(dev.max_event * fs)
@@ -380,9 +443,15 @@ class SeismicProcessor:
         STA/LTA warms up again. An event in progress ends at the last sample before the
         gap (its ``end`` and waveform are returned). Costs the same for any length of gap:
         nothing is done per missing sample or second (no summary covers a second without
-        samples). ``samples`` ≤ 0 changes nothing."""
+        samples). Invalid instants waiting for a valid one are skipped with it (counted
+        as invalid). ``samples`` ≤ 0 changes nothing else."""
+        return self._skip(max(0, samples), 0)
+
+    def _skip(self, gap: int, invalid: int) -> list[SeismicOutput]:
+        invalid += len(self._pending)
+        self._pending = []
         out: list[SeismicOutput] = []
-        if samples <= 0:
+        if gap + invalid <= 0:
             return out
         e = self._event
         if e is not None and e["end_index"] is None and self.i >= 0:
@@ -390,30 +459,72 @@ class SeismicProcessor:
         if self._event is not None:
             out.append(self._waveform())
         self._post_left = -1
-        self.i += samples
-        self._gap_samples += samples
+        self.i += gap + invalid
+        self._gap_samples += gap
+        self._invalid_sec += invalid
+        self._last = None
         self._new_trigger()
         return out
 
-    def feed(self, counts: Sequence[float], arrival_ms: int) -> list[SeismicOutput]:
-        if not all(math.isfinite(c) for c in counts):  # (the readers refuse them already)
-            return self.skip(1)
+    def _check(self, counts: Sequence[float | None]) -> list[float | None]:
+        """Each count as a float, or None where it is not a finite number within
+        ±``MAX_COUNT`` (or not finite once scaled)."""
+        out: list[float | None] = []
+        for c, scale in zip(counts, self.scales, strict=True):
+            v = None if c is None else float(c)
+            if v is not None and not (abs(v) <= self.max_count and math.isfinite(v * scale)):
+                v = None  # (NaN fails the comparison)
+            out.append(v)
+        return out
+
+    def feed(self, counts: Sequence[float | None], arrival_ms: int) -> list[SeismicOutput]:
+        """One sample instant (see the class); never raises for any count."""
+        values = self._check(counts)
+        good = [v for v in values if v is not None]
+        if len(good) == len(values):
+            out = self._bridge(good) if self._pending else []
+            return out + self._process(good, arrival_ms, False)
+        self.invalid += 1
+        if self._last is None:  # nothing valid before it: skipped
+            return self._skip(0, 1)
+        self._pending.append(values)
+        if len(self._pending) > self._max_pending:
+            return self._skip(0, 0)
+        return []
+
+    def _bridge(self, nxt: list[float]) -> list[SeismicOutput]:
+        """Process the waiting invalid instants, bridged between the last valid counts
+        and ``nxt``, per channel."""
+        last = self._last
+        assert last is not None
+        pending, self._pending = self._pending, []
+        columns = [
+            _fill([last[c], *(p[c] for p in pending), nxt[c]])[1:-1] for c in range(len(nxt))
+        ]
+        out: list[SeismicOutput] = []
+        for k in range(len(pending)):
+            out += self._process([col[k] for col in columns], 0, True)
+        return out
+
+    def _process(self, counts: list[float], arrival_ms: int, bridged: bool) -> list[SeismicOutput]:
         self.i += 1
         i = self.i
         if self.t0_ms is None:
             self.t0_ms = arrival_ms - i * 1000 / self.fs
+        self._last = counts
         out: list[SeismicOutput] = []
         acc = [c * s for c, s in zip(counts, self.scales, strict=True)]
         xyz = [*acc, 0.0, 0.0, 0.0][:3]
         a_vec, v_vec = self.gm.feed(*xyz)
         self._sum_sq += a_vec * a_vec
         self._n_sec += 1
+        self._invalid_sec += bridged
         x = counts[self.trig]
         if self._prefilter is not None:
             x = self._prefilter.feed(x)
         self.cft = self.stalta.feed(x)
         ev = self.trigger.feed(self.cft)
-        sample = tuple(counts)
+        sample = (tuple(counts), bridged)
         if self._event is not None:
             e = self._event
             if e["end_index"] is None:
@@ -425,12 +536,15 @@ class SeismicProcessor:
                 if raw > e["peak_raw"]:
                     e["peak_raw"], e["peak_raw_index"] = raw, i
                 e["peak_sta_lta"] = max(e["peak_sta_lta"], self.cft)
+                e["invalid_samples"] += bridged
             if len(self._wave) < self._max_wave:
                 self._wave.append(sample)
         if ev is not None and ev[0] == "on":
             out.append(self._start(i, a_vec, v_vec, acc, sample))
         elif ev is not None and ev[0] == "off" and self._event is not None:
-            out.append(self._end(ev[1]))
+            # the last sample at or above the off level is the one before this (the
+            # trigger counts from its own start, which a gap moves)
+            out.append(self._end(i - 1))
             if self._post_left < 0:  # post_event 0: the excerpt is complete now
                 out.append(self._waveform())
         if self._post_left >= 0:
@@ -443,7 +557,12 @@ class SeismicProcessor:
         return out
 
     def _start(
-        self, i: int, a_vec: float, v_vec: float, acc: list[float], sample: tuple[float, ...]
+        self,
+        i: int,
+        a_vec: float,
+        v_vec: float,
+        acc: list[float],
+        sample: tuple[tuple[float, ...], bool],
     ) -> SeismicOutput:
         raw = math.sqrt(sum(x * x for x in acc))
         if self._post_left >= 0:  # a new event before the last excerpt went out
@@ -458,6 +577,7 @@ class SeismicProcessor:
             "peak_raw": raw,
             "peak_raw_index": i,
             "peak_sta_lta": self.cft,
+            "invalid_samples": int(sample[1]),
         }
         self._wave = list(self.pre)
         self._wave_start = i - len(self._wave)
@@ -512,6 +632,7 @@ class SeismicProcessor:
                 "degree": inten.degree,
                 "i_a": inten.i_a,
                 "i_v": inten.i_v,
+                "invalid_samples": e["invalid_samples"],
             },
         )
 
@@ -523,7 +644,15 @@ class SeismicProcessor:
         if e.get("end_index") is not None:  # up to post_event after the last triggered sample
             keep = e["end_index"] + round(self.dev.post_event * self.fs) - self._wave_start + 1
             del self._wave[max(0, keep) :]
-        flat = [v for s in self._wave for v in s]
+        flat = [v for s, _ in self._wave for v in s]
+        bridged: list[list[int]] = []
+        for k, (_, b) in enumerate(self._wave):
+            if not b:
+                continue
+            if bridged and bridged[-1][0] + bridged[-1][1] == k:
+                bridged[-1][1] += 1
+            elif len(bridged) < MAX_LISTED_RUNS:
+                bridged.append([k, 1])
         data = base64.b64encode(struct.pack(f"<{len(flat)}f", *flat)).decode()
         doc = {
             "onset": self.time_ms(e.get("onset_index", self._wave_start)),
@@ -534,6 +663,7 @@ class SeismicProcessor:
             "samples": len(self._wave),
             "encoding": "base64 float32 little-endian counts, interleaved by channel",
             "data": data,
+            "bridged": bridged,
         }
         self._wave = []
         self._event = None
@@ -543,17 +673,29 @@ class SeismicProcessor:
         from drivers.base import PointResult
 
         pk = self.gm.reset_peaks()
-        inten = intensity(pk.pga, pk.pgv)
-        noise = math.sqrt(self._sum_sq / self._n_sec) if self._n_sec else 0.0
-        results = [
-            PointResult("pga", pk.pga),
-            PointResult("pgv", pk.pgv),
-            PointResult("intensity", inten.value),
-            PointResult("sta_lta", round(self.cft, 4)),
-            PointResult("noise", noise),
+        bad = self._invalid_sec
+        results: list[PointResult] = []
+        if bad:
+            why = (
+                f"{bad} sample instant(s) of this second were not finite counts within "
+                "±2^31 (bridged or skipped)"
+            )
+            results += [PointResult(name, None, "invalid", why) for name in MEASURED]
+        else:
+            noise = math.sqrt(self._sum_sq / self._n_sec) if self._n_sec else 0.0
+            results += [
+                PointResult("pga", pk.pga),
+                PointResult("pgv", pk.pgv),
+                PointResult("intensity", intensity(pk.pga, pk.pgv).value),
+                PointResult("sta_lta", round(self.cft, 4)),
+                PointResult("noise", noise),
+            ]
+        results += [
             PointResult("gap_samples", self._gap_samples),
+            PointResult("invalid_samples", bad),
         ]
         self._sum_sq = 0.0
         self._n_sec = 0
         self._gap_samples = 0
+        self._invalid_sec = 0
         return SeismicOutput("summary", self.time_ms(i), results=results)

@@ -12,10 +12,14 @@ a gap (samples lost on the line) from an overlap (a sample sent twice) — never
 always reported. Other formats plug in through :data:`FRAME_PARSERS`.
 
 Every input is taken as hostile: a frame or datagram that cannot be a sample (garbled, a
-NaN or infinite or out-of-range count, an absurd time, too many samples, an unknown
-channel, a sender not allowed) is dropped and counted by reason in the reader's
+count that is not a number, an absurd time, too many samples, an unknown channel, a
+sender not allowed) is dropped and counted by reason in the reader's
 :attr:`~_SampleReader.dropped`, with one log line at most every :data:`LOG_EVERY_S`; it
-never ends the input, and no gap costs work per missing sample.
+never ends the input, and no gap costs work per missing sample. A count that is a number
+but NaN, infinite or beyond ±:data:`MAX_COUNT`, in a frame that is otherwise sound, is
+None: its sample instant is kept and marked invalid (counted in
+:attr:`~_SampleReader.invalid`), for the processor to bridge without letting it into any
+state (:class:`agent.seismic.SeismicProcessor`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import re
 import time
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -43,7 +47,7 @@ log = logging.getLogger(__name__)
 COUNTER_MOD = 2**32
 MAX_COUNT = 2**31
 """Largest magnitude of a sample (counts): a 32-bit converter's range. Beyond it, or not
-finite, a sample is refused at the parser."""
+finite, a count is invalid (None)."""
 LOG_EVERY_S = 10.0
 """Dropped input and gaps are logged at most this often per device."""
 LOOPBACK = ("127.0.0.0/8", "::1/128")
@@ -213,17 +217,21 @@ class SeismicDevice(StrictModel):
                 ("sta_lta", None),
                 ("noise", "m/s2"),
                 ("gap_samples", None),
+                ("invalid_samples", None),
             )
         ]
 
 
-def parse_ascii_frame(line: bytes, channels: int) -> tuple[int, list[float]]:
+def parse_ascii_frame(line: bytes, channels: int) -> tuple[int, list[float | None]]:
     """``$SMP,<n>,<c1>,…*hh`` → (sample counter, counts). Pure.
+
+    A count that Python reads as a number but that is NaN, infinite or beyond
+    ±:data:`MAX_COUNT` (``nan``, ``-inf``, ``1e400``, ``3000000000``) is None: the
+    frame's checksum and counter still place the instant, which is invalid.
 
     Raises:
         InputError: not such a frame, a bad checksum or the wrong number of channels
-            (reason ``format``); a count that is not a finite number within
-            ±:data:`MAX_COUNT` (reason ``value``).
+            (reason ``format``); a count that is not a number at all (reason ``value``).
     """
     try:
         text = line.decode("ascii").strip()
@@ -250,12 +258,10 @@ def parse_ascii_frame(line: bytes, channels: int) -> tuple[int, list[float]]:
     if not _COUNTER.fullmatch(fields[0]):
         raise InputError("format", f"sample counter {fields[0][:20]!r} is not a number")
     try:
-        counts = [float(v) for v in fields[1:]]
+        numbers = [float(v) for v in fields[1:]]
     except ValueError:
         raise InputError("value", f"not numbers: {text[:60]!r}") from None
-    for v in counts:
-        if not (math.isfinite(v) and -MAX_COUNT <= v <= MAX_COUNT):
-            raise InputError("value", f"count {v!r} is not a finite number within ±2^31")
+    counts = [v if -MAX_COUNT <= v <= MAX_COUNT else None for v in numbers]  # NaN: None
     return int(fields[0]) % COUNTER_MOD, counts
 
 
@@ -269,10 +275,11 @@ def ascii_frame(n: int, counts: list[float]) -> bytes:
     return f"${body}*{nmea_checksum(body):02X}\r\n".encode()
 
 
-FRAME_PARSERS: dict[str, Callable[[bytes, int], tuple[int, list[float]]]] = {
+FRAME_PARSERS: dict[str, Callable[[bytes, int], tuple[int, list[float | None]]]] = {
     "ascii": parse_ascii_frame,
 }
-"""Frame parsers by ``format`` name: (frame bytes, channel count) → (counter, counts)."""
+"""Frame parsers by ``format`` name: (frame bytes, channel count) → (counter, counts; None
+for an invalid count)."""
 
 
 class SampleClock:
@@ -366,8 +373,9 @@ class SampleClock:
         return missing > (elapsed + self.SLACK_S) * self.rate * 1.25
 
 
-SampleSink = Callable[[int, list[float], int], None]
-"""Receives (sample counter, counts, wall time of arrival in UTC ms)."""
+SampleSink = Callable[[int, list[float | None], int], None]
+"""Receives (sample counter, counts (None: not a finite number within ±:data:`MAX_COUNT`),
+wall time of arrival in UTC ms)."""
 GapSink = Callable[[str, int, int], None]
 """Receives (``gap`` or ``overlap``, samples, counter of the sample that showed it)."""
 
@@ -392,6 +400,8 @@ class _SampleReader:
         ``ahead``, ``channel``, ``time_jump``, ``time_base``; ``internal`` for a fault of
         this code)."""
         self.samples = 0
+        self.invalid = 0
+        """Sample instants taken with an invalid count (None) on some channel."""
         self.gaps = 0
         """Gaps reported (each skipped in one step)."""
         self.gap_samples = 0
@@ -420,19 +430,44 @@ class _SampleReader:
             self._logged_at = now
             self._since.clear()
 
+    def _take(self, n: int, counts: list[float | None], ts: int) -> None:
+        """Hand one sample instant on; one with an invalid count is counted and logged
+        (at most every :data:`LOG_EVERY_S`, with the drops)."""
+        self.samples += 1
+        if None in counts:
+            self.invalid += 1
+            self._since["invalid"] += 1
+            now = time.monotonic()
+            if now - self._logged_at >= LOG_EVERY_S:
+                chans = zip(self.dev.channels, counts, strict=True)
+                names = [c.name for c, v in chans if v is None]
+                log.warning(
+                    "device %s: sample %d: %s not a finite count within ±2^31 (bridged; %d "
+                    "such sample instant(s) in all)",
+                    self.dev.id,
+                    n,
+                    ", ".join(names),
+                    self.invalid,
+                )
+                self._logged_at = now
+                self._since.clear()
+        self.on_sample(n, counts, ts)
+
     def report(self) -> None:
         """Log what this reader dropped and skipped in all (at its stop)."""
-        if self.errors or self.gaps or self.overlap_samples:
+        if self.errors or self.gaps or self.overlap_samples or self.invalid:
             what = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
             log.warning(
-                "device %s: %d sample instant(s) taken; dropped bad input: %s; %d gap(s) of "
-                "%d sample(s) skipped, %d sample(s) of overlaps dropped",
+                "device %s: %d sample instant(s) taken; dropped bad input: %s; %d gap(s) of %d "
+                "sample(s) skipped, %d sample(s) of overlaps dropped; %d sample instant(s) "
+                "with an invalid count",
                 self.dev.id,
                 self.samples,
                 what,
                 self.gaps,
                 self.gap_samples,
                 self.overlap_samples,
+                self.invalid,
             )
 
     def _internal(self, exc: Exception) -> None:
@@ -520,8 +555,7 @@ class SeismicSerialReader(_SampleReader):
                 continue
             if kind == "gap":
                 self._gap("gap", k, n)
-            self.samples += 1
-            self.on_sample(n, counts, ts)
+            self._take(n, counts, ts)
 
     async def run(self) -> None:
         d = self.dev
@@ -565,16 +599,21 @@ class SeismicSerialReader(_SampleReader):
 # -- Raspberry Shake "datacast" over UDP ----------------------------------------------------
 
 
-def parse_datacast(packet: bytes, max_samples: int | None = None) -> tuple[str, float, list[int]]:
+def parse_datacast(
+    packet: bytes, max_samples: int | None = None
+) -> tuple[str, float, list[int | None]]:
     """``{'EHZ', 1507760140.530, 614, 813, …}`` → (channel, epoch seconds of the first
     sample, integer counts): the Raspberry Shake UDP data-cast format (Raspberry Shake
     manual, "Data Producer UDP Output"). Pure.
 
+    A count that is NaN, infinite (``nan``, ``-inf``, ``1e999``) or an integer beyond
+    ±:data:`MAX_COUNT` is None: its sample instant is invalid, the packet is kept.
+
     Raises:
         InputError: reason ``format`` (not such a packet, unreadable numbers), ``time``
             (a time that is not finite or not between 2000 and 2100), ``value`` (a count
-            that is not an integer within ±:data:`MAX_COUNT`), ``samples`` (more than
-            ``max_samples``).
+            that is a finite number but not an integer, or not a number), ``samples``
+            (more than ``max_samples``).
     """
     try:
         text = packet.decode("ascii").strip()
@@ -598,17 +637,24 @@ def parse_datacast(packet: bytes, max_samples: int | None = None) -> tuple[str, 
         raise InputError("format", f"datacast time unreadable: {parts[1][:30]!r}") from None
     if not (math.isfinite(t0) and MIN_TIME_S <= t0 <= MAX_TIME_S):
         raise InputError("time", f"datacast time {t0!r} is not a time between 2000 and 2100")
+    counts: list[int | None] = []
     for v in parts[2:]:
-        if not _COUNT.fullmatch(v):
-            raise InputError("value", f"datacast count {v.strip()[:20]!r} is not an integer")
-    counts = [int(v) for v in parts[2:]]
-    for c in counts:
-        if not -MAX_COUNT <= c <= MAX_COUNT:
-            raise InputError("value", f"datacast count {c} is out of range (±2^31)")
+        if _COUNT.fullmatch(v):
+            c = int(v)
+            counts.append(c if -MAX_COUNT <= c <= MAX_COUNT else None)
+            continue
+        try:
+            f = float(v)
+        except ValueError:
+            f = 0.0
+        if not -MAX_COUNT <= f <= MAX_COUNT:  # NaN, ±inf, 1e99: a number, not a count
+            counts.append(None)
+            continue
+        raise InputError("value", f"datacast count {v.strip()[:20]!r} is not an integer")
     return channel, t0, counts
 
 
-def datacast_packet(channel: str, t0: float, counts: list[int]) -> bytes:
+def datacast_packet(channel: str, t0: float, counts: Sequence[int | float]) -> bytes:
     """Inverse of :func:`parse_datacast` (for the replay tool and tests)."""
     return ("{'" + channel + "', " + f"{t0:.3f}, " + ", ".join(map(str, counts)) + "}").encode()
 
@@ -618,13 +664,17 @@ AlignerEvent = tuple[str, int, Any]
 ``("overlap", samples, index of the packet's first sample)``."""
 
 
+def _float(v: int | None) -> float | None:
+    return None if v is None else float(v)
+
+
 class _Runs:
     """One channel's pending samples: sorted, non-overlapping runs ``[start, values]``."""
 
     __slots__ = ("runs", "starts")
 
     def __init__(self) -> None:
-        self.runs: list[tuple[int, list[int]]] = []
+        self.runs: list[tuple[int, list[int | None]]] = []
         self.starts: list[int] = []
 
     def __bool__(self) -> bool:
@@ -640,10 +690,10 @@ class _Runs:
         start, values = self.runs[-1]
         return start + len(values)
 
-    def add(self, start: int, values: list[int]) -> int:
+    def add(self, start: int, values: list[int | None]) -> int:
         """Insert the samples not already held; return how many were already held."""
         end = start + len(values)
-        pieces: list[tuple[int, list[int]]] = []
+        pieces: list[tuple[int, list[int | None]]] = []
         cur = start
         i = max(0, bisect_right(self.starts, start) - 1)
         while cur < end and i < len(self.runs):
@@ -680,7 +730,7 @@ class _Runs:
             else:
                 break
 
-    def run_at(self, index: int) -> tuple[int, list[int]] | None:
+    def run_at(self, index: int) -> tuple[int, list[int | None]] | None:
         """The run holding ``index``, or None."""
         k = bisect_right(self.starts, index) - 1
         if k >= 0:
@@ -767,7 +817,7 @@ class ChannelAligner:
         self,
         channel: str,
         t0: float,
-        counts: list[int],
+        counts: list[int | None],
         now: float | None = None,
         wall: float | None = None,
     ) -> list[AlignerEvent]:
@@ -849,7 +899,7 @@ class ChannelAligner:
             if len(heads) == len(chans):
                 m = min(s + len(v) for s, v in heads)
                 for i in range(self.next, m):
-                    out.append(("sample", i, [float(v[i - s]) for s, v in heads]))
+                    out.append(("sample", i, [_float(v[i - s]) for s, v in heads]))
                 for r in chans:
                     r.drop_below(m)
                 self.next = m
@@ -983,8 +1033,7 @@ class SeismicUdpReader(_SampleReader):
         wall = ts / 1000 if self.clock_synced() else None
         for kind, a, b in self.aligner.feed(channel, t0, counts, self.mono(), wall):
             if kind == "sample":
-                self.samples += 1
-                self.on_sample(a % COUNTER_MOD, b, ts)
+                self._take(a % COUNTER_MOD, b, ts)
             elif kind == "time_jump":
                 self._drop(
                     "time_jump",

@@ -185,6 +185,7 @@ def _samples() -> list[tuple[str, bytes]]:
         "degree": 5,
         "i_a": 5.1,
         "i_v": 5.2,
+        "invalid_samples": 1,
     }
     wave = {
         "onset": T0,
@@ -195,6 +196,7 @@ def _samples() -> list[tuple[str, bytes]]:
         "samples": 1,
         "encoding": "base64 float32 little-endian counts, interleaved by channel",
         "data": "AAAAAAAAAAAAAAAA",
+        "bridged": [[0, 1]],
     }
     out += [
         (

@@ -243,29 +243,34 @@ def test_request_mode_reader_survives_10_mb_without_a_line_end(
 
 
 @pytest.mark.parametrize(
-    ("counts", "reason"),
+    ("counts", "outcome"),
     [
-        ("1,2,3", None),
-        ("nan,2,3", "value"),
-        ("1,inf,3", "value"),
-        ("1,2,-inf", "value"),
-        ("1e400,2,3", "value"),
-        ("3000000000,2,3", "value"),
+        ("1,2,3", [1.0, 2.0, 3.0]),
+        ("nan,2,3", [None, 2.0, 3.0]),
+        ("1,inf,3", [1.0, None, 3.0]),
+        ("1,2,-inf", [1.0, 2.0, None]),
+        ("1e400,2,3", [None, 2.0, 3.0]),
+        ("3000000000,2,3", [None, 2.0, 3.0]),
+        ("NaN,-Infinity,2147483648", [None, None, 2147483648.0]),
         ("1,2,0x10", "value"),
         ("1,2", "format"),
     ],
 )
-def test_smp_frames_refuse_counts_that_are_not_finite(counts: str, reason: str | None) -> None:
+def test_smp_frames_mark_counts_that_are_not_finite(
+    counts: str, outcome: list[float | None] | str
+) -> None:
+    """A count that is a number but not a finite one within ±2^31 is None (the instant
+    is kept, invalid); text that is no number drops the frame."""
     from drivers.serial_line import nmea_checksum
 
     body = f"SMP,7,{counts}"
     frame = f"${body}*{nmea_checksum(body):02X}\r\n".encode()
-    if reason is None:
-        assert parse_ascii_frame(frame, 3) == (7, [1.0, 2.0, 3.0])
+    if isinstance(outcome, list):
+        assert parse_ascii_frame(frame, 3) == (7, outcome)
         return
     with pytest.raises(InputError) as err:
         parse_ascii_frame(frame, 3)
-    assert err.value.reason == reason
+    assert err.value.reason == outcome
 
 
 NOW = 1_800_000_000.0
@@ -280,13 +285,15 @@ NOW = 1_800_000_000.0
         (b"{'EHZ', -inf, 1, 2}", "time"),
         (b"{'EHZ', 1e308, 1, 2}", "time"),
         (b"{'EHZ', 5.0, 1, 2}", "time"),
-        (b"{'EHZ', 1800000000, nan, 2}", "value"),
-        (b"{'EHZ', 1800000000, inf, 2}", "value"),
+        (b"{'EHZ', 1800000000, nan, 2}", [None, 2]),
+        (b"{'EHZ', 1800000000, inf, 2}", [None, 2]),
+        (b"{'EHZ', 1800000000, -Infinity, 1e999}", [None, None]),
         (b"{'EHZ', 1800000000, 1.5, 2}", "value"),
         (b"{'EHZ', 1800000000, 1e3, 2}", "value"),
         (b"{'EHZ', 1800000000, 1_000, 2}", "value"),
-        (b"{'EHZ', 1800000000, 99999999999, 2}", "value"),
-        (b"{'EHZ', 1800000000, 2147483649, 2}", "value"),
+        (b"{'EHZ', 1800000000, 0x10, 2}", "value"),
+        (b"{'EHZ', 1800000000, 99999999999, 2}", [None, 2]),
+        (b"{'EHZ', 1800000000, 2147483649, 2}", [None, 2]),
         (b"{'EHZ', 1800000000, " + b", ".join([b"1"] * 1000) + b"}", "samples"),
         (b"{'EHZ', 1800000000}", "format"),
         (b"{'EHZ', later, 1}", "format"),
@@ -295,9 +302,12 @@ NOW = 1_800_000_000.0
         (b"", "format"),
     ],
 )
-def test_datacast_parser_reasons(packet: bytes, reason: str | None) -> None:
+def test_datacast_parser_reasons(packet: bytes, reason: str | list[int | None] | None) -> None:
     if reason is None:
         assert parse_datacast(packet, 400) == ("EHZ", 1800000000.25, [1, -2, 3])
+        return
+    if isinstance(reason, list):  # NaN, ±inf, beyond ±2^31: invalid counts, kept as None
+        assert parse_datacast(packet, 400) == ("EHZ", 1800000000.0, reason)
         return
     with pytest.raises(InputError) as err:
         parse_datacast(packet, 400)
@@ -355,7 +365,7 @@ def test_every_bad_datagram_is_dropped_counted_and_the_input_goes_on() -> None:
         (datacast_packet("XYZ", NOW - 1, [1, 2]), "127.0.0.1", "channel"),
         (b"{'EHZ', 1800000000, " + b", ".join([b"1"] * 20000) + b"}", "127.0.0.1", "size"),
         (b"{'EHZ', 1800000000, " + b", ".join([b"1"] * 201) + b"}", "127.0.0.1", "samples"),
-        (b"{'EHZ', 1800000000, nan}", "127.0.0.1", "value"),
+        (b"{'EHZ', 1800000000, 0x10}", "127.0.0.1", "value"),
         (datacast_packet("EHZ", NOW - 1, [1, 2]), "127.0.0.2", "sender"),
         (datacast_packet("EHZ", NOW - 1, [1, 2]), "10.1.3.1", "sender"),
         (datacast_packet("EHZ", NOW - 1, [1, 2]), "not an address", "sender"),
@@ -376,6 +386,26 @@ def test_every_bad_datagram_is_dropped_counted_and_the_input_goes_on() -> None:
     assert c.reader.errors == len(bad)
     c.second(NOW - 1, "::ffff:10.1.2.7")  # an allowed sender over IPv6, mapped
     assert len(c.samples) == 200 and c.gaps == []
+
+
+def test_a_datagram_with_nan_counts_keeps_its_instants_as_invalid() -> None:
+    """A datacast packet whose counts include nan, inf and one beyond ±2^31: nothing is
+    dropped, no gap; those instants come out with None on that channel, counted."""
+    c = Collect(shake())
+    c.second(NOW - 2)
+    t = NOW - 1
+    c.reader.handle(b"{'EHZ', %.3f, 1, nan, 3, inf, 2147483649, 6}" % t, "127.0.0.1")
+    c.reader.handle(datacast_packet("ENN", t, [7, 8, 9, 10, 11, 12]), "127.0.0.1")
+    got = c.samples[100:]
+    assert [s[1] for s in got] == [
+        [1.0, 7.0],
+        [None, 8.0],
+        [3.0, 9.0],
+        [None, 10.0],
+        [None, 11.0],
+        [6.0, 12.0],
+    ]
+    assert c.reader.invalid == 3 and c.reader.errors == 0 and c.gaps == []
 
 
 def test_a_fault_while_handling_a_datagram_is_counted_not_raised(
@@ -729,7 +759,8 @@ def test_skipping_costs_the_same_for_any_gap() -> None:
     assert len(summaries) == 1, "no summary for the skipped seconds"
     gap = next(r for r in summaries[0].results or [] if r.point == "gap_samples")
     assert gap.value == 10**12
-    assert proc.feed([math.nan], 0) == [] and proc.i == 150 + 10**12 + 100
+    assert proc.feed([math.nan], 0) == [] and proc.i == 150 + 10**12 + 99, "waits, unprocessed"
+    assert proc.skip(10**12) == [] and proc.i == 150 + 2 * 10**12 + 100, "skipped with the gap"
 
 
 # -- Modbus peers that flood ------------------------------------------------------------------

@@ -5,6 +5,7 @@ GB/T 17742-2020 intensity."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from pathlib import Path
@@ -244,3 +245,272 @@ def test_gap_ends_the_event_and_warms_up_again() -> None:
     for i in range(6400, 12000):  # loud, but the long window (2000 samples) is new
         after += [o for o in proc.feed([z[i]], 5 * i) if o.kind == "event"]
     assert all((o.doc or {})["onset_sample"] >= 6400 + 1999 for o in after), after
+
+
+# -- invalid samples: never in any state, bridged, flagged ------------------------------------
+
+
+def non_finite(
+    obj: object, path: str = "proc", seen: set[int] | None = None, skip: tuple[str, ...] = ()
+) -> list[str]:
+    """Where ``obj``'s state (attributes, slots, containers, dataclasses, nested) holds a
+    float that is not finite; [] when none does. Attributes named in ``skip`` are left
+    out (at any depth)."""
+    import collections
+
+    seen = set() if seen is None else seen
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [f"{path} = {obj!r}"]
+    if obj is None or isinstance(obj, int | str | bytes | bool | type) or callable(obj):
+        return []
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    found: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found += non_finite(v, f"{path}[{k!r}]", seen, skip)
+    elif isinstance(obj, list | tuple | collections.deque | set):
+        for k, v in enumerate(obj):
+            found += non_finite(v, f"{path}[{k}]", seen, skip)
+    else:
+        names = list(getattr(obj, "__dict__", {}))
+        for cls in type(obj).__mro__:
+            names += [s for s in getattr(cls, "__slots__", ()) if hasattr(obj, s)]
+        for name in names:
+            if not name.startswith("__") and name not in skip:
+                found += non_finite(getattr(obj, name), f"{path}.{name}", seen, skip)
+    return found
+
+
+def test_the_state_checker_finds_what_it_looks_for() -> None:
+    from agent.seismic import SeismicProcessor
+
+    proc = SeismicProcessor(quake_device())
+    assert non_finite(proc) == []
+    proc.gm._filters[1].z[0][1] = math.nan
+    proc.pre.append(((1.0, math.inf, 2.0), False))
+    assert non_finite(proc) == ["proc.gm._filters[1].z[0][1] = nan", "proc.pre[0][0][1] = inf"]
+
+
+def quake_device(**extra: object) -> object:
+    """The RJOB record's three components at 200 Hz, scaled so that its strong motion
+    reads as intensity 6–7 (the record is in relative units)."""
+    from drivers.seismic_stream import SeismicDevice
+
+    return SeismicDevice.model_validate(
+        {
+            "driver": "seismic",
+            "id": "q",
+            "serial_port": "/dev/null",
+            "sample_rate": 200,
+            "channels": [{"name": c, "scale": 3e-4} for c in "zne"],
+            "pre_event": "2s",
+            "post_event": "2s",
+            **extra,
+        }
+    )
+
+
+@functools.cache
+def clean_frames() -> tuple[list, object]:
+    return stream_frames(None)
+
+
+def stream_frames(bad: tuple[int, int, str] | None, check: bool = False) -> tuple[list, object]:
+    """The RJOB record as $SMP frames through the serial reader into the processor; with
+    ``bad`` = (sample, channel, text) that frame's count is ``text`` (checksum valid).
+    With ``check``, the processor's state is checked after every frame (the sample
+    history, ``pre`` and ``_wave``, every 100th frame: each sample stays 400 frames in
+    ``pre``, so every one is checked)."""
+    from agent.seismic import SeismicProcessor
+    from drivers.seismic_stream import SeismicSerialReader
+    from drivers.serial_line import nmea_checksum
+
+    dev = quake_device()
+    proc = SeismicProcessor(dev)
+    outs: list = []
+    gaps: list = []
+    reader = SeismicSerialReader(
+        dev,  # type: ignore[arg-type]
+        lambda n, c, ts: outs.extend(proc.feed(c, ts)),
+        lambda kind, k, n: gaps.append((kind, k, n)) or outs.extend(proc.skip(k)),
+        lambda: 1_000_000,
+    )
+    reader.asm.synced = True  # as after opening: frames check themselves
+    z, n, e = rjob("z"), rjob("n"), rjob("e")
+    for i in range(12000):
+        fields = [f"{v:g}" for v in (z[i], n[i], e[i])]
+        if bad is not None and i == bad[0]:
+            fields[bad[1]] = bad[2]
+        body = "SMP," + ",".join([str(i), *fields])
+        reader.handle(f"${body}*{nmea_checksum(body):02X}\r\n".encode(), i / 200)
+        if check:
+            history = () if i % 100 == 0 else ("pre", "_wave")
+            assert non_finite(proc, skip=history) == [], f"after frame {i}"
+    assert gaps == [] and reader.errors == 0
+    return outs, reader
+
+
+def points(out: object) -> dict[str, object]:
+    return {r.point: r for r in out.results}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("bad", "label"),
+    [
+        ((6420, 0, "nan"), "NaN on z in the strongest second"),
+        ((6301, 2, "inf"), "Inf on e at the peak"),
+        ((6250, 1, "-inf"), "-Inf on n"),
+        ((6555, 2, "3000000000"), "beyond ±2^31 on e"),
+    ],
+)
+def test_one_invalid_frame_in_strong_shaking_changes_nothing_later(
+    bad: tuple[int, int, str], label: str
+) -> None:
+    """One frame with a non-finite (or out-of-range) count, valid checksum, in the middle
+    of the strong motion of the real record: no state ever holds a non-finite number;
+    its second is flagged (measured points null, quality invalid, invalid_samples 1);
+    every earlier summary is the clean stream's, every later one within 1 % (PGA, PGV)
+    and 0.1 (intensity); the event is the clean stream's, its end and waveform say so."""
+    clean, _ = clean_frames()
+    got, reader = stream_frames(bad, check=True)
+    assert reader.invalid == 1 and reader.samples == 12000
+    cs = [points(o) for o in clean if o.kind == "summary"]
+    gs = [points(o) for o in got if o.kind == "summary"]
+    assert len(cs) == len(gs) == 60
+    second = bad[0] // 200
+    assert cs[second]["intensity"].value >= 6.0, "strong shaking there"
+    for k, (c, g) in enumerate(zip(cs, gs, strict=True)):
+        if k < second:
+            assert g == c
+            continue
+        if k == second:
+            assert g["invalid_samples"].value == 1 and c["invalid_samples"].value == 0
+            for name in ("pga", "pgv", "intensity", "sta_lta", "noise"):
+                assert (g[name].value, g[name].quality) == (None, "invalid"), name
+                assert "not finite" in (g[name].error or "")
+            continue
+        assert g["invalid_samples"].value == 0 and g["pga"].quality == "good"
+        assert g["pga"].value == pytest.approx(c["pga"].value, rel=0.01), k
+        assert g["pgv"].value == pytest.approx(c["pgv"].value, rel=0.01), k
+        assert abs(g["intensity"].value - c["intensity"].value) <= 0.1 + 1e-9, k
+    later = range(second + 1, 60)
+    worst = {
+        name: max(abs(gs[k][name].value / cs[k][name].value - 1) for k in later)
+        for name in ("pga", "pgv")
+    }
+    worst["intensity"] = max(
+        abs(gs[k]["intensity"].value - cs[k]["intensity"].value) for k in later
+    )
+    events = [(o.kind, o.doc) for o in got if o.kind != "summary"]
+    clean_events = [(o.kind, o.doc) for o in clean if o.kind != "summary"]
+    assert [k for k, _ in events] == ["event", "event", "waveform"]
+    (_, start), (_, end), (_, wave) = events
+    (_, c_start), (_, c_end), (_, c_wave) = clean_events
+    assert start == c_start
+    assert (end["onset_sample"], end["end_sample"]) == (c_end["onset_sample"], c_end["end_sample"])
+    assert end["invalid_samples"] == 1 and c_end["invalid_samples"] == 0
+    assert end["pga"] == pytest.approx(c_end["pga"], rel=0.01)
+    assert end["pgv"] == pytest.approx(c_end["pgv"], rel=0.01)
+    first = end["onset_sample"] - 400  # pre_event 2 s
+    assert wave["bridged"] == [[bad[0] - first, 1]] and c_wave["bridged"] == []
+    assert wave["samples"] == c_wave["samples"]
+    print(
+        f"\n{label}: later seconds' worst deviation PGA {worst['pga']:.2e}, "
+        f"PGV {worst['pgv']:.2e}, intensity {worst['intensity']:.1f}; event PGV "
+        f"{end['pgv'] / c_end['pgv'] - 1:+.2e}"
+    )
+
+
+def test_bridging_a_straight_line_is_exact() -> None:
+    """Invalid instants on a ramp are bridged by the straight line: afterwards every
+    filter, ratio and peak holds exactly what the clean ramp gives."""
+    from agent.seismic import SeismicProcessor
+
+    dev = quake_device(channels=[{"name": "z"}, {"name": "n"}])
+    clean, bridged = SeismicProcessor(dev), SeismicProcessor(dev)
+    for i in range(400):
+        clean.feed([10.0 * i, -4.0 * i], 5 * i)
+        c: list[float | None] = [10.0 * i, -4.0 * i]
+        if 100 <= i < 103:
+            c[0] = math.nan  # three in a row on z
+        if i in (101, 104):
+            c[1] = None  # and n, overlapping and after
+        bridged.feed(c, 5 * i)
+    assert bridged.invalid == 4
+    assert clean.gm._vel == bridged.gm._vel and clean.gm._prev_a == bridged.gm._prev_a
+    assert [f.z for f in clean.gm._filters] == [f.z for f in bridged.gm._filters]
+    assert (clean.stalta.sta, clean.stalta.lta) == (bridged.stalta.sta, bridged.stalta.lta)
+    assert clean.i == bridged.i == 399
+
+
+def test_a_long_invalid_run_is_a_gap_and_nothing_before_a_valid_sample_is_bridged() -> None:
+    """More than 0.1 s of invalid instants is skipped like a gap (the event ends at the
+    last valid sample, STA/LTA warms up again); invalid instants before any valid one
+    (at the start, after a gap) are skipped. Both counted and flagged, no state NaN."""
+    from agent.seismic import SeismicProcessor
+
+    proc = SeismicProcessor(quake_device())
+    z, n, e = rjob("z"), rjob("n"), rjob("e")
+    outs = []
+    for i in range(12000):
+        c: list[float | None] = [z[i], n[i], e[i]]
+        if i < 3 or 6400 <= i < 6430 or 6430 <= i < 6432:
+            c[1] = math.inf if i % 2 else math.nan
+        outs += proc.feed(c, 5 * i)
+        assert non_finite(proc, skip=() if i % 100 == 0 else ("pre", "_wave")) == [], i
+    assert proc.invalid == 3 + 32
+    kinds = [(o.kind, (o.doc or {}).get("event")) for o in outs if o.kind != "summary"]
+    assert kinds[:3] == [("event", "start"), ("event", "end"), ("waveform", None)]
+    end = next(o.doc for o in outs if o.kind == "event" and (o.doc or {})["event"] == "end")
+    # 21 instants waited (0.1 s at 200 Hz is 20): skipped at the 21st, the event ended at
+    # the last valid sample, 6399; the 11 after it had nothing valid before them
+    assert end["end_sample"] == 6399 and end["invalid_samples"] == 0
+    summaries = [points(o) for o in outs if o.kind == "summary"]
+    flagged = {
+        k: s["invalid_samples"].value for k, s in enumerate(summaries) if s["invalid_samples"].value
+    }
+    assert sum(flagged.values()) == 35 and 0 in flagged
+    assert all(summaries[k]["intensity"].quality == "invalid" for k in flagged)
+    # the long window (10 s) starts again after the last skipped instant, 6431 (the
+    # summaries' seconds are 35 samples later than the record's from then on)
+    after = [s["sta_lta"].value for s in summaries[33:41]]
+    assert after == [0.0] * 8 and summaries[42]["sta_lta"].value > 0, "warms up again"
+
+
+def test_the_trigger_end_after_a_gap_is_counted_from_the_stream() -> None:
+    """An event after a gap ends at its own sample (the trigger restarts at the gap and
+    counts from there; the processor does not)."""
+    from agent.seismic import SeismicProcessor
+    from drivers.seismic_stream import SeismicDevice
+
+    dev = SeismicDevice.model_validate(
+        {
+            "driver": "seismic",
+            "id": "q",
+            "serial_port": "/dev/null",
+            "sample_rate": 200,
+            "channels": [{"name": "z"}],
+            "sta": "200ms",
+            "lta": "2s",
+        }
+    )
+    proc = SeismicProcessor(dev)
+    z = rjob("z")
+    docs = []
+    for i in range(12000):
+        if i == 3000:
+            proc.skip(100)
+        if 3000 <= i < 3100:
+            continue
+        docs += [o.doc or {} for o in proc.feed([z[i]], 5 * i) if o.kind == "event"]
+    start, end = docs
+    assert start["onset_sample"] == 6128 and end["onset_sample"] == 6128
+    assert end["end_sample"] > 6128 and end["duration_s"] > 0, end
+
+
+def test_intensity_is_never_computed_from_a_missing_value() -> None:
+    for pga, pgv in ((math.nan, 0.01), (0.5, math.nan), (math.inf, 0.01), (0.5, -math.inf)):
+        with pytest.raises(ValueError, match="finite"):
+            intensity(pga, pgv)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.readings import parse_iso_ms
 from drivers.seismic_stream import SampleClock, ascii_frame, datacast_packet, parse_ascii_frame
 from drivers.serial_line import LineError
@@ -307,3 +309,118 @@ def test_forged_datagrams_cost_the_running_agent_no_genuine_sample(
     assert int(overlaps) == 3 * 19 * 25, "the day-back packets before the run was judged"
     assert n_gaps == "1" and 0 < int(gap_samples) == sum(gaps) <= 150, "the pause only"
     assert "Traceback" not in log
+
+
+def test_invalid_frames_in_the_running_agent_keep_the_intensity_alarm(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """`edge-agent replay` streams the record with one frame whose z count is NaN (in the
+    second after the intensity alarm rose) and one whose e count is infinite (the second
+    after): those two summaries are flagged (measured points null, quality invalid,
+    invalid_samples 1), every other one is the clean stream's (computed here in process)
+    within 1 % (PGA, PGV) and 0.1 (intensity); the alarm rises once and clears once, at
+    the seconds the clean stream gives, never at a flagged one."""
+    from tests.test_seismic import clean_frames, points
+
+    setpoint, clear = 5.5, 5.0
+    clean_summaries = [points(o) for o in clean_frames()[0] if o.kind == "summary"]
+    clean_i = [s["intensity"].value for s in clean_summaries]
+    rise = next(k for k, v in enumerate(clean_i) if v >= setpoint)
+    fall = next(k for k in range(rise, 60) if clean_i[k] < clear)
+    nan_at, inf_at = (rise + 1) * 200 + 20, (rise + 2) * 200 + 100  # samples 6420, 6700
+    assert fall > rise + 3, "the alarm is active through both"
+    files = []
+    for c, bad in (("z", (nan_at, "nan")), ("n", None), ("e", (inf_at, "inf"))):
+        values = (DATA / f"loc_RJOB20050801145719850.{c}").read_text().split()
+        if bad is not None:
+            values[bad[0]] = bad[1]
+        (tmp_path / c).write_text("\n".join(values) + "\n")
+        files.append(str(tmp_path / c))
+    sensor, agent_tty = str(tmp_path / "sensor"), str(tmp_path / "agent-tty")
+    line = start_line(sensor, agent_tty)
+    devices = (
+        f"  - id: quake-1\n    driver: seismic\n    serial_port: {agent_tty}\n"
+        "    sample_rate: 200\n"
+        "    channels: [{name: z, scale: 3e-4}, {name: n, scale: 3e-4}, {name: e, scale: 3e-4}]\n"
+        "    pre_event: 2s\n    post_event: 2s\n"
+    )
+    alarms = (
+        "alarms:\n  - {id: strong-shaking, device: quake-1, point: intensity, kind: high,"
+        f" setpoint: {setpoint}, deadband: {setpoint - clear}, severity: critical}}\n"
+    )
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, devices, tail=alarms)
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    wait_until(lambda: "quake-1: " in agent.log() and "open" in agent.log(), 15, "port open")
+    command = [sys.executable, "-m", "agent", "replay", *files, "--to", sensor]
+    replay = subprocess.run(
+        [*command, "--rate", "200", "--speed", "10"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replay.returncode == 0, replay.stderr
+    wait_until(lambda: len(sub.telemetry()) >= 60, 15, "the last summaries")
+    assert agent.stop() == 0, agent.log()
+    line.terminate()
+    line.wait(5)
+    assert_all_delivered(sub, tmp_path / "state")
+    telemetry = [m.json() for m in sub.telemetry()]
+    got = [t["points"] for t in telemetry]
+    assert len(got) == 60, len(got)
+    flagged = [k for k, p in enumerate(got) if p["invalid_samples"]["value"]]
+    assert flagged == [rise + 1, rise + 2]
+    for k, (p, c) in enumerate(zip(got, clean_summaries, strict=True)):
+        if k in flagged:
+            assert p["invalid_samples"]["value"] == 1
+            for name in ("pga", "pgv", "intensity", "sta_lta", "noise"):
+                assert p[name]["value"] is None and p[name]["quality"] == "invalid", (k, name)
+            continue
+        assert p["pga"]["value"] == pytest.approx(c["pga"].value, rel=0.01), k
+        assert p["pgv"]["value"] == pytest.approx(c["pgv"].value, rel=0.01), k
+        assert abs(p["intensity"]["value"] - c["intensity"].value) <= 0.1 + 1e-9, k
+    events = [m.json() for m in sub.messages if "/events/quake-1" in m.topic]
+    alarm = [e for e in events if e["type"] == "alarm"]
+    assert [(e["event"], e["quality"]) for e in alarm] == [("raise", "good"), ("clear", "good")]
+    assert alarm[0]["ts"] == telemetry[rise]["ts"] and alarm[1]["ts"] == telemetry[fall]["ts"]
+    end = next(e for e in events if e["type"] == "seismic" and e["event"] == "end")
+    assert end["invalid_samples"] == 2
+    (wave,) = [m.json() for m in sub.messages if "/waveform/" in m.topic]
+    first = end["onset_sample"] - 400
+    assert wave["bridged"] == [[nan_at - first, 1], [inf_at - first, 1]]
+    log = agent.log()
+    assert "z not a finite count" in log and "2 sample instant(s) with an invalid count" in log
+
+
+def test_replay_sends_nan_and_inf_counts_over_datacast(tmp_path: Path) -> None:
+    """`edge-agent replay --to udp://` sends a record's NaN and infinite values as such
+    (as a faulty sensor would), and the parser takes them as invalid counts."""
+    from drivers.seismic_stream import parse_datacast
+
+    record = tmp_path / "z.txt"
+    record.write_text("1\n2\nnan\n4\n-inf\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.settimeout(5)
+        replay = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "replay",
+                str(record),
+                "--rate",
+                "20",
+                "--to",
+                f"udp://127.0.0.1:{s.getsockname()[1]}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert replay.returncode == 0, replay.stderr
+        packet = s.recv(2000)
+    assert parse_datacast(packet)[2] == [1, 2, None, 4, None]

@@ -221,6 +221,11 @@ def _seismic_event() -> dict[str, Any]:
         "i_a": num,
         "i_v": num,
         "delay_s": num,
+        "invalid_samples": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "invalid sample instants within the event (bridged by interpolation)",
+        },
         "ts": TS,
         "clock": CLOCK,
     }
@@ -228,7 +233,7 @@ def _seismic_event() -> dict[str, Any]:
     start += ["intensity", "degree", "delay_s"]
     end = ["onset", "onset_sample", "end", "end_sample", "duration_s", "trigger_channel"]
     end += ["peak_sta_lta", "pga", "pga_at", "pgv", "pgv_at", "peak_raw", "peak_raw_at"]
-    end += ["peak_raw_sample", "intensity", "degree", "i_a", "i_v"]
+    end += ["peak_raw_sample", "intensity", "degree", "i_a", "i_v", "invalid_samples"]
     return {
         **_head("seismic_event", "Seismic event", "The start or end of a seismic trigger."),
         **_obj(
@@ -260,11 +265,23 @@ def _waveform() -> dict[str, Any]:
         "samples": {"type": "integer", "minimum": 0},
         "encoding": {"const": "base64 float32 little-endian counts, interleaved by channel"},
         "data": {"type": "string", "contentEncoding": "base64"},
+        "bridged": {
+            "type": "array",
+            "maxItems": 100,
+            "items": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0},
+                "minItems": 2,
+                "maxItems": 2,
+            },
+            "description": "runs [first sample, count] of invalid sample instants bridged by "
+            "interpolation (the first 100 runs)",
+        },
         "ts": TS,
         "clock": CLOCK,
     }
     req = ["seq", "schema", "gateway", "device", "type", "onset", "start", "sample_rate"]
-    req += ["channels", "scale", "samples", "encoding", "data", "ts"]
+    req += ["channels", "scale", "samples", "encoding", "data", "bridged", "ts"]
     return {
         **_head("waveform", "Waveform excerpt", "The samples of one seismic event."),
         **_obj(req, props),
