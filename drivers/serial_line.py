@@ -377,8 +377,13 @@ class LineAssembler:
                 pos = k0 + k + lt - len(buf)
                 del buf[k0 + k :]
                 self._end(b"", 0, 0, lines, errors)
+        strip_cr = term == b"\n"
         while (end := data.find(term, pos)) >= 0:
-            self._end(data, pos, end, lines, errors)
+            if end - pos <= self.max_line and self.synced and not buf and not self.discarding:
+                line = data[pos:end]  # the common case: a whole line that fits, in this read
+                lines.append(line[:-1] if strip_cr and line.endswith(b"\r") else line)
+            else:
+                self._end(data, pos, end, lines, errors)
             pos = end + lt
         rest = len(data) - pos
         if not self.discarding and len(buf) + rest > self.hold:
