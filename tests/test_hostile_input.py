@@ -117,7 +117,8 @@ def test_an_overlong_line_costs_no_more_than_max_line(
     finally:
         tracemalloc.stop()
     assert got == lines and asm.too_long == too_long
-    assert peak < 400_000, f"{peak} bytes allocated while cutting lines"
+    # a line is copied only once it is known to fit: about max_line bytes, never a read
+    assert peak < 4096, f"{peak} bytes allocated while cutting lines"
 
 
 def test_fields_that_are_not_finite_or_too_large_are_bad_quality() -> None:
