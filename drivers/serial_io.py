@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import Any
 
 QUEUE_LIMIT = 65536
 """Most bytes a :class:`PortQueue` holds for its reader (64 KiB: over 5 s at 115200 baud)."""
@@ -75,12 +76,19 @@ class PortQueue(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.opened_at = time.monotonic()
         if self.char_s is not None and self.first_at is None:
+            port = getattr(transport, "sync_serial", None)
             self._timer = asyncio.get_running_loop().call_later(
-                max(self.char_s, QUIET_FLOOR_S), self._silence
+                max(self.char_s, QUIET_FLOOR_S), self._silence, port
             )
 
-    def _silence(self) -> None:
-        self.silent = self.first_at is None
+    def _silence(self, port: Any) -> None:
+        # a polled port (rfc2217://) reads from a task that may run after this timer:
+        # bytes it has not yet handed over count too
+        try:
+            pending = int(getattr(port, "in_waiting", 0) or 0)
+        except Exception:  # the port closed meanwhile (OSError, SerialException)
+            pending = 1
+        self.silent = self.first_at is None and pending == 0
 
     def data_received(self, data: bytes) -> None:
         if self._closed or not data:
@@ -145,12 +153,12 @@ class PortQueue(asyncio.Protocol):
         then that byte starts a line rather than continuing one the port opened into.
 
         Two conditions, each guarding against a delay: the timer set at opening ran before
-        any byte was received (asyncio handles the reads found ready before the timers
-        due in the same turn, so bytes that came during a busy turn of the event loop do
-        not pass for a silence); and the first read's ``n`` bytes, which took at least
-        ``n`` character times on the line, began that long after opening (so bytes held
-        back on the way, as a USB adapter does for up to 16 ms, do not either). False
-        before the first read or without ``char_s``.
+        any byte was received or was waiting in the port (asyncio handles the reads found
+        ready before the timers due in the same turn, so bytes that came during a busy
+        turn of the event loop do not pass for a silence); and the first read's ``n``
+        bytes, which took at least ``n`` character times on the line, began that long after
+        opening (so bytes held back on the way, as a USB adapter does for up to 16 ms, do
+        not either). False before the first read or without ``char_s``.
         """
         if self.char_s is None or self.opened_at is None or self.first_at is None:
             return False

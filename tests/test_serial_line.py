@@ -225,6 +225,33 @@ def test_quiet_before_first_byte(
     assert port.quiet_before_first() is quiet
 
 
+@pytest.mark.parametrize(("waiting", "silent"), [(0, True), (3, False), (None, False)])
+def test_the_opening_timer_counts_bytes_a_polled_port_has_not_handed_over(
+    waiting: int | None, silent: bool
+) -> None:
+    """A polled port (``rfc2217://``) reads in a task that may run after the timer: bytes
+    waiting in it are no silence; a port that fails to say (closed) is none either."""
+
+    class Port:  # stands for pyserial's port object, to inject the states
+        @property
+        def in_waiting(self) -> int:
+            if waiting is None:
+                raise OSError("port closed")
+            return waiting
+
+    class Transport(asyncio.Transport):
+        sync_serial = Port()
+
+    async def main() -> PortQueue:
+        port = PortQueue(char_s=10 / 115200)
+        port.connection_made(Transport())
+        await asyncio.sleep(0.02)
+        return port
+
+    port = asyncio.run(main())
+    assert port.silent is silent
+
+
 def test_csv_columns() -> None:
     dev = device(
         {"kind": "csv", "columns": ["time", "level", None, "temp"]},
