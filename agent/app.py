@@ -345,7 +345,7 @@ class Agent:
         counters = self._counters.get(dev.id)
         deltas = None
         if counters is not None:
-            deltas = counters.deltas(results)
+            results, deltas = counters.apply(results)
             for name, value in counters.last.items():
                 self.writer.state[(dev.id, name)] = value
         historical = self.link.outage

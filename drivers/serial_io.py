@@ -9,12 +9,29 @@ the event loop. Handlers without a file descriptor to watch (``rfc2217://``,
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from typing import Any
 
 QUEUE_LIMIT = 65536
 """Most bytes a :class:`PortQueue` holds for its reader (64 KiB: over 5 s at 115200 baud)."""
 GET_MAX = 8192
 """Most bytes :meth:`PortQueue.get` hands over at once (reads are at most 1 KiB each)."""
+QUIET_FLOOR_S = 0.005
+"""Shortest silence taken as a pause between lines, seconds: a character time at high
+baud rates is shorter than the jitter of reads (a port served over TCP, a polled
+``rfc2217://`` port read every 2 ms)."""
+
+
+def char_time(baudrate: int, bytesize: int = 8, parity: str = "N", stopbits: int = 1) -> float:
+    """Seconds one character takes on the line: a start bit, the data bits, a parity bit
+    unless ``parity`` is ``N``, and the stop bits, at ``baudrate`` bits per second (10
+    bits for 8N1: 1.04 ms at 9600 baud). Pure.
+
+    Raises:
+        ZeroDivisionError: ``baudrate`` is 0.
+    """
+    return (1 + bytesize + (parity != "N") + stopbits) / baudrate
 
 
 class PortQueue(asyncio.Protocol):
@@ -26,11 +43,16 @@ class PortQueue(asyncio.Protocol):
     tells the reader that its stream has a hole (it must resynchronise: the line in
     progress is incomplete).
 
+    It also tells whether the line was silent after opening before its first byte
+    (:meth:`quiet_before_first`), given the line's character time ``char_s``.
+
     Args:
         limit: most bytes held, at least 1.
+        char_s: seconds per character on the line (:func:`char_time`); None: not known,
+            the first byte is never taken to follow a silence.
     """
 
-    def __init__(self, limit: int = QUEUE_LIMIT) -> None:
+    def __init__(self, limit: int = QUEUE_LIMIT, char_s: float | None = None) -> None:
         self.limit = max(1, limit)
         self._chunks: deque[bytes] = deque()
         self._size = 0
@@ -39,10 +61,41 @@ class PortQueue(asyncio.Protocol):
         self._lost = 0
         self.dropped = 0
         """Bytes thrown away because the reader was behind (since the port opened)."""
+        self.char_s = char_s
+        self.opened_at: float | None = None
+        """``time.monotonic()`` when the transport was connected (the port open)."""
+        self.silent = False
+        """Whether a timer set for ``max(char_s, QUIET_FLOOR_S)`` after opening ran before
+        any byte was received."""
+        self.first_at: float | None = None
+        """``time.monotonic()`` of the first read after opening."""
+        self.first_len = 0
+        """Bytes of that first read."""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.opened_at = time.monotonic()
+        if self.char_s is not None and self.first_at is None:
+            port = getattr(transport, "sync_serial", None)
+            self._timer = asyncio.get_running_loop().call_later(
+                max(self.char_s, QUIET_FLOOR_S), self._silence, port
+            )
+
+    def _silence(self, port: Any) -> None:
+        # a polled port (rfc2217://) reads from a task that may run after this timer:
+        # bytes it has not yet handed over count too
+        try:
+            pending = int(getattr(port, "in_waiting", 0) or 0)
+        except Exception:  # the port closed meanwhile (OSError, SerialException)
+            pending = 1
+        self.silent = self.first_at is None and pending == 0
 
     def data_received(self, data: bytes) -> None:
         if self._closed or not data:
             return
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+            self.first_len = len(data)
         if len(data) > self.limit:  # keep the newest bytes
             self._note_lost(len(data) - self.limit)
             data = data[-self.limit :]
@@ -59,6 +112,8 @@ class PortQueue(asyncio.Protocol):
         self._lost += n
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._closed = True
         self._ready.set()
 
@@ -91,6 +146,24 @@ class PortQueue(asyncio.Protocol):
         self._size = 0
         self._lost = 0
         return not self._closed
+
+    def quiet_before_first(self) -> bool:
+        """Whether the line was silent for at least one character time (``char_s``, at
+        least :data:`QUIET_FLOOR_S`) after the port opened before its first byte came:
+        then that byte starts a line rather than continuing one the port opened into.
+
+        Two conditions, each guarding against a delay: the timer set at opening ran before
+        any byte was received or was waiting in the port (asyncio handles the reads found
+        ready before the timers due in the same turn, so bytes that came during a busy
+        turn of the event loop do not pass for a silence); and the first read's ``n``
+        bytes, which took at least ``n`` character times on the line, began that long after
+        opening (so bytes held back on the way, as a USB adapter does for up to 16 ms, do
+        not either). False before the first read or without ``char_s``.
+        """
+        if self.char_s is None or self.opened_at is None or self.first_at is None:
+            return False
+        began = self.first_at - self.first_len * self.char_s
+        return self.silent and began - self.opened_at >= max(self.char_s, QUIET_FLOOR_S)
 
     def take_lost(self) -> int:
         """Bytes dropped since the last call (0: the stream is whole)."""

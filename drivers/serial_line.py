@@ -1,12 +1,15 @@
 """Serial sensors that print text lines: water-level, rain and gas sensors with an ASCII
 output instead of Modbus.
 
-Pure parts (tested alone): :class:`LineAssembler` cuts a byte stream into lines (partial
-lines across reads are joined; the first partial line after opening is dropped; an
-over-long line is an error, never a crash), and :func:`parse_line` turns one line into
-point values with the configured parser: delimited columns (CSV), ``key=value`` pairs, a
-regular expression with named groups, or an NMEA 0183-style sentence whose checksum is
-checked (``$…*hh``: XOR of the bytes between ``$`` and ``*``, NMEA 0183 v4.10 §5.3).
+Pure parts (tested alone): :func:`parse_terminator` reads the configured line end (1 to
+8 ASCII characters, or a control character by its ASCII name such as ``ETX``);
+:class:`LineAssembler` cuts a byte stream into lines (partial lines across reads are
+joined; the first line after opening is dropped unless the port was silent before it; an
+over-long line is an error however it arrives, never a crash), and :func:`parse_line`
+turns one line into point values with the configured parser: delimited columns (CSV),
+``key=value`` pairs, a regular expression with named groups, or an NMEA 0183-style
+sentence whose checksum is checked (``$…*hh``: XOR of the bytes between ``$`` and ``*``,
+NMEA 0183 v4.10 §5.3).
 
 A ``regex`` pattern is the user's and the line the device's: the pattern runs on the
 ``regex`` package (the syntax and results of Python's ``re``) with a time limit per line,
@@ -15,7 +18,9 @@ A ``regex`` pattern is the user's and the line the device's: the pattern runs on
 
 :class:`SerialLineReader` owns the port: it opens it (a device path, a
 ``/dev/serial/by-id/…`` name or a pyserial URL), reads lines, optionally sends a request
-and waits for the answer, and reopens the port when it disappears and comes back.
+and waits for the answer, and reopens the port when it disappears and comes back. The
+first line after opening is read when the line was silent for a character time before
+its first byte (:meth:`drivers.serial_io.PortQueue.quiet_before_first`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import codecs
 import functools
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
@@ -34,7 +40,7 @@ from drivers.base import PointResult
 from drivers.codec import non_finite_quality
 from drivers.common import Duration, StrictModel, at_least
 from drivers.names import DisplayName, Name, short_repr
-from drivers.serial_io import PortQueue, open_serial
+from drivers.serial_io import PortQueue, char_time, open_serial
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +142,61 @@ def _text_encoding(value: str) -> str:
     return value
 
 
+# fmt: off
+_C0_NAMES = (
+    "NUL", "SOH", "STX", "ETX", "EOT", "ENQ", "ACK", "BEL", "BS", "HT", "LF", "VT", "FF",
+    "CR", "SO", "SI", "DLE", "DC1", "DC2", "DC3", "DC4", "NAK", "SYN", "ETB", "CAN", "EM",
+    "SUB", "ESC", "FS", "GS", "RS", "US",
+)
+# fmt: on
+CONTROL_NAMES: dict[str, str] = {name: chr(code) for code, name in enumerate(_C0_NAMES)} | {
+    "DEL": "\x7f",
+    "CRLF": "\r\n",
+}
+"""The ASCII control characters by name (ANSI X3.4-1986; RFC 20 §5.2), and ``CRLF``."""
+TERMINATOR_MAX = 8
+"""Longest line terminator, bytes."""
+_ESCAPE_RE = re.compile(r"\\[0abfnrtvxu]")
+
+
+def parse_terminator(value: str) -> str:
+    """The characters that end a line: ``value`` itself (1 to :data:`TERMINATOR_MAX` ASCII
+    characters, matched as bytes whatever the line's encoding), or the control character
+    ``value`` names in capitals (:data:`CONTROL_NAMES`: ``ETX`` → ``"\\x03"``).
+
+    Raises:
+        ValueError: empty, longer than 8, not ASCII, a name not in capitals (``etx``:
+            refused rather than taken as three letters), or holding a backslash escape
+            written literally (``'\\r\\n'`` in single quotes in YAML is four characters).
+    """
+    if value in CONTROL_NAMES:
+        return CONTROL_NAMES[value]
+    if value.upper() in CONTROL_NAMES:
+        raise ValueError(
+            f"terminator {value!r}: write the name in capitals ({value.upper()}) for the "
+            "control character; names of control characters are not taken as text"
+        )
+    if not value:
+        raise ValueError("a line needs a terminator: e.g. '\\n', ';' or a name such as ETX")
+    if _ESCAPE_RE.search(value):
+        raise ValueError(
+            f"terminator {short_repr(value)} holds a backslash escape as plain characters "
+            '(YAML reads escapes only in double quotes): write "\\r\\n" in double quotes, '
+            "or a name such as CRLF, CR, LF or ETX"
+        )
+    if not value.isascii():
+        raise ValueError(
+            f"terminator {short_repr(value)} is not ASCII: use ASCII characters or the name "
+            "of a control character (ETX, STX, EOT, CR, LF, CRLF, NUL, …)"
+        )
+    if len(value) > TERMINATOR_MAX:
+        raise ValueError(
+            f"terminator {short_repr(value)} is {len(value)} characters long: at most "
+            f"{TERMINATOR_MAX}"
+        )
+    return value
+
+
 class SerialLineDevice(StrictModel):
     """A sensor on a serial port that prints (or answers with) text lines."""
 
@@ -149,8 +210,10 @@ class SerialLineDevice(StrictModel):
     parity: Literal["N", "E", "O"] = "N"
     stopbits: Literal[1, 2] = 1
     bytesize: Literal[7, 8] = 8
-    terminator: Literal["\n", "\r\n", "\r"] = Field(
-        default="\n", description="Line end: '\\n', '\\r\\n' or '\\r'"
+    terminator: Annotated[str, AfterValidator(parse_terminator)] = Field(
+        default="\n",
+        description="Line end: 1 to 8 ASCII characters ('\\n', '\\r\\n', ';') or a "
+        "control character by its ASCII name (ETX, CR, LF, CRLF, EOT, NUL, …)",
     )
     max_line: int = Field(default=512, ge=8, le=65536, description="Longest line, bytes")
     encoding: Annotated[str, AfterValidator(_text_encoding)] = Field(
@@ -210,6 +273,17 @@ class SerialLineDevice(StrictModel):
                 raise ValueError("two columns with one name")
         if p.kind == "kv" and p.pair_separator == p.key_separator:
             raise ValueError("pair_separator and key_separator must differ")
+        marks = {
+            "csv": {"delimiter": p.delimiter},
+            "kv": {"pair_separator": p.pair_separator, "key_separator": p.key_separator},
+            "nmea": {"'$'": "$", "'!'": "!", "','": ",", "'*'": "*"},
+        }.get(p.kind, {})
+        for what, mark in marks.items():
+            if self.terminator in mark:
+                raise ValueError(
+                    f"terminator {self.terminator!r} would end a line at every "
+                    f"{what} ({mark!r}) of the {p.kind} parser: choose another terminator"
+                )
         if p.kind == "nmea":
             for pt in self.points:
                 if not (pt.field or "").isdigit():
@@ -230,36 +304,50 @@ class SerialLineDevice(StrictModel):
 
 class LineAssembler:
     """Cuts received bytes into lines, holding at most ``max_line`` bytes plus a
-    terminator whatever arrives.
+    terminator between reads, however the bytes arrive.
 
-    ``feed(data)`` returns ``(lines, errors)``: complete lines without the terminator, and
-    a message per over-long line. An over-long line is dropped whole, up to its
-    terminator, whether it arrives in pieces or in one read (a line of 10 MB costs no
-    more memory than one of ``max_line``); a read larger than :data:`FEED_SLICE` is cut
-    into slices first. The first partial line after a (re)open is dropped: it may be the
-    tail of a line that started before; :meth:`resync` does the same after bytes were
-    lost in between.
+    ``feed(data)`` returns ``(lines, errors)``: complete lines without the terminator (with
+    terminator ``\\n``, a ``\\r`` before it goes too), and a message per over-long line.
+    A line longer than ``max_line`` bytes is dropped whole, up to its terminator, and
+    counted in :attr:`too_long`, whether it arrives in pieces or in one read, and whichever
+    line it is (the first after opening too): a line is copied out of a read only once it
+    is known to fit, and what is held between reads never exceeds :attr:`hold` bytes (a
+    line of 10 MB costs no more memory than one of ``max_line``).
+
+    The first line after a (re)open is dropped (counted in :attr:`partial`): it may be the
+    tail of a line that started before, unless the reader knows the port was silent before
+    its first byte (:meth:`quiet_start`); :meth:`resync` drops the line in progress after
+    bytes were lost in between.
     """
-
-    FEED_SLICE = 65536
-    """Bytes taken from one read at a time."""
 
     def __init__(self, terminator: bytes, max_line: int) -> None:
         if not terminator:
             raise ValueError("a line needs a terminator")
         self.terminator = terminator
         self.max_line = max_line
+        self.hold = max_line + len(terminator) - 1 + (terminator == b"\n")
+        """Most bytes held between reads: a line of ``max_line`` bytes (and a ``\\r``
+        before a ``\\n`` terminator) whose terminator has partly arrived."""
         self.buf = bytearray()
         self.synced = False
         self.discarding = False
         self.too_long = 0
         """Over-long lines dropped (since creation)."""
+        self.partial = 0
+        """First lines dropped after an open or a hole in the stream: perhaps partial."""
 
     def reset(self) -> None:
-        """After reopening the port: drop what was pending and resynchronise."""
+        """After reopening the port: drop what was pending and resynchronise (the first
+        line is dropped unless :meth:`quiet_start` follows)."""
         self.buf.clear()
         self.synced = False
         self.discarding = False
+
+    def quiet_start(self) -> None:
+        """The port was silent for at least a character time before its first byte after
+        opening: the first line is whole, keep it (if it fits)."""
+        if not self.buf and not self.discarding:
+            self.synced = True
 
     def clear(self) -> None:
         """Drop the line in progress and stay in step (request mode: the next line is the
@@ -277,48 +365,72 @@ class LineAssembler:
     def feed(self, data: bytes) -> tuple[list[bytes], list[str]]:
         lines: list[bytes] = []
         errors: list[str] = []
-        step = self.FEED_SLICE
-        for i in range(0, len(data), step):
-            self._feed(data[i : i + step] if len(data) > step else data, lines, errors)
-        return lines, errors
-
-    def _feed(self, data: bytes, lines: list[bytes], errors: list[str]) -> None:
         buf = self.buf
-        buf += data
         term = self.terminator
+        lt = len(term)
         pos = 0
-        while (end := buf.find(term, pos)) >= 0:
-            start, pos = pos, end + len(term)
-            if self.discarding:
-                self.discarding = False  # the end of the over-long line: in step now
-                self.synced = True
-                continue
-            if not self.synced:
-                self.synced = True  # the first (possibly partial) line
-                continue
-            if end - start > self.max_line:
-                self.too_long += 1
-                errors.append(
-                    f"line of {end - start} bytes, longer than {self.max_line}, dropped: "
-                    f"{bytes(buf[start : start + 60])!r}…"
-                )
-                continue
-            line = bytes(buf[start:end])
-            if term == b"\n" and line.endswith(b"\r"):
-                line = line[:-1]
-            lines.append(line)
-        del buf[:pos]
-        # (the held bytes may end in the first bytes of a terminator)
-        if len(buf) > self.max_line + len(term) - 1 and not self.discarding:
+        if buf and lt > 1:
+            # a terminator that began in the bytes held from the last read
+            k0 = max(0, len(buf) - (lt - 1))
+            k = (bytes(buf[k0:]) + data[: lt - 1]).find(term)
+            if 0 <= k < len(buf) - k0:
+                pos = k0 + k + lt - len(buf)
+                del buf[k0 + k :]
+                self._end(b"", 0, 0, lines, errors)
+        strip_cr = term == b"\n"
+        while (end := data.find(term, pos)) >= 0:
+            if end - pos <= self.max_line and self.synced and not buf and not self.discarding:
+                line = data[pos:end]  # the common case: a whole line that fits, in this read
+                lines.append(line[:-1] if strip_cr and line.endswith(b"\r") else line)
+            else:
+                self._end(data, pos, end, lines, errors)
+            pos = end + lt
+        rest = len(data) - pos
+        if not self.discarding and len(buf) + rest > self.hold:
             if self.synced:
                 self.too_long += 1
                 errors.append(
-                    f"line longer than {self.max_line} bytes, dropped: {bytes(buf[:60])!r}…"
+                    f"line longer than {self.max_line} bytes, dropped: "
+                    f"{(bytes(buf[:60]) + data[pos : pos + 60])[:60]!r}…"
                 )
             self.discarding = True
         if self.discarding:
             # keep only what could be the start of a terminator split across reads
-            del buf[: max(0, len(buf) - (len(term) - 1))]
+            keep = lt - 1
+            tail = bytes(buf[-keep:]) + data[max(pos, len(data) - keep) :] if keep else b""
+            buf[:] = tail[len(tail) - keep :]
+        else:
+            buf += data[pos:]
+        return lines, errors
+
+    def _end(self, data: bytes, pos: int, end: int, lines: list[bytes], errors: list[str]) -> None:
+        """A terminator: the line is the held bytes and ``data[pos:end]``."""
+        buf = self.buf
+        size = len(buf) + end - pos
+        if self.discarding:
+            self.discarding = False  # the end of the over-long line: in step now
+            self.partial += not self.synced
+            self.synced = True
+        elif not self.synced:
+            self.synced = True  # the first (possibly partial) line
+            self.partial += 1
+        elif size > self.max_line + 1:
+            self.too_long += 1
+            start = (bytes(buf[:60]) + data[pos : pos + 60])[:60]
+            errors.append(f"line of {size} bytes, longer than {self.max_line}, dropped: {start!r}…")
+        else:
+            line = bytes(buf) + data[pos:end] if buf else data[pos:end]
+            if self.terminator == b"\n" and line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > self.max_line:
+                self.too_long += 1
+                errors.append(
+                    f"line of {len(line)} bytes, longer than {self.max_line}, dropped: "
+                    f"{line[:60]!r}…"
+                )
+            else:
+                lines.append(line)
+        buf.clear()
 
 
 def nmea_checksum(body: str) -> int:
@@ -439,12 +551,15 @@ def parse_line(
     line: bytes, dev: SerialLineDevice, timeout: float = MATCH_TIMEOUT_S
 ) -> list[PointResult]:
     """Decode and parse one line into one result per point (a regex parser's pattern
-    searched for at most ``timeout`` seconds).
+    searched for at most ``timeout`` seconds). With terminator ETX, a leading STX (the
+    start of an STX … ETX frame) is removed first; white space around the text always.
 
     Raises:
         LineError: undecodable bytes, or a line that does not fit the parser
             (:class:`MatchTimeout`: the pattern took too long).
     """
+    if dev.terminator == "\x03" and line.startswith(b"\x02"):
+        line = line[1:]
     try:
         text = line.decode(dev.encoding).strip()
     except UnicodeDecodeError:
@@ -494,6 +609,8 @@ class SerialLineReader:
         self.lines = 0
         self.dropped_bytes = 0
         """Bytes thrown away because the device sent faster than they were read."""
+        self.in_progress = 0
+        """First lines dropped because bytes were already arriving as the port opened."""
         self.match_timeouts = 0
         """Lines on which the regex parser's pattern ran out of time (in :attr:`errors`)."""
         self.unmatched = 0
@@ -518,7 +635,7 @@ class SerialLineReader:
 
     async def _open(self) -> PortQueue | None:
         d = self.dev
-        port = PortQueue()
+        port = PortQueue(char_s=char_time(d.baudrate, d.bytesize, d.parity, d.stopbits))
         try:
             self._transport = await open_serial(
                 port, d.serial_port, d.baudrate, d.bytesize, d.parity, d.stopbits
@@ -598,12 +715,30 @@ class SerialLineReader:
         return self.asm.feed(data)
 
     async def _stream(self, port: PortQueue) -> None:
+        d = self.dev
+        first = True
+        watch: int | None = None  # asm.partial before the first line after opening
         while True:
             data = await port.get()
             if data is None:
                 return
             ts = self.now_ms()
+            if first:
+                first = False
+                watch = self.asm.partial
+                if port.quiet_before_first():
+                    self.asm.quiet_start()
             lines, errors = self._take(port, data)
+            if watch is not None and self.asm.synced:
+                if self.asm.partial > watch:
+                    self.in_progress += 1
+                    log.info(
+                        "device %s: the first line after opening was dropped: it was already "
+                        "arriving when %s opened",
+                        d.id,
+                        d.serial_port,
+                    )
+                watch = None
             for e in errors:
                 self._error(e)
             step = time.monotonic()

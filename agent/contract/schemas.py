@@ -42,6 +42,10 @@ CLOCK = {
     "description": "absent: stamped by a trusted clock; see docs/mqtt.md, Clock trust",
 }
 NUMBER_OR_NULL = {"type": ["number", "null"]}
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Largest integer sent as a JSON number (agent.contract.telemetry.MAX_SAFE_INTEGER)."""
+BIG_DECIMAL = "^-?[1-9][0-9]{15,}$"
+"""An integer beyond ±(2^53−1) as a string: 16 digits or more, no leading zero."""
 QUALITIES = [
     "good",
     "timeout",
@@ -53,6 +57,7 @@ QUALITIES = [
     "nan",
     "inf",
     "invalid",
+    "counter_jump",
 ]
 RULE_KINDS = ["high", "low", "rate", "stale", "sensor_fault"]
 ALARM_STATES = ["normal", "active", "acked", "cleared"]
@@ -87,15 +92,22 @@ def _telemetry() -> dict[str, Any]:
         {
             "value": {
                 "type": ["number", "boolean", "string", "null"],
-                "description": "engineering value (raw × scale + offset); null unless good",
+                "description": "engineering value (raw × scale + offset); null unless good. "
+                "A string for text points, and for an integer beyond ±(2^53−1) (a 64-bit "
+                "point): its exact decimal digits, as JSON numbers that large are rounded by "
+                "readers that hold them as IEEE 754 doubles (RFC 8259 §6, RFC 7493 §2.2)",
             },
             "unit": {"type": ["string", "null"]},
             "quality": {"enum": QUALITIES},
             "error": {"type": "string", "description": "why the quality is not good"},
             "exception_code": {"type": "integer", "minimum": 1, "maximum": 255},
             "delta": {
-                "type": "integer",
-                "description": "counter points: increase since the last poll",
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INTEGER},
+                    {"type": "string", "pattern": BIG_DECIMAL},
+                ],
+                "description": "counter points: increase since the last poll; beyond "
+                "2^53−1 (a 64-bit counter) its exact decimal digits as a string",
             },
         },
         **{

@@ -12,6 +12,20 @@ from agent.contract.payloads import schema_id
 from agent.readings import Reading, iso_ms, parse_iso_ms
 from drivers.base import GOOD, PointResult
 
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Largest integer every JSON reader holds exactly: JSON numbers are commonly read as IEEE
+754 binary64, whose integers are exact only within ±(2^53−1) (RFC 8259 §6; I-JSON, RFC 7493
+§2.2; JavaScript's ``Number.MAX_SAFE_INTEGER``)."""
+
+
+def json_integer(value: int) -> str:
+    """JSON text of an integer: a number within ±:data:`MAX_SAFE_INTEGER`, a decimal string
+    beyond (``"18446744073709551615"``), which a JavaScript consumer would otherwise round
+    silently (RFC 7493 §2.2). Pure."""
+    if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        return str(value)
+    return f'"{value}"'
+
 
 def _json_value(value: int | float | bool | str) -> str | None:
     """JSON text of a good value, or None when it cannot be a JSON number (NaN, ±Inf)."""
@@ -22,7 +36,7 @@ def _json_value(value: int | float | bool | str) -> str | None:
     if value is False:
         return "false"
     if isinstance(value, int):
-        return str(value)
+        return json_integer(value)
     if math.isfinite(value):
         return float.__repr__(value)  # what json.dumps writes for a float
     return None
@@ -34,12 +48,15 @@ class TelemetryEncoder:
     Shape (see ``docs/mqtt.md``)::
 
         {"schema": "telemetry/1", "gateway": str, "device": str, "ts": "…Z",
-         "points": {name: {"value": number|bool|null, "unit": str|null,
-                           "quality": "good"|code, ["error": str], ["exception_code": int]}}}
+         "points": {name: {"value": number|bool|str|null, "unit": str|null,
+                           "quality": "good"|code, ["error": str], ["exception_code": int],
+                           ["delta": int|str]}}}
 
     The constant parts (names, units) are escaped once with :func:`json.dumps`; per poll only
     values are formatted. Non-finite floats never reach the JSON: they are published as
     ``null`` with quality ``nan``/``inf`` (JSON has no such tokens, RFC 8259 section 6).
+    Integers beyond ±(2^53−1) (values of 64-bit points, deltas of 64-bit counters) are
+    decimal strings (:func:`json_integer`).
     """
 
     def __init__(self, gateway_id: str, device_id: str, units: dict[str, str | None]) -> None:
@@ -78,7 +95,7 @@ class TelemetryEncoder:
             if text is not None:
                 tail = self._good_tail[r.point]
                 if deltas and r.point in deltas:
-                    tail = f'{tail[:-1]},"delta":{deltas[r.point]}}}'
+                    tail = f'{tail[:-1]},"delta":{json_integer(deltas[r.point])}}}'
                 parts.append(self._key[r.point] + text + tail)
                 continue
             quality, error = r.quality, r.error

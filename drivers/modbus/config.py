@@ -72,6 +72,14 @@ class ModbusPoint(StrictModel):
         description="A running total (uint16/32/64): each reading also carries 'delta', the "
         "increase since the previous poll, across roll-over and device resets",
     )
+    max_delta: int | None = Field(
+        default=None,
+        ge=1,
+        strict=True,
+        description="Counter points: the largest believable increase between two polls; "
+        "a larger one gives quality 'counter_jump' and no delta, and counting goes on "
+        "from the new value",
+    )
     length: int | None = Field(
         default=None, ge=1, le=250, description="For type string: characters (2 per register)"
     )
@@ -120,6 +128,8 @@ class ModbusPoint(StrictModel):
             dtype not in ("uint16", "uint32", "uint64") or self.scale != 1 or self.offset != 0
         ):
             raise ValueError("counter: true needs an unscaled uint16, uint32 or uint64 point")
+        if self.max_delta is not None and not self.counter:
+            raise ValueError("max_delta applies to counter points only (counter: true)")
         if isinstance(self.decimal_point, int) and not 0 <= self.decimal_point <= 9:
             raise ValueError(f"decimal_point {self.decimal_point} is outside 0..9")
         if self.decimal_point is not None and dtype in ("bool", "bit", "string"):
