@@ -352,6 +352,21 @@ class AlarmEngine:
                 )
         self._changed: dict[str, Alarm] = {}
 
+    def replace(self, alarms: Sequence[Alarm], reset: Iterable[str], now: float) -> None:
+        """A config reload: these alarms from now on. Those named in ``reset`` (added, or
+        whose rule changed) start ``normal`` and are noted as changed (stored with the next
+        commit); the others keep the state they carry (:func:`agent.reload.carry_alarms`).
+        """
+        by_key = {a.key: a for a in alarms}
+        fresh = set(reset) & by_key.keys()
+        for key in fresh:
+            by_key[key].state = AlarmState(last_good=now)
+        self._changed = {k: by_key[k] for k in self._changed.keys() | fresh if k in by_key}
+        self.alarms = list(alarms)
+        self._by_device = {}
+        for a in self.alarms:
+            self._by_device.setdefault(a.device, []).append(a)
+
     def devices(self) -> Iterable[str]:
         return self._by_device
 

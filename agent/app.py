@@ -57,6 +57,7 @@ from agent.pipeline import CounterTracker, finite_results
 from agent.poller import BusPoller
 from agent.publisher import ALARMS_MAX, Publisher
 from agent.readings import now_ms
+from agent.reload import Reloader
 from agent.retained import RetainedState
 from agent.seismic import SeismicOutput, SeismicProcessor
 from agent.supervise import supervised, where_raised
@@ -74,6 +75,9 @@ from drivers.seismic_stream import SeismicDevice, SeismicSerialReader, SeismicUd
 from drivers.serial_line import SerialLineDevice, SerialLineReader
 
 log = logging.getLogger(__name__)
+
+Reader = SerialLineReader | SeismicSerialReader | SeismicUdpReader
+"""The task of a sensor that has a port of its own."""
 
 STOP_BUDGET_S = 5.0
 HEALTH_S = 30.0
@@ -142,8 +146,11 @@ def make_bus(devices: list[ModbusDevice]) -> ModbusBus:
 class Agent:
     """The running daemon: buses, buffer writer, publisher and MQTT link."""
 
-    def __init__(self, cfg: AgentConfig, pin_factory: Any = None) -> None:
+    def __init__(
+        self, cfg: AgentConfig, pin_factory: Any = None, config_path: str | None = None
+    ) -> None:
         self.cfg = cfg
+        self.started_ms = now_ms()
         self.stop_event = asyncio.Event()
         state = Path(cfg.state_dir)
         self._lock_fd = lock_state_dir(state)
@@ -182,24 +189,13 @@ class Agent:
         self.writer.on_restamps = self._report_restamps
         prefix = cfg.mqtt.topic_prefix
         self.status_topic = status_topic(prefix, cfg.gateway_id)
-        self._topics = {d.id: telemetry_topic(prefix, cfg.gateway_id, d.id) for d in cfg.devices}
-        self._encoders = {
-            d.id: TelemetryEncoder(cfg.gateway_id, d.id, {p.name: p.unit for p in d.points})
-            for d in cfg.devices
-        }
+        self._prefix = prefix
+        self._topics: dict[str, str] = {}
+        self._encoders: dict[str, TelemetryEncoder] = {}
+        self._counters: dict[str, CounterTracker] = {}
         stored = self.buffer.sync.point_state()
-        self._counters = {
-            d.id: CounterTracker(
-                d,
-                {
-                    p.name: v
-                    for p in d.points
-                    if p.counter and (v := stored.get((d.id, p.name))) is not None
-                },
-            )
-            for d in cfg.devices
-            if isinstance(d, ModbusDevice) and any(p.counter for p in d.points)
-        }
+        for d in cfg.devices:
+            self.add_device(d, {p: v for (dev, p), v in stored.items() if dev == d.id})
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
         self.link = MqttLink(cfg.mqtt, client_id, self.status_topic, lambda: self.clock.synced)
         self.publisher = Publisher(
@@ -210,7 +206,6 @@ class Agent:
         self.writer.return_acked = self.publisher.return_acked
         self.writer.handed_upto = lambda: self.publisher.cursor
         self.writer.on_drops = self._report_drops
-        self._prefix = prefix
         self.alarms = AlarmEngine(
             expand_rules(cfg), self.buffer.sync.alarm_state(), time.monotonic(), now_ms()
         )
@@ -231,7 +226,9 @@ class Agent:
             cfg.gateway_id,
         )
         self.publisher.on_other_puback = self.retained.on_puback
-        self.retained.publish(info_topic(prefix, cfg.gateway_id), gateway_info(cfg, now_ms()))
+        self.retained.publish(
+            info_topic(prefix, cfg.gateway_id), gateway_info(cfg, self.started_ms)
+        )
         initial = {
             n: st for n, st in desired_outputs(cfg.outputs, self.alarms.alarms).items() if st.on
         }
@@ -245,20 +242,131 @@ class Agent:
                 "memory until the disk can be written",
                 first_seq=sync.next_seq,
             )
-        groups: dict[str, list[ModbusDevice]] = defaultdict(list)
-        self.readers: list[SerialLineReader | SeismicSerialReader | SeismicUdpReader] = []
+        groups: dict[str, list[Any]] = defaultdict(list)
         for d in cfg.devices:
-            if isinstance(d, SerialLineDevice):
-                self.readers.append(SerialLineReader(d, self._on_line, now_ms))
-            elif isinstance(d, SeismicDevice):
-                self.readers.append(self._seismic_reader(d))
-            else:
-                groups[d.bus].append(d)
-        self.pollers = [
-            BusPoller(name, make_bus(devs), devs, self._on_poll) for name, devs in groups.items()
-        ]
-        for poller in self.pollers:
-            poller.on_cycle_end = self.writer.kick
+            groups[d.bus].append(d)
+        self.pollers: list[BusPoller] = []
+        """The Modbus buses' pollers (kept current by reloads)."""
+        self.readers: list[SerialLineReader | SeismicSerialReader | SeismicUdpReader] = []
+        """The sensors' readers, one per port (kept current by reloads)."""
+        self._runners: dict[str, BusPoller | Reader] = {}
+        self._device_tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
+        for name, devs in groups.items():
+            self.start_bus(name, devs)
+        self.reloader = None if config_path is None else Reloader(self, config_path)
+        """Reloads the config on SIGHUP (:mod:`agent.reload`); None without a file."""
+
+    # -- devices: set up at start, and again by a config reload (agent.reload) ------------
+
+    def add_device(self, dev: Any, stored: dict[str, int] | None = None) -> None:
+        """Encode the readings of ``dev`` (again, for a reloaded device: its counters go on
+        from their last values, or from ``stored``: point name → last raw value)."""
+        gw = self.cfg.gateway_id
+        self._topics[dev.id] = telemetry_topic(self._prefix, gw, dev.id)
+        self._encoders[dev.id] = TelemetryEncoder(gw, dev.id, {p.name: p.unit for p in dev.points})
+        old = self._counters.pop(dev.id, None)
+        if isinstance(dev, ModbusDevice) and any(p.counter for p in dev.points):
+            last = dict(stored or {}) if old is None else old.last
+            self._counters[dev.id] = CounterTracker(
+                dev,
+                {
+                    p.name: v
+                    for p in dev.points
+                    if p.counter and (v := last.get(p.name)) is not None
+                },
+            )
+
+    def forget_device(self, dev_id: str) -> None:
+        """``dev_id`` was removed by a reload: its readings are no longer encoded."""
+        for table in (self._topics, self._encoders, self._counters):
+            table.pop(dev_id, None)
+
+    def start_bus(self, name: str, devices: list[Any]) -> None:
+        """Poll (or read) the devices of bus ``name``: a Modbus bus's poller, or a sensor's
+        reader (one device); started at once when the agent runs."""
+        first = devices[0]
+        runner: BusPoller | Reader
+        if isinstance(first, SerialLineDevice):
+            runner = SerialLineReader(first, self._on_line, now_ms)
+        elif isinstance(first, SeismicDevice):
+            runner = self._seismic_reader(first)
+        else:
+            runner = BusPoller(name, make_bus(devices), devices, self._on_poll)
+            runner.on_cycle_end = self.writer.kick
+        self._runners[name] = runner
+        self._list_runners()
+        if self._running:
+            self._start_task(runner)
+
+    def update_bus(self, name: str, devices: list[Any]) -> None:
+        """A reload changed the devices of Modbus bus ``name`` but not the bus itself."""
+        runner = self._runners[name]
+        assert isinstance(runner, BusPoller)
+        runner.update(devices)
+
+    async def stop_buses(self, names: list[str], timeout: float) -> None:
+        """Stop polling (or reading) these buses, waiting at most ``timeout`` seconds for
+        their tasks to end (a poll in progress is abandoned: it made no reading yet)."""
+        tasks = []
+        for name in names:
+            runner = self._runners.pop(name)
+            task = self._device_tasks.pop(self._task_name(runner), None)
+            if task is not None:
+                task.cancel()
+                tasks.append(task)
+        self._list_runners()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                log.error("task %s did not stop within %.0f s of a reload", t.get_name(), timeout)
+
+    def _list_runners(self) -> None:
+        runners = list(self._runners.values())
+        self.pollers = [r for r in runners if isinstance(r, BusPoller)]
+        self.readers = [r for r in runners if not isinstance(r, BusPoller)]
+
+    @staticmethod
+    def _task_name(runner: BusPoller | Reader) -> str:
+        if isinstance(runner, BusPoller):
+            return f"poll:{runner.name}"
+        return f"read:{runner.dev.id}"
+
+    def _start_task(self, runner: BusPoller | Reader) -> None:
+        name = self._task_name(runner)
+        self._device_tasks[name] = asyncio.create_task(supervised(name, runner.run), name=name)
+
+    def replace_alarms(self, alarms: list[Alarm], reset: set[str]) -> None:
+        """A reload's alarms (:meth:`agent.alarms.AlarmEngine.replace`): the outputs follow
+        at once, the alarms that start afresh have their retained state published and
+        stored."""
+        now, wall = time.monotonic(), now_ms()
+        self.alarms.replace(alarms, reset, now)
+        self.gpio.apply(desired_outputs(self.cfg.outputs, self.alarms.alarms))
+        for a in self.alarms.alarms:
+            if a.key in reset:
+                self._publish_alarm_state(a, wall)
+        changed = self.alarms.take_changed(now, wall)
+        if changed:
+            self.writer.alarms.update({k: json.dumps(v) for k, v in changed.items()})
+            self.writer.kick()
+
+    def config_changed(self) -> None:
+        """After a reload applied :attr:`cfg`: availability settings and devices, the
+        retained topics owned (those of removed devices and alarms are cleared), ``info``
+        published again, and a fresh health."""
+        cfg = self.cfg
+        self.availability.reconfigure(
+            [(d.id, streams(d)) for d in cfg.devices],
+            cfg.availability.offline_after,
+            cfg.availability.stream_timeout,
+            time.monotonic(),
+        )
+        self.retained.reown(self._owned_retained())
+        self.retained.publish(
+            info_topic(self._prefix, cfg.gateway_id), gateway_info(cfg, self.started_ms)
+        )
+        self._health_now.set()
 
     def _owned_retained(self) -> set[str]:
         """Every retained topic this config publishes."""
@@ -341,6 +449,9 @@ class Agent:
         self._health_now.set()
 
     def _on_poll(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
+        encoder = self._encoders.get(dev.id)
+        if encoder is None:  # a poll that was in progress when a reload removed its device
+            return
         results = finite_results(results)
         counters = self._counters.get(dev.id)
         deltas = None
@@ -351,7 +462,7 @@ class Agent:
         historical = self.link.outage
         self._check_clock()
         epoch = self.clock.epoch
-        body = self._encoders[dev.id].encode(ts_ms, results, deltas, historical, epoch is not None)
+        body = encoder.encode(ts_ms, results, deltas, historical, epoch is not None)
         self.writer.submit(self._topics[dev.id], body, ts_ms, 0, epoch)
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
@@ -622,9 +733,9 @@ class Agent:
     async def _alarm_timer(self) -> None:
         """Let time act on the alarms (delays, stale data) and keep the outputs and the
         status LED current; with none of them, only follow the clock (once a second)."""
-        busy = self.cfg.alarms or self.cfg.outputs or self.cfg.gpio.status_led
-        tick = ALARM_TICK_S if busy else 1.0
         while True:
+            busy = self.cfg.alarms or self.cfg.outputs or self.cfg.gpio.status_led
+            tick = ALARM_TICK_S if busy else 1.0  # (a reload may add the first alarm)
             self._check_clock()
             changes = self.availability.tick(time.monotonic(), now_ms())
             if changes:
@@ -674,16 +785,13 @@ class Agent:
             loop.call_soon_threadsafe(self.acknowledge, "button")
 
         self.gpio.on_ack = pressed
-        polls = [
-            asyncio.create_task(supervised(f"poll:{p.name}", p.run), name=f"poll:{p.name}")
-            for p in self.pollers
-        ]
-        polls += [
-            asyncio.create_task(supervised(f"read:{r.dev.id}", r.run), name=f"read:{r.dev.id}")
-            for r in self.readers
-        ]
-        polls.append(asyncio.create_task(self._alarm_timer(), name="alarms"))
-        watched = [*bg, link_task, *polls]
+        self._running = True
+        for runner in self._runners.values():
+            self._start_task(runner)
+        alarm_timer = asyncio.create_task(self._alarm_timer(), name="alarms")
+        # (the device tasks are supervised: they end only when cancelled, by a stop or a
+        # reload, so they are not watched here)
+        watched = [*bg, link_task, alarm_timer]
         stop_wait = asyncio.create_task(self.stop_event.wait(), name="stop")
         done, _ = await asyncio.wait([stop_wait, *watched], return_when=asyncio.FIRST_COMPLETED)
         code = 0
@@ -698,6 +806,10 @@ class Agent:
                     where_raised(exc),
                 )
                 code = 1
+        if self.reloader is not None:
+            await self.reloader.close()
+        polls = [*self._device_tasks.values(), alarm_timer]
+        self._device_tasks.clear()
         await self._shutdown(polls, bg, link_task, stop_wait)
         return code
 
@@ -772,14 +884,18 @@ def expand_rules(cfg: AgentConfig) -> list[Alarm]:
     return out
 
 
-async def run_agent(cfg: AgentConfig) -> int:
-    """Run the agent with SIGTERM/SIGINT handlers; return the exit code."""
-    agent = Agent(cfg)
+async def run_agent(cfg: AgentConfig, config_path: str | None = None) -> int:
+    """Run the agent with SIGTERM/SIGINT (stop) handlers, and with ``config_path`` a
+    SIGHUP (reload, :mod:`agent.reload`) handler; return the exit code."""
+    agent = Agent(cfg, config_path=config_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop_event.set)
+    if agent.reloader is not None:
+        # systemd: agent.reloader.on_begin / on_end send RELOADING=1 / READY=1
+        loop.add_signal_handler(signal.SIGHUP, agent.reloader.request)
     try:
         return await agent.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

@@ -79,6 +79,25 @@ class AvailabilityTracker:
         self.stream_timeout = stream_timeout
         self._devices = {d: _Device(stream, last_seen=now) for d, stream in devices}
 
+    def reconfigure(
+        self,
+        devices: Iterable[tuple[str, bool]],
+        offline_after: int,
+        stream_timeout: float,
+        now: float,
+    ) -> None:
+        """A config reload: these devices and settings from now on. A device that stays
+        (and still streams, or still does not) keeps its state; a new one has none yet."""
+        old = self._devices
+        self.offline_after = offline_after
+        self.stream_timeout = stream_timeout
+        self._devices = {
+            d: kept
+            if (kept := old.get(d)) is not None and kept.stream == stream
+            else _Device(stream, last_seen=now)
+            for d, stream in devices
+        }
+
     def state(self, device: str) -> Change | None:
         """The current state of ``device`` (None: not known yet)."""
         return self._devices[device].change

@@ -135,7 +135,7 @@ def run(config_file: str, log_level: str | None) -> None:
     assert isinstance(cfg, AgentConfig)
     setup_logging(log_level or cfg.log_level)
     try:
-        code = asyncio.run(run_agent(cfg))
+        code = asyncio.run(run_agent(cfg, config_file))
     except BufferError as exc:
         logging.getLogger("agent").critical("%s", exc)
         code = EX_CONFIG if isinstance(exc, StateDirError) else 1

@@ -102,6 +102,24 @@ class BusPoller:
         self.on_cycle_end: Callable[[], None] = lambda: None
         """Called after each cycle of polls (the buffer writer commits then)."""
 
+    def update(self, devices: Sequence[ModbusDevice]) -> None:
+        """A config reload: poll these devices from now on, on the same bus connection.
+
+        A device whose settings are unchanged keeps its state and its schedule (no gap in
+        its poll timing); a new or changed one starts afresh, due at once (polled in the
+        bus's next cycle). A device left out is not polled again; a poll of it already in
+        progress still ends and reaches the sink.
+        """
+        now = time.monotonic()
+        kept = {st.device.id: st for st in self.states}
+        states = []
+        for d in devices:
+            st = kept.get(d.id)
+            if st is None or st.device != d:
+                st = DeviceState(d, plan_blocks(d.points, d.max_gap, d.max_registers), now)
+            states.append(st)
+        self.states = states
+
     async def _ensure_connected(self) -> bool:
         if self.bus.connected:
             return True
@@ -285,6 +303,8 @@ class BusPoller:
                 for st in sorted(self.states, key=lambda s: s.next_due):
                     if st.next_due > horizon:
                         break
+                    if st not in self.states:  # left out by a reload during this cycle
+                        continue
                     await self.poll_once(st)
                     if task.cancelling():  # a library swallowed our cancellation
                         raise asyncio.CancelledError

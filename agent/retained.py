@@ -84,6 +84,26 @@ class RetainedState:
         if self.owned | self.stale != stored:
             self._save.set()
 
+    def reown(self, owned: Iterable[str]) -> None:
+        """A config reload: ``owned`` is every retained topic the config now publishes.
+        Topics no longer owned stop being published again and are cleared (at once when
+        connected, else after the next connect), as stale topics are at start."""
+        owned = frozenset(owned)
+        gone = self.owned - owned
+        self.owned = owned
+        self.stale = (self.stale | gone) - owned
+        for topic in gone:
+            self._bodies.pop(topic, None)
+        if gone and self.link.connected.is_set():
+            for topic in sorted(gone):
+                self._clearing[self.link.publish(topic, b"", qos=1, retain=True)] = topic
+            log.info(
+                "clearing %d retained topic(s) the config no longer has: %s",
+                len(gone),
+                ", ".join(sorted(gone)[:5]) + (" …" if len(gone) > 5 else ""),
+            )
+        self._save.set()
+
     def publish(self, topic: str, body: bytes) -> None:
         """Publish ``body`` retained on ``topic`` now when connected, and again after every
         connect."""

@@ -300,6 +300,8 @@ def _waveform() -> dict[str, Any]:
     }
 
 
+IDS = {"type": "array", "items": ID}
+ALARM_KEYS = {"type": "array", "items": {"type": "string"}}
 NOTICE_TYPES: dict[str, dict[str, Any]] = {
     "dropped": {
         "count": {"type": "integer", "minimum": 1},
@@ -328,6 +330,30 @@ NOTICE_TYPES: dict[str, dict[str, Any]] = {
         "certificate": {"enum": ["client", "server"]},
         "expires": {**TS, "description": "the certificate's notAfter"},
         "days_left": {"type": "integer", "description": "whole days; negative once expired"},
+    },
+    "reloaded": {
+        "added": {**IDS, "description": "devices that started"},
+        "removed": {**IDS, "description": "devices that stopped (retained topics cleared)"},
+        "restarted": {**IDS, "description": "devices that started again (changed)"},
+        "alarms_reset": {
+            **ALARM_KEYS,
+            "description": "alarms (device/rule) added or whose rule changed: state normal",
+        },
+        "alarms_removed": {**ALARM_KEYS, "description": "alarms (device/rule) removed"},
+        "needs_restart": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "config keys changed but applied only at the next start",
+        },
+    },
+    "reload_failed": {
+        "errors": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 500},
+            "maxItems": 20,
+            "description": "the first problems, each FILE:LINE:COL: key: message",
+        },
+        "error_count": {"type": "integer", "minimum": 1, "description": "all problems"},
     },
 }
 """Every notice type and its own members (all required for that type)."""
