@@ -148,6 +148,18 @@ def _samples() -> list[tuple[str, bytes]]:
             "expires": "2027-01-01T00:00:00.000Z",
             "days_left": 29,
         },
+        "reloaded": {
+            "added": ["d3"],
+            "removed": ["d2"],
+            "restarted": [],
+            "alarms_reset": ["d3/level-hh"],
+            "alarms_removed": ["d2/level-hh"],
+            "needs_restart": ["buffer.max_messages"],
+        },
+        "reload_failed": {
+            "errors": ["/etc/edge-agent/agent.yaml:12:11: devices[0].port: 'x' is not a number"],
+            "error_count": 1,
+        },
     }
     assert set(examples) == set(NOTICE_TYPES)
     for i, (kind, fields) in enumerate(examples.items()):
