@@ -49,6 +49,7 @@ from pydantic import BaseModel
 from agent.alarms import Alarm
 from agent.config.loader import ConfigError, ConfigIssue, load_config
 from agent.config.model import AgentConfig
+from agent.supervise import where_raised
 from drivers.modbus.config import ModbusDevice, ModbusRtuDevice, ModbusRtuOverTcpDevice
 
 if TYPE_CHECKING:
@@ -340,6 +341,12 @@ class Reloader:
             self.on_begin()
             try:
                 await self.reload()
+            except Exception as exc:  # a bug: said (type and place, never the text), not fatal
+                log.critical(
+                    "reload failed: %s at %s; the agent goes on, a restart applies the config",
+                    type(exc).__name__,
+                    where_raised(exc),
+                )
             finally:
                 self.on_end()
             if not self._again or self.agent.stop_event.is_set():
