@@ -206,6 +206,11 @@ def throwaway_root(work: Path, release: str = RELEASE) -> Iterator[Chroot]:
         mount("--rbind", "/dev", target=merged / "dev")
         subprocess.run(["mount", "--make-rslave", str(merged / "dev")], check=True)
         shutil.copyfile("/etc/resolv.conf", merged / "etc/resolv.conf")
+        # packages installed in the chroot are not started (as in any chroot: the
+        # invoke-rc.d policy, /usr/share/doc/init-system-helpers/README.policy-rc.d)
+        policy = merged / "usr/sbin/policy-rc.d"
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
         pip_env = host_pip_env()
         for path in host_paths(pip_env):
             inside = merged / str(path).lstrip("/")

@@ -8,6 +8,7 @@ index. These tests need root (chroot, mount), as in CI.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,3 +215,49 @@ def test_an_old_python_is_refused_with_what_to_do(root: Chroot) -> None:
     assert "Raspberry Pi OS image" in out.stderr and "Nothing was changed." in out.stderr
     assert not root.file("/opt/edge-agent").exists()
     assert root.run("getent passwd edge-agent", check=False).returncode == 2
+
+
+# ---------------------------------------------------------------------------------------
+# first contact: scripts/demo and scripts/test on a fresh Debian
+
+
+def test_demo_as_root_installs_mosquitto_and_says_each_step(root: Chroot) -> None:
+    """The README's first command on a fresh Debian, as root: mosquitto comes from apt,
+    the agent into .venv, and every step is announced before it runs."""
+    assert root.run("command -v mosquitto", check=False).returncode == 1
+    out = root.run("cd /root/edge-agent && scripts/demo --duration 4", timeout=300)
+    steps = [line for line in out.stdout.splitlines() if line.startswith("[demo] ")]
+    expected = [
+        r"creating \.venv \(Python 3\.\d+\.\d+\)",
+        r"installing mosquitto \(apt-get update, apt-get install\)",
+        r"installed mosquitto",
+        r"installing the agent and dependencies into \.venv \(pip; under a minute .*\)",
+        r"installed into \.venv in \d+ s",
+        r"starting the demo",
+    ]
+    assert len(steps) == len(expected), steps
+    for step, pattern in zip(steps, expected, strict=True):
+        assert re.fullmatch(r"\[demo\] " + pattern, step), (step, pattern)
+    assert "broker: mosquitto on 127.0.0.1:" in out.stdout
+    assert re.search(r"platform received \d+ telemetry messages", out.stdout)
+
+
+def test_test_script_without_root_says_the_one_command(root: Chroot) -> None:
+    """Neither root nor password-less sudo: nothing is installed, and the one command that
+    installs what is missing is printed."""
+    root.run(
+        "useradd --create-home tech && cp -r /root/edge-agent /home/tech/ && "
+        "chown -R tech: /home/tech/edge-agent"
+    )
+    out = root.run("cd /home/tech/edge-agent && runuser -u tech -- scripts/test -q", check=False)
+    assert out.returncode == 1
+    missing = " ".join(
+        p
+        for p in ("mosquitto", "openssl", "socat")
+        if root.run(f"command -v {p}", check=False).returncode
+    )
+    assert "mosquitto" in missing and "socat" in missing
+    assert out.stdout.splitlines() == [
+        f"[test] needs {missing}; install with: sudo apt-get install -y {missing}"
+    ]
+    assert not root.file("/home/tech/edge-agent/.venv").exists()
