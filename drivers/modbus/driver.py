@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,6 +199,10 @@ class ModbusBus(ABC):
     narrowed: list[Block]
     last_error: str = ""
     """Why the last :meth:`connect` failed (empty when unknown)."""
+    progress_at: float = 0.0
+    """Monotonic time (s) the last request of :meth:`read_block` ended: a reply, an
+    exception reply, a timeout or a lost connection. A driver stuck inside a request
+    leaves it behind (the agent's watchdog looks at it)."""
 
     @property
     @abstractmethod
@@ -268,7 +273,10 @@ class ModbusBus(ABC):
         """
         fc = FUNCTION_CODES[block.table]
         try:
-            words = await self._read_values(unit_id, block, timeout)
+            try:
+                words = await self._read_values(unit_id, block, timeout)
+            finally:
+                self.progress_at = time.monotonic()
         except ExceptionReply as exc:
             code = exc.code
             if len(block.points) > 1:
