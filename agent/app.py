@@ -52,14 +52,17 @@ from agent.contract.topics import (
     waveform_topic,
 )
 from agent.gpio import Gpio, desired_outputs
+from agent.logs import toggle_debug
 from agent.mqtt import MqttLink
 from agent.pipeline import CounterTracker, finite_results
 from agent.poller import BusPoller
 from agent.publisher import ALARMS_MAX, Publisher
 from agent.readings import now_ms
 from agent.retained import RetainedState
+from agent.sdnotify import Notifier
 from agent.seismic import SeismicOutput, SeismicProcessor
 from agent.supervise import supervised, where_raised
+from agent.supervisor import Supervisor
 from agent.writer import BufferWriter, Stall
 from drivers.base import PointResult
 from drivers.modbus.config import (
@@ -772,14 +775,37 @@ def expand_rules(cfg: AgentConfig) -> list[Alarm]:
     return out
 
 
-async def run_agent(cfg: AgentConfig) -> int:
-    """Run the agent with SIGTERM/SIGINT handlers; return the exit code."""
+async def run_agent(cfg: AgentConfig, notifier: Notifier | None = None) -> int:
+    """Run the agent with SIGTERM/SIGINT (stop) and SIGUSR1 (debug log on/off) handlers,
+    telling systemd its state through ``notifier`` (default: from the environment,
+    :class:`agent.sdnotify.Notifier`); return the exit code.
+
+    ``READY=1`` goes out once the agent is built: config loaded, buffer open, outputs in
+    their safe state; not waiting for the broker or the devices (case 052 E).
+    """
+    notifier = notifier or Notifier()
+    notifier.status(f"opening the buffer in {cfg.state_dir}")
     agent = Agent(cfg)
+    supervisor = Supervisor(agent, notifier)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if not agent.stop_event.is_set():
+            supervisor.stopping()
+        agent.stop_event.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop_event.set)
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGUSR1, toggle_debug)
+    supervisor.ready()
+    watch = asyncio.create_task(supervised("supervisor", supervisor.run), name="supervisor")
     try:
         return await agent.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        if not agent.stop_event.is_set():  # a task failed: the agent stopped by itself
+            supervisor.stopping()
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+        notifier.close()

@@ -6,63 +6,22 @@ Exit codes follow sysexits.h: 0 ok, 78 (EX_CONFIG) invalid config, 1 runtime fai
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
 
 import click
 
 from agent import __version__
+from agent.logs import setup_logging
 
 EX_CONFIG = 78
 UMASK = 0o027
 """``run``: what the agent creates (the buffer, its state directory) is readable by its
 own group at most, never by others (umask(2))."""
-
-
-class UtcFormatter(logging.Formatter):
-    """Time stamps in UTC, ISO 8601 with milliseconds and ``Z`` (the RFC 3339 section 5.6
-    profile), e.g. ``2026-12-07T11:40:31.123Z``: two events an hour apart never print the
-    same time across a daylight-saving change, whatever the gateway's time zone."""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z"
-
-
-def under_journald(stream: TextIO | None = None) -> bool:
-    """Whether ``stream`` (default stderr) is connected to the systemd journal.
-
-    systemd sets ``JOURNAL_STREAM`` to ``DEVICE:INODE`` of the stream it connected to the
-    journal; a program compares them with its own stderr, because a child whose stderr
-    was redirected inherits the variable too (systemd.exec(5), "Environment Variables in
-    Spawned Processes").
-    """
-    value = os.environ.get("JOURNAL_STREAM", "")
-    dev, _, ino = value.partition(":")
-    if not (dev.isdigit() and ino.isdigit()):
-        return False
-    try:
-        st = os.fstat((stream or sys.stderr).fileno())
-    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is a ValueError
-        return False
-    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr, one line per event. Under journald without a time stamp (the journal
-    adds its own); elsewhere each line starts with the UTC time (:class:`UtcFormatter`)."""
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    if under_journald():
-        handler.setFormatter(logging.Formatter(fmt))
-    else:
-        handler.setFormatter(UtcFormatter("%(asctime)s " + fmt))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
 def load_or_exit(path: str, need_secrets: bool = False) -> object:
@@ -131,6 +90,8 @@ def run(config_file: str, log_level: str | None) -> None:
     from agent.config.model import AgentConfig
 
     os.umask(UMASK)
+    # a watchdog kill (SIGABRT, systemd.service(5) WatchdogSignal=) shows where it hung
+    faulthandler.enable()
     cfg = load_or_exit(config_file, need_secrets=True)
     assert isinstance(cfg, AgentConfig)
     setup_logging(log_level or cfg.log_level)
@@ -182,7 +143,6 @@ def gpio_test(config_file: str, output: str, seconds: float) -> None:
     """Switch OUTPUT (a name from the config's outputs) on for a few seconds, then back
     to its safe state, reading the pin back each time. Stop the agent first: it owns the
     pins while it runs."""
-    import time
 
     from agent.config.model import AgentConfig
     from agent.gpio import Gpio, OutputState
@@ -237,7 +197,6 @@ def replay(
     import csv
     import math
     import os
-    import time
 
     from drivers.seismic_stream import ascii_frame
 
@@ -290,7 +249,6 @@ def _replay_udp(
 ) -> None:
     import math
     import socket
-    import time
 
     from drivers.seismic_stream import datacast_packet
 

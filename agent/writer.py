@@ -126,6 +126,12 @@ class BufferWriter:
                 )
 
     @property
+    def unsaved_since(self) -> float | None:
+        """Monotonic time (s) of the start of the first commit attempt that has not
+        succeeded (one under way, failed or hung), or None after a successful commit."""
+        return self._unsaved_since
+
+    @property
     def waiting(self) -> int:
         """Messages in memory not yet committed (queued, or in the commit under way)."""
         return len(self.pending) + len(self._inflight)

@@ -11,11 +11,12 @@ step() { printf '[%s] %s\n' "$WHO" "$*"; }
 have_mosquitto() { command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; }
 
 missing_packages() {
-  # the Debian packages among $@ (mosquitto socat openssl python3-venv) not installed here
+  # the Debian packages among $@ (mosquitto socat openssl systemd python3-venv) not installed here
   local p
   for p in "$@"; do
     case $p in
     mosquitto) have_mosquitto || echo mosquitto ;;
+    systemd) command -v systemd-analyze >/dev/null 2>&1 || echo systemd ;;
     python3-venv) "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv ;;
     *) command -v "$p" >/dev/null 2>&1 || echo "$p" ;;
     esac
