@@ -11,8 +11,12 @@ loop, every quarter of the interval, and only when every check of :meth:`problem
   within the longest device timeout of the bus plus a slack
   (:meth:`agent.poller.BusPoller.stuck`), so a driver stalled inside a read stops the
   pings while dead devices and a missing broker do not (case 052 B);
-- the buffer commits: no commit attempt has gone unsucceeded for half the watchdog
-  interval (a file locked by another program, a disk that stops answering).
+- the buffer commits: no single commit has been under way for more than half the
+  watchdog interval (a disk that stops answering, a lock that is never given up). A
+  commit that returns an error (a file locked by another program past SQLite's busy
+  timeout, a full disk) is not a hang: the agent keeps the messages in memory, retries,
+  and reports it after ``buffer.stall_after`` (health ``buffer_error``, a notice); a
+  restart would only lose what waits in memory.
 
 No ping means systemd kills and restarts the agent ``WatchdogSec`` after the last one
 (systemd.service(5), ``WatchdogSec=``). A timer on another thread would go on pinging
@@ -67,8 +71,8 @@ class Supervisor:
         )
         """Seconds between two checks (and pings, while they pass)."""
         self.commit_stuck_after = COMMIT_STUCK_S if self.watchdog_s is None else self.watchdog_s / 2
-        """Seconds a commit attempt may go without succeeding before the buffer counts as
-        stuck (the buffer's own ``stall_after`` report is separate and may come later)."""
+        """Seconds one commit may stay under way before the buffer counts as stuck
+        (commits that fail and are retried are the buffer's ``stall_after`` report)."""
         self.pings = 0
         """``WATCHDOG=1`` sent so far."""
         self._failing: list[str] = []
@@ -103,16 +107,14 @@ class Supervisor:
 
     def problems(self, now: float) -> list[str]:
         """What keeps the agent from progressing at monotonic time ``now`` (s): one text
-        per stuck bus, and one for a buffer whose commit has not succeeded for
+        per stuck bus, and one for a buffer whose commit has been under way for more than
         :attr:`commit_stuck_after` seconds. Empty: all is moving."""
         out = [why for p in self.agent.pollers if (why := p.stuck(now)) is not None]
-        since = self.agent.writer.unsaved_since
+        since = self.agent.writer.attempt_since
         if since is not None and now - since > self.commit_stuck_after:
-            stall = self.agent.writer.stalled
-            cause = f" ({stall.error})" if stall is not None else ""
             out.append(
-                f"buffer {self.agent.buffer.sync.path}: no commit has succeeded for "
-                f"{now - since:.0f} s{cause}"
+                f"buffer {self.agent.buffer.sync.path}: a commit has not returned for "
+                f"{now - since:.0f} s"
             )
         return out
 

@@ -469,33 +469,35 @@ def test_watchdog_stops_when_a_read_hangs_forever(
         notify.close()
 
 
-def test_watchdog_stops_while_buffer_commits_block(
+def test_watchdog_stops_while_a_buffer_commit_does_not_return(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sim: ModbusSimulator
 ) -> None:
-    """Another process holds the buffer's write lock (BEGIN EXCLUSIVE): every commit waits
-    and fails. The pings stop within WatchdogSec of taking the lock, and come back once it
-    is released (a commit succeeds again)."""
+    """A commit that does not return (tests/hang.py holds the buffer's thread inside it, as
+    a disk that stops answering would): the pings stop within WatchdogSec of it, the log
+    and the status line name the buffer, and they come back once the commit returns."""
     notify = NotifySocket()
     supervised_env(monkeypatch, notify)
     cfg = write_config(tmp_path / "agent.yaml", free_port(), one_point_device(sim.port, "100ms"))
-    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    flag = tmp_path / "hang"
+    agent = AgentProcess(
+        cfg, tmp_path / "agent.log", wrap=(str(REPO / "tests" / "hang.py"), str(flag))
+    )
     agent.start()
     try:
         notify.wait_for("READY", "1", 10)
         wait_until(lambda: len(notify.pings()) >= 3, 10, "pings")
-        db = sqlite3.connect(tmp_path / "state" / "buffer.db", isolation_level=None, timeout=10)
-        db.execute("BEGIN EXCLUSIVE")
-        locked_at = time.monotonic()
+        commit_flag = tmp_path / "hang.commit"
+        commit_flag.write_text("")
+        blocked_at = time.monotonic()
         try:
             wait_until(lambda: last_gap(notify) > WD_S, 30, "the pings to stop")
             last = notify.pings()[-1].t
-            assert last - locked_at <= WD_S, f"pinged {last - locked_at:.1f} s into the block"
-            print(f"\ncommit block: last ping {last - locked_at:.1f} s into it")
-            assert "no commit has succeeded for" in agent.log()
+            assert last - blocked_at <= WD_S, f"pinged {last - blocked_at:.1f} s into the block"
+            print(f"\ncommit block: last ping {last - blocked_at:.1f} s into it")
+            assert "a commit has not returned for" in agent.log()
             assert any("NO PROGRESS: buffer" in s for s in notify.statuses())
         finally:
-            db.execute("ROLLBACK")
-            db.close()
+            commit_flag.unlink()
         n = len(notify.pings())
         wait_until(lambda: len(notify.pings()) > n + 2, 30, "pings once commits succeed")
         assert "makes progress again" in agent.log()
