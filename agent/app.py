@@ -61,6 +61,7 @@ from agent.readings import now_ms
 from agent.retained import RetainedState
 from agent.sdnotify import Notifier
 from agent.seismic import SeismicOutput, SeismicProcessor
+from agent.status_writer import StatusWriter
 from agent.supervise import supervised, where_raised
 from agent.supervisor import Supervisor
 from agent.writer import BufferWriter, Stall
@@ -262,6 +263,13 @@ class Agent:
         ]
         for poller in self.pollers:
             poller.on_cycle_end = self.writer.kick
+        self.status = StatusWriter(self)
+        """The state file of ``edge-agent status`` and the health's metrics."""
+
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the lock of its state_dir."""
+        return self._lock_fd >= 0
 
     def _owned_retained(self) -> set[str]:
         """Every retained topic this config publishes."""
@@ -351,6 +359,7 @@ class Agent:
             results, deltas = counters.apply(results)
             for name, value in counters.last.items():
                 self.writer.state[(dev.id, name)] = value
+        self.status.on_poll(dev.id, ts_ms, results)
         historical = self.link.outage
         self._check_clock()
         epoch = self.clock.epoch
@@ -542,6 +551,16 @@ class Agent:
             self._emit(events)
         return len(events)
 
+    def disk_write_rate(self) -> int | None:
+        """Bytes per hour this process caused to be written to storage since the start;
+        None in the first minute (a rate over the first seconds says nothing about SD
+        wear) or where /proc/self/io cannot be read."""
+        elapsed = time.monotonic() - self._started
+        written = self._disk_write_bytes()
+        if written is None or self._start_bytes is None or elapsed < 60:
+            return None
+        return round((written - self._start_bytes) / (elapsed / 3600))
+
     def _disk_write_bytes(self) -> int | None:
         """Bytes this process caused to be written to storage (/proc/self/io), or None."""
         try:
@@ -590,13 +609,6 @@ class Agent:
         if stall is not None:
             secs = time.monotonic() - stall.since
             buffer_error = f"no commit has succeeded for {secs:.0f} s: {stall.error}"
-        elapsed = time.monotonic() - self._started
-        written = self._disk_write_bytes()
-        per_hour = (
-            None  # (a rate over the first seconds says nothing about SD wear)
-            if written is None or self._start_bytes is None or elapsed < 60
-            else round((written - self._start_bytes) / (elapsed / 3600))
-        )
         body = payloads.health(
             payloads.Health(
                 gateway=self.cfg.gateway_id,
@@ -607,7 +619,7 @@ class Agent:
                 published=self.publisher.published,
                 acked=self.publisher.acked_total,
                 draining=draining,
-                disk_write_bytes_per_hour=per_hour,
+                disk_write_bytes_per_hour=self.disk_write_rate(),
                 gpio=self._outputs_state() or "none",
                 gpio_factory=self.gpio.factory_name or None,
                 alarms_active=sum(1 for a in self.alarms.alarms if a.on),
@@ -618,6 +630,7 @@ class Agent:
                 buffer_waiting=None if stall is None else self.writer.waiting,
                 buses={poller.name: poller.bus.counters.as_dict() for poller in self.pollers},
                 **self.link.tls_health(),
+                **self.status.health_fields(),
             )
         )
         self.link.publish(health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True)
@@ -669,6 +682,7 @@ class Agent:
             asyncio.create_task(self._disk_retry(), name="disk-retry"),
             asyncio.create_task(self.writer.watch(), name="buffer-watch"),
             asyncio.create_task(self.retained.run(), name="retained"),
+            asyncio.create_task(self.status.run(), name="status-file"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         loop = asyncio.get_running_loop()
@@ -751,6 +765,7 @@ class Agent:
         stop_wait.cancel()
         await asyncio.gather(link_task, stop_wait, return_exceptions=True)
         stats = await self.buffer.stats()
+        await self.status.close()
         await self.buffer.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)

@@ -103,6 +103,113 @@ def run(config_file: str, log_level: str | None) -> None:
     sys.exit(code)
 
 
+DEFAULT_CONFIG = "/etc/edge-agent/agent.yaml"
+"""The config the systemd unit runs with."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "-c",
+    "config_file",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(),
+    help="The agent's config (for its state_dir: where its state file is).",
+)
+@click.option(
+    "--state-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Read this state file instead of finding it through the config.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print the figures in the Prometheus text format (node exporter's textfile collector).",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(0.2, 3600),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Refresh every SECONDS (2 when not given) until Ctrl-C.",
+)
+@click.option(
+    "--color/--no-color",
+    default=None,
+    help="Colour (default: on a terminal unless NO_COLOR is set).",
+)
+def status(
+    config_file: str,
+    state_file: str | None,
+    as_json: bool,
+    prometheus: bool,
+    watch: float | None,
+    color: bool | None,
+) -> None:
+    """What the running agent is doing, from the state file it writes every second (no
+    broker needed): uplink, buffer, clock, each device with its last values, active
+    alarms and outputs. Exit code 0 healthy, 1 degraded (uplink down, a device offline,
+    buffer in memory, clock not synchronised: each reason on a line), 2 not running."""
+    if as_json and prometheus:
+        raise click.UsageError("--json and --prometheus exclude each other")
+    if prometheus and watch is not None:
+        raise click.UsageError("--prometheus prints once (run it from a timer)")
+    state_dir = None
+    if state_file is None:
+        from agent.config.model import AgentConfig
+
+        cfg = load_or_exit(config_file)
+        assert isinstance(cfg, AgentConfig)
+        state_dir = Path(cfg.state_dir)
+    if color is None:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    code = 2
+    try:
+        while True:
+            code = _status_once(state_file, state_dir, as_json, prometheus, watch, color)
+            if watch is None:
+                break
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
+    sys.exit(code)
+
+
+def _status_once(
+    state_file: str | None,
+    state_dir: Path | None,
+    as_json: bool,
+    prometheus: bool,
+    watch: float | None,
+    color: bool,
+) -> int:
+    """Print the status once (see :func:`status`); return its exit code."""
+    import json
+
+    from agent.metrics import prometheus_text
+    from agent.status import load_view, render_text
+
+    v = load_view(Path(state_file) if state_file else None, state_dir)
+    code = int(v["status"]["code"])
+    if prometheus:
+        sys.stdout.buffer.write(prometheus_text(v))
+        sys.stdout.flush()
+        return code
+    if as_json:
+        text = json.dumps(v, indent=None if watch else 2, ensure_ascii=False) + "\n"
+    else:
+        text = render_text(v, color)
+    if watch is not None and not as_json and sys.stdout.isatty():
+        click.clear()
+    click.echo(text, nl=False, color=color)
+    return code
+
+
 @main.command()
 @click.option(
     "--duration",

@@ -64,6 +64,9 @@ class DeviceState:
     """Points the device rejected as unsupported: name → (retry time, last result)."""
     bridging: bool = True
     """False once the device refused a request spanning unused registers."""
+    overruns: int = 0
+    """Poll cycles of this device skipped because the previous poll ended after its next
+    due time (the bus is busier than the poll intervals allow)."""
     answered: bool = True
     """Whether the device answered anything at its last poll: only then are failed
     requests retried (a device that stopped answering costs one timeout per poll)."""
@@ -338,6 +341,7 @@ class BusPoller:
                     if st.next_due <= now:
                         missed = int((now - st.next_due) // interval) + 1
                         st.next_due += missed * interval
+                        st.overruns += missed
                 self.on_cycle_end()
         finally:
             self.bus.close()
