@@ -52,6 +52,7 @@ from agent.contract.topics import (
     waveform_topic,
 )
 from agent.gpio import Gpio, desired_outputs
+from agent.logs import toggle_debug
 from agent.mqtt import MqttLink
 from agent.pipeline import CounterTracker, finite_results
 from agent.poller import BusPoller
@@ -59,8 +60,11 @@ from agent.publisher import ALARMS_MAX, Publisher
 from agent.readings import now_ms
 from agent.reload import Reloader
 from agent.retained import RetainedState
+from agent.sdnotify import Notifier
 from agent.seismic import SeismicOutput, SeismicProcessor
+from agent.status_writer import StatusWriter
 from agent.supervise import supervised, where_raised
+from agent.supervisor import Supervisor
 from agent.writer import BufferWriter, Stall
 from drivers.base import PointResult
 from drivers.modbus.config import (
@@ -256,6 +260,13 @@ class Agent:
             self.start_bus(name, devs)
         self.reloader = None if config_path is None else Reloader(self, config_path)
         """Reloads the config on SIGHUP (:mod:`agent.reload`); None without a file."""
+        self.status = StatusWriter(self)
+        """The state file of ``edge-agent status`` and the health's metrics."""
+
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the lock of its state_dir."""
+        return self._lock_fd >= 0
 
     # -- devices: set up at start, and again by a config reload (agent.reload) ------------
 
@@ -362,6 +373,7 @@ class Agent:
             cfg.availability.stream_timeout,
             time.monotonic(),
         )
+        self.status.devices_changed()
         self.retained.reown(self._owned_retained())
         self.retained.publish(
             info_topic(self._prefix, cfg.gateway_id), gateway_info(cfg, self.started_ms)
@@ -459,6 +471,7 @@ class Agent:
             results, deltas = counters.apply(results)
             for name, value in counters.last.items():
                 self.writer.state[(dev.id, name)] = value
+        self.status.on_poll(dev.id, ts_ms, results)
         historical = self.link.outage
         self._check_clock()
         epoch = self.clock.epoch
@@ -650,6 +663,16 @@ class Agent:
             self._emit(events)
         return len(events)
 
+    def disk_write_rate(self) -> int | None:
+        """Bytes per hour this process caused to be written to storage since the start;
+        None in the first minute (a rate over the first seconds says nothing about SD
+        wear) or where /proc/self/io cannot be read."""
+        elapsed = time.monotonic() - self._started
+        written = self._disk_write_bytes()
+        if written is None or self._start_bytes is None or elapsed < 60:
+            return None
+        return round((written - self._start_bytes) / (elapsed / 3600))
+
     def _disk_write_bytes(self) -> int | None:
         """Bytes this process caused to be written to storage (/proc/self/io), or None."""
         try:
@@ -698,13 +721,6 @@ class Agent:
         if stall is not None:
             secs = time.monotonic() - stall.since
             buffer_error = f"no commit has succeeded for {secs:.0f} s: {stall.error}"
-        elapsed = time.monotonic() - self._started
-        written = self._disk_write_bytes()
-        per_hour = (
-            None  # (a rate over the first seconds says nothing about SD wear)
-            if written is None or self._start_bytes is None or elapsed < 60
-            else round((written - self._start_bytes) / (elapsed / 3600))
-        )
         body = payloads.health(
             payloads.Health(
                 gateway=self.cfg.gateway_id,
@@ -715,7 +731,7 @@ class Agent:
                 published=self.publisher.published,
                 acked=self.publisher.acked_total,
                 draining=draining,
-                disk_write_bytes_per_hour=per_hour,
+                disk_write_bytes_per_hour=self.disk_write_rate(),
                 gpio=self._outputs_state() or "none",
                 gpio_factory=self.gpio.factory_name or None,
                 alarms_active=sum(1 for a in self.alarms.alarms if a.on),
@@ -726,6 +742,7 @@ class Agent:
                 buffer_waiting=None if stall is None else self.writer.waiting,
                 buses={poller.name: poller.bus.counters.as_dict() for poller in self.pollers},
                 **self.link.tls_health(),
+                **self.status.health_fields(),
             )
         )
         self.link.publish(health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True)
@@ -777,6 +794,7 @@ class Agent:
             asyncio.create_task(self._disk_retry(), name="disk-retry"),
             asyncio.create_task(self.writer.watch(), name="buffer-watch"),
             asyncio.create_task(self.retained.run(), name="retained"),
+            asyncio.create_task(self.status.run(), name="status-file"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         loop = asyncio.get_running_loop()
@@ -860,6 +878,7 @@ class Agent:
         stop_wait.cancel()
         await asyncio.gather(link_task, stop_wait, return_exceptions=True)
         stats = await self.buffer.stats()
+        await self.status.close()
         await self.buffer.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -884,18 +903,45 @@ def expand_rules(cfg: AgentConfig) -> list[Alarm]:
     return out
 
 
-async def run_agent(cfg: AgentConfig, config_path: str | None = None) -> int:
-    """Run the agent with SIGTERM/SIGINT (stop) handlers, and with ``config_path`` a
-    SIGHUP (reload, :mod:`agent.reload`) handler; return the exit code."""
+async def run_agent(
+    cfg: AgentConfig, notifier: Notifier | None = None, config_path: str | None = None
+) -> int:
+    """Run the agent with SIGTERM/SIGINT (stop), SIGUSR1 (debug log on/off) and, with
+    ``config_path``, SIGHUP (reload, :mod:`agent.reload`) handlers, telling systemd its
+    state through ``notifier`` (default: from the environment,
+    :class:`agent.sdnotify.Notifier`); return the exit code.
+
+    ``READY=1`` goes out once the agent is built: config loaded, buffer open, outputs in
+    their safe state; not waiting for the broker or the devices (case 052 E). A reload is
+    framed by ``RELOADING=1`` and ``READY=1``, whatever its outcome.
+    """
+    notifier = notifier or Notifier()
+    notifier.status(f"opening the buffer in {cfg.state_dir}")
     agent = Agent(cfg, config_path=config_path)
+    supervisor = Supervisor(agent, notifier)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if not agent.stop_event.is_set():
+            supervisor.stopping()
+        agent.stop_event.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, agent.stop_event.set)
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGUSR1, toggle_debug)
     if agent.reloader is not None:
-        # systemd: agent.reloader.on_begin / on_end send RELOADING=1 / READY=1
+        agent.reloader.on_begin = supervisor.reloading
+        agent.reloader.on_end = supervisor.ready
         loop.add_signal_handler(signal.SIGHUP, agent.reloader.request)
+    supervisor.ready()
+    watch = asyncio.create_task(supervised("supervisor", supervisor.run), name="supervisor")
     try:
         return await agent.run()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if not agent.stop_event.is_set():  # a task failed: the agent stopped by itself
+            supervisor.stopping()
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        notifier.close()

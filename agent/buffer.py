@@ -228,10 +228,10 @@ def open_nofollow(path: Path, flags: int, mode: int = PRIVATE) -> int:
     return fd
 
 
-def write_replace(target: Path, data: bytes, sync: bool) -> None:
+def write_replace(target: Path, data: bytes, sync: bool, mode: int = PRIVATE) -> None:
     """Replace ``target`` with a file holding ``data``, atomically: written to
     ``target.tmp`` (created anew, ``O_EXCL|O_NOFOLLOW``: a leftover or a planted link is
-    removed first, never followed), mode :data:`PRIVATE`, then renamed over ``target``
+    removed first, never followed), ``mode`` (less the umask), then renamed over ``target``
     (rename(2) replaces a link itself, not what it points to). With ``sync`` the file and
     the directory are fsynced.
 
@@ -241,10 +241,10 @@ def write_replace(target: Path, data: bytes, sync: bool) -> None:
     tmp = target.with_name(target.name + ".tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(tmp, flags, PRIVATE)
+        fd = os.open(tmp, flags, mode)
     except FileExistsError:
         tmp.unlink()
-        fd = os.open(tmp, flags, PRIVATE)
+        fd = os.open(tmp, flags, mode)
     try:
         os.write(fd, data)
         if sync:

@@ -6,63 +6,22 @@ Exit codes follow sysexits.h: 0 ok, 78 (EX_CONFIG) invalid config, 1 runtime fai
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
 
 import click
 
 from agent import __version__
+from agent.logs import setup_logging
 
 EX_CONFIG = 78
 UMASK = 0o027
 """``run``: what the agent creates (the buffer, its state directory) is readable by its
 own group at most, never by others (umask(2))."""
-
-
-class UtcFormatter(logging.Formatter):
-    """Time stamps in UTC, ISO 8601 with milliseconds and ``Z`` (the RFC 3339 section 5.6
-    profile), e.g. ``2026-12-07T11:40:31.123Z``: two events an hour apart never print the
-    same time across a daylight-saving change, whatever the gateway's time zone."""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z"
-
-
-def under_journald(stream: TextIO | None = None) -> bool:
-    """Whether ``stream`` (default stderr) is connected to the systemd journal.
-
-    systemd sets ``JOURNAL_STREAM`` to ``DEVICE:INODE`` of the stream it connected to the
-    journal; a program compares them with its own stderr, because a child whose stderr
-    was redirected inherits the variable too (systemd.exec(5), "Environment Variables in
-    Spawned Processes").
-    """
-    value = os.environ.get("JOURNAL_STREAM", "")
-    dev, _, ino = value.partition(":")
-    if not (dev.isdigit() and ino.isdigit()):
-        return False
-    try:
-        st = os.fstat((stream or sys.stderr).fileno())
-    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is a ValueError
-        return False
-    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
-
-
-def setup_logging(level: str) -> None:
-    """Log to stderr, one line per event. Under journald without a time stamp (the journal
-    adds its own); elsewhere each line starts with the UTC time (:class:`UtcFormatter`)."""
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    if under_journald():
-        handler.setFormatter(logging.Formatter(fmt))
-    else:
-        handler.setFormatter(UtcFormatter("%(asctime)s " + fmt))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 
 def load_or_exit(path: str, need_secrets: bool = False) -> object:
@@ -131,15 +90,124 @@ def run(config_file: str, log_level: str | None) -> None:
     from agent.config.model import AgentConfig
 
     os.umask(UMASK)
+    # a watchdog kill (SIGABRT, systemd.service(5) WatchdogSignal=) shows where it hung
+    faulthandler.enable()
     cfg = load_or_exit(config_file, need_secrets=True)
     assert isinstance(cfg, AgentConfig)
     setup_logging(log_level or cfg.log_level)
     try:
-        code = asyncio.run(run_agent(cfg, config_file))
+        code = asyncio.run(run_agent(cfg, config_path=config_file))
     except BufferError as exc:
         logging.getLogger("agent").critical("%s", exc)
         code = EX_CONFIG if isinstance(exc, StateDirError) else 1
     sys.exit(code)
+
+
+DEFAULT_CONFIG = "/etc/edge-agent/agent.yaml"
+"""The config the systemd unit runs with."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "-c",
+    "config_file",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    type=click.Path(),
+    help="The agent's config (for its state_dir: where its state file is).",
+)
+@click.option(
+    "--state-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Read this state file instead of finding it through the config.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print the figures in the Prometheus text format (node exporter's textfile collector).",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(0.2, 3600),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Refresh every SECONDS (2 when not given) until Ctrl-C.",
+)
+@click.option(
+    "--color/--no-color",
+    default=None,
+    help="Colour (default: on a terminal unless NO_COLOR is set).",
+)
+def status(
+    config_file: str,
+    state_file: str | None,
+    as_json: bool,
+    prometheus: bool,
+    watch: float | None,
+    color: bool | None,
+) -> None:
+    """What the running agent is doing, from the state file it writes every second (no
+    broker needed): uplink, buffer, clock, each device with its last values, active
+    alarms and outputs. Exit code 0 healthy, 1 degraded (uplink down, a device offline,
+    buffer in memory, clock not synchronised: each reason on a line), 2 not running."""
+    if as_json and prometheus:
+        raise click.UsageError("--json and --prometheus exclude each other")
+    if prometheus and watch is not None:
+        raise click.UsageError("--prometheus prints once (run it from a timer)")
+    state_dir = None
+    if state_file is None:
+        from agent.config.model import AgentConfig
+
+        cfg = load_or_exit(config_file)
+        assert isinstance(cfg, AgentConfig)
+        state_dir = Path(cfg.state_dir)
+    if color is None:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    code = 2
+    try:
+        while True:
+            code = _status_once(state_file, state_dir, as_json, prometheus, watch, color)
+            if watch is None:
+                break
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
+    sys.exit(code)
+
+
+def _status_once(
+    state_file: str | None,
+    state_dir: Path | None,
+    as_json: bool,
+    prometheus: bool,
+    watch: float | None,
+    color: bool,
+) -> int:
+    """Print the status once (see :func:`status`); return its exit code."""
+    import json
+
+    from agent.metrics import prometheus_text
+    from agent.status import load_view, render_text
+
+    v = load_view(Path(state_file) if state_file else None, state_dir)
+    code = int(v["status"]["code"])
+    if prometheus:
+        sys.stdout.buffer.write(prometheus_text(v))
+        sys.stdout.flush()
+        return code
+    if as_json:
+        text = json.dumps(v, indent=None if watch else 2, ensure_ascii=False) + "\n"
+    else:
+        text = render_text(v, color)
+    if watch is not None and not as_json and sys.stdout.isatty():
+        click.clear()
+    click.echo(text, nl=False, color=color)
+    return code
 
 
 @main.command()
@@ -182,7 +250,6 @@ def gpio_test(config_file: str, output: str, seconds: float) -> None:
     """Switch OUTPUT (a name from the config's outputs) on for a few seconds, then back
     to its safe state, reading the pin back each time. Stop the agent first: it owns the
     pins while it runs."""
-    import time
 
     from agent.config.model import AgentConfig
     from agent.gpio import Gpio, OutputState
@@ -237,7 +304,6 @@ def replay(
     import csv
     import math
     import os
-    import time
 
     from drivers.seismic_stream import ascii_frame
 
@@ -290,7 +356,6 @@ def _replay_udp(
 ) -> None:
     import math
     import socket
-    import time
 
     from drivers.seismic_stream import datacast_packet
 

@@ -222,6 +222,12 @@ class MqttLink:
         self.violations: collections.Counter[str] = collections.Counter()
         """Connections dropped because the broker broke the protocol, by cause."""
         self._connected_at = 0.0
+        self.connects = 0
+        """CONNACKs received since the start (the reconnects are one less)."""
+        self.since_ms: int | None = None
+        """When the connection last went up or down (UTC ms; None: never connected)."""
+        self.problem: str | None = None
+        """The last connection problem, for people (None after a CONNACK)."""
         v5 = cfg.protocol == "5"
         self.client = BoundedClient(
             CallbackAPIVersion.VERSION2,
@@ -351,6 +357,9 @@ class MqttLink:
                 self._short_drop = False
                 self._count_short_session()
             self._connected_at = time.monotonic()
+            self.connects += 1
+            self.since_ms = time.time_ns() // 1_000_000
+            self.problem = None
             self._disconnected.clear()
             self.connected.set()
             self._log_connected()
@@ -391,6 +400,7 @@ class MqttLink:
         again); repeats of the same cause go to DEBUG until a CONNACK."""
         log.log(logging.DEBUG if key == self._cause else level, "%s", text)
         self._cause = key
+        self.problem = text
 
     def _where(self) -> tlsmod.Where:
         assert self.tls is not None
@@ -443,6 +453,9 @@ class MqttLink:
                     f"CONNECT ({reason}): is it an MQTT broker, and does it expect TLS "
                     "(mqtt.tls) on this port?",
                 )
+        if was:
+            self.since_ms = time.time_ns() // 1_000_000
+            self.problem = f"lost the connection ({reason})"
         if self._stopping:
             return
         if was and violation is not None:

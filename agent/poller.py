@@ -41,6 +41,9 @@ UNSUPPORTED_RETRY_S = 600.0
 again after this long; meanwhile its polls say so without a request (case 017)."""
 HANDOVER_S = 0.005
 """Within a long cycle, polls are handed to the buffer at least this often."""
+STUCK_SLACK_S = 2.0
+"""A poll counts as stuck once no request of it has ended for the longest device timeout
+on its bus, any ``connect_pause``, and this much more (a busy gateway's scheduling)."""
 
 
 @dataclass
@@ -61,6 +64,9 @@ class DeviceState:
     """Points the device rejected as unsupported: name → (retry time, last result)."""
     bridging: bool = True
     """False once the device refused a request spanning unused registers."""
+    overruns: int = 0
+    """Poll cycles of this device skipped because the previous poll ended after its next
+    due time (the bus is busier than the poll intervals allow)."""
     answered: bool = True
     """Whether the device answered anything at its last poll: only then are failed
     requests retried (a device that stopped answering costs one timeout per poll)."""
@@ -101,6 +107,35 @@ class BusPoller:
         self._bus_down_logged = False
         self.on_cycle_end: Callable[[], None] = lambda: None
         """Called after each cycle of polls (the buffer writer commits then)."""
+        self.busy_since: float | None = None
+        """Monotonic time (s) the poll under way began; None between polls."""
+        self.busy_device = ""
+        """The device of the poll under way."""
+        self.stuck_after = (
+            max(d.timeout for d in devices)
+            + max(getattr(d, "connect_pause", 0.0) for d in devices)
+            + STUCK_SLACK_S
+        )
+        """Seconds without an ended request, within a poll, after which :meth:`stuck`
+        reports the bus (every request and connect is bounded by a device timeout)."""
+
+    def stuck(self, now: float) -> str | None:
+        """Why this bus makes no progress at monotonic time ``now`` (s), or None.
+
+        Progress is any request that ended (a reply, an exception, a timeout) or a poll
+        that began or ended; a driver stuck inside a read makes none, so after
+        :attr:`stuck_after` seconds the answer names the bus and device. A bus waiting for
+        its next poll is never stuck."""
+        since = self.busy_since
+        if since is None:
+            return None
+        idle = now - max(since, self.bus.progress_at)
+        if idle <= self.stuck_after:
+            return None
+        return (
+            f"bus {self.name}: the poll of {self.busy_device} has had no request end for "
+            f"{idle:.0f} s (a device timeout is at most {self.stuck_after - STUCK_SLACK_S:g} s)"
+        )
 
     def update(self, devices: Sequence[ModbusDevice]) -> None:
         """A config reload: poll these devices from now on, on the same bus connection.
@@ -119,6 +154,11 @@ class BusPoller:
                 st = DeviceState(d, plan_blocks(d.points, d.max_gap, d.max_registers), now)
             states.append(st)
         self.states = states
+        self.stuck_after = (
+            max(d.timeout for d in devices)
+            + max(getattr(d, "connect_pause", 0.0) for d in devices)
+            + STUCK_SLACK_S
+        )
 
     async def _ensure_connected(self) -> bool:
         if self.bus.connected:
@@ -165,6 +205,17 @@ class BusPoller:
         dev = st.device
         ts = now_ms()
         now = time.monotonic()
+        self.busy_since, self.busy_device = now, dev.id
+        try:
+            results = await self._poll_results(st, now)
+        finally:
+            self.busy_since = None
+        self._log_health(st, results)
+        self.sink(dev, ts, results)
+        return results
+
+    async def _poll_results(self, st: DeviceState, now: float) -> list[PointResult]:
+        dev = st.device
         if st.failing and now < st.retry_at:
             results = [
                 PointResult(
@@ -184,8 +235,6 @@ class BusPoller:
                 PointResult(p.name, None, "no_connection", f"bus {self.name} is not connected")
                 for p in dev.points
             ]
-        self._log_health(st, results)
-        self.sink(dev, ts, results)
         return results
 
     async def _read(self, st: DeviceState, now: float) -> list[PointResult]:
@@ -317,6 +366,7 @@ class BusPoller:
                     if st.next_due <= now:
                         missed = int((now - st.next_due) // interval) + 1
                         st.next_due += missed * interval
+                        st.overruns += missed
                 self.on_cycle_end()
         finally:
             self.bus.close()

@@ -74,6 +74,7 @@ class BufferWriter:
         """Called at the first successful commit after a stall: how long no commit had
         succeeded (s) and how many messages that commit wrote."""
         self._unsaved_since: float | None = None
+        self._attempt_since: float | None = None
         self._error: str | None = None
         self._inflight: list[tuple[str, bytes, int, int, int | None]] = []
         self._stall_logged_at = 0.0
@@ -124,6 +125,19 @@ class BufferWriter:
                     self.max_pending,
                     self.lost,
                 )
+
+    @property
+    def unsaved_since(self) -> float | None:
+        """Monotonic time (s) of the start of the first commit attempt that has not
+        succeeded (one under way, failed or hung), or None after a successful commit."""
+        return self._unsaved_since
+
+    @property
+    def attempt_since(self) -> float | None:
+        """Monotonic time (s) at which the commit under way began, or None when none is
+        under way. A commit that returns an error (a locked file, a full disk) ends its
+        attempt; one that does not return keeps this time."""
+        return self._attempt_since
 
     @property
     def waiting(self) -> int:
@@ -196,6 +210,7 @@ class BufferWriter:
         if self._unsaved_since is None:
             self._unsaved_since = started
         self._inflight = batch
+        self._attempt_since = started
         try:
             seqs = await self.buffer.append_many(
                 batch, self.handed_upto(), state, alarms, restamp, acked
@@ -217,6 +232,7 @@ class BufferWriter:
             return False
         finally:
             self._inflight = []
+            self._attempt_since = None
         stall, since = self.stalled, self._unsaved_since
         self._unsaved_since = self._error = self.stalled = None
         if stall is not None:

@@ -276,6 +276,8 @@ class AgentProcess:
         log: Path,
         wall_offset_file: Path | None = None,
         args: tuple[str, ...] = (),
+        wrap: tuple[str, ...] = (),
+        output: int | None = None,
     ) -> None:
         self.config = config
         self.args = args
@@ -284,6 +286,12 @@ class AgentProcess:
         self.wall = wall_offset_file
         """With a file: the agent's wall clock is off by the milliseconds written in it
         (``tests/wallclock.py``)."""
+        self.wrap = wrap
+        """A fault-injection wrapper and its arguments, run as ``python WRAP... -m agent``
+        (e.g. ``tests/hang.py FLAG``)."""
+        self.output = output
+        """A file descriptor for the agent's stdout and stderr instead of the log file
+        (e.g. a pipe the test stops reading)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -291,10 +299,21 @@ class AgentProcess:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         wrap = [] if self.wall is None else [str(REPO / "tests" / "wallclock.py"), str(self.wall)]
+        out = self._log.fileno() if self.output is None else self.output
         self.proc = subprocess.Popen(
-            [sys.executable, *wrap, "-m", "agent", "run", "--config", str(self.config), *self.args],
-            stdout=self._log,
-            stderr=self._log,
+            [
+                sys.executable,
+                *wrap,
+                *self.wrap,
+                "-m",
+                "agent",
+                "run",
+                "--config",
+                str(self.config),
+                *self.args,
+            ],
+            stdout=out,
+            stderr=out,
             env=env,
             cwd=REPO,
         )

@@ -406,6 +406,93 @@ devices:
     assert code == 78
     assert lines[0].startswith("agent.yaml:5:4: YAML syntax error: ")
     assert lines[1] == "agent.yaml: 1 problem found"
+    assert issue.message == (
+        "YAML syntax error: line 5 (host) is indented 3 spaces, which lines up with nothing "
+        "above it: the keys of one map, and the dashes of one list, start in the same column; "
+        "here that is column 3 ('- ' on line 4) or column 5 (id on line 4)"
+    )
+
+
+# (the YAML after HEAD's two lines, line, column, words the message must hold); lines and
+# columns counted by hand: where the structure went wrong, not where the parser stopped
+SYNTAX_IN_WORDS = [
+    pytest.param(  # the parser stops on line 5: "host:127.0.0.1" reads as text going on
+        "mqtt:\n  host:127.0.0.1\n  port: 1883\n",
+        4,
+        3,
+        "line 4 is not a 'key: value' (a key, a colon, then a space), so YAML reads it as "
+        "text that goes on into line 5: add the space after the colon",
+        id="no-space-after-colon",
+    ),
+    pytest.param(
+        "mqtt:\n  host: x\n    port: 1883\n",
+        5,
+        5,
+        "line 5 is indented more than line 4 (host), which already has a value: start port "
+        "in column 3, as host, or, if it belongs below host, remove the value after 'host:'",
+        id="indented-too-far",
+    ),
+    pytest.param(
+        "devices:\n  - id: a\n    host: b\n  port: 502\n",
+        6,
+        3,
+        "line 6 (port) starts in column 3, where the list items above start ('- '): start "
+        "it with '- ' to make a new item, or indent it to column 5 (id on line 4) to belong "
+        "to the item above",
+        id="key-at-the-dashes",
+    ),
+    pytest.param(
+        "mqtt:\n  host: x\n  - y\n",
+        5,
+        3,
+        "a list item ('- ') on line 5 among the keys of a map",
+        id="list-among-keys",
+    ),
+    pytest.param(
+        "mqtt:\n  host: a: b\n",
+        4,
+        10,
+        "the value of host on line 4 holds ': ' (a colon and a space): put the value in quotes",
+        id="colon-in-value",
+    ),
+    pytest.param(  # the parser stops on line 5, at the next item
+        "devices:\n  - {id: a, host: h\n  - {id: b, host: h}\n",
+        4,
+        5,
+        "the '{' opened on line 4 is not closed with '}' where it should be (the parser met "
+        "line 5 first): add '}' at its end",
+        id="brace-left-open",
+    ),
+    pytest.param(  # the parser stops at the end of the file
+        'mqtt:\n  host: "broker\n  port: 1883\n',
+        4,
+        9,
+        "the quote opened on line 4 is never closed: add the closing quote at the end of the value",
+        id="quote-left-open",
+    ),
+]
+
+
+@pytest.mark.parametrize(("yaml", "line", "col", "words"), SYNTAX_IN_WORDS)
+def test_yaml_syntax_errors_in_plain_words(
+    cfgdir: Path, yaml: str, line: int, col: int, words: str
+) -> None:
+    (issue,) = issues_of(write(cfgdir, "agent.yaml", HEAD + yaml))
+    assert (issue.line, issue.col) == (line, col)
+    assert issue.message.startswith("YAML syntax error: ")
+    assert words in issue.message
+    code, lines = validate("agent.yaml")
+    assert code == 78 and lines[0] == f"agent.yaml:{line}:{col}: {issue.message}"
+
+
+def test_a_syntax_error_near_a_password_never_shows_it(cfgdir: Path) -> None:
+    """The line that went wrong is named, never its text: a key glued to its value
+    (no space) may be a password."""
+    (issue,) = issues_of(
+        write(cfgdir, "agent.yaml", HEAD + "mqtt:\n  password:hunter2\n  port: 1883\n")
+    )
+    assert issue.line == 4
+    assert "hunter2" not in issue.message
 
 
 @pytest.mark.parametrize(

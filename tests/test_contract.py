@@ -258,6 +258,17 @@ def _samples() -> list[tuple[str, bytes]]:
                 "retries": 5,
             }
         },
+        devices={
+            "d1": {"poll_errors": 3, "errors_last_hour": 1, "last_good_age_s": 0.4, "overruns": 0},
+            "q1": {"poll_errors": 0, "errors_last_hour": 0, "last_good_age_s": None, "overruns": 0},
+        },
+        poll_overruns=0,
+        publish_rate=4.5,
+        reconnects=2,
+        rss_bytes=41_000_000,
+        disk_free_bytes=12_000_000_000,
+        soc_temp_c=51.2,
+        throttled={"flags": "0x50005", "now": ["under_voltage", "throttled"], "since_boot": []},
     )
     info = payloads.info(
         GW,

@@ -26,6 +26,7 @@ from agent.reload import (
     success_notice,
 )
 from agent.simulator import ModbusSimulator
+from agent.status import find_state_file, read_state_file
 from drivers.modbus.config import ModbusPoint
 from tests.contract_check import problem
 from tests.helpers import (
@@ -420,6 +421,12 @@ def test_sighup_adding_devices_starts_them_and_the_others_miss_no_poll(
             assert len(telemetry_ts(sub, dev)) >= int(2.5 / POLL_S), dev
         info = json.loads(_retained(broker.port)["lifeline/test-gw/info"])
         assert [d["id"] for d in info["devices"]] == ["d1", "d2", "d3", "d4"]
+
+        def state_file_devices() -> list[str]:  # what `edge-agent status` shows
+            found = find_state_file(tmp_path / "state")
+            return [] if found is None else [d["id"] for d in read_state_file(found)["devices"]]
+
+        wait_until(lambda: state_file_devices() == ["d1", "d2", "d3", "d4"], 5, "state file")
     finally:
         code = agent.stop()
         sim.stop_thread()

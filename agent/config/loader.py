@@ -470,11 +470,7 @@ def _parse(
             secret = _secret_at(text, m.line + 1, m.column + 1) if m is not None else None
             if secret is not None:
                 return None, [_secret_issue(display, secret, "is not valid YAML")]
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        what = " ".join(s for s in (exc.context, exc.problem) if s)
-        if "'\\t'" in what:
-            what += " (YAML indents with spaces, never with tabs: replace the tab)"
+        line, col, what = _syntax_in_words(text, exc)
         return None, [ConfigIssue(display, line, col, "", f"YAML syntax error: {what}")]
     except ReaderError as exc:
         line, col = _offset_to_pos(text, exc.position)
@@ -489,6 +485,118 @@ def _parse(
     except YAMLError as exc:
         return None, [ConfigIssue(display, 1, 1, "", f"YAML error: {exc}")]
     return data, issues
+
+
+_KEY_RE = re.compile(r"(?:- +)*([A-Za-z_][\w.-]{0,39}) *:(?: |$)")
+
+
+def _syntax_in_words(text: str, exc: MarkedYAMLError) -> tuple[int, int, str]:
+    """A YAML syntax error as (1-based line, column, plain words), at the line where the
+    structure went wrong: the parser's own mark is sometimes one line late (a key missing
+    the space after its colon reads as text that goes on into the next line) or at the end
+    of the file (a quote or bracket left open). Only key names are quoted from the text,
+    never a value (it may be a secret). The parser's words are kept for what is not
+    recognised here. Block structure and indentation: YAML 1.2.2 sections 6.1 and 8.2."""
+    lines = text.split("\n")
+    problem, context = exc.problem or "", exc.context or ""
+    pm, cm = exc.problem_mark, exc.context_mark
+    mark = pm or cm
+    line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    here = lines[line - 1] if 1 <= line <= len(lines) else ""
+
+    def indent(n: int) -> int:
+        return len(lines[n - 1]) - len(lines[n - 1].lstrip(" "))
+
+    def above(n: int) -> int:
+        """The nearest line above ``n`` with content (not blank, not a comment), or 0."""
+        for m in range(min(n, len(lines) + 1) - 1, 0, -1):
+            stripped = lines[m - 1].strip()
+            if stripped and not stripped.startswith("#"):
+                return m
+        return 0
+
+    def key(n: int) -> str | None:
+        m = _KEY_RE.match(lines[n - 1].lstrip(" "))
+        return m.group(1) if m else None
+
+    what = " ".join(s for s in (context, problem) if s)  # the parser's words
+    found = re.match(r"expected <block end>, but found '([^']*)'", problem)
+    alias = re.match(r"found undefined alias '([^']{1,40})'", problem)
+    prev = above(line)
+    if "'\\t'" in problem or (here[: col - 1].strip(" ") == "" and "\t" in here[:col]):
+        what = f"a tab on line {line}: YAML indents with spaces, never with tabs; replace the tab"
+    elif problem.startswith("mapping values are not allowed"):
+        k, pk = key(line), key(prev) if prev else None
+        if k is not None and here.find(": ", indent(line)) < col - 1:
+            what = (
+                f"the value of {k} on line {line} holds ': ' (a colon and a space): put the "
+                "value in quotes"
+            )
+        elif prev and pk is None and not lines[prev - 1].lstrip(" ").startswith("- "):
+            what = (
+                f"line {prev} is not a 'key: value' (a key, a colon, then a space), so YAML "
+                f"reads it as text that goes on into line {line}: add the space after the colon"
+            )
+            line, col = prev, indent(prev) + 1
+        elif prev and pk is not None and indent(line) > indent(prev):
+            col = indent(line) + 1
+            what = (
+                f"line {line} is indented more than line {prev} ({pk}), which already has a "
+                f"value: start {k or 'it'} in column {indent(prev) + 1}, as {pk}, or, if it "
+                f"belongs below {pk}, remove the value after '{pk}:'"
+            )
+    elif found and cm is not None and found.group(1) == "-":
+        what = (
+            f"a list item ('- ') on line {line} among the keys of a map: a list goes below a "
+            "key of its own, indented under it"
+        )
+    elif found and found.group(1) == "<scalar>" and re.search("['\"]", here[: col - 1]):
+        what = f"text after the closing quote on line {line}: put the whole value in quotes"
+    elif found and cm is not None:
+        # the columns in which the lines from the collection's start down to here begin
+        columns: dict[int, str] = {}
+        for n in range(cm.line + 1, line):
+            stripped = lines[n - 1].lstrip(" ")
+            if not stripped or stripped.startswith("#"):
+                continue
+            dash = re.match(r"((?:- +)+)", stripped)
+            columns.setdefault(
+                indent(n) + 1, f"'- ' on line {n}" if dash else f"{key(n)} on line {n}"
+            )
+            if dash and key(n) is not None:
+                columns.setdefault(indent(n) + len(dash.group(1)) + 1, f"{key(n)} on line {n}")
+        hint = " or ".join(f"column {c} ({columns[c]})" for c in sorted(set(columns) - {col})[-2:])
+        this = f"line {line} ({key(line)})" if key(line) else f"line {line}"
+        if columns.get(col, "").startswith("'- '"):
+            what = (
+                f"{this} starts in column {col}, where the list items above start ('- '): "
+                f"start it with '- ' to make a new item, or indent it to {hint} to belong to "
+                "the item above"
+            )
+        elif col not in columns:
+            spaces = f"{col - 1} space" + ("" if col == 2 else "s")
+            what = (
+                f"{this} is indented {spaces}, which lines up with nothing above it: the keys "
+                f"of one map, and the dashes of one list, start in the same column; here that "
+                f"is {hint}"
+            )
+    elif context.startswith("while parsing a flow") and cm is not None and cm.line < len(lines):
+        opened = lines[cm.line][cm.column : cm.column + 1]
+        close = "}" if opened == "{" else "]"
+        what = (
+            f"the '{opened}' opened on line {cm.line + 1} is not closed with '{close}' where "
+            f"it should be (the parser met line {line} first): add '{close}' at its end"
+        )
+        line, col = cm.line + 1, cm.column + 1
+    elif context.startswith("while scanning a quoted scalar") and cm is not None:
+        line, col = cm.line + 1, cm.column + 1
+        what = (
+            f"the quote opened on line {line} is never closed: add the closing quote at the "
+            "end of the value"
+        )
+    elif alias:
+        what = f"*{alias.group(1)} refers to no anchor &{alias.group(1)} above it"
+    return line, col, what
 
 
 def _secret_issue(display: str, where: tuple[int, int], what: str) -> ConfigIssue:

@@ -200,6 +200,26 @@ class Health:
     buses: Mapping[str, Mapping[str, int]] | None = None
     """Per Modbus bus name, its counters (:meth:`drivers.modbus.line.LineCounters.as_dict`:
     requests, timeouts, crc_errors, garbage_bytes, frame_errors, retries); None: no bus."""
+    devices: Mapping[str, Mapping[str, Any]] | None = None
+    """Per device id: ``poll_errors`` (since the start), ``errors_last_hour``,
+    ``last_good_age_s`` (seconds since its last good reading, None: none yet) and
+    ``overruns`` (poll cycles skipped: :class:`agent.metrics.PollStats`,
+    :class:`agent.poller.DeviceState`)."""
+    poll_overruns: int = 0
+    """Poll cycles skipped on every bus together."""
+    publish_rate: float = 0.0
+    """Messages handed to the broker per second, average of the last minute."""
+    reconnects: int = 0
+    """Connections to the broker after the first, since the start."""
+    rss_bytes: int | None = None
+    """The agent's resident memory, bytes (None: unknown)."""
+    disk_free_bytes: int | None = None
+    """Free bytes on the state_dir's filesystem (None: unknown)."""
+    soc_temp_c: float | None = None
+    """The SoC temperature, °C (thermal zone 0; None where there is none)."""
+    throttled: Mapping[str, Any] | None = None
+    """Raspberry Pi only (``vcgencmd get_throttled``): ``flags`` (hex text), ``now`` and
+    ``since_boot`` (condition names, :data:`agent.metrics.THROTTLE_BITS`); None elsewhere."""
 
 
 def health(h: Health) -> bytes:
@@ -230,6 +250,14 @@ def health(h: Health) -> bytes:
     if h.tls_verify is not None:
         doc["tls_verify"] = h.tls_verify
     doc["buses"] = {name: dict(c) for name, c in (h.buses or {}).items()}
+    doc["devices"] = {name: dict(d) for name, d in (h.devices or {}).items()}
+    doc["poll_overruns"] = h.poll_overruns
+    doc["publish_rate"] = h.publish_rate
+    doc["reconnects"] = h.reconnects
+    doc["rss_bytes"] = h.rss_bytes
+    doc["disk_free_bytes"] = h.disk_free_bytes
+    doc["soc_temp_c"] = h.soc_temp_c
+    doc["throttled"] = None if h.throttled is None else dict(h.throttled)
     return _dumps(doc)
 
 

@@ -453,6 +453,74 @@ def _health(version: int = SCHEMA_VERSIONS["health"]) -> dict[str, Any]:
             {k: {**count, "description": d} for k, d in BUS_COUNTERS.items()},
         ),
     }
+    props["devices"] = {
+        "type": "object",
+        "description": "per device id, its polls since the agent started",
+        "propertyNames": {"pattern": ID_PATTERN},
+        "additionalProperties": _obj(
+            ["poll_errors", "errors_last_hour", "last_good_age_s", "overruns"],
+            {
+                "poll_errors": {
+                    **count,
+                    "description": "polls in which a point could not be read (timeout, "
+                    "no_connection, frame_error, exception, decode_error)",
+                },
+                "errors_last_hour": {**count, "description": "poll errors in the last hour"},
+                "last_good_age_s": {
+                    "type": ["number", "null"],
+                    "minimum": 0,
+                    "description": "seconds since a poll last read a good value; null: none "
+                    "since the start",
+                },
+                "overruns": {
+                    **count,
+                    "description": "poll cycles skipped because the previous poll ended "
+                    "after the next was due",
+                },
+            },
+        ),
+    }
+    props["poll_overruns"] = {**count, "description": "the devices' overruns added up"}
+    props["publish_rate"] = {
+        "type": "number",
+        "minimum": 0,
+        "description": "messages handed to the broker per second, average of the last minute",
+    }
+    props["reconnects"] = {**count, "description": "connections after the first, since start"}
+    props["rss_bytes"] = {
+        "type": ["integer", "null"],
+        "minimum": 0,
+        "description": "the agent's resident memory (VmRSS)",
+    }
+    props["disk_free_bytes"] = {
+        "type": ["integer", "null"],
+        "minimum": 0,
+        "description": "free space on the state_dir's filesystem",
+    }
+    props["soc_temp_c"] = {
+        "type": ["number", "null"],
+        "description": "SoC temperature, degrees Celsius (thermal zone 0); null where none",
+    }
+    throttle_names = {
+        "type": "array",
+        "items": {
+            "enum": ["under_voltage", "arm_frequency_capped", "throttled", "soft_temperature_limit"]
+        },
+    }
+    props["throttled"] = {
+        "description": "Raspberry Pi (vcgencmd get_throttled); null elsewhere",
+        "oneOf": [
+            {"type": "null"},
+            _obj(
+                ["flags", "now", "since_boot"],
+                {
+                    "flags": {"type": "string", "pattern": "^0x[0-9a-f]+$"},
+                    "now": throttle_names,
+                    "since_boot": throttle_names,
+                },
+            ),
+        ],
+    }
     req = [k for k in props if k not in ("buffer_error", "buffer_waiting", "tls_verify")]
     return {
         **_head("health", "Gateway health", "Retained; at every connect and every 30 s.", version),

@@ -221,6 +221,10 @@ class ModbusBus(ABC):
     """Default seconds to wait for each reply."""
     last_error: str = ""
     """Why the last :meth:`connect` failed (empty when unknown)."""
+    progress_at: float = 0.0
+    """Monotonic time (s) the last request of :meth:`read_block` ended: a reply, an
+    exception reply, a timeout or a lost connection. A driver stuck inside a request
+    leaves it behind (the agent's watchdog looks at it)."""
 
     @property
     @abstractmethod
@@ -335,7 +339,10 @@ class ModbusBus(ABC):
         """
         fc = FUNCTION_CODES[block.table]
         try:
-            words = await self._read_retrying(unit_id, block, timeout, retry)
+            try:
+                words = await self._read_retrying(unit_id, block, timeout, retry)
+            finally:
+                self.progress_at = time.monotonic()
         except ExceptionReply as exc:
             code = exc.code
             if len(block.points) > 1:
