@@ -36,9 +36,11 @@ from tests.helpers import (
     wait_until,
     write_config,
 )
+from tests.notify_peer import NotifySocket
 from tests.test_contract import _retained
 from tests.test_hostile_peers import RELAY_PIN, GpioAgent
 from tests.test_reliability import account
+from tests.test_systemd import supervised_env
 
 # -- the plan, pure: tables of (running config, new config) -> what changes -------------------
 
@@ -558,4 +560,42 @@ def test_a_latched_alarm_and_its_relay_survive_a_reload_that_keeps_its_rule(
     assert code == 0, agent.log()
     last, received, _dups, drops = account(sub, tmp_path / "state")
     assert drops == [] and received == last
+    sub.close()
+
+
+def test_a_reload_is_framed_by_reloading_and_ready_for_systemd(
+    tmp_path: Path, broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under Type=notify: a SIGHUP with a valid file, then one with a broken file, each
+    send RELOADING=1 (with MONOTONIC_USEC, as Type=notify-reload expects) and then READY=1
+    once the reload is over, applied or refused (sd_notify(3))."""
+    sim = simulator(1)
+    notify = NotifySocket(tmp_path, lambda: {})
+    supervised_env(monkeypatch, notify, usec=None)
+    cfg = write_config(tmp_path / "agent.yaml", broker.port, units(sim.port, ("d1", 1)))
+    sub = Subscriber(broker.port, "lifeline/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    try:
+        notify.wait_for("READY", "1", 10)
+        write_config(cfg, broker.port, units(sim.port, ("d1", 1), ("d2", 1)))
+        before = time.monotonic_ns() // 1000
+        hup(agent)
+        wait_until(lambda: len(notify.having("READY")) == 2, 10, "READY=1 after the reload")
+        cfg.write_text(cfg.read_text() + "bogus_key: 1\n")
+        hup(agent)
+        wait_until(lambda: len(notify.having("READY")) == 3, 10, "READY=1 after the refusal")
+        kinds = [k for m in notify.all() for k in ("READY", "RELOADING") if m.fields.get(k) == "1"]
+        assert kinds == ["READY", "RELOADING", "READY", "RELOADING", "READY"], kinds
+        reloading = notify.having("RELOADING", "1")
+        assert all(int(m.fields["MONOTONIC_USEC"]) >= before for m in reloading)
+        assert [n["type"] for n in (m.json() for m in sub.on("/notice"))][-2:] == [
+            "reloaded",
+            "reload_failed",
+        ]
+    finally:
+        code = agent.stop()
+        sim.stop_thread()
+        notify.close()
+    assert code == 0, agent.log()
     sub.close()
