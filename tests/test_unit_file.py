@@ -41,13 +41,14 @@ def settings(path: Path) -> dict[str, list[str]]:
 
 
 def make_root(tmp_path: Path, unit_text: str) -> Path:
-    """A file-system root holding the unit, a stand-in for the agent's executable and
-    this machine's system units (the targets the unit orders itself after)."""
+    """A file-system root holding the unit, stand-ins for the agent's executable and for
+    /bin/kill (ExecReload=; every Debian has it), and this machine's system units (the
+    targets the unit orders itself after)."""
     root = tmp_path / "root"
-    exe = root / "opt" / "edge-agent" / "venv" / "bin" / "edge-agent"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
+    for exe in (root / "opt" / "edge-agent" / "venv" / "bin" / "edge-agent", root / "bin" / "kill"):
+        exe.parent.mkdir(parents=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     units = root / "etc" / "systemd" / "system"
     units.mkdir(parents=True)
     (units / "edge-agent.service").write_text(unit_text)
