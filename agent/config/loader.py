@@ -11,10 +11,12 @@ the YAML position it came from. Positions are 1-based lines and columns.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import glob
 import grp
+import itertools
 import json
 import os
 import pwd
@@ -48,7 +50,7 @@ from ruamel.yaml.events import (
     SequenceStartEvent,
 )
 from ruamel.yaml.nodes import ScalarNode
-from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.reader import Reader, ReaderError
 from ruamel.yaml.resolver import VersionedResolver
 
 from agent.config.model import (
@@ -144,7 +146,7 @@ class _Budget:
     values: int = 0
     first: str = ""
     """The file the budget started with (the config file), for messages."""
-    texts: dict[str, str] = field(default_factory=dict)
+    texts: dict[str, tuple[str, _Reading]] = field(default_factory=dict)
     """Files read and walked ahead (:func:`_prefetch`), by path, until they are parsed."""
 
     def take_file(self, size: int, display: str) -> None:
@@ -269,7 +271,7 @@ def _os_problem(exc: OSError) -> str:
     return f"{where}{exc.strerror or type(exc).__name__}"
 
 
-def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
+def _prescan(text: str, display: str, budget: _Budget | None = None) -> _Reading:
     """Walk the YAML event stream of ``text`` before anything is built from it, and refuse
     what would take the loader down: nesting deeper than :data:`MAX_DEPTH`, more than
     :data:`MAX_VALUES` values once aliases are expanded (an "alias bomb"), an alias
@@ -277,9 +279,13 @@ def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
     or maps (YAML complex keys, which no config needs). Each at its line.
 
     The event stream comes from libyaml's parser (``ruamel.yaml.clib``; its state is a
-    stack on the heap, whatever the nesting), and where libyaml finds a syntax error, from
-    ruamel's pure-Python parser (which takes some YAML 1.2 that libyaml does not; the data
-    is then built from its events too, see :func:`_compose`). The data is built
+    stack on the heap, whatever the nesting). libyaml reads YAML 1.1, and refuses some
+    YAML 1.2: where it stops at a ``:`` inside a plain scalar of a flow collection
+    (``{host: fe80::1}``, YAML 1.2 section 7.3.3), it reads the text again with those
+    colons held by a character the text lacks (:func:`_hold_colons`); where it finds
+    another error, ruamel's pure-Python parser reads a file of at most
+    :data:`MAX_PURE_CHARS` (it takes the rest of YAML 1.2, and words its errors more
+    precisely), and libyaml's error stands for a bigger one. The data is built
     afterwards, and turned into plain values and validated recursively, which is why the
     depth must be known first: 30,000 levels would overflow the stack. The walk stops at
     the first problem, so a bomb costs what its first few hundred bytes cost. Syntax
@@ -291,7 +297,7 @@ def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
     are added to it.
 
     Returns:
-        the number of values in ``text``, aliases expanded.
+        how the file is to be read (:class:`_Reading`), for :func:`_compose`.
     Raises:
         _Refused: with the problem at its line and column.
     """
@@ -306,19 +312,78 @@ def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
         "its profiles); this file is one too many"
     )
 
+    held = ""
+
     def refuse(mark: Any, message: str) -> None:
+        if held:
+            message = message.replace(held, ":")
         raise _Refused([ConfigIssue(display, mark.line + 1, mark.column + 1, "", message)])
 
+    reading = _Reading(text)
     count = 0
-    for pure in (False, True):
-        try:
-            count = _walk_events(YAML(typ="safe", pure=pure).parse(text), refuse, limit, beyond)
-            break
-        except YAMLError:
-            continue  # libyaml (YAML 1.1) refuses some YAML 1.2: try ruamel's own parser
+    try:
+        count = _walk_events(_libyaml(text), refuse, limit, beyond)
+    except YAMLError as exc:  # libyaml (YAML 1.1) refuses some YAML 1.2, or an error
+        failed: YAMLError = exc
+        if _FLOW_COLON in str(getattr(exc, "problem", "")):
+            alt = _hold_colons(text)
+            if alt is not None:
+                held = alt[1]
+                try:
+                    count = _walk_events(_libyaml(alt[0]), refuse, limit, beyond)
+                    reading = _Reading(*alt)
+                except YAMLError as again:
+                    failed, held = again, ""
+        if reading.text is text:
+            reading = _Reading(None) if len(text) <= MAX_PURE_CHARS else _Reading(None, "", failed)
+            if reading.error is None:
+                with contextlib.suppress(YAMLError):  # said by _compose
+                    count = _walk_events(YAML(typ="rt").parse(text), refuse, limit, beyond)
     if budget is not None:
         budget.values += count
-    return count
+    return reading
+
+
+MAX_PURE_CHARS = 100_000
+"""Largest file that ruamel's pure-Python parser reads where libyaml stops (it takes about
+4 µs a character, twice: 0.8 s); a bigger file that libyaml refuses is refused with
+libyaml's words for the problem, at its line and column."""
+
+_FLOW_COLON = "found unexpected ':'"
+"""libyaml's problem at a ``:`` inside a plain scalar of a flow collection."""
+
+_HELD_COLON = re.compile(r"(?<![\"'\]}]):(?=[^\s,\[\]{}])")
+"""A ``:`` that YAML 1.2 reads as part of a plain scalar wherever it stands: followed by a
+character that is neither a space nor a flow indicator, and not just after a quoted
+scalar or a flow collection (where it may separate a key from its value, section 7.4)."""
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """How :func:`_compose` gets a file's events, as :func:`_prescan` found: ``text`` for
+    libyaml (the file's own, or with its colons held by the character ``held``), None for
+    ruamel's parser; ``error``: libyaml's, said as it is (a file too big for ruamel's)."""
+
+    text: str | None
+    held: str = ""
+    error: YAMLError | None = None
+
+
+def _libyaml(text: str) -> Iterator[Any]:
+    """libyaml's event stream of ``text`` (``ruamel.yaml.clib``)."""
+    return YAML(typ="safe", pure=False).parse(text)  # type: ignore[no-any-return]
+
+
+def _hold_colons(text: str) -> tuple[str, str] | None:
+    """``text`` with every ``:`` that YAML 1.2 reads as part of a plain scalar
+    (:data:`_HELD_COLON`) replaced by a private-use character it does not hold (one
+    character for one: lines and columns stay), and that character; None when it holds
+    them all."""
+    for code in range(0xE000, 0xE010):
+        held = chr(code)
+        if held not in text:
+            return _HELD_COLON.sub(held, text), held
+    return None
 
 
 def _walk_events(
@@ -384,24 +449,24 @@ def _walk_events(
 class _Map(dict[Any, Any]):
     """A YAML mapping as built by :func:`_build`, knowing where it and its keys are.
 
-    ``start`` is the packed position (:func:`_pack`) of the map itself; ``own`` its own
-    keys in the order they first appear (not those merged in with ``<<``), ``marks`` two
-    packed positions per key (the key, then its value); both None for an empty map.
+    ``start`` is the packed position (:func:`_pack`) of the map itself; ``marks`` two
+    packed positions (the key, then its value) for each of its own keys, which come first
+    in the map's order (keys merged in with ``<<`` or added later follow them); None for
+    an empty map.
     """
 
-    __slots__ = ("index", "marks", "own", "start")
+    __slots__ = ("index", "marks", "start")
     start: int
-    own: list[Any] | None
     marks: array[int] | None
     index: dict[Any, int] | None
 
     def pos(self, key: Any, *, value: bool) -> tuple[int, int] | None:
         """1-based (line, column) of ``key`` (or of its value); None for a key merged in
         with ``<<`` or added after the map was built."""
-        if self.own is None or self.marks is None:
+        if self.marks is None:
             return None
         if self.index is None:
-            self.index = {k: i for i, k in enumerate(self.own)}
+            self.index = dict(zip(self, range(len(self.marks) // 2), strict=False))
         i = self.index.get(key)
         return None if i is None else _unpack(self.marks[2 * i + value])
 
@@ -479,13 +544,14 @@ def _rules(version: tuple[int, int] | None) -> tuple[dict[str, list[tuple[str, A
     return table, SafeConstructor(loader=types.SimpleNamespace(_resolver=resolver))
 
 
-def _build(events: Iterator[Any]) -> tuple[Any, list[_Dup]]:
+def _build(events: Iterator[Any], held: str = "") -> tuple[Any, list[_Dup]]:
     """Build one YAML document from its parser events, as ruamel's safe loader would
     (YAML 1.2 rules unless the document says ``%YAML 1.1``, merge keys ``<<``, anchors and
     aliases), into :class:`_Map` and :class:`_Seq`, which keep the line and column of
     every key, value and item. A key given again in the same map keeps its first value
-    and is returned as a :class:`_Dup`. One pass with a stack of the open lists and maps:
-    memory is the data plus 8 bytes an item and 24 a key.
+    and is returned as a :class:`_Dup`. ``held``: the character standing for ``:`` in
+    the text the events come from (:func:`_hold_colons`). One pass with a stack of the
+    open lists and maps: memory is the data plus 8 bytes an item and 24 a key.
 
     Raises:
         _ParserFailed: from the event stream (the parser's error is its ``__cause__``).
@@ -558,10 +624,9 @@ def _build(events: Iterator[Any]) -> tuple[Any, list[_Dup]]:
                 return  # the first value stays ('1' and 1 are two keys, said by the model)
         except TypeError:
             raise _BuildError(mark, "a key that is a list or a map; keys are names") from None
-        obj[key] = value
-        if obj.own is None:
-            obj.own, obj.marks = [], array("q")
-        obj.own.append(key)
+        obj[sys.intern(key) if type(key) is str else key] = value
+        if obj.marks is None:
+            obj.marks = array("q")
         obj.marks.append(kpos)
         obj.marks.append(pos)
 
@@ -577,6 +642,8 @@ def _build(events: Iterator[Any]) -> tuple[Any, list[_Dup]]:
         if kind is ScalarEvent:
             mark = ev.start_mark
             value = raw = ev.value
+            if held and held in value:
+                value = raw = value.replace(held, ":")
             tag = ev.tag
             if tag is None and ev.implicit[0]:
                 if value.isdigit() and value.isascii() and (v12 or value[0] != "0"):
@@ -620,7 +687,7 @@ def _build(events: Iterator[Any]) -> tuple[Any, list[_Dup]]:
             obj: Any
             if kind is MappingStartEvent:
                 obj = _Map()
-                obj.start, obj.own, obj.marks, obj.index = pos, None, None, None
+                obj.start, obj.marks, obj.index = pos, None, None
                 stack.append([obj, _NO_KEY, 0, "", None, None, None, mark])
             else:
                 obj = _new_seq(pos)
@@ -673,22 +740,40 @@ def _build(events: Iterator[Any]) -> tuple[Any, list[_Dup]]:
 _NO_KEY = object()
 
 
-def _compose(text: str) -> tuple[Any, list[_Dup]]:
-    """:func:`_build` on libyaml's events (``ruamel.yaml.clib``, fast); where libyaml
-    finds an error, on ruamel's own round-trip parser, which takes some YAML 1.2 that
-    libyaml does not (``{host: fe80::1}``) and words the errors it finds itself.
+def _compose(text: str, reading: _Reading) -> tuple[Any, list[_Dup]]:
+    """:func:`_build` on the events :func:`_prescan` found readable: libyaml's
+    (``ruamel.yaml.clib``, fast), or ruamel's own round-trip parser's, which takes some
+    YAML 1.2 that libyaml does not and words the errors it finds itself.
 
     Raises:
         see :func:`_build`, and the parser's ``MarkedYAMLError`` or ``ReaderError``.
     """
+    if reading.error is not None:
+        raise _in_ruamel_words(text, reading.error)
+    events = _libyaml(reading.text) if reading.text is not None else YAML(typ="rt").parse(text)
     try:
-        return _build(YAML(typ="safe", pure=False).parse(text))
-    except _ParserFailed:
-        pass
-    try:
-        return _build(YAML(typ="rt").parse(text))
+        return _build(events, reading.held)
     except _ParserFailed as exc:
         raise exc.__cause__ from None  # type: ignore[misc]
+
+
+def _in_ruamel_words(text: str, exc: YAMLError) -> YAMLError:
+    """libyaml's error as ruamel's parser says it where the two differ in words only: a
+    character YAML refuses (ruamel's reader, which names it), a character that cannot
+    start a token (named)."""
+    if isinstance(exc, ReaderError):
+        try:
+            Reader(text)
+        except ReaderError as ours:
+            return ours
+    if isinstance(exc, MarkedYAMLError) and exc.problem_mark is not None:
+        where = exc.problem_mark
+        if exc.problem == "found character that cannot start any token":
+            lines = text.split("\n", where.line + 1)
+            line = lines[where.line] if where.line < len(lines) else ""
+            char = line[where.column : where.column + 1]
+            exc.problem = f"found character {char!r} that cannot start any token"
+    return exc
 
 
 def _parse(
@@ -707,7 +792,7 @@ def _parse(
     """
     ahead = budget.texts.pop(str(path), None) if budget is not None else None
     if ahead is not None:
-        text = ahead  # read and walked by _prefetch
+        text, reading = ahead  # read and walked by _prefetch
     else:
         try:
             text = _read_text(path, display, budget)
@@ -715,9 +800,9 @@ def _parse(
             raise
         except ConfigError as exc:
             return None, exc.issues
-        _prescan(text, display, budget)
+        reading = _prescan(text, display, budget)
     try:
-        data, dups = _compose(text)  # nesting and size were checked by _prescan
+        data, dups = _compose(text, reading)  # nesting and size were checked by _prescan
         issues = [
             ConfigIssue(
                 display,
@@ -1133,20 +1218,25 @@ def _message(err: Any, model: type[BaseModel]) -> str:
 
 
 def _to_plain(data: Any) -> Any:
-    """The data as plain dicts (keys made text) and lists, for the model."""
-    if isinstance(data, dict):
-        return {str(k): _to_plain(v) for k, v in data.items()}
+    """The data as the model takes it, every map's keys text: a map or list that needs no
+    change is passed as it is (:class:`_Map` is a dict, :class:`_Seq` a list), the others
+    are copied, so a big file is not held twice."""
+    out: Any = None
     if isinstance(data, list):
-        return [_to_plain(v) for v in data]
-    if isinstance(data, bool) or data is None:
-        return data
-    if isinstance(data, int):
-        return int(data)
-    if isinstance(data, float):
-        return float(data)
-    if isinstance(data, str):
-        return str(data)
-    return data
+        for i, v in enumerate(data):
+            p = _to_plain(v)
+            if out is None and p is not v:
+                out = data[:i]
+            if out is not None:
+                out.append(p)
+    elif isinstance(data, dict):
+        for i, (k, v) in enumerate(data.items()):
+            p = _to_plain(v)
+            if out is None and (p is not v or type(k) is not str):
+                out = {str(k0): v0 for k0, v0 in itertools.islice(data.items(), i)}
+            if out is not None:
+                out[str(k)] = p
+    return data if out is None else out
 
 
 def _pydantic_issues(
@@ -1498,8 +1588,7 @@ def _prefetch(path: Path, display: str, budget: _Budget | None) -> None:
         raise
     except ConfigError:
         return
-    _prescan(text, display, budget)
-    budget.texts[str(path)] = text
+    budget.texts[str(path)] = text, _prescan(text, display, budget)
 
 
 _SECRET_KEY_RE = re.compile(r"(?<![\w-])[\"']?password[\"']?\s*:(?=\s|$)")
