@@ -1236,3 +1236,26 @@ def test_a_comment_glued_to_an_id_is_warned(cfgdir: Path) -> None:
     assert (note.file, note.line, note.col, note.level) == ("agent.yaml", 4, 17, "warning")
     assert "'#2' after id 'culvert' is a YAML comment" in note.message
     assert "'culvert-2'" in note.message
+
+
+def test_yaml_1_2_flow_colons_load_and_get_their_notes(cfgdir: Path) -> None:
+    """An unquoted ``a:b`` inside a flow mapping is one text in YAML 1.2 (libyaml refuses
+    it): the loader takes it, and validate reads the file the same way, so its notes are
+    printed; an error in such a file is said at its line."""
+    point = '{name: a, register: "40110", description: pump:north, unit: "m"}'
+    text = HEAD + "mqtt: {host: fe80::1, tls: false}\ndevices:\n  - id: d1\n    host: h\n"
+    bad = f"    points: [{point}, {{name: b:c, address: 1}}]\n"
+    (issue,) = issues_of(write(cfgdir, "agent.yaml", text + bad))
+    assert where(issue) == ("agent.yaml", 7, 87, "devices[0].points[1].name")
+    assert issue.message.startswith("'b:c' is not allowed as an id: ")
+    name = write(cfgdir, "agent.yaml", text + f"    points: [{point}]\n")
+    cfg = load_config(name)
+    assert cfg.mqtt.host == "fe80::1"
+    assert cfg.devices[0].points[0].description == "pump:north"
+    code, lines = validate(name)
+    assert code == 0
+    assert lines[0] == (
+        "agent.yaml:7:34: devices[0].points[0].register: note: Modicon 40110 is holding "
+        "address 109 (FC 03)"
+    )
+    assert any(line.startswith("agent.yaml:3:") and "TLS is off" in line for line in lines)
