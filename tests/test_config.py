@@ -18,7 +18,13 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 
 from agent.cli import EX_CONFIG, main
-from agent.config.loader import ConfigError, ConfigIssue, config_notes, load_config
+from agent.config.loader import (
+    MAX_PURE_CHARS,
+    ConfigError,
+    ConfigIssue,
+    config_notes,
+    load_config,
+)
 from agent.config.model import AgentConfig
 from drivers.common import parse_duration
 from drivers.modbus.config import ModbusPoint, ModbusProfile, ModbusTcpDevice
@@ -483,6 +489,21 @@ def test_yaml_syntax_errors_in_plain_words(
     assert words in issue.message
     code, lines = validate("agent.yaml")
     assert code == 78 and lines[0] == f"agent.yaml:{line}:{col}: {issue.message}"
+
+
+@pytest.mark.parametrize(("yaml", "line", "col", "words"), SYNTAX_IN_WORDS)
+def test_yaml_syntax_errors_in_a_big_file_read_the_same(
+    cfgdir: Path, yaml: str, line: int, col: int, words: str
+) -> None:
+    """In a file too big for ruamel's parser (past MAX_PURE_CHARS), libyaml finds the
+    syntax error: it is said at the same place in the same words."""
+    (small,) = issues_of(write(cfgdir, "agent.yaml", HEAD + yaml))
+    pad = "# " + "-" * 77 + "\n"
+    big = HEAD + yaml + pad * (MAX_PURE_CHARS // len(pad) + 1)
+    (issue,) = issues_of(write(cfgdir, "agent.yaml", big))
+    assert (issue.line, issue.col) == (line, col)
+    assert words in issue.message
+    assert issue.message == small.message
 
 
 def test_a_syntax_error_near_a_password_never_shows_it(cfgdir: Path) -> None:

@@ -11,7 +11,6 @@ the YAML position it came from. Positions are 1-based lines and columns.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import glob
@@ -36,7 +35,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.composer import ComposerError
 from ruamel.yaml.constructor import ConstructorError, DuplicateKeyError, SafeConstructor
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.error import MarkedYAMLError, StreamMark, YAMLError
 from ruamel.yaml.events import (
     AliasEvent,
     CollectionEndEvent,
@@ -337,8 +336,10 @@ def _prescan(text: str, display: str, budget: _Budget | None = None) -> _Reading
         if reading.text is text:
             reading = _Reading(None) if len(text) <= MAX_PURE_CHARS else _Reading(None, "", failed)
             if reading.error is None:
-                with contextlib.suppress(YAMLError):  # said by _compose
+                try:
                     count = _walk_events(YAML(typ="rt").parse(text), refuse, limit, beyond)
+                except YAMLError as ours:  # said by _compose, without parsing again
+                    reading = _Reading(None, "", ours)
     if budget is not None:
         budget.values += count
     return reading
@@ -362,7 +363,8 @@ scalar or a flow collection (where it may separate a key from its value, section
 class _Reading:
     """How :func:`_compose` gets a file's events, as :func:`_prescan` found: ``text`` for
     libyaml (the file's own, or with its colons held by the character ``held``), None for
-    ruamel's parser; ``error``: libyaml's, said as it is (a file too big for ruamel's)."""
+    ruamel's parser; ``error``: the syntax error to say (ruamel's, or libyaml's for a file
+    too big for ruamel's parser)."""
 
     text: str | None
     held: str = ""
@@ -758,21 +760,35 @@ def _compose(text: str, reading: _Reading) -> tuple[Any, list[_Dup]]:
 
 
 def _in_ruamel_words(text: str, exc: YAMLError) -> YAMLError:
-    """libyaml's error as ruamel's parser says it where the two differ in words only: a
-    character YAML refuses (ruamel's reader, which names it), a character that cannot
-    start a token (named)."""
+    """libyaml's error as ruamel's parser says it where the two differ in words only, so
+    that :func:`_syntax_in_words` explains it the same: a character YAML refuses (ruamel's
+    reader names it), a character that cannot start a token (named), a block that goes on
+    where it should end (named by what comes instead: a list item, a key or a text), an
+    unknown escape (named, at the character after the backslash)."""
     if isinstance(exc, ReaderError):
         try:
             Reader(text)
         except ReaderError as ours:
             return ours
-    if isinstance(exc, MarkedYAMLError) and exc.problem_mark is not None:
-        where = exc.problem_mark
-        if exc.problem == "found character that cannot start any token":
-            lines = text.split("\n", where.line + 1)
-            line = lines[where.line] if where.line < len(lines) else ""
-            char = line[where.column : where.column + 1]
-            exc.problem = f"found character {char!r} that cannot start any token"
+    if not isinstance(exc, MarkedYAMLError) or exc.problem_mark is None:
+        return exc
+    where = exc.problem_mark
+    lines = text.split("\n", where.line + 1)
+    rest = lines[where.line][where.column :] if where.line < len(lines) else ""
+    if exc.problem == "found character that cannot start any token":
+        exc.problem = f"found character {rest[:1]!r} that cannot start any token"
+    elif exc.problem in ("did not find expected key", "did not find expected '-' indicator"):
+        if re.match(r"-(?:\s|$)", rest):
+            token = "-"
+        elif re.match(r"[^\s#].*?:(?:\s|$)", rest):
+            token = "<block mapping start>"
+        else:
+            token = "<scalar>"
+        exc.problem = f"expected <block end>, but found '{token}'"
+    elif exc.problem == "found unknown escape character" and rest[:1] == "\\":
+        exc.context = "while scanning a double-quoted scalar"
+        exc.problem = f"found unknown escape character {rest[1:2]!r}"
+        exc.problem_mark = StreamMark(where.name, where.index + 1, where.line, where.column + 1)
     return exc
 
 
