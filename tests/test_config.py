@@ -18,7 +18,13 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 
 from agent.cli import EX_CONFIG, main
-from agent.config.loader import ConfigError, ConfigIssue, config_notes, load_config
+from agent.config.loader import (
+    MAX_PURE_CHARS,
+    ConfigError,
+    ConfigIssue,
+    config_notes,
+    load_config,
+)
 from agent.config.model import AgentConfig
 from drivers.common import parse_duration
 from drivers.modbus.config import ModbusPoint, ModbusProfile, ModbusTcpDevice
@@ -483,6 +489,21 @@ def test_yaml_syntax_errors_in_plain_words(
     assert words in issue.message
     code, lines = validate("agent.yaml")
     assert code == 78 and lines[0] == f"agent.yaml:{line}:{col}: {issue.message}"
+
+
+@pytest.mark.parametrize(("yaml", "line", "col", "words"), SYNTAX_IN_WORDS)
+def test_yaml_syntax_errors_in_a_big_file_read_the_same(
+    cfgdir: Path, yaml: str, line: int, col: int, words: str
+) -> None:
+    """In a file too big for ruamel's parser (past MAX_PURE_CHARS), libyaml finds the
+    syntax error: it is said at the same place in the same words."""
+    (small,) = issues_of(write(cfgdir, "agent.yaml", HEAD + yaml))
+    pad = "# " + "-" * 77 + "\n"
+    big = HEAD + yaml + pad * (MAX_PURE_CHARS // len(pad) + 1)
+    (issue,) = issues_of(write(cfgdir, "agent.yaml", big))
+    assert (issue.line, issue.col) == (line, col)
+    assert words in issue.message
+    assert issue.message == small.message
 
 
 def test_a_syntax_error_near_a_password_never_shows_it(cfgdir: Path) -> None:
@@ -1236,3 +1257,26 @@ def test_a_comment_glued_to_an_id_is_warned(cfgdir: Path) -> None:
     assert (note.file, note.line, note.col, note.level) == ("agent.yaml", 4, 17, "warning")
     assert "'#2' after id 'culvert' is a YAML comment" in note.message
     assert "'culvert-2'" in note.message
+
+
+def test_yaml_1_2_flow_colons_load_and_get_their_notes(cfgdir: Path) -> None:
+    """An unquoted ``a:b`` inside a flow mapping is one text in YAML 1.2 (libyaml refuses
+    it): the loader takes it, and validate reads the file the same way, so its notes are
+    printed; an error in such a file is said at its line."""
+    point = '{name: a, register: "40110", description: pump:north, unit: "m"}'
+    text = HEAD + "mqtt: {host: fe80::1, tls: false}\ndevices:\n  - id: d1\n    host: h\n"
+    bad = f"    points: [{point}, {{name: b:c, address: 1}}]\n"
+    (issue,) = issues_of(write(cfgdir, "agent.yaml", text + bad))
+    assert where(issue) == ("agent.yaml", 7, 87, "devices[0].points[1].name")
+    assert issue.message.startswith("'b:c' is not allowed as an id: ")
+    name = write(cfgdir, "agent.yaml", text + f"    points: [{point}]\n")
+    cfg = load_config(name)
+    assert cfg.mqtt.host == "fe80::1"
+    assert cfg.devices[0].points[0].description == "pump:north"
+    code, lines = validate(name)
+    assert code == 0
+    assert lines[0] == (
+        "agent.yaml:7:34: devices[0].points[0].register: note: Modicon 40110 is holding "
+        "address 109 (FC 03)"
+    )
+    assert any(line.startswith("agent.yaml:3:") and "TLS is off" in line for line in lines)

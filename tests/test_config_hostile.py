@@ -675,6 +675,63 @@ def test_yaml_1_2_that_libyaml_refuses_is_still_depth_checked(tmp_path: Path) ->
     assert cpu < 2.0 and rss < 100_000_000, (cpu, rss)
 
 
+def _at_the_caps() -> dict[str, tuple[str, str]]:
+    """Files within every cap (3 MB, 250,000 values, 64 deep), each with one mistake at a
+    known line: name -> (text, the start of the first line validate prints). The config
+    and its device take 21 values with the key 'x' and its list or map."""
+    numbers = range(249_970)  # 21 + 249,970 values
+    keys = range(124_985)  # 21 + 2 x 124,985
+    unknown = "agent.yaml:5:1: x: unknown key 'x'; allowed keys: version, gateway_id"
+    last = 6 + len(numbers)  # the line after the list
+    return {
+        "list": (HEAD + ONE_DEVICE + f"x: [{', '.join(map(str, numbers))}]\n", unknown),
+        "list-block": (
+            HEAD + ONE_DEVICE + "x:\n" + "".join(f"  - {i}\n" for i in numbers),
+            unknown,
+        ),
+        "map": (HEAD + ONE_DEVICE + f"x: {{{', '.join(f'k{i}: {i}' for i in keys)}}}\n", unknown),
+        "map-block": (
+            HEAD + ONE_DEVICE + "x:\n" + "".join(f"  k{i}: {i}\n" for i in keys),
+            unknown,
+        ),
+        # YAML 1.2 that libyaml refuses (':' in a flow map), 249,960 values after it
+        "flow-colon": (
+            HEAD
+            + "mqtt: {host: fe80::1, tls: false}\n"
+            + ONE_DEVICE
+            + f"x: [{', '.join(map(str, numbers[:249_960]))}]\n",
+            unknown.replace(":5:1:", ":6:1:"),
+        ),
+        # a key indented 1 space at the end of 2.4 MB: libyaml finds it, in its words,
+        # which are said as ruamel's parser would have them said
+        "syntax": (
+            HEAD + ONE_DEVICE + "x:\n" + "".join(f"  - {i}\n" for i in numbers) + " y: 1\n",
+            f"agent.yaml:{last}:2: YAML syntax error: line {last} (y) is indented 1 space, "
+            "which lines up with nothing above it",
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["list", "list-block", "map", "map-block", "flow-colon", "syntax"])
+def test_files_at_the_caps_are_explained_fast_in_little_memory(tmp_path: Path, name: str) -> None:
+    """A 250,000-number list, a 125,000-key map (flow and block), the same behind YAML 1.2
+    that libyaml refuses, a syntax error at the end of 2.4 MB: each said at its line by
+    validate with exit code 78, in under 2 s of CPU and 100 MB (reading such a file again
+    with ruamel's round-trip loader for the positions took 15-18 s and 300-390 MB)."""
+    text, expected = _at_the_caps()[name]
+    assert len(text) <= MAX_FILE_BYTES
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    code, err, wall, cpu, rss = run_measured(path)
+    figures = f"{name}: {wall:.2f} s wall, {cpu:.2f} s CPU, {rss / 1e6:.0f} MB"
+    assert code == EX_CONFIG, f"{figures}; exit {code}: {err[:2000]}"
+    assert err.startswith(expected), err[:2000]
+    assert len(err.splitlines()) == 2, err[:2000]
+    assert cpu < 2.0, figures
+    assert rss < 100_000_000, figures
+    print(figures)
+
+
 # ---------------------------------------------------------------------------------------
 # state_dir
 

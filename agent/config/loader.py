@@ -1,18 +1,21 @@
 """Load the YAML config into :class:`AgentConfig`, reporting every problem at file:line:col.
 
 Flow: read each file (at most :data:`MAX_FILE_BYTES`), walk its YAML events for nesting
-and alias bombs before anything is built from it, parse it with ruamel.yaml (round-trip
-mode keeps positions), look for duplicate keys in the composed node tree, splice
-``include`` files into ``devices`` and load the device profiles (both confined to the
-config file's directory), validate with pydantic, then map each error's ``loc`` back to
+and alias bombs before anything is built from it, build its data from the same events in
+one more pass (:func:`_build`: maps and lists that keep the line and column of every key,
+value and item; duplicate keys are found on the way), splice ``include`` files into
+``devices`` and load the device profiles (both confined to the config file's
+directory), validate with pydantic, then map each error's ``loc`` back to
 the YAML position it came from. Positions are 1-based lines and columns.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import glob
 import grp
+import itertools
 import json
 import os
 import pwd
@@ -22,6 +25,7 @@ import stat
 import sys
 import types
 import typing
+from array import array
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +33,24 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr, ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.composer import ComposerError
+from ruamel.yaml.constructor import ConstructorError, DuplicateKeyError, SafeConstructor
+from ruamel.yaml.error import MarkedYAMLError, StreamMark, YAMLError
 from ruamel.yaml.events import (
     AliasEvent,
     CollectionEndEvent,
     CollectionStartEvent,
+    DocumentStartEvent,
+    MappingEndEvent,
     MappingStartEvent,
     NodeEvent,
     ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
 )
-from ruamel.yaml.nodes import MappingNode, Node, SequenceNode
-from ruamel.yaml.reader import ReaderError
+from ruamel.yaml.nodes import ScalarNode
+from ruamel.yaml.reader import Reader, ReaderError
+from ruamel.yaml.resolver import VersionedResolver
 
 from agent.config.model import (
     PORTABLE_CLIENT_ID_MAX,
@@ -102,36 +112,6 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(i) for i in self.issues))
 
 
-def _yaml() -> YAML:
-    y = YAML(typ="rt")
-    y.allow_duplicate_keys = True  # duplicates are found (all of them) in _duplicate_keys
-    return y
-
-
-def _duplicate_keys(node: Node, file: str, path: str = "") -> Iterator[ConfigIssue]:
-    if isinstance(node, MappingNode):
-        first: dict[Any, Node] = {}
-        for key, value in node.value:
-            k = getattr(key, "value", None)
-            sub = f"{path}.{k}" if path else str(k)
-            if isinstance(k, str | int | float | bool) and k in first:
-                m = key.start_mark
-                prev = first[k].start_mark.line + 1
-                yield ConfigIssue(
-                    file,
-                    m.line + 1,
-                    m.column + 1,
-                    sub,
-                    f"duplicate key {k!r} (first defined at line {prev}); remove one",
-                )
-            else:
-                first.setdefault(k, key)
-            yield from _duplicate_keys(value, file, sub)
-    elif isinstance(node, SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _duplicate_keys(item, file, f"{path}[{i}]")
-
-
 def _offset_to_pos(text: str, offset: int) -> tuple[int, int]:
     before = text[:offset]
     return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
@@ -165,7 +145,7 @@ class _Budget:
     values: int = 0
     first: str = ""
     """The file the budget started with (the config file), for messages."""
-    texts: dict[str, str] = field(default_factory=dict)
+    texts: dict[str, tuple[str, _Reading]] = field(default_factory=dict)
     """Files read and walked ahead (:func:`_prefetch`), by path, until they are parsed."""
 
     def take_file(self, size: int, display: str) -> None:
@@ -209,7 +189,7 @@ class _Budget:
 
 class _Refused(ConfigError):
     """A file refused before it was parsed (too big, nested too deep, an alias bomb): the
-    positions pass is not tried, it would only take longer to say the same."""
+    load stops there, going on would only take longer to say the same."""
 
 
 def _read_text(path: Path, display: str, budget: _Budget | None = None) -> str:
@@ -290,7 +270,7 @@ def _os_problem(exc: OSError) -> str:
     return f"{where}{exc.strerror or type(exc).__name__}"
 
 
-def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
+def _prescan(text: str, display: str, budget: _Budget | None = None) -> _Reading:
     """Walk the YAML event stream of ``text`` before anything is built from it, and refuse
     what would take the loader down: nesting deeper than :data:`MAX_DEPTH`, more than
     :data:`MAX_VALUES` values once aliases are expanded (an "alias bomb"), an alias
@@ -298,13 +278,17 @@ def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
     or maps (YAML complex keys, which no config needs). Each at its line.
 
     The event stream comes from libyaml's parser (``ruamel.yaml.clib``; its state is a
-    stack on the heap, whatever the nesting), and where libyaml finds a syntax error, from
-    ruamel's pure-Python parser (which the positions pass uses, and which takes some YAML
-    1.2 that libyaml does not). The nodes are composed afterwards, recursively (in C in
-    the fast path), which is why the depth must be known first: 30,000 levels overflow the
-    C stack (SIGSEGV). The walk stops at the first problem, so a bomb costs what its first
-    few hundred bytes cost. Syntax errors are left to the parse proper, which says them
-    with their position.
+    stack on the heap, whatever the nesting). libyaml reads YAML 1.1, and refuses some
+    YAML 1.2: where it stops at a ``:`` inside a plain scalar of a flow collection
+    (``{host: fe80::1}``, YAML 1.2 section 7.3.3), it reads the text again with those
+    colons held by a character the text lacks (:func:`_hold_colons`); where it finds
+    another error, ruamel's pure-Python parser reads a file of at most
+    :data:`MAX_PURE_CHARS` (it takes the rest of YAML 1.2, and words its errors more
+    precisely), and libyaml's error stands for a bigger one. The data is built
+    afterwards, and turned into plain values and validated recursively, which is why the
+    depth must be known first: 30,000 levels would overflow the stack. The walk stops at
+    the first problem, so a bomb costs what its first few hundred bytes cost. Syntax
+    errors are left to the parse proper, which says them with their position.
 
     Every key, list and map counts as a value, as does every scalar: a map of 250,000
     keys costs what a list of 250,000 numbers does. With ``budget``, the values of the
@@ -312,7 +296,7 @@ def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
     are added to it.
 
     Returns:
-        the number of values in ``text``, aliases expanded.
+        how the file is to be read (:class:`_Reading`), for :func:`_compose`.
     Raises:
         _Refused: with the problem at its line and column.
     """
@@ -327,19 +311,81 @@ def _prescan(text: str, display: str, budget: _Budget | None = None) -> int:
         "its profiles); this file is one too many"
     )
 
+    held = ""
+
     def refuse(mark: Any, message: str) -> None:
+        if held:
+            message = message.replace(held, ":")
         raise _Refused([ConfigIssue(display, mark.line + 1, mark.column + 1, "", message)])
 
+    reading = _Reading(text)
     count = 0
-    for pure in (False, True):
-        try:
-            count = _walk_events(YAML(typ="safe", pure=pure).parse(text), refuse, limit, beyond)
-            break
-        except YAMLError:
-            continue  # libyaml (YAML 1.1) refuses some YAML 1.2: try ruamel's own parser
+    try:
+        count = _walk_events(_libyaml(text), refuse, limit, beyond)
+    except YAMLError as exc:  # libyaml (YAML 1.1) refuses some YAML 1.2, or an error
+        failed: YAMLError = exc
+        if _FLOW_COLON in str(getattr(exc, "problem", "")):
+            alt = _hold_colons(text)
+            if alt is not None:
+                held = alt[1]
+                try:
+                    count = _walk_events(_libyaml(alt[0]), refuse, limit, beyond)
+                    reading = _Reading(*alt)
+                except YAMLError as again:
+                    failed, held = again, ""
+        if reading.text is text:
+            reading = _Reading(None) if len(text) <= MAX_PURE_CHARS else _Reading(None, "", failed)
+            if reading.error is None:
+                try:
+                    count = _walk_events(YAML(typ="rt").parse(text), refuse, limit, beyond)
+                except YAMLError as ours:  # said by _compose, without parsing again
+                    reading = _Reading(None, "", ours)
     if budget is not None:
         budget.values += count
-    return count
+    return reading
+
+
+MAX_PURE_CHARS = 100_000
+"""Largest file that ruamel's pure-Python parser reads where libyaml stops (it takes about
+4 µs a character, twice: 0.8 s); a bigger file that libyaml refuses is refused with
+libyaml's words for the problem, at its line and column."""
+
+_FLOW_COLON = "found unexpected ':'"
+"""libyaml's problem at a ``:`` inside a plain scalar of a flow collection."""
+
+_HELD_COLON = re.compile(r"(?<![\"'\]}]):(?=[^\s,\[\]{}])")
+"""A ``:`` that YAML 1.2 reads as part of a plain scalar wherever it stands: followed by a
+character that is neither a space nor a flow indicator, and not just after a quoted
+scalar or a flow collection (where it may separate a key from its value, section 7.4)."""
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """How :func:`_compose` gets a file's events, as :func:`_prescan` found: ``text`` for
+    libyaml (the file's own, or with its colons held by the character ``held``), None for
+    ruamel's parser; ``error``: the syntax error to say (ruamel's, or libyaml's for a file
+    too big for ruamel's parser)."""
+
+    text: str | None
+    held: str = ""
+    error: YAMLError | None = None
+
+
+def _libyaml(text: str) -> Iterator[Any]:
+    """libyaml's event stream of ``text`` (``ruamel.yaml.clib``)."""
+    return YAML(typ="safe", pure=False).parse(text)  # type: ignore[no-any-return]
+
+
+def _hold_colons(text: str) -> tuple[str, str] | None:
+    """``text`` with every ``:`` that YAML 1.2 reads as part of a plain scalar
+    (:data:`_HELD_COLON`) replaced by a private-use character it does not hold (one
+    character for one: lines and columns stay), and that character; None when it holds
+    them all."""
+    for code in range(0xE000, 0xE010):
+        held = chr(code)
+        if held not in text:
+            return _HELD_COLON.sub(held, text), held
+    return None
 
 
 def _walk_events(
@@ -398,15 +444,363 @@ def _walk_events(
     return count
 
 
+# ---------------------------------------------------------------------------------------
+# building the data from YAML events, with positions
+
+
+class _Map(dict[Any, Any]):
+    """A YAML mapping as built by :func:`_build`, knowing where it and its keys are.
+
+    ``start`` is the packed position (:func:`_pack`) of the map itself; ``marks`` two
+    packed positions (the key, then its value) for each of its own keys, which come first
+    in the map's order (keys merged in with ``<<`` or added later follow them); None for
+    an empty map.
+    """
+
+    __slots__ = ("index", "marks", "start")
+    start: int
+    marks: array[int] | None
+    index: dict[Any, int] | None
+
+    def pos(self, key: Any, *, value: bool) -> tuple[int, int] | None:
+        """1-based (line, column) of ``key`` (or of its value); None for a key merged in
+        with ``<<`` or added after the map was built."""
+        if self.marks is None:
+            return None
+        if self.index is None:
+            self.index = dict(zip(self, range(len(self.marks) // 2), strict=False))
+        i = self.index.get(key)
+        return None if i is None else _unpack(self.marks[2 * i + value])
+
+
+class _Seq(list[Any]):
+    """A YAML sequence as built by :func:`_build`: ``start`` the packed position of the
+    list itself, ``marks`` that of each item (None for an empty list)."""
+
+    __slots__ = ("marks", "start")
+    start: int
+    marks: array[int] | None
+
+    def pos(self, index: int) -> tuple[int, int] | None:
+        """1-based (line, column) of item ``index``; None for an item added afterwards."""
+        if self.marks is None or not 0 <= index < len(self.marks):
+            return None
+        return _unpack(self.marks[index])
+
+
+def _new_seq(start: int = 0) -> _Seq:
+    seq = _Seq()
+    seq.start, seq.marks = start, None
+    return seq
+
+
+def _pack(mark: Any) -> int:
+    """A YAML mark's 0-based line and column in one int (columns stay below 2**32)."""
+    return int(mark.line) << 32 | int(mark.column)
+
+
+def _unpack(packed: int) -> tuple[int, int]:
+    return (packed >> 32) + 1, (packed & 0xFFFFFFFF) + 1
+
+
+class _BuildError(Exception):
+    """Something no config needs, found while building, at ``mark``."""
+
+    def __init__(self, mark: Any, message: str) -> None:
+        super().__init__(message)
+        self.mark = mark
+        self.message = message
+
+
+class _ParserFailed(Exception):
+    """The event stream itself broke off (a syntax error, a character YAML refuses)."""
+
+
+_TAG = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {None, "!", _TAG + "map", _TAG + "seq"}
+"""Collection tags that change nothing: a map is built as a dict, a list as a list."""
+
+
+@dataclass
+class _Dup:
+    """A key given twice in one map (the second one's place and path)."""
+
+    line: int
+    col: int
+    path: str
+    key: str
+    first_line: int
+
+
+@functools.cache
+def _rules(version: tuple[int, int] | None) -> tuple[dict[str, list[tuple[str, Any]]], Any]:
+    """The implicit scalar rules of YAML ``version`` (1.2 when None) as ruamel's
+    ``VersionedResolver`` has them, by first character with compiled patterns, and a
+    ``SafeConstructor`` that builds a scalar of any other tag the same way."""
+    resolver = VersionedResolver(version=version)
+    table = {
+        first: [(tag, re.compile(rx.pattern, rx.flags)) for tag, rx in rules]
+        for first, rules in resolver.versioned_resolver.items()
+        if first is not None
+    }
+    return table, SafeConstructor(loader=types.SimpleNamespace(_resolver=resolver))
+
+
+def _build(events: Iterator[Any], held: str = "") -> tuple[Any, list[_Dup]]:
+    """Build one YAML document from its parser events, as ruamel's safe loader would
+    (YAML 1.2 rules unless the document says ``%YAML 1.1``, merge keys ``<<``, anchors and
+    aliases), into :class:`_Map` and :class:`_Seq`, which keep the line and column of
+    every key, value and item. A key given again in the same map keeps its first value
+    and is returned as a :class:`_Dup`. ``held``: the character standing for ``:`` in
+    the text the events come from (:func:`_hold_colons`). One pass with a stack of the
+    open lists and maps: memory is the data plus 8 bytes an item and 24 a key.
+
+    Raises:
+        _ParserFailed: from the event stream (the parser's error is its ``__cause__``).
+        _BuildError: a tag on a list or map, a key that is a list or a map.
+        ComposerError: an undefined alias, a second document.
+        MarkedYAMLError: a merge key ``<<`` given twice or not naming maps.
+        ValueError: a scalar that is not what its tag says (a date that does not exist).
+    """
+    nxt = iter(events).__next__
+    table, constructor = _rules(None)
+    v12 = True
+    bools = SafeConstructor.bool_values
+    anchors: dict[str, tuple[Any, int, str]] = {}
+    dups: list[_Dup] = []
+    # per open map: [the map, the pending key (or _NO_KEY), its packed position, its raw
+    # text, the mark of a pending merge key '<<' (or None), merge sources, raw key texts
+    # seen -> line of the first, the map's mark]; per open list: [the list]
+    stack: list[list[Any]] = []
+    root: list[Any] = []
+    root_mark: Any = None
+    docs = 0
+
+    def dup_path(raw: str) -> str:
+        path = ""
+        for frame in stack:
+            if len(frame) == 1:
+                path = f"{path}[{len(frame[0])}]"
+            else:
+                k = raw if frame is stack[-1] else frame[3]
+                path = f"{path}.{k}" if path else str(k)
+        return path
+
+    def into_map(top: list[Any], value: Any, pos: int, mark: Any, raw: str, merge: Any) -> None:
+        """Put a key or a value into the map on top of the stack."""
+        if top[1] is _NO_KEY:  # this is a key
+            if isinstance(value, dict | list):
+                raise _BuildError(mark, "a key that is a list or a map; keys are names")
+            top[1], top[2], top[3], top[4] = value, pos, raw, merge
+            return
+        obj, key, kpos, kraw = top[0], top[1], top[2], top[3]
+        top[1] = _NO_KEY
+        if top[4] is not None:  # the value of a merge key
+            if top[5] is not None:
+                raise DuplicateKeyError(
+                    "while constructing a mapping", top[7], 'found duplicate merge key "<<"', top[4]
+                )
+            sources = value if isinstance(value, list) else [value]
+            for s in sources:
+                if not isinstance(s, dict):
+                    raise ConstructorError(
+                        "while constructing a mapping",
+                        top[7],
+                        "expected a mapping or list of mappings for merging, but found "
+                        + ("sequence" if isinstance(s, list) else "scalar"),
+                        mark,
+                    )
+            top[5] = sources
+            return
+        seen = top[6]
+        if seen is None:
+            seen = top[6] = {}
+        first = seen.get(kraw)
+        if first is not None:
+            line, col = _unpack(kpos)
+            dups.append(_Dup(line, col, dup_path(kraw), kraw, first))
+        else:
+            seen[kraw] = (kpos >> 32) + 1
+        try:
+            if key in obj:
+                return  # the first value stays ('1' and 1 are two keys, said by the model)
+        except TypeError:
+            raise _BuildError(mark, "a key that is a list or a map; keys are names") from None
+        obj[sys.intern(key) if type(key) is str else key] = value
+        if obj.marks is None:
+            obj.marks = array("q")
+        obj.marks.append(kpos)
+        obj.marks.append(pos)
+
+    while True:
+        try:
+            ev = nxt()
+        except StopIteration:
+            break
+        except (YAMLError, ValueError) as exc:
+            raise _ParserFailed() from exc
+        kind = type(ev)
+        merge = None
+        if kind is ScalarEvent:
+            mark = ev.start_mark
+            value = raw = ev.value
+            if held and held in value:
+                value = raw = value.replace(held, ":")
+            tag = ev.tag
+            if tag is None and ev.implicit[0]:
+                if value.isdigit() and value.isascii() and (v12 or value[0] != "0"):
+                    value = int(value)
+                else:
+                    for rtag, rx in table.get(value[:1], ()):
+                        if rx.match(value):
+                            tag = rtag
+                            break
+                    if tag == _TAG + "null":
+                        value = None
+                    elif tag == _TAG + "bool":
+                        value = bools[value.lower()]
+                    elif tag == _TAG + "merge":
+                        merge = mark
+                    elif tag is not None and tag != _TAG + "value":
+                        node = ScalarNode(tag, value, mark, ev.end_mark, ev.style)
+                        value = constructor.construct_non_recursive_object(node)
+            elif tag is not None and tag != "!":
+                node = ScalarNode(tag, value, mark, ev.end_mark, ev.style)
+                value = constructor.construct_non_recursive_object(node)
+            pos = mark.line << 32 | mark.column
+            if ev.anchor is not None:
+                anchors[ev.anchor] = (value, pos, raw)
+        elif kind is AliasEvent:
+            mark = ev.start_mark
+            try:
+                value, pos, raw = anchors[ev.anchor]
+            except KeyError:
+                raise ComposerError(
+                    None, None, f"found undefined alias {ev.anchor!r}", mark
+                ) from None
+        elif kind is MappingStartEvent or kind is SequenceStartEvent:
+            if ev.tag not in _PLAIN_TAGS:
+                raise _BuildError(
+                    ev.start_mark,
+                    f"the YAML tag {ev.tag} on a list or map: no config needs one; remove it",
+                )
+            mark = ev.start_mark
+            pos = mark.line << 32 | mark.column
+            obj: Any
+            if kind is MappingStartEvent:
+                obj = _Map()
+                obj.start, obj.marks, obj.index = pos, None, None
+                stack.append([obj, _NO_KEY, 0, "", None, None, None, mark])
+            else:
+                obj = _new_seq(pos)
+                stack.append([obj])
+            if ev.anchor is not None:
+                anchors[ev.anchor] = (obj, pos, "")
+            continue
+        elif kind is MappingEndEvent or kind is SequenceEndEvent:
+            frame = stack.pop()
+            value = frame[0]
+            if len(frame) > 1:  # merged keys: those the map lacks, earlier sources first
+                for source in frame[5] or ():
+                    for k, v in source.items():
+                        if k not in value:
+                            value[k] = v
+            pos, raw = value.start, ""
+            mark = frame[-1] if len(frame) > 1 else None
+        elif kind is DocumentStartEvent:
+            docs += 1
+            if docs > 1:
+                raise ComposerError(
+                    "expected a single document in the stream",
+                    root_mark,
+                    "but found another document",
+                    ev.start_mark,
+                )
+            version = getattr(ev, "version", None)
+            if version:
+                table, constructor = _rules(tuple(version))
+                v12 = tuple(version) >= (1, 2)
+            continue
+        else:
+            continue  # stream and document ends
+        if not stack:
+            root.append(value)
+            root_mark = root_mark or mark
+            continue
+        top = stack[-1]
+        if len(top) == 1:  # a list: the common case first
+            seq = top[0]
+            seq.append(value)
+            if seq.marks is None:
+                seq.marks = array("q")
+            seq.marks.append(pos)
+        else:
+            into_map(top, value, pos, mark, raw, merge)
+    return (root[0] if root else None), dups
+
+
+_NO_KEY = object()
+
+
+def _compose(text: str, reading: _Reading) -> tuple[Any, list[_Dup]]:
+    """:func:`_build` on the events :func:`_prescan` found readable: libyaml's
+    (``ruamel.yaml.clib``, fast), or ruamel's own round-trip parser's, which takes some
+    YAML 1.2 that libyaml does not and words the errors it finds itself.
+
+    Raises:
+        see :func:`_build`, and the parser's ``MarkedYAMLError`` or ``ReaderError``.
+    """
+    if reading.error is not None:
+        raise _in_ruamel_words(text, reading.error)
+    events = _libyaml(reading.text) if reading.text is not None else YAML(typ="rt").parse(text)
+    try:
+        return _build(events, reading.held)
+    except _ParserFailed as exc:
+        raise exc.__cause__ from None  # type: ignore[misc]
+
+
+def _in_ruamel_words(text: str, exc: YAMLError) -> YAMLError:
+    """libyaml's error as ruamel's parser says it where the two differ in words only, so
+    that :func:`_syntax_in_words` explains it the same: a character YAML refuses (ruamel's
+    reader names it), a character that cannot start a token (named), a block that goes on
+    where it should end (named by what comes instead: a list item, a key or a text), an
+    unknown escape (named, at the character after the backslash)."""
+    if isinstance(exc, ReaderError):
+        try:
+            Reader(text)
+        except ReaderError as ours:
+            return ours
+    if not isinstance(exc, MarkedYAMLError) or exc.problem_mark is None:
+        return exc
+    where = exc.problem_mark
+    lines = text.split("\n", where.line + 1)
+    rest = lines[where.line][where.column :] if where.line < len(lines) else ""
+    if exc.problem == "found character that cannot start any token":
+        exc.problem = f"found character {rest[:1]!r} that cannot start any token"
+    elif exc.problem in ("did not find expected key", "did not find expected '-' indicator"):
+        if re.match(r"-(?:\s|$)", rest):
+            token = "-"
+        elif re.match(r"[^\s#].*?:(?:\s|$)", rest):
+            token = "<block mapping start>"
+        else:
+            token = "<scalar>"
+        exc.problem = f"expected <block end>, but found '{token}'"
+    elif exc.problem == "found unknown escape character" and rest[:1] == "\\":
+        exc.context = "while scanning a double-quoted scalar"
+        exc.problem = f"found unknown escape character {rest[1:2]!r}"
+        exc.problem_mark = StreamMark(where.name, where.index + 1, where.line, where.column + 1)
+    return exc
+
+
 def _parse(
-    path: Path, display: str, fast: bool = False, budget: _Budget | None = None
+    path: Path, display: str, budget: _Budget | None = None
 ) -> tuple[Any, list[ConfigIssue]]:
     """Parse one YAML file; return its data and any syntax / duplicate-key issues.
 
-    ``fast`` uses the small safe loader (plain dicts, no positions; a duplicate key raises
-    at the first one): good enough to accept a valid file, not to explain an invalid one.
-    Otherwise the file is composed once by ruamel's round-trip parser and built from those
-    nodes, maps and lists keeping the line and column of every key and item.
+    The data is built in one pass over the parser's events (:func:`_compose`): maps and
+    lists (:class:`_Map`, :class:`_Seq`) that keep the line and column of every key,
+    value and item, so a problem found later is said where it is without reading the
+    file again.
 
     Raises:
         _Refused: too big, too deep, an alias bomb (see :func:`_prescan`), or, with
@@ -414,7 +808,7 @@ def _parse(
     """
     ahead = budget.texts.pop(str(path), None) if budget is not None else None
     if ahead is not None:
-        text = ahead  # read and walked by _prefetch
+        text, reading = ahead  # read and walked by _prefetch
     else:
         try:
             text = _read_text(path, display, budget)
@@ -422,21 +816,25 @@ def _parse(
             raise
         except ConfigError as exc:
             return None, exc.issues
-        _prescan(text, display, budget)
+        reading = _prescan(text, display, budget)
     try:
-        if fast:
-            data = YAML(typ="safe").load(text)
-            problem = _shape_problem(data)
-            if problem:
-                return None, [ConfigIssue(display, 1, 1, "", problem)]
-            return data, []
-        y = _yaml()
-        node = y.compose(text)
-        data = y.constructor.construct_document(node) if node is not None else None
-        problem = _shape_problem(data)
-        if problem:
-            return None, [ConfigIssue(display, 1, 1, "", problem)]
-        issues = list(_duplicate_keys(node, display)) if node is not None else []
+        data, dups = _compose(text, reading)  # nesting and size were checked by _prescan
+        issues = [
+            ConfigIssue(
+                display,
+                d.line,
+                d.col,
+                d.path,
+                f"duplicate key {d.key!r} (first defined at line {d.first_line}); remove one",
+            )
+            for d in dups
+        ]
+    except _BuildError as exc:
+        line, col = exc.mark.line + 1, exc.mark.column + 1
+        secret = _secret_at(text, line, col)
+        if secret is not None:
+            return None, [_secret_issue(display, secret, "is not valid in a config")]
+        return None, [ConfigIssue(display, line, col, "", exc.message)]
     except RecursionError:
         return None, [ConfigIssue(display, 1, 1, "", "nested too deeply to be a config")]
     except ValueError as exc:  # an unquoted date or time that does not exist
@@ -612,39 +1010,6 @@ def _secret_issue(display: str, where: tuple[int, int], what: str) -> ConfigIssu
     )
 
 
-def _shape_problem(data: Any) -> str | None:
-    """Refuse what no config needs and what would take the loader down: a structure that
-    contains itself (a recursive alias), nesting deeper than :data:`MAX_DEPTH`, more than
-    :data:`MAX_VALUES` values after alias expansion (an "alias bomb"), and keys that are
-    lists or maps (YAML complex keys)."""
-    count = 0
-    stack: list[tuple[Any, int, frozenset[int]]] = [(data, 0, frozenset())]
-    while stack:
-        node, depth, path = stack.pop()
-        count += 1
-        if count > MAX_VALUES:
-            return (
-                f"more than {MAX_VALUES} values once aliases are expanded: "
-                "use fewer aliases (*name) or split the file"
-            )
-        if depth > MAX_DEPTH:
-            return f"nested more than {MAX_DEPTH} levels deep"
-        if isinstance(node, dict | list):
-            if id(node) in path:
-                return "an alias (*name) refers to a value that contains it"
-            inner = path | {id(node)}
-            if isinstance(node, dict):
-                for key in node:
-                    if isinstance(key, list | dict | tuple | set | frozenset):
-                        return f"a key that is a list or a map ({short_repr(key)}); keys are names"
-                count += len(node)  # keys count as values
-                children = list(node.values())
-            else:
-                children = list(node)
-            stack.extend((c, depth + 1, inner) for c in children)
-    return None
-
-
 # ---------------------------------------------------------------------------------------
 # positions
 
@@ -660,31 +1025,10 @@ class _Origins:
 
 
 def _pos_of_node(node: Any) -> tuple[int, int]:
-    lc = getattr(node, "lc", None)
-    if lc is None or lc.line is None:
-        return (1, 1)
-    return (lc.line + 1, lc.col + 1)
-
-
-def _key_pos(node: CommentedMap, key: str, *, value: bool) -> tuple[int, int] | None:
-    """1-based position of a key (or its value); None for keys merged in with ``<<``."""
-    try:
-        pos = node.lc.value(key) if value else node.lc.key(key)
-    except (KeyError, TypeError):
-        return None
-    if not pos or pos[0] is None:
-        return None
-    return (pos[0] + 1, pos[1] + 1)
-
-
-def _item_pos(node: CommentedSeq, index: int) -> tuple[int, int] | None:
-    try:
-        pos = node.lc.item(index)
-    except (KeyError, TypeError):
-        return None
-    if not pos or pos[0] is None:
-        return None
-    return (pos[0] + 1, pos[1] + 1)
+    """1-based (line, column) where a map or list built by :func:`_build` starts; (1, 1)
+    for anything else."""
+    start = getattr(node, "start", None)
+    return (1, 1) if start is None else _unpack(start)
 
 
 def _locate(
@@ -702,23 +1046,23 @@ def _locate(
     path = ""
     for i, part in enumerate(loc):
         last = i == len(loc) - 1
-        if isinstance(node, CommentedMap) and isinstance(part, str) and part in node:
-            pos = _key_pos(node, part, value=not (key and last))
+        if isinstance(node, _Map) and isinstance(part, str) and part in node:
+            pos = node.pos(part, value=not (key and last))
             if pos is not None:
                 line, col = pos
             child = node[part]
             path = f"{path}.{part}" if path else part
-        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+        elif isinstance(node, _Seq) and isinstance(part, int) and 0 <= part < len(node):
             child = node[part]
             path = f"{path}[{part}]"
             if id(child) in origins.files:
                 file = origins.files[id(child)]
                 line, col = _pos_of_node(child)
             else:
-                pos = _item_pos(node, part)
+                pos = node.pos(part)
                 if pos is not None:
                     line, col = pos
-        elif isinstance(node, CommentedMap) and isinstance(part, str) and key and last:
+        elif isinstance(node, _Map) and isinstance(part, str) and key and last:
             path = f"{path}.{part}" if path else part
             break
         else:
@@ -890,20 +1234,25 @@ def _message(err: Any, model: type[BaseModel]) -> str:
 
 
 def _to_plain(data: Any) -> Any:
-    """Turn ruamel's round-trip containers and scalars into plain Python values."""
-    if isinstance(data, dict):
-        return {str(k): _to_plain(v) for k, v in data.items()}
+    """The data as the model takes it, every map's keys text: a map or list that needs no
+    change is passed as it is (:class:`_Map` is a dict, :class:`_Seq` a list), the others
+    are copied, so a big file is not held twice."""
+    out: Any = None
     if isinstance(data, list):
-        return [_to_plain(v) for v in data]
-    if isinstance(data, bool) or data is None:
-        return data
-    if isinstance(data, int):
-        return int(data)
-    if isinstance(data, float):
-        return float(data)
-    if isinstance(data, str):
-        return str(data)
-    return data
+        for i, v in enumerate(data):
+            p = _to_plain(v)
+            if out is None and p is not v:
+                out = data[:i]
+            if out is not None:
+                out.append(p)
+    elif isinstance(data, dict):
+        for i, (k, v) in enumerate(data.items()):
+            p = _to_plain(v)
+            if out is None and (p is not v or type(k) is not str):
+                out = {str(k0): v0 for k0, v0 in itertools.islice(data.items(), i)}
+            if out is not None:
+                out[str(k)] = p
+    return data if out is None else out
 
 
 def _pydantic_issues(
@@ -1037,7 +1386,7 @@ def _profile_files(directory: Path) -> tuple[list[Path], list[ConfigIssue]]:
     return files, issues
 
 
-def load_profiles(directory: Path, fast: bool = False, budget: _Budget | None = None) -> Profiles:
+def load_profiles(directory: Path, budget: _Budget | None = None) -> Profiles:
     """Load and validate every ``*.yaml``/``*.yml`` profile in ``directory`` (links to
     files outside it are reported, not read). The files count towards ``budget``, the caps
     of the config they serve (:class:`_Budget`; a fresh one without it)."""
@@ -1053,7 +1402,7 @@ def load_profiles(directory: Path, fast: bool = False, budget: _Budget | None = 
     for p in files:
         disp = _display(p)
         try:
-            data, errs = _parse(p, disp, fast, budget)
+            data, errs = _parse(p, disp, budget)
         except _Refused as exc:
             issues += exc.issues
             refused = True
@@ -1091,7 +1440,6 @@ def _splice_includes(
     display: str,
     origins: _Origins,
     issues: list[ConfigIssue],
-    fast: bool,
     budget: _Budget | None = None,
     main: Path | None = None,
 ) -> None:
@@ -1116,7 +1464,7 @@ def _splice_includes(
     )
     devices = data.get("devices")
     if devices is None and patterns:
-        devices = CommentedSeq()
+        devices = _new_seq()
         data["devices"] = devices
     if not isinstance(devices, list):
         return  # the model reports that 'devices' must be a list
@@ -1160,7 +1508,7 @@ def _splice_includes(
         found: list[str] = []
         for m in glob.iglob(str(base / pattern)):
             found.append(m)
-            if len(found) > MAX_FILES:  # (a ConfigError: said at its line by the slow pass)
+            if len(found) > MAX_FILES:  # (a ConfigError, said at its line)
                 raise ConfigError(
                     [
                         ConfigIssue(
@@ -1217,7 +1565,7 @@ def _splice_includes(
     for m, mdisp in accepted:
         _prefetch(Path(m), mdisp, budget)
     for m, mdisp in accepted:
-        part, errs = _parse(Path(m), mdisp, fast, budget)
+        part, errs = _parse(Path(m), mdisp, budget)
         issues += errs
         if part is None and not errs:
             issues.append(ConfigIssue(mdisp, 1, 1, "", "included file is empty"))
@@ -1227,7 +1575,7 @@ def _splice_includes(
                 origins.files[id(item)] = mdisp
                 devices.append(item)
                 continue
-            pos = _item_pos(part, k) if isinstance(part, CommentedSeq) else None
+            pos = part.pos(k) if isinstance(part, _Seq) else None
             line_i, col_i = pos or (1, 1)
             issues.append(
                 ConfigIssue(
@@ -1256,8 +1604,7 @@ def _prefetch(path: Path, display: str, budget: _Budget | None) -> None:
         raise
     except ConfigError:
         return
-    _prescan(text, display, budget)
-    budget.texts[str(path)] = text
+    budget.texts[str(path)] = text, _prescan(text, display, budget)
 
 
 _SECRET_KEY_RE = re.compile(r"(?<![\w-])[\"']?password[\"']?\s*:(?=\s|$)")
@@ -1603,9 +1950,10 @@ def load_config(path: str | Path, need_secrets: bool = False) -> AgentConfig:
     a credential without ``$CREDENTIALS_DIRECTORY`` is an error too, otherwise
     ``validate`` only warns that it could not check it (:func:`config_notes`).
 
-    A valid file is read once with the small safe YAML loader; only an invalid one is read
-    again with positions (ruamel's round-trip mode, several times the memory for a big
-    file) to say where each problem is.
+    Each file is read once: its data is built with the line and column of every key and
+    item (:func:`_parse`), so an invalid file costs what a valid one does (a file within
+    the caps is refused or explained in under 2 s of CPU and 100 MB, see
+    tests/test_config_hostile.py).
 
     Returns:
         the validated :class:`AgentConfig`.
@@ -1613,13 +1961,7 @@ def load_config(path: str | Path, need_secrets: bool = False) -> AgentConfig:
         ConfigError: with every problem found, each at ``file:line:col``.
     """
     try:
-        try:
-            return _load(Path(path), fast=True, need_secrets=need_secrets)
-        except _Refused:
-            raise
-        except (ConfigError, YAMLError, ValueError, TypeError, KeyError, OSError):
-            pass
-        return _load(Path(path), fast=False, need_secrets=need_secrets)
+        return _load(Path(path), need_secrets=need_secrets)
     except ConfigError:
         raise
     except Exception as exc:  # said as a config error, never a traceback
@@ -1651,12 +1993,12 @@ def unexpected_issue(exc: BaseException, path: str | Path) -> ConfigIssue:
     return ConfigIssue(_display(Path(where)), 1, 1, "", f"cannot load the config: {what}")
 
 
-def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
+def _load(path: Path, need_secrets: bool = False) -> AgentConfig:
     main = Path(path).resolve()
     base = main.parent
     display = _display(main)
     budget = _Budget()
-    data, issues = _parse(main, display, fast, budget)
+    data, issues = _parse(main, display, budget)
     if data is None and issues:
         raise ConfigError(issues)
     if not isinstance(data, dict):
@@ -1687,7 +2029,7 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
             _prefetch(pfile, _display(pfile), budget)
 
     # includes: each file holds one device (mapping) or a list of devices
-    _splice_includes(data, base, display, origins, issues, fast, budget, main)
+    _splice_includes(data, base, display, origins, issues, budget, main)
 
     # duplicate device ids
     devs = data.get("devices")
@@ -1735,7 +2077,7 @@ def _load(path: Path, fast: bool, need_secrets: bool = False) -> AgentConfig:
             ConfigIssue(f, line, col, p, f"profiles_dir {str(pdir)!r} is not a directory")
         )
     elif pdir.is_dir():
-        loaded = load_profiles(pdir, fast, budget)
+        loaded = load_profiles(pdir, budget)
         if loaded.refused:
             raise _Refused(loaded.issues)
         profiles, broken = loaded.valid, loaded.broken
@@ -2024,13 +2366,12 @@ def _point_notes(
 def config_notes(path: str | Path) -> list[ConfigIssue]:
     """Warnings and notes for ``edge-agent validate`` about a config that loads: which PDU
     address each Modicon ``register`` became, and ``address`` values that look like Modicon
-    numbers (used as written, never "fixed"). The files are read again, quickly to see
-    whether there is anything to say, and only then with positions (slow for a big file)."""
+    numbers (used as written, never "fixed"), ids followed by a comment, MQTT settings worth
+    a second look. The files are read again the way :func:`load_config` reads them, so
+    whatever it accepts gets its notes."""
     main = Path(path).resolve()
     try:
-        if not _config_notes(main, fast=True):
-            return []
-        return _config_notes(main, fast=False)
+        return _config_notes(main)
     except ConfigError:  # changed since it was loaded: the next load says what is wrong
         return []
     except Exception as exc:  # said in a line, never a traceback
@@ -2042,14 +2383,14 @@ def config_notes(path: str | Path) -> list[ConfigIssue]:
         ]
 
 
-def _config_notes(main: Path, fast: bool) -> list[ConfigIssue]:
+def _config_notes(main: Path) -> list[ConfigIssue]:
     display = _display(main)
     budget = _Budget()
-    data, issues = _parse(main, display, fast, budget)
+    data, issues = _parse(main, display, budget)
     if issues or not isinstance(data, dict):
         return []
     origins = _Origins({})
-    _splice_includes(data, main.parent, display, origins, [], fast, budget, main)
+    _splice_includes(data, main.parent, display, origins, [], budget, main)
     out: list[ConfigIssue] = []
     devices = data.get("devices")
     for i, dev in enumerate(devices if isinstance(devices, list) else []):
@@ -2058,7 +2399,7 @@ def _config_notes(main: Path, fast: bool) -> list[ConfigIssue]:
     pdir, outside = _profiles_dir(data.get("profiles_dir"), main.parent)
     if outside is None and pdir.is_dir():
         for p in _profile_files(pdir)[0]:
-            pdata, perrs = _parse(p, _display(p), fast, budget)
+            pdata, perrs = _parse(p, _display(p), budget)
             if not perrs and isinstance(pdata, dict):
                 out += _point_notes(
                     pdata.get("points"), ("points",), pdata, _display(p), _Origins({})
