@@ -6,7 +6,9 @@ Exit codes follow sysexits.h: 0 ok, 78 (EX_CONFIG) invalid config, 1 runtime fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
+import io
 import logging
 import os
 import sys
@@ -90,8 +92,10 @@ def run(config_file: str, log_level: str | None) -> None:
     from agent.config.model import AgentConfig
 
     os.umask(UMASK)
-    # a watchdog kill (SIGABRT, systemd.service(5) WatchdogSignal=) shows where it hung
-    faulthandler.enable()
+    # a watchdog kill (SIGABRT, systemd.service(5) WatchdogSignal=) shows where it hung;
+    # a stderr without a file descriptor (an embedding host) goes without
+    with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        faulthandler.enable()
     cfg = load_or_exit(config_file, need_secrets=True)
     assert isinstance(cfg, AgentConfig)
     setup_logging(log_level or cfg.log_level)

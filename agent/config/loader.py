@@ -968,8 +968,9 @@ def _syntax_in_words(text: str, exc: MarkedYAMLError) -> tuple[int, int, str]:
         if columns.get(col, "").startswith("'- '"):
             what = (
                 f"{this} starts in column {col}, where the list items above start ('- '): "
-                f"start it with '- ' to make a new item, or indent it to {hint} to belong to "
-                "the item above"
+                f"start it with '- ' to make a new item, or indent it "
+                + (f"to {hint}" if hint else "further")
+                + " to belong to the item above"
             )
         elif col not in columns:
             spaces = f"{col - 1} space" + ("" if col == 2 else "s")
