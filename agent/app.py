@@ -38,7 +38,6 @@ from agent.clock import RELEASE_DATE_MS, Clock
 from agent.config.model import AgentConfig
 from agent.contract import payloads
 from agent.contract.info import gateway_info, streams
-from agent.contract.telemetry import TelemetryEncoder
 from agent.contract.topics import (
     OFFLINE,
     alarm_state_topic,
@@ -48,7 +47,6 @@ from agent.contract.topics import (
     info_topic,
     notice_topic,
     status_topic,
-    telemetry_topic,
     waveform_topic,
 )
 from agent.gpio import Gpio, desired_outputs
@@ -64,6 +62,7 @@ from agent.seismic import SeismicOutput, SeismicProcessor
 from agent.status_writer import StatusWriter
 from agent.supervise import supervised, where_raised
 from agent.supervisor import Supervisor
+from agent.telemetry_out import TelemetryOut
 from agent.writer import BufferWriter, Stall
 from drivers.base import PointResult
 from drivers.modbus.config import (
@@ -186,11 +185,8 @@ class Agent:
         self.writer.on_restamps = self._report_restamps
         prefix = cfg.mqtt.topic_prefix
         self.status_topic = status_topic(prefix, cfg.gateway_id)
-        self._topics = {d.id: telemetry_topic(prefix, cfg.gateway_id, d.id) for d in cfg.devices}
-        self._encoders = {
-            d.id: TelemetryEncoder(cfg.gateway_id, d.id, {p.name: p.unit for p in d.points})
-            for d in cfg.devices
-        }
+        self.telemetry = TelemetryOut(cfg, self.writer.submit, self.writer.kick)
+        """Polls into telemetry messages, in the payload mode of ``mqtt.payload``."""
         stored = self.buffer.sync.point_state()
         self._counters = {
             d.id: CounterTracker(
@@ -209,6 +205,7 @@ class Agent:
         self.publisher = Publisher(
             self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
         )
+        self.publisher.wire = self.telemetry.wire
         self.writer.on_commit = self.publisher.offer
         self.writer.take_acked = self.publisher.take_acked
         self.writer.return_acked = self.publisher.return_acked
@@ -363,8 +360,7 @@ class Agent:
         historical = self.link.outage
         self._check_clock()
         epoch = self.clock.epoch
-        body = self._encoders[dev.id].encode(ts_ms, results, deltas, historical, epoch is not None)
-        self.writer.submit(self._topics[dev.id], body, ts_ms, 0, epoch)
+        self.telemetry.poll(dev.id, ts_ms, results, deltas, historical, epoch)
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
             self._emit(events)
@@ -729,6 +725,7 @@ class Agent:
         for t in polls:
             t.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
+        self.telemetry.flush()  # polls waiting for their batch
         self.gpio.close()
         # the last minute's drops, to the platform too
         self._report_drops(await self.buffer.flush_drop_reports())
