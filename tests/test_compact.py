@@ -394,3 +394,10 @@ def test_bytes_per_reading_at_ten_registers_meet_the_targets() -> None:
     assert b["compact+batch"] <= 8
     assert b["compact+batch+zlib"] <= 8
     assert b["compact+zlib"] < b["compact"]
+
+
+def test_the_contract_page_names_the_dictionary_in_force() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "mqtt.md").read_text()
+    assert f"`0x{ZLIB_DICTID:08x}`" in page
