@@ -38,7 +38,6 @@ from agent.clock import RELEASE_DATE_MS, Clock
 from agent.config.model import AgentConfig
 from agent.contract import payloads
 from agent.contract.info import gateway_info, streams
-from agent.contract.telemetry import TelemetryEncoder
 from agent.contract.topics import (
     OFFLINE,
     alarm_state_topic,
@@ -48,7 +47,6 @@ from agent.contract.topics import (
     info_topic,
     notice_topic,
     status_topic,
-    telemetry_topic,
     waveform_topic,
 )
 from agent.gpio import Gpio, desired_outputs
@@ -65,6 +63,7 @@ from agent.seismic import SeismicOutput, SeismicProcessor
 from agent.status_writer import StatusWriter
 from agent.supervise import supervised, where_raised
 from agent.supervisor import Supervisor
+from agent.telemetry_out import TelemetryOut
 from agent.writer import BufferWriter, Stall
 from drivers.base import PointResult
 from drivers.modbus.config import (
@@ -194,9 +193,9 @@ class Agent:
         prefix = cfg.mqtt.topic_prefix
         self.status_topic = status_topic(prefix, cfg.gateway_id)
         self._prefix = prefix
-        self._topics: dict[str, str] = {}
-        self._encoders: dict[str, TelemetryEncoder] = {}
         self._counters: dict[str, CounterTracker] = {}
+        self.telemetry = TelemetryOut(cfg, self.writer.submit, self.writer.kick)
+        """Polls into telemetry messages, in the payload mode of ``mqtt.payload``."""
         stored = self.buffer.sync.point_state()
         for d in cfg.devices:
             self.add_device(d, {p: v for (dev, p), v in stored.items() if dev == d.id})
@@ -205,6 +204,7 @@ class Agent:
         self.publisher = Publisher(
             self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
         )
+        self.publisher.wire = self.telemetry.wire
         self.writer.on_commit = self.publisher.offer
         self.writer.take_acked = self.publisher.take_acked
         self.writer.return_acked = self.publisher.return_acked
@@ -273,9 +273,7 @@ class Agent:
     def add_device(self, dev: Any, stored: dict[str, int] | None = None) -> None:
         """Encode the readings of ``dev`` (again, for a reloaded device: its counters go on
         from their last values, or from ``stored``: point name → last raw value)."""
-        gw = self.cfg.gateway_id
-        self._topics[dev.id] = telemetry_topic(self._prefix, gw, dev.id)
-        self._encoders[dev.id] = TelemetryEncoder(gw, dev.id, {p.name: p.unit for p in dev.points})
+        self.telemetry.add_device(dev)
         old = self._counters.pop(dev.id, None)
         if isinstance(dev, ModbusDevice) and any(p.counter for p in dev.points):
             last = dict(stored or {}) if old is None else old.last
@@ -290,8 +288,8 @@ class Agent:
 
     def forget_device(self, dev_id: str) -> None:
         """``dev_id`` was removed by a reload: its readings are no longer encoded."""
-        for table in (self._topics, self._encoders, self._counters):
-            table.pop(dev_id, None)
+        self.telemetry.forget_device(dev_id)
+        self._counters.pop(dev_id, None)
 
     def start_bus(self, name: str, devices: list[Any]) -> None:
         """Poll (or read) the devices of bus ``name``: a Modbus bus's poller, or a sensor's
@@ -461,9 +459,8 @@ class Agent:
         self._health_now.set()
 
     def _on_poll(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
-        encoder = self._encoders.get(dev.id)
-        if encoder is None:  # a poll that was in progress when a reload removed its device
-            return
+        if dev.id not in self.telemetry.topics:
+            return  # a poll that was in progress when a reload removed its device
         results = finite_results(results)
         counters = self._counters.get(dev.id)
         deltas = None
@@ -475,8 +472,7 @@ class Agent:
         historical = self.link.outage
         self._check_clock()
         epoch = self.clock.epoch
-        body = encoder.encode(ts_ms, results, deltas, historical, epoch is not None)
-        self.writer.submit(self._topics[dev.id], body, ts_ms, 0, epoch)
+        self.telemetry.poll(dev.id, ts_ms, results, deltas, historical, epoch)
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
             self._emit(events)
@@ -842,6 +838,7 @@ class Agent:
         for t in polls:
             t.cancel()
         await asyncio.gather(*polls, return_exceptions=True)
+        self.telemetry.flush()  # polls waiting for their batch
         self.gpio.close()
         # the last minute's drops, to the platform too
         self._report_drops(await self.buffer.flush_drop_reports())

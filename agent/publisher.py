@@ -74,6 +74,9 @@ class Publisher:
         """Called after `online` was published on a new connection (retained states)."""
         self.on_other_puback: Callable[[int], None] = lambda mid: None
         """Called with the PUBACK of a publish that is not a buffered row (retained state)."""
+        self.wire: Callable[[str, bytes], bytes] | None = None
+        """(topic, payload with seq) → the payload as published (compression); None: as
+        buffered. Deterministic, so that a resend of a seq is byte-identical."""
         link.on_connected = self.on_connected
         link.on_puback = self.on_puback
 
@@ -192,11 +195,15 @@ class Publisher:
                         self._alarms[r.seq] = r
                 return
             self._alarms.pop(row.seq, None)
-            mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
+            mid = self.link.publish(row.topic, self._payload(row), qos=1)
             self.inflight[mid] = row
             if row.seq > self.cursor:
                 self._ahead.add(row.seq)
             self.published += 1
+
+    def _payload(self, row: Row) -> bytes:
+        payload = payload_with_seq(row.seq, row.body)
+        return payload if self.wire is None else self.wire(row.topic, payload)
 
     def on_puback(self, mid: int, ok: bool, reason: str) -> None:
         """PUBACK for ``mid``; ``ok`` is False for an MQTT 5 failure reason code."""
@@ -301,7 +308,7 @@ class Publisher:
                 continue
             if row.prio:
                 self._alarms.pop(row.seq, None)  # reached in seq order before its turn
-            mid = self.link.publish(row.topic, payload_with_seq(row.seq, row.body), qos=1)
+            mid = self.link.publish(row.topic, self._payload(row), qos=1)
             self.inflight[mid] = row
             if advance:
                 self.cursor = row.seq

@@ -19,6 +19,7 @@ from typing import Any
 import fastjsonschema
 from jsonschema import Draft202012Validator
 
+from agent.contract.compact import inflate, is_deflated
 from agent.contract.topics import parse_topic
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas"
@@ -48,8 +49,9 @@ def _no_constant(name: str) -> Any:
 
 
 def problem(topic: str, payload: bytes, prefix: str = "lifeline") -> str | None:
-    """What is wrong with a message the platform received, or None: not JSON, no or an
-    unknown ``schema``, a schema this topic does not carry, or the schema's objections.
+    """What is wrong with a message the platform received, or None: not JSON (telemetry
+    may be a zlib stream of JSON: ``mqtt.compression``), no or an unknown ``schema``, a
+    schema this topic does not carry, or the schema's objections.
     Topics outside the contract (``prefix`` not matching) are not judged."""
     parsed = parse_topic(topic, prefix)
     if parsed is None:
@@ -61,6 +63,11 @@ def problem(topic: str, payload: bytes, prefix: str = "lifeline") -> str | None:
         instance: Any = payload.decode("utf-8", "replace")
         schema = "status/1"
     else:
+        if kind.name == "telemetry" and is_deflated(payload):  # mqtt.compression: zlib
+            try:
+                payload = inflate(payload)
+            except ValueError as exc:
+                return f"{topic}: {exc}: {payload[:200]!r}"
         try:
             instance = json.loads(payload, parse_constant=_no_constant)
         except ValueError as exc:

@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.contract.compact import inflate
 from drivers.seismic_stream import datacast_packet
 from tests.contract_check import problem
 
@@ -166,7 +167,9 @@ class Message:
     wall_ms: int = 0
 
     def json(self) -> Any:
-        return json.loads(self.payload)
+        """The payload as JSON (telemetry compressed with ``mqtt.compression: zlib``
+        inflated first)."""
+        return json.loads(inflate(self.payload))
 
 
 SUBSCRIBERS: list[Subscriber] = []

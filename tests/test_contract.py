@@ -19,6 +19,7 @@ from agent.availability import AvailabilityTracker
 from agent.buffer import payload_with_seq
 from agent.config.alarms import AlarmRule
 from agent.contract import payloads
+from agent.contract.compact import CompactEncoder, deflate, inflate
 from agent.contract.schemas import NOTICE_TYPES, schemas, stale_files
 from agent.contract.telemetry import TelemetryEncoder
 from agent.contract.topics import TOPIC_KINDS, parse_topic
@@ -119,6 +120,11 @@ def _samples() -> list[tuple[str, bytes]]:
     raised = Event("raise", "active", T0, 0.31, "good")
     stale = Alarm(_rule(id="stale", kind="stale", after="30s"), "d1", None)
     rate = Alarm(_rule(id="drop", kind="rate", change=-20.0, window="1min"), "d1", "kPa")
+    compact = CompactEncoder(["level", "count", "state"], "3f9a1c2e")
+    rows = [
+        compact.row(T0, [PointResult("level", 0.41), PointResult("count", 7)], {"count": 2}),
+        compact.row(T0 + 1000, [PointResult("state", None, "timeout", "no reply in 1s")]),
+    ]
     out: list[tuple[str, bytes]] = [
         (f"{t}/telemetry/d1", payload_with_seq(1, tele)),
         (f"{t}/events/d1", payload_with_seq(2, payloads.alarm_event(GW, alarm, raised, "ok"))),
@@ -300,6 +306,8 @@ def _samples() -> list[tuple[str, bytes]]:
         (f"{t}/status", b"online"),
         (f"{t}/status", b"offline"),
         (f"{t}/availability/gone", b""),  # a clear of a retained topic
+        (f"{t}/telemetry/d1", payload_with_seq(30, compact.message(rows, True, True))),
+        (f"{t}/telemetry/d1", deflate(payload_with_seq(31, compact.message(rows[:1])))),
     ]
     return out
 
@@ -312,13 +320,13 @@ def test_every_payload_kind_follows_its_schema() -> None:
         parsed = parse_topic(topic, "lifeline")
         assert parsed is not None
         if payload and parsed.kind.name != "status":
-            seen.add(json.loads(payload)["schema"].split("/")[0])
+            seen.add(json.loads(inflate(payload))["schema"].split("/")[0])
     kinds = {s for k in TOPIC_KINDS.values() for s in k.schemas} - {"status"}
     assert seen == kinds
 
 
 def _mutate(payload: bytes, change: dict[str, Any], drop: str | None = None) -> bytes:
-    doc = json.loads(payload)
+    doc = json.loads(inflate(payload))
     doc.update(change)
     if drop:
         del doc[drop]
@@ -339,6 +347,17 @@ def _mutate(payload: bytes, change: dict[str, Any], drop: str | None = None) -> 
         (1, {"schema": "telemetry/1"}, None),  # another kind's schema on the events topic
         (5, {}, "count"),  # a dropped notice without its count
         (5, {"next_seq": 3}, None),  # a member of another notice type
+        (-2, {}, "layout"),  # compact telemetry: values without the info they follow
+        (-2, {"v": [1, 2, 3]}, None),  # both a single poll's values and rows
+        (-2, {"rows": [[0, [1, 2, 3]]]}, None),  # rows of one poll (that is "v")
+        (-2, {"rows": [[0, [1], {"q": {"0": "good"}}], [5, [1]]]}, None),  # q of a good one
+        (-2, {"rows": [[0, [1], {"q": {"x": "timeout"}}], [5, [1]]]}, None),  # not an index
+        (-2, {"rows": [[0, [1], {}], [5, [1]]]}, None),  # an empty extras object
+        (-2, {"rows": [[-5, [1]], [5, [1]]]}, None),  # a row before ts
+        (-1, {"q": {"0": "timeout"}}, "v"),  # neither values nor rows
+        (-1, {"layout": "not-hex"}, None),
+        (-1, {"d": {"0": -1}}, None),
+        (-1, {"points": {}}, None),  # a member of the verbose form
     ],
 )
 def test_schemas_refuse_what_breaks_the_contract(
@@ -351,7 +370,7 @@ def test_schemas_refuse_what_breaks_the_contract(
     # both validators agree (the fast one in the tests' subscriber, the reference one)
     doc = json.loads(bad)
     schema = "alarm_event/1" if "/events/" in topic else doc.get("schema", "")
-    if schema in ("telemetry/1", "alarm_event/1", "notice/1"):
+    if schema in ("telemetry/1", "telemetry_compact/1", "alarm_event/1", "notice/1"):
         assert not validator(schema).is_valid(doc)
         with pytest.raises(fastjsonschema.JsonSchemaException):
             fast_validator(schema)(doc)
@@ -361,7 +380,7 @@ def test_both_validators_accept_every_sample() -> None:
     for topic, payload in _samples():
         if not payload or topic.endswith("/status"):
             continue
-        doc = json.loads(payload)
+        doc = json.loads(inflate(payload))
         assert validator(doc["schema"]).is_valid(doc)
         fast_validator(doc["schema"])(doc)
 
@@ -512,7 +531,14 @@ def test_availability_info_and_clean_stop(tmp_path: Path, broker: Mosquitto) -> 
         info = sub.on("/info")[-1].json()
         assert [d["id"] for d in info["devices"]] == ["d1", "d2"]
         assert info["devices"][0]["name"] == "Pumpe Süd #1"
-        assert info["devices"][0]["points"] == [{"name": "v", "unit": "m", "type": "uint16"}]
+        assert info["devices"][0]["points"] == [
+            {"index": 0, "name": "v", "unit": "m", "type": "uint16", "scale": 1, "offset": 0}
+        ]
+        assert info["telemetry"] == {
+            "payload": "verbose",
+            "compression": None,
+            "max_batch_delay_s": 0.0,
+        }
         assert info["config_hash"].startswith("sha256:")
 
         took_off = time.monotonic()

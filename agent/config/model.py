@@ -276,6 +276,25 @@ class MqttConfig(StrictModel):
     )
     reconnect_max: Duration = Field(default=60.0, description="Longest reconnect delay")
     max_inflight: int = Field(default=64, ge=1, le=65535, description="Unacknowledged messages")
+    payload: Literal["verbose", "compact"] = Field(
+        default="verbose",
+        description="Telemetry payload: verbose (telemetry/1: every point with its unit and "
+        "quality) or compact (telemetry_compact/1: values only, in the order info lists "
+        "the points; quality only where not good)",
+    )
+    max_batch_delay: Duration = Field(
+        default=0.0,
+        ge=0,
+        le=60,
+        description="Compact payload only: polls of one device within this long go into one "
+        "message, e.g. '5s' (0: one message per poll). They wait in memory until then: a "
+        "crash or power cut loses up to this much of each device's readings",
+    )
+    compression: Literal["none", "zlib"] = Field(
+        default="none",
+        description="Compact payload only: zlib deflates every telemetry message with the "
+        "contract's preset dictionary (docs/mqtt.md, Compression)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
@@ -292,6 +311,11 @@ class MqttConfig(StrictModel):
             raise ValueError("reconnect_max must not be shorter than reconnect_min")
         if self.keepalive > 65535:
             raise ValueError("keepalive must be at most 65535s (MQTT 3.1.1 section 3.1.2.10)")
+        if self.payload == "verbose":
+            if self.max_batch_delay > 0:
+                raise ValueError("max_batch_delay needs payload: compact")
+            if self.compression != "none":
+                raise ValueError("compression needs payload: compact")
         return self
 
     @property

@@ -8,7 +8,7 @@ from typing import Any
 from agent import __version__
 from agent.clock import boot_id
 from agent.config.model import AgentConfig
-from agent.contract.payloads import InfoDevice, InfoPoint, info
+from agent.contract.payloads import InfoDevice, InfoPoint, InfoTelemetry, info
 from drivers.serial_line import SerialLineDevice
 
 SECRET_FIELDS: dict[str, Any] = {"mqtt": {"password"}}
@@ -30,6 +30,21 @@ def streams(dev: Any) -> bool:
     return getattr(dev, "driver", "") == "seismic"
 
 
+def info_points(dev: Any) -> list[InfoPoint]:
+    """A device's points as ``info`` lists them, in config order: the order of the values
+    of a compact telemetry message (:class:`agent.contract.compact.CompactEncoder`)."""
+    return [
+        InfoPoint(
+            p.name,
+            p.unit,
+            str(p.type),
+            getattr(p, "scale", 1),
+            getattr(p, "offset", 0),
+        )
+        for p in dev.points
+    ]
+
+
 def gateway_info(cfg: AgentConfig, started_ms: int) -> bytes:
     """The ``info`` payload (:func:`agent.contract.payloads.info`) of this config."""
     devices = [
@@ -39,7 +54,7 @@ def gateway_info(cfg: AgentConfig, started_ms: int) -> bytes:
             driver=d.driver,
             bus=d.bus,
             poll_interval_s=None if streams(d) else float(getattr(d, "poll_interval", 0.0)),
-            points=[InfoPoint(p.name, p.unit, str(p.type)) for p in d.points],
+            points=info_points(d),
         )
         for d in cfg.devices
     ]
@@ -48,6 +63,19 @@ def gateway_info(cfg: AgentConfig, started_ms: int) -> bytes:
         for d in cfg.devices:
             if d.id == r.device or (r.profile is not None and d.profile == r.profile):
                 rules.append((f"{d.id}/{r.id}", r.point, r.kind, r.severity))
+    m = cfg.mqtt
+    telemetry = InfoTelemetry(
+        m.payload,
+        None if m.compression == "none" else m.compression,
+        m.max_batch_delay,
+    )
     return info(
-        cfg.gateway_id, __version__, config_hash(cfg), boot_id(), started_ms, devices, rules
+        cfg.gateway_id,
+        __version__,
+        config_hash(cfg),
+        boot_id(),
+        started_ms,
+        devices,
+        rules,
+        telemetry,
     )

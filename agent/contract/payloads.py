@@ -10,6 +10,7 @@ through the buffer get their ``seq`` spliced in front when published
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSIONS: dict[str, int] = {
     "telemetry": 1,
+    "telemetry_compact": 1,
     "alarm_event": 1,
     "seismic_event": 1,
     "waveform": 1,
@@ -263,11 +265,25 @@ def health(h: Health) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class InfoPoint:
-    """A point as ``info`` lists it."""
+    """A point as ``info`` lists it: its static metadata, which compact telemetry
+    (``telemetry_compact/1``) leaves out of every message."""
 
     name: str
     unit: str | None
     type: str
+    scale: int | float = 1
+    """value = raw × scale + offset (already applied to every published value)."""
+    offset: int | float = 0
+
+
+def layout_hash(points: Sequence[InfoPoint]) -> str:
+    """8 hex digits naming a device's point layout: the first 32 bits of the SHA-256 of
+    ``[[name, unit, type, scale, offset], …]`` as compact JSON, in point order. A compact
+    telemetry message carries it (``layout``) so that a consumer maps its values to the
+    ``info`` they belong to, and notices a message of another config. Pure."""
+    rows = [[p.name, p.unit, p.type, p.scale, p.offset] for p in points]
+    text = json.dumps(rows, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +298,18 @@ class InfoDevice:
     points: Sequence[InfoPoint]
 
 
+@dataclass(frozen=True, slots=True)
+class InfoTelemetry:
+    """How the gateway sends telemetry (``mqtt.payload`` and its settings)."""
+
+    payload: str = "verbose"
+    """``verbose`` (``telemetry/1``) or ``compact`` (``telemetry_compact/1``)."""
+    compression: str | None = None
+    """``zlib`` (compact telemetry deflated with the contract's dictionary) or None."""
+    max_batch_delay_s: float = 0.0
+    """Compact: polls of one device within this long share one message (0: one per poll)."""
+
+
 def info(
     gateway: str,
     version: str,
@@ -290,6 +318,7 @@ def info(
     started_ms: int,
     devices: Sequence[InfoDevice],
     rules: Sequence[tuple[str, str, str, str]],
+    telemetry: InfoTelemetry | None = None,
 ) -> bytes:
     """The retained "birth certificate" of the gateway on ``info``.
 
@@ -301,7 +330,11 @@ def info(
         started_ms: when the agent started (UTC ms).
         devices: every configured device with its points.
         rules: every alarm as (alarm key ``device/rule``, point, kind, severity).
+        telemetry: the telemetry payload mode (None: verbose). Each device lists its
+            points in the order of a compact message's values (``index``) and names that
+            order by ``layout`` (:func:`layout_hash`).
     """
+    tele = telemetry or InfoTelemetry()
     doc: dict[str, Any] = {
         "schema": schema_id("info"),
         "gateway": gateway,
@@ -316,10 +349,26 @@ def info(
                 "driver": d.driver,
                 "bus": d.bus,
                 "poll_interval_s": d.poll_interval_s,
-                "points": [{"name": p.name, "unit": p.unit, "type": p.type} for p in d.points],
+                "layout": layout_hash(d.points),
+                "points": [
+                    {
+                        "index": i,
+                        "name": p.name,
+                        "unit": p.unit,
+                        "type": p.type,
+                        "scale": p.scale,
+                        "offset": p.offset,
+                    }
+                    for i, p in enumerate(d.points)
+                ],
             }
             for d in devices
         ],
+        "telemetry": {
+            "payload": tele.payload,
+            "compression": tele.compression,
+            "max_batch_delay_s": tele.max_batch_delay_s,
+        },
         "alarms": [
             {"alarm": key, "point": point, "kind": kind, "severity": severity}
             for key, point, kind, severity in rules

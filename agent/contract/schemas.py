@@ -144,6 +144,113 @@ def _telemetry() -> dict[str, Any]:
     }
 
 
+INDEX_KEY = {"pattern": "^(0|[1-9][0-9]{0,5})$"}
+"""A point's index in ``info`` as an object key: ``"0"``, ``"12"``."""
+DELTA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INTEGER},
+        {"type": "string", "pattern": BIG_DECIMAL},
+    ],
+    "description": "counter points: increase since the last poll; beyond 2^53−1 (a 64-bit "
+    "counter) its exact decimal digits as a string",
+}
+
+
+def _compact_extras() -> dict[str, Any]:
+    """``q``, ``x`` and ``d`` of a compact poll, keyed by point index."""
+
+    def by_index(item: dict[str, Any], description: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "propertyNames": INDEX_KEY,
+            "additionalProperties": item,
+            "minProperties": 1,
+            "description": description,
+        }
+
+    return {
+        "q": by_index(
+            {"enum": [q for q in QUALITIES if q != "good"]},
+            "quality of each point that is not good (its value is null); absent: all good",
+        ),
+        "x": by_index(
+            {"type": "integer", "minimum": 1, "maximum": 255},
+            "Modbus exception code of points of quality exception or unsupported",
+        ),
+        "d": by_index(DELTA, "counter points: the delta, as in telemetry/1"),
+    }
+
+
+def _telemetry_compact() -> dict[str, Any]:
+    value = {
+        "type": ["number", "boolean", "string", "null"],
+        "description": "as in telemetry/1: engineering value, a string for text points and "
+        "integers beyond ±(2^53−1); null when the quality (q) is not good, or, without a q "
+        "entry, when the poll has no reading of that point",
+    }
+    values = {
+        "type": "array",
+        "items": value,
+        "description": "one value per point, in the order of the device's points in info",
+    }
+    extras = _compact_extras()
+    row = {
+        "type": "array",
+        "minItems": 2,
+        "maxItems": 3,
+        "items": {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                values,
+                {**_obj([], extras), "minProperties": 1},
+            ]
+        },
+        "description": "[ms after ts, values, {q, x, d} when any]: one poll",
+    }
+    props: dict[str, Any] = {
+        "seq": {
+            **SEQ,
+            "description": "gateway-wide message sequence number (one per message, "
+            "however many polls it holds); deduplicate on (gateway, seq)",
+        },
+        "schema": _schema_const("telemetry_compact"),
+        "layout": {
+            "type": "string",
+            "pattern": "^[0-9a-f]{8}$",
+            "description": "the device's layout in the retained info (devices[].layout) whose "
+            "points the values follow",
+        },
+        "ts": {**TS, "description": "acquisition time of the (first) poll, UTC"},
+        "clock": CLOCK,
+        "historical": {
+            "const": True,
+            "description": "taken while the gateway had no broker connection (every row)",
+        },
+        "v": values,
+        **extras,
+        "rows": {"type": "array", "minItems": 2, "items": row},
+    }
+    return {
+        **_head(
+            "telemetry_compact",
+            "Compact telemetry",
+            "One or more polls of one device: values only, in the order of the device's "
+            "points in info (mqtt.payload: compact). The device is the topic's.",
+        ),
+        **_obj(
+            ["seq", "schema", "layout", "ts"],
+            props,
+            oneOf=[
+                {"required": ["v"]},
+                {
+                    "required": ["rows"],
+                    "not": {"anyOf": [{"required": [k]} for k in ("q", "x", "d")]},
+                },
+            ],
+        ),
+    }
+
+
 def _alarm_common() -> dict[str, Any]:
     return {
         "gateway": ID,
@@ -544,11 +651,23 @@ def _status() -> dict[str, Any]:
 
 def _info() -> dict[str, Any]:
     point = _obj(
-        ["name", "unit", "type"],
-        {"name": ID, "unit": {"type": ["string", "null"]}, "type": {"type": "string"}},
+        ["index", "name", "unit", "type", "scale", "offset"],
+        {
+            "index": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "its position in the device's list: the index of its value "
+                "in compact telemetry",
+            },
+            "name": ID,
+            "unit": {"type": ["string", "null"]},
+            "type": {"type": "string"},
+            "scale": {"type": "number", "description": "value = raw × scale + offset"},
+            "offset": {"type": "number"},
+        },
     )
     device = _obj(
-        ["id", "driver", "bus", "poll_interval_s", "points"],
+        ["id", "driver", "bus", "poll_interval_s", "layout", "points"],
         {
             "id": ID,
             "name": {"type": "string", "description": "display name, any Unicode"},
@@ -563,6 +682,12 @@ def _info() -> dict[str, Any]:
             },
             "bus": {"type": "string"},
             "poll_interval_s": {"type": ["number", "null"]},
+            "layout": {
+                "type": "string",
+                "pattern": "^[0-9a-f]{8}$",
+                "description": "names the list of points (names, units, types, scales, in "
+                "order); compact telemetry carries it",
+            },
             "points": {"type": "array", "items": point},
         },
     )
@@ -584,6 +709,15 @@ def _info() -> dict[str, Any]:
         "started": TS,
         "devices": {"type": "array", "items": device},
         "alarms": {"type": "array", "items": alarm},
+        "telemetry": _obj(
+            ["payload", "compression", "max_batch_delay_s"],
+            {
+                "payload": {"enum": ["verbose", "compact"]},
+                "compression": {"enum": [None, "zlib"]},
+                "max_batch_delay_s": {"type": "number", "minimum": 0},
+            },
+            description="how telemetry is sent (mqtt.payload, compression, max_batch_delay)",
+        ),
     }
     return {
         **_head("info", "Gateway info", "Retained birth certificate: software, config, devices."),
@@ -633,6 +767,7 @@ def _availability() -> dict[str, Any]:
 
 BUILDERS = {
     "telemetry": _telemetry,
+    "telemetry_compact": _telemetry_compact,
     "alarm_event": _alarm_event,
     "seismic_event": _seismic_event,
     "waveform": _waveform,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.contract.payloads import schema_id
@@ -27,8 +27,9 @@ def json_integer(value: int) -> str:
     return f'"{value}"'
 
 
-def _json_value(value: int | float | bool | str) -> str | None:
-    """JSON text of a good value, or None when it cannot be a JSON number (NaN, ±Inf)."""
+def json_value(value: int | float | bool | str) -> str | None:
+    """JSON text of a good value (integers by :func:`json_integer`), or None when it cannot
+    be a JSON number (NaN, ±Inf). Pure."""
     if isinstance(value, str):
         return json.dumps(value)
     if value is True:
@@ -77,7 +78,7 @@ class TelemetryEncoder:
         self,
         ts_ms: int,
         results: Sequence[PointResult],
-        deltas: dict[str, int] | None = None,
+        deltas: Mapping[str, int] | None = None,
         historical: bool = False,
         unsynced: bool = False,
     ) -> bytes:
@@ -91,7 +92,7 @@ class TelemetryEncoder:
                 self._prepare(r.point)
             text = None
             if r.quality == GOOD and r.value is not None:
-                text = _json_value(r.value)
+                text = json_value(r.value)
             if text is not None:
                 tail = self._good_tail[r.point]
                 if deltas and r.point in deltas:

@@ -97,7 +97,7 @@ TOPIC_KINDS: dict[str, TopicKind] = {
         TopicKind("info", 0, 1, True, False, ("info",)),
         TopicKind("health", 0, 1, True, False, ("health",)),
         TopicKind("notice", 0, 1, False, True, ("notice",)),
-        TopicKind("telemetry", 1, 1, False, True, ("telemetry",)),
+        TopicKind("telemetry", 1, 1, False, True, ("telemetry", "telemetry_compact")),
         TopicKind("events", 1, 1, False, True, ("alarm_event", "seismic_event")),
         TopicKind("waveform", 1, 1, False, True, ("waveform",)),
         TopicKind("availability", 1, 1, True, False, ("availability",)),
