@@ -207,6 +207,9 @@ class AmqpSource:
         self._got: list[Incoming] = []
         self._conn: Any = None
         self._ch: Any = None
+        self._down = False
+        self._next_attempt = 0.0
+        logging.getLogger("pika").setLevel(logging.CRITICAL)  # its errors are said here
         self._open()
 
     def _open(self) -> None:
@@ -228,15 +231,25 @@ class AmqpSource:
         errors = self._pika.exceptions
         deadline = time.monotonic() + wait_s
         while len(self._got) < max_n:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if self._conn is None and now < self._next_attempt:
+                time.sleep(max(0.0, min(deadline, self._next_attempt) - now))
+                if time.monotonic() >= deadline:
+                    break
+                continue
             try:
                 if self._conn is None:
                     self._open()
-                self._conn.process_data_events(time_limit=max(0.0, min(left, 0.05)))
+                    log.info("AMQP: connected again")
+                self._conn.process_data_events(time_limit=max(0.0, min(deadline - now, 0.05)))
             except (errors.AMQPError, OSError) as exc:
-                log.warning("AMQP: %r; reconnecting in %.0f s", exc, self.retry_s)
+                if not self._down:
+                    log.warning("AMQP: %r; reconnecting every %.0f s", exc, self.retry_s)
+                self._down = True
                 self._drop()
-                time.sleep(min(self.retry_s, max(0.0, left)))
+                self._next_attempt = time.monotonic() + self.retry_s
+            else:
+                self._down = False
             if time.monotonic() >= deadline:
                 break
         out, self._got = self._got[:max_n], self._got[max_n:]
