@@ -49,10 +49,22 @@ def pg() -> Iterator[str]:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+CONSUMERS: list[Consumer] = []
+"""Consumer processes a test started; stopped after it, also when it failed."""
+
+
+@pytest.fixture(autouse=True)
+def _no_consumer_left_behind() -> Iterator[None]:
+    yield
+    while CONSUMERS:
+        CONSUMERS.pop().stop()
+
+
 class Consumer:
     """``python -m agent consume ARGS`` as a child process, its log in a file."""
 
     def __init__(self, log: Path, *args: str) -> None:
+        CONSUMERS.append(self)
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -82,7 +94,8 @@ class Consumer:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait(5)
-            self._log.close()
+            if not self._log.closed:
+                self._log.close()
 
 
 def rabbitmq_bin(name: str) -> str:
