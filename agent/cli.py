@@ -391,6 +391,101 @@ def _replay_udp(
     click.echo(f"sent {len(samples)} samples in {time.monotonic() - t0:.1f} s", err=True)
 
 
+@main.command()
+@click.option("--mqtt", metavar="HOST[:PORT]", help="MQTT broker (default 127.0.0.1:1883).")
+@click.option("--amqp", metavar="URL", help="RabbitMQ instead: amqp://user:pass@host:5672/vhost")
+@click.option("--prefix", default="lifeline", show_default=True, help="The gateways' topic_prefix.")
+@click.option("--share", metavar="GROUP", help="MQTT shared subscription $share/GROUP/...")
+@click.option(
+    "--client-id",
+    help="MQTT client id, also the consumer's name in the database; keep it the same across "
+    "restarts (the broker keeps the session by it). Default edge-consumer-HOSTNAME.",
+)
+@click.option("--mqtt-protocol", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True)
+@click.option("--username", help="MQTT user name.")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="MQTT password file.")
+@click.option("--ca-file", type=click.Path(dir_okay=False), help="TLS to the broker with this CA.")
+@click.option("--queue", help="RabbitMQ queue (durable; default edge-agent.PREFIX).")
+@click.option(
+    "--format",
+    "fmt",
+    default="native",
+    show_default=True,
+    help="Encoding the gateways publish in (mqtt.format).",
+)
+@click.option("--postgres", metavar="DSN", help="Store rows in PostgreSQL (libpq DSN or URL).")
+@click.option("--output", "-o", default="-", show_default=True, help="JSON-lines file, - stdout.")
+@click.option("--gaps", is_flag=True, help="Print the gap report of --postgres and exit.")
+@click.option("--duration", type=float, default=0.0, help="Stop after SECONDS (0: never).")
+@click.option("--batch", type=click.IntRange(1, 10_000), default=500, show_default=True)
+@click.option("--report-every", type=float, default=0.0, help="JSON lines: gap report every S.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def consume(
+    mqtt: str | None,
+    amqp: str | None,
+    prefix: str,
+    share: str | None,
+    client_id: str | None,
+    mqtt_protocol: str,
+    username: str | None,
+    password_file: str | None,
+    ca_file: str | None,
+    queue: str | None,
+    fmt: str,
+    postgres: str | None,
+    output: str,
+    gaps: bool,
+    duration: float,
+    batch: int,
+    report_every: float,
+    log_level: str,
+) -> None:
+    """The platform side: validate, deduplicate and account for the gateways' messages.
+
+    Subscribes to PREFIX/+/# (QoS 1, persistent session) or reads a RabbitMQ queue, and
+    writes JSON lines or PostgreSQL rows; see docs/platform.md. Needs the `consumer`
+    extra: pip install 'lifeline-edge-agent[consumer]'.
+    """
+    setup_logging(log_level)
+    try:
+        from agent.consumer.main import Options
+        from agent.consumer.main import run as run_consumer
+
+        code = run_consumer(
+            Options(
+                mqtt=mqtt,
+                amqp=amqp,
+                prefix=prefix,
+                share=share,
+                client_id=client_id,
+                protocol=mqtt_protocol,
+                username=username,
+                password_file=password_file,
+                ca_file=ca_file,
+                queue=queue,
+                fmt=fmt,
+                postgres=postgres,
+                output=output,
+                gaps=gaps,
+                duration=duration,
+                batch=batch,
+                report_every=report_every,
+            )
+        )
+    except ImportError as exc:
+        raise click.ClickException(
+            f"{exc}: install the consumer extra: pip install 'lifeline-edge-agent[consumer]'"
+        ) from None
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
 def _add_modbus_commands() -> None:
     from agent.cli_modbus import COMMANDS
 
