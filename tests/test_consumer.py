@@ -387,6 +387,53 @@ def test_json_lines_of_one_consumer_account_for_every_seq(
     assert "duplicates 1," in consumer.log()
 
 
+def test_compact_batched_and_compressed_telemetry_is_read_through_the_gateways_info(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """A gateway in compact mode with batches of 300 ms and zlib: the consumer inflates
+    each message, names its values from the retained ``info`` and writes readings whose
+    values are the simulator's; every seq once, no gap."""
+    sim = ModbusSimulator()
+    sim.add_device(1, [ModbusPoint(name="v", address=0)])
+    sim.set_value(1, "v", 1234)
+    sim.start_thread()
+    out = tmp_path / "messages.jsonl"
+    consumer = Consumer(
+        tmp_path / "consumer.log",
+        "--mqtt", f"127.0.0.1:{broker.port}",
+        "--client-id", "platform-compact",
+        "--output", str(out),
+    )  # fmt: skip
+    consumer.wait_for("subscribed to lifeline/+/#")
+    cfg = write_config(
+        tmp_path / "gw0" / "agent.yaml",
+        broker.port,
+        one_point_device(sim.port, "100ms", "a"),
+        extra="  payload: compact\n  max_batch_delay: 300ms\n  compression: zlib\n",
+    )
+    cfg.write_text(cfg.read_text().replace("test-gw", "gw0"))
+    agent = AgentProcess(cfg, tmp_path / "gw0" / "agent.log")
+    agent.start()
+    wait_until(
+        lambda: out.exists() and out.read_text().count('"telemetry_compact/1"') >= 5, 20, "batches"
+    )
+    last = last_seqs(tmp_path, [agent])["gw0"]
+    sim.stop_thread()
+    wait_until(lambda: out.read_text().count('"record":"message"') >= last, 10, f"{last} messages")
+    assert consumer.stop() == 0, consumer.log()
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["seq"] for x in lines if x["record"] == "message") == list(range(1, last + 1))
+    assert not [x for x in lines if x["record"] in ("gaps", "invalid")], lines
+    batches = [
+        x["payload"]
+        for x in lines
+        if x["record"] == "message" and x["payload"].get("schema") == "telemetry_compact/1"
+    ]
+    readings = [r for b in batches for r in b["readings"]]
+    assert any(len(b["readings"]) > 1 for b in batches), "several polls in one message"
+    assert {(r["point"], r["value"], r["quality"]) for r in readings} == {("v", 1234, "good")}
+
+
 def _telemetry(seq: int, clock: str | None = None, gw: str = "g1") -> bytes:
     doc = {
         "seq": seq,

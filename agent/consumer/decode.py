@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from agent.contract.compact import inflate, info_layouts, is_deflated, parse_compact
 from agent.contract.topics import TOPIC_KINDS, parse_topic
-from agent.readings import parse_iso_ms
+from agent.readings import iso_ms, parse_iso_ms
 
 MAX_PAYLOAD = 1 << 20
 """Largest payload taken (bytes); a bigger one is refused unread. The agent's largest, a
@@ -102,8 +103,46 @@ Expander = Callable[[dict[str, Any], Context], dict[str, Any]]
 """A validated payload of a kind not stored as it comes → its native shape; raises
 :class:`Invalid` when it cannot be (e.g. no ``info`` of that gateway seen yet)."""
 
-EXPANDERS: dict[str, Expander] = {}
+
+def expand_compact(doc: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """A ``telemetry_compact/1`` message (``docs/mqtt.md``, compact telemetry) with its
+    ``gateway`` and ``device`` from the topic → ``{…, "readings": [{point, value, unit,
+    quality, ts}, …]}``, the points named from the gateway's latest retained ``info``
+    (:func:`agent.contract.compact.parse_compact`); raise :class:`Invalid` without that
+    ``info`` or when its layout is not the message's."""
+    gateway, device = doc["gateway"], doc["device"]
+    info = ctx.info.get(gateway)
+    if info is None:
+        raise Invalid("compact telemetry before the gateway's info: nothing names its values")
+    try:
+        layout = info_layouts(info).get(device)
+        if layout is None:
+            raise ValueError(f"device {device!r} is not in the gateway's info")
+        body = {k: v for k, v in doc.items() if k not in ("gateway", "device")}
+        readings = parse_compact(json.dumps(body), gateway, device, layout)
+    except ValueError as exc:
+        raise Invalid(str(exc)[:200]) from None
+    return {
+        **doc,
+        "readings": [
+            {
+                "point": r.point,
+                "value": r.value,
+                "unit": r.unit,
+                "quality": r.quality,
+                "ts": iso_ms(r.ts_ms),
+            }
+            for r in readings
+        ],
+    }
+
+
+EXPANDERS: dict[str, Expander] = {"telemetry_compact": expand_compact}
 """Payload kind (the part of ``schema`` before ``/``) → its :data:`Expander`."""
+
+TOPIC_NAMED = frozenset({"telemetry_compact"})
+"""Payload kinds that leave the gateway and device to the topic (the consumer adds them
+before expanding)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,11 +234,18 @@ def decode_native(topic: str, payload: bytes, ctx: Context) -> Record:
         return Record(
             parsed.gateway_id, topic, "status", "status/1", None, None, None, None, doc, text
         )
+    if kind.name == "telemetry" and is_deflated(payload):
+        try:
+            payload = inflate(payload, MAX_PAYLOAD)
+        except ValueError as exc:
+            raise Invalid(f"compressed telemetry that does not inflate: {exc}") from None
     doc = parse_json(payload)
     schema = doc.get("schema") if isinstance(doc, dict) else None
     if not isinstance(schema, str) or schema.partition("/")[0] not in _carried(kind.name):
         raise Invalid(f"schema {str(schema)[:80]!r} is not one the {kind.name} topic carries")
     validate(schema, doc)
+    if schema.partition("/")[0] in TOPIC_NAMED:  # gateway and device are the topic's
+        doc = {**doc, "gateway": parsed.gateway_id, "device": device}
     if doc.get("gateway") != parsed.gateway_id:
         raise Invalid("gateway of the payload is not the topic's")
     if device is not None and doc.get("device", device) != device:
