@@ -453,3 +453,23 @@ def test_the_agent_subscribes_again_after_a_broker_restart(
     finally:
         agent.stop()
         sim.stop_thread()
+
+
+def test_command_ids_are_kept_on_disk_and_move_there_from_memory(tmp_path: Path) -> None:
+    from agent.buffer import Buffer, memory_buffer
+
+    path = tmp_path / "state" / "buffer.db"
+    mem = memory_buffer(path, 1000, None)
+    assert mem.claim_command("a", "write", 1_000, None) is None
+    mem.finish_command("a", '{"ok": true}')
+    assert mem.claim_command("b", "write", 2_000, None) is None  # never finished
+    disk = Buffer(path)
+    disk.import_from(mem)
+    assert disk.command_seen("a") == ("write", '{"ok": true}')
+    assert disk.claim_command("b", "write", 3_000, None) == ("write", None)
+    assert disk.claim_command("c", "ping", 90_000_000, 90_000_000 - 86_400_000) is None
+    assert disk.command_seen("a") is None, "older than a day: forgotten"
+    disk.close()
+    again = Buffer(path)
+    assert again.command_seen("c") == ("ping", None)
+    again.close()
