@@ -35,6 +35,7 @@ from agent.buffer import (
     open_buffer,
 )
 from agent.clock import RELEASE_DATE_MS, Clock
+from agent.commands import Commands
 from agent.config.model import AgentConfig
 from agent.contract import payloads
 from agent.contract.info import gateway_info, streams
@@ -262,6 +263,10 @@ class Agent:
         """Reloads the config on SIGHUP (:mod:`agent.reload`); None without a file."""
         self.status = StatusWriter(self)
         """The state file of ``edge-agent status`` and the health's metrics."""
+        self.commands = Commands(self)
+        """Downlink commands (:mod:`agent.commands`), on the link's subscription."""
+        self.link.client.subscriptions.append(self.commands.topic_filter)
+        self.link.on_message = self.commands.offer
 
     @property
     def locked(self) -> bool:
@@ -653,7 +658,8 @@ class Agent:
 
     def acknowledge(self, by: str, keys: list[str] | None = None) -> int:
         """Acknowledge alarms (all, or those ``keys``: ``device/rule``); return how many
-        changed. The acknowledge button calls it; a platform command can later."""
+        changed. The acknowledge button calls it (``by`` ``button``), and the ``ack``
+        command (``platform``)."""
         events = self.alarms.acknowledge(time.monotonic(), now_ms(), by, keys)
         if events:
             self._emit(events)
@@ -791,6 +797,7 @@ class Agent:
             asyncio.create_task(self.writer.watch(), name="buffer-watch"),
             asyncio.create_task(self.retained.run(), name="retained"),
             asyncio.create_task(self.status.run(), name="status-file"),
+            asyncio.create_task(self.commands.run(), name="commands"),
         ]
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         loop = asyncio.get_running_loop()

@@ -65,6 +65,13 @@ CREATE TABLE IF NOT EXISTS point_state (
     value  INTEGER NOT NULL,
     PRIMARY KEY (device, point)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS command_id (
+    id       TEXT    PRIMARY KEY,
+    name     TEXT    NOT NULL,
+    at_ms    INTEGER NOT NULL,
+    response TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS command_id_at ON command_id(at_ms);
 """
 
 
@@ -89,9 +96,13 @@ OUR_TABLES = frozenset(
         "point_state",
         "clock_epoch",
         "retained_topic",
+        "command_id",
         "sqlite_sequence",
     }
 )
+COMMANDS_KEPT = 100_000
+"""Most command ids remembered (:meth:`Buffer.claim_command`); beyond, the oldest are
+forgotten early. At the default intake rate a day holds fewer."""
 
 
 def filesystem_state(directory: Path) -> str | None:
@@ -477,6 +488,8 @@ class Buffer:
         self._limit_hit = f"max_messages {max_messages}"
         self.restamps: list[Restamp] = []
         """Re-stamped clock epochs not yet taken (see :meth:`append_many`)."""
+        self._claims = 0
+        """Commands claimed by this process (the cap is enforced every 1000th)."""
         self.boot = boot_id()
         if memory:
             self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
@@ -685,6 +698,10 @@ class Buffer:
             db.executemany(
                 "INSERT OR IGNORE INTO retained_topic(topic) VALUES (?)",
                 src.execute("SELECT topic FROM retained_topic").fetchall(),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO command_id(id, name, at_ms, response) VALUES (?,?,?,?)",
+                src.execute("SELECT id, name, at_ms, response FROM command_id").fetchall(),
             )
             lost = int(src.execute("SELECT value FROM counters WHERE name='dropped'").fetchone()[0])
             db.execute("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (lost,))
@@ -938,6 +955,54 @@ class Buffer:
             self._rollback()
             raise
 
+    def command_seen(self, command_id: str) -> tuple[str, str | None] | None:
+        """``(name, first response JSON or None)`` of a command id remembered by
+        :meth:`claim_command`, or None."""
+        row = self._db.execute(
+            "SELECT name, response FROM command_id WHERE id = ?", (command_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return str(row[0]), None if row[1] is None else str(row[1])
+
+    def claim_command(
+        self, command_id: str, name: str, at_ms: int, forget_before_ms: int | None
+    ) -> tuple[str, str | None] | None:
+        """Remember that the command ``command_id`` is about to run (committed before it
+        runs, so that it runs at most once even across a crash); None when it is new, else
+        ``(name, first response JSON or None)``: None when it never finished (the process
+        ended while it ran). Ids older than ``forget_before_ms`` (UTC ms; None: no age
+        limit, the clock being untrusted) and beyond the newest :data:`COMMANDS_KEPT` are
+        forgotten in the same transaction."""
+        db = self._db
+        seen = self.command_seen(command_id)
+        if seen is not None:
+            return seen
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if forget_before_ms is not None:
+                db.execute("DELETE FROM command_id WHERE at_ms < ?", (forget_before_ms,))
+            db.execute(
+                "INSERT INTO command_id(id, name, at_ms) VALUES (?, ?, ?)",
+                (command_id, name, at_ms),
+            )
+            if self._claims % 1000 == 0:
+                db.execute(
+                    "DELETE FROM command_id WHERE id IN (SELECT id FROM command_id "
+                    "ORDER BY at_ms DESC LIMIT -1 OFFSET ?)",
+                    (COMMANDS_KEPT,),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._claims += 1
+        return None
+
+    def finish_command(self, command_id: str, response: str) -> None:
+        """Keep the first response of a claimed command (:meth:`claim_command`)."""
+        self._db.execute("UPDATE command_id SET response = ? WHERE id = ?", (response, command_id))
+
     def ack(self, seqs: Iterable[int]) -> None:
         """Delete acknowledged rows (one transaction). Unknown seqs are ignored."""
         ids = list(seqs)
@@ -1076,6 +1141,22 @@ class AsyncBuffer:
     async def ack(self, seqs: Sequence[int]) -> None:
         """See :meth:`Buffer.ack`."""
         await self._run(self.sync.ack, seqs)
+
+    async def command_seen(self, command_id: str) -> tuple[str, str | None] | None:
+        """See :meth:`Buffer.command_seen`."""
+        return await self._run(self.sync.command_seen, command_id)  # type: ignore[return-value]
+
+    async def claim_command(
+        self, command_id: str, name: str, at_ms: int, forget_before_ms: int | None
+    ) -> tuple[str, str | None] | None:
+        """See :meth:`Buffer.claim_command`."""
+        return await self._run(  # type: ignore[return-value]
+            self.sync.claim_command, command_id, name, at_ms, forget_before_ms
+        )
+
+    async def finish_command(self, command_id: str, response: str) -> None:
+        """See :meth:`Buffer.finish_command`."""
+        await self._run(self.sync.finish_command, command_id, response)
 
     async def set_retained_topics(self, topics: Iterable[str]) -> None:
         """See :meth:`Buffer.set_retained_topics`."""

@@ -14,10 +14,14 @@ is read (from its file or credential) before every attempt too.
 
 The broker is an input like any other (:class:`BoundedClient`): an inbound packet larger
 than :data:`MAX_INBOUND_PACKET` is refused from its fixed header, before its body is read;
-a packet a server never sends unasked (a PUBLISH matching no subscription of ours, a PUBREL
-for no QoS 2 message of the broker's, a PINGREQ) or one that cannot be decoded drops the
-connection; one wake-up of the loop reads at most :data:`PACKETS_PER_READ` packets. Each
-such drop is a lost connection: the usual reconnect with backoff, nothing buffered lost.
+a packet a server never sends unasked (a PUBLISH matching no subscription of ours or above
+the QoS subscribed with, a PUBREL for no QoS 2 message of the broker's, a PINGREQ) or one
+that cannot be decoded drops the connection; one wake-up of the loop reads at most
+:data:`PACKETS_PER_READ` packets. Each such drop is a lost connection: the usual reconnect
+with backoff, nothing buffered lost.
+
+The only subscription is the downlink commands' (``agent.commands``): their PUBLISHes go to
+:attr:`MqttLink.on_message`, which takes them in O(1) with its own rate and queue bounds.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from agent.config.model import MqttConfig
 log = logging.getLogger(__name__)
 
 PubackHandler = Callable[[int, bool, str], None]
+MessageHandler = Callable[["Inbound"], None]
 
 MAX_INBOUND_PACKET = 65536
 """Largest MQTT packet taken from the broker, bytes, fixed header included (the Packet
@@ -57,6 +62,40 @@ READ_CHUNK = 65536
 PACKETS_PER_READ = 100
 """Most packets handled in one wake-up of the event loop; a TLS socket still holding
 decrypted bytes is read again at the next loop iteration (``call_soon``)."""
+
+
+SUBSCRIBE_QOS = 1
+"""QoS of every subscription (the downlink commands): at least once, deduplicated by the
+command layer (``agent.commands``)."""
+
+
+class Inbound:
+    """One PUBLISH received on a subscription.
+
+    Attributes:
+        topic: its topic name.
+        payload: its payload (at most :data:`MAX_INBOUND_PACKET` bytes).
+        retain: its RETAIN flag: set when the broker sends a retained message on
+            subscribing (MQTT 3.1.1 section 3.3.1.3, MQTT 5.0 section 3.3.1.3).
+        response_topic: MQTT 5 Response Topic property (section 3.3.2.3.5), or None.
+        correlation: MQTT 5 Correlation Data property (section 3.3.2.3.6), or None.
+    """
+
+    __slots__ = ("correlation", "payload", "response_topic", "retain", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        retain: bool,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.retain = retain
+        self.response_topic = response_topic
+        self.correlation = correlation
 
 
 class BrokerViolation(OSError):
@@ -79,10 +118,11 @@ class BoundedClient(mqtt.Client):
     an upgrade changes them).
 
     Attributes:
-        subscriptions: topic filters this client subscribed to; a PUBLISH on any other
-            topic is refused (MQTT 3.1.1 section 3.3, MQTT 5.0 section 3.3: a server sends
-            PUBLISH to a client for its matching subscriptions only). Empty: the agent
-            subscribes to nothing.
+        subscriptions: topic filters this client subscribes to (QoS :data:`SUBSCRIBE_QOS`);
+            a PUBLISH on any other topic, or with a higher QoS, is refused (MQTT 3.1.1
+            section 3.3 and 3.8.4, MQTT 5.0 section 3.3 and 3.8.4: a server sends PUBLISH to
+            a client for its matching subscriptions only, at most at the granted QoS).
+            Empty: the client subscribes to nothing.
         violation: ``(key, text)`` of the last refused packet, taken by the link when the
             connection drops (None: none since).
     """
@@ -119,6 +159,13 @@ class BoundedClient(mqtt.Client):
                     f"sent a PUBLISH on {topic[:80]!r}, which this client never subscribed "
                     "to (a server sends PUBLISH only for matching subscriptions, MQTT 3.1.1 "
                     "and 5.0 section 3.3)",
+                )
+            qos = (self._in_packet["command"] & 0x06) >> 1
+            if qos > SUBSCRIBE_QOS:
+                return self._refuse(
+                    "publish_qos",
+                    f"sent a PUBLISH with QoS {qos} on {topic[:80]!r}, above the QoS "
+                    f"{SUBSCRIBE_QOS} subscribed with (MQTT 3.1.1 and 5.0 section 3.8.4)",
                 )
         elif cmd == mqtt.PINGREQ:
             return self._refuse(
@@ -186,6 +233,9 @@ class MqttLink:
     Attributes:
         on_connected: called (in the loop) after every successful CONNACK.
         on_puback: called with ``(mid, ok, reason)`` when a QoS 1 publish is acknowledged.
+        on_message: called (in the loop) with each :class:`Inbound` PUBLISH received on
+            :attr:`BoundedClient.subscriptions`; it must not block (paho acknowledges a
+            QoS 1 PUBLISH when it returns).
     """
 
     def __init__(
@@ -201,6 +251,7 @@ class MqttLink:
         self.client_id = client_id
         self.on_connected: Callable[[], None] = lambda: None
         self.on_puback: PubackHandler = lambda mid, ok, reason: None
+        self.on_message: MessageHandler = lambda msg: None
         self.connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[bool] | None = None
@@ -253,6 +304,8 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._on_socket_open
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._on_register_write
@@ -363,6 +416,10 @@ class MqttLink:
             self._disconnected.clear()
             self.connected.set()
             self._log_connected()
+            # clean session or not: subscribe again after every CONNACK (a broker that
+            # lost a persistent session would otherwise leave the client deaf)
+            for topic_filter in self.client.subscriptions:
+                self.client.subscribe(topic_filter, qos=SUBSCRIBE_QOS)
             self.on_connected()
         else:
             self._problem(
@@ -514,6 +571,36 @@ class MqttLink:
     def _puback(self, mid: int, ok: bool, reason: str) -> None:
         self.on_puback(mid, ok, reason)
 
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
+        if refused:  # MQTT 3.1.1 section 3.9.3 (0x80), MQTT 5.0 section 3.9.3
+            self._call(
+                log.error,
+                "broker %s:%d refused the subscription to %s (%s): downlink commands do "
+                "not arrive; check the broker's ACL for this client",
+                self.cfg.host,
+                self.port,
+                ", ".join(self.client.subscriptions),
+                ", ".join(refused),
+            )
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # paho reads packets on the loop's thread only (read_packets from _read)
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        self.on_message(
+            Inbound(
+                msg.topic,
+                bytes(msg.payload),
+                bool(msg.retain),
+                response if isinstance(response, str) else None,
+                bytes(corr) if isinstance(corr, bytes | bytearray) else None,
+            )
+        )
+
     # -- public ---------------------------------------------------------------------------
 
     def _attempt(self, first: bool) -> None:
@@ -591,9 +678,22 @@ class MqttLink:
         is under way there is no outage yet."""
         return not self.connected.is_set() and (self.failed_attempts > 0 or self.ever_connected)
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        """Queue a publish; return its message id (PUBACK arrives via ``on_puback``)."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        correlation: bytes | None = None,
+    ) -> int:
+        """Queue a publish; return its message id (PUBACK arrives via ``on_puback``).
+        ``correlation``: MQTT 5 Correlation Data (section 3.3.2.3.6), sent only with
+        protocol 5."""
+        props = None
+        if correlation is not None and self.cfg.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.CorrelationData = correlation
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         return int(info.mid)
 
     async def stop(self, timeout: float = 2.0) -> None:

@@ -9,11 +9,13 @@ quality ``no_connection``, so the platform sees the gap as data, not as silence.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.readings import now_ms
 from drivers.base import GOOD, PointResult
@@ -41,9 +43,20 @@ UNSUPPORTED_RETRY_S = 600.0
 again after this long; meanwhile its polls say so without a request (case 017)."""
 HANDOVER_S = 0.005
 """Within a long cycle, polls are handed to the buffer at least this often."""
+JOBS_MAX = 4
+"""Most jobs (downlink commands: a write, a poll now) waiting for one bus; more are
+refused with :class:`BusBusy`."""
 STUCK_SLACK_S = 2.0
 """A poll counts as stuck once no request of it has ended for the longest device timeout
 on its bus, any ``connect_pause``, and this much more (a busy gateway's scheduling)."""
+
+
+class BusBusy(Exception):
+    """The bus already has :data:`JOBS_MAX` jobs waiting."""
+
+
+Job = Callable[["BusPoller"], Awaitable[Any]]
+"""Work done on the bus between two polls (it may use :attr:`BusPoller.bus` freely)."""
 
 
 @dataclass
@@ -70,6 +83,16 @@ class DeviceState:
     answered: bool = True
     """Whether the device answered anything at its last poll: only then are failed
     requests retried (a device that stopped answering costs one timeout per poll)."""
+    interval_override: tuple[float, float] | None = None
+    """(poll interval s, until monotonic s) set by :meth:`BusPoller.set_interval`."""
+
+    def interval(self, now: float) -> float:
+        """The poll interval in force at monotonic time ``now`` (s)."""
+        o = self.interval_override
+        if o is not None and now < o[1]:
+            return o[0]
+        self.interval_override = None
+        return self.device.poll_interval
 
     def __post_init__(self) -> None:
         self.addresses = {p.name: p.address for p in self.device.points}
@@ -111,6 +134,8 @@ class BusPoller:
         """Monotonic time (s) the poll under way began; None between polls."""
         self.busy_device = ""
         """The device of the poll under way."""
+        self._jobs: collections.deque[tuple[Job, asyncio.Future[Any]]] = collections.deque()
+        self._wake = asyncio.Event()
         self.stuck_after = (
             max(d.timeout for d in devices)
             + max(getattr(d, "connect_pause", 0.0) for d in devices)
@@ -159,6 +184,62 @@ class BusPoller:
             + max(getattr(d, "connect_pause", 0.0) for d in devices)
             + STUCK_SLACK_S
         )
+
+    def state_of(self, dev_id: str) -> DeviceState | None:
+        """The state of device ``dev_id`` on this bus, or None."""
+        return next((st for st in self.states if st.device.id == dev_id), None)
+
+    def submit(self, job: Job) -> asyncio.Future[Any]:
+        """Run ``job`` on this bus before its next poll (between two polls, so that a
+        request never interleaves with a poll's); return the future of its result.
+
+        Raises:
+            BusBusy: :data:`JOBS_MAX` jobs already wait.
+        """
+        if len(self._jobs) >= JOBS_MAX:
+            raise BusBusy(f"bus {self.name} already has {JOBS_MAX} commands waiting")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._jobs.append((job, fut))
+        self._wake.set()
+        return fut
+
+    def set_interval(self, dev_id: str, interval: float, duration: float) -> bool:
+        """Poll ``dev_id`` every ``interval`` seconds for the next ``duration`` seconds,
+        then on its configured interval again (a restart or a reload that changes the
+        device ends it too); False for a device not on this bus."""
+        st = self.state_of(dev_id)
+        if st is None:
+            return False
+        now = time.monotonic()
+        st.interval_override = (interval, now + duration)
+        st.next_due = min(st.next_due, now + interval)
+        self._wake.set()
+        return True
+
+    async def ensure_connected(self) -> bool:
+        """Connect the bus if it is down and its backoff allows; whether it is up."""
+        return await self._ensure_connected()
+
+    async def _run_jobs(self) -> None:
+        while self._jobs:
+            job, fut = self._jobs.popleft()
+            if fut.done():  # its caller gave up
+                continue
+            self.busy_since, self.busy_device = time.monotonic(), "a command"
+            try:
+                result = await job(self)
+            except asyncio.CancelledError:
+                fut.cancel()
+                raise
+            except Exception as exc:  # the job's own error, handed to its caller
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+            finally:
+                self.busy_since = None
+            self.on_cycle_end()
 
     async def _ensure_connected(self) -> bool:
         if self.bus.connected:
@@ -342,10 +423,18 @@ class BusPoller:
         assert task is not None
         try:
             while True:
+                await self._run_jobs()
                 first = min(s.next_due for s in self.states)
                 delay = first - time.monotonic()
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    self._wake.clear()
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+                    else:
+                        continue  # a job, or a changed interval
                 # one cycle: every device due now, then one hand-over (one transaction)
                 horizon = time.monotonic() + CYCLE_SLACK_S
                 handed = time.monotonic()
@@ -360,13 +449,21 @@ class BusPoller:
                     if time.monotonic() - handed > HANDOVER_S:  # long cycles: keep latency low
                         self.on_cycle_end()
                         handed = time.monotonic()
-                    interval = st.device.poll_interval
-                    st.next_due += interval
                     now = time.monotonic()
+                    interval = st.interval(now)
+                    st.next_due += interval
                     if st.next_due <= now:
                         missed = int((now - st.next_due) // interval) + 1
                         st.next_due += missed * interval
                         st.overruns += missed
+                    o = st.interval_override
+                    if o is not None and st.next_due > o[1]:
+                        st.next_due = max(o[1], now)  # back to the configured interval
+                    if self._jobs:
+                        await self._run_jobs()
                 self.on_cycle_end()
         finally:
+            for _, fut in self._jobs:
+                fut.cancel()
+            self._jobs.clear()
             self.bus.close()

@@ -352,6 +352,18 @@ class Reloader:
             if not self._again or self.agent.stop_event.is_set():
                 return
 
+    async def run_now(self) -> bool:
+        """Reload now (the ``reload`` command) and wait for it; whether a reload was
+        applied (False: refused, or the agent is stopping). A reload already running is
+        followed by one more, as with :meth:`request`."""
+        before = self.reloads
+        self.request()
+        task = self._task
+        if task is None or self.agent.stop_event.is_set():
+            return False
+        await asyncio.shield(task)
+        return self.reloads > before
+
     async def close(self) -> None:
         """Cancel a reload in progress (the agent stops) and let the thread go."""
         if self._task is not None:

@@ -49,9 +49,10 @@ def _no_constant(name: str) -> Any:
 
 
 def problem(topic: str, payload: bytes, prefix: str = "lifeline") -> str | None:
-    """What is wrong with a message the platform received, or None: not JSON (telemetry
-    may be a zlib stream of JSON: ``mqtt.compression``), no or an unknown ``schema``, a
-    schema this topic does not carry, or the schema's objections.
+    """What is wrong with a message the platform received (or, on ``cmd/{name}``, sent),
+    or None: not JSON (telemetry may be a zlib stream of JSON: ``mqtt.compression``), no
+    or an unknown ``schema`` (a command request may leave it out), a schema this topic
+    does not carry, or the schema's objections.
     Topics outside the contract (``prefix`` not matching) are not judged."""
     parsed = parse_topic(topic, prefix)
     if parsed is None:
@@ -73,6 +74,8 @@ def problem(topic: str, payload: bytes, prefix: str = "lifeline") -> str | None:
         except ValueError as exc:
             return f"{topic}: not JSON ({exc}): {payload[:200]!r}"
         schema = instance.get("schema") if isinstance(instance, dict) else None
+        if schema is None and kind.schemas == ("command_request",):
+            schema = "command_request/1"  # a request may leave its schema out
         if not isinstance(schema, str) or schema.partition("/")[0] not in kind.schemas:
             return f"{topic}: schema {schema!r} is not one of {kind.schemas}: {payload[:200]!r}"
     try:
@@ -84,6 +87,8 @@ def problem(topic: str, payload: bytes, prefix: str = "lifeline") -> str | None:
         where = "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:3]) or str(exc)
         return f"{topic}: {where}: {payload[:300]!r}"
     device = instance.get("device") if isinstance(instance, dict) else None
+    if parsed.kind.name == "cmd":
+        return None  # a command's ids are its name (and "response"), not a device
     if parsed.ids and device not in (None, parsed.ids[0]):
         return f"{topic}: device {device!r} in a message on another device's topic"
     return None

@@ -599,3 +599,14 @@ def test_the_daemon_does_not_import_the_consumer() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_commands_and_their_answers_are_not_the_consumers() -> None:
+    """A platform's downlink request and the gateway's answer travel under the same
+    prefix: neither is recorded nor refused."""
+    request = b'{"id":"r1","sent_at":"2026-01-01T00:00:00.000Z"}'
+    answer = b'{"schema":"command_response/1","id":"r1","ok":true}'
+    assert decode_native("lifeline/g1/cmd/ping", request, Context()) is None
+    assert decode_native("lifeline/g1/cmd/ping/response", answer, Context()) is None
+    with pytest.raises(Invalid):
+        decode_native("lifeline/g1/cmdx/ping", request, Context())

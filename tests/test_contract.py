@@ -166,6 +166,14 @@ def _samples() -> list[tuple[str, bytes]]:
             "errors": ["/etc/edge-agent/agent.yaml:12:11: devices[0].port: 'x' is not a number"],
             "error_count": 1,
         },
+        "command": {
+            "command": "write",
+            "request_id": "w-1",
+            "ok": False,
+            "reason": "out_of_range",
+            "duplicate": False,
+        },
+        "commands_dropped": {"count": 9000, "reasons": {"rate": 8990, "queue_full": 10}},
     }
     assert set(examples) == set(NOTICE_TYPES)
     for i, (kind, fields) in enumerate(examples.items()):
@@ -303,6 +311,23 @@ def _samples() -> list[tuple[str, bytes]]:
             f"{t}/availability/d1",
             payloads.availability(GW, "d1", False, "timeout", "no reply in 1s", T0, T0 + 5),
         ),
+        (
+            f"{t}/cmd/write",
+            b'{"schema":"command_request/1","id":"w-1","sent_at":"2026-11-20T08:15:02Z",'
+            b'"device":"d1","point":"sp","value":42.5}',
+        ),
+        (
+            f"{t}/cmd/write/response",
+            payloads.dumps(
+                payloads.command_response(GW, "write", "w-1", T0, {"device": "d1", "value": 42.5})
+            ),
+        ),
+        (
+            f"{t}/cmd/write/response/ops-1",
+            payloads.dumps(
+                payloads.command_response(GW, "write", None, T0, reason="malformed", message="x")
+            ),
+        ),
         (f"{t}/status", b"online"),
         (f"{t}/status", b"offline"),
         (f"{t}/availability/gone", b""),  # a clear of a retained topic
@@ -322,7 +347,7 @@ def test_every_payload_kind_follows_its_schema() -> None:
         if payload and parsed.kind.name != "status":
             seen.add(json.loads(inflate(payload))["schema"].split("/")[0])
     kinds = {s for k in TOPIC_KINDS.values() for s in k.schemas} - {"status"}
-    assert seen == kinds
+    assert seen == kinds | {"command_response"}
 
 
 def _mutate(payload: bytes, change: dict[str, Any], drop: str | None = None) -> bytes:

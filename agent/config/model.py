@@ -450,6 +450,55 @@ class AvailabilityConfig(StrictModel):
     )
 
 
+COMMAND_NAMES = ("ping", "read", "ack", "set_interval", "write", "reload")
+"""Every downlink command the agent knows (``docs/mqtt.md``, Commands)."""
+
+CommandName = Literal["ping", "read", "ack", "set_interval", "write", "reload"]
+
+
+class CommandsConfig(StrictModel):
+    """Downlink commands from the platform (``{prefix}/{gateway_id}/cmd/{name}``, see
+    :mod:`agent.commands`). Every command but ``ping`` is refused unless listed in
+    ``allow``."""
+
+    allow: list[CommandName] = Field(
+        default_factory=list,
+        description="Commands the platform may send besides ping: read, ack, set_interval, "
+        "write, reload",
+    )
+    max_age: Annotated[Duration, at_least("1s")] = Field(
+        default=60.0,
+        description="A request whose sent_at is older than this (by the gateway's trusted "
+        "clock) is refused",
+    )
+    rate: float = Field(
+        default=2.0,
+        gt=0,
+        le=1000,
+        description="Requests taken per second on average; more are dropped (counted)",
+    )
+    burst: int = Field(
+        default=20, ge=1, le=1000, description="Requests taken at once before 'rate' applies"
+    )
+    min_interval: Annotated[Duration, at_least("50ms")] = Field(
+        default=1.0, description="set_interval: shortest poll interval it may set"
+    )
+    max_interval: Annotated[Duration, at_least("50ms")] = Field(
+        default=3600.0, description="set_interval: longest poll interval it may set"
+    )
+    max_for: Annotated[Duration, at_least("1s")] = Field(
+        default=86400.0, description="set_interval: longest time a changed interval lasts"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> CommandsConfig:
+        if self.max_interval < self.min_interval:
+            raise ValueError("max_interval must not be shorter than min_interval")
+        if len(set(self.allow)) != len(self.allow):
+            raise ValueError("a command is listed twice in 'allow'")
+        return self
+
+
 class AgentConfig(StrictModel):
     """The root of the config file."""
 
@@ -475,6 +524,7 @@ class AgentConfig(StrictModel):
         default_factory=list, description="GPIO outputs driven by alarms"
     )
     gpio: GpioConfig = Field(default_factory=GpioConfig)
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:

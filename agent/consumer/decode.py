@@ -96,8 +96,9 @@ class Context:
             self.info.popitem(last=False)
 
 
-Decoder = Callable[[str, bytes, Context], Record]
-"""(topic, payload, context) → :class:`Record`; raises :class:`Invalid`."""
+Decoder = Callable[[str, bytes, Context], "Record | None"]
+"""(topic, payload, context) → :class:`Record`, or None for a message that is not the
+consumer's (a downlink command or its answer); raises :class:`Invalid`."""
 
 Expander = Callable[[dict[str, Any], Context], dict[str, Any]]
 """A validated payload of a kind not stored as it comes → its native shape; raises
@@ -208,15 +209,18 @@ def native_filters(prefix: str) -> list[str]:
     return [f"{prefix}/+/#"]
 
 
-def decode_native(topic: str, payload: bytes, ctx: Context) -> Record:
+def decode_native(topic: str, payload: bytes, ctx: Context) -> Record | None:
     """A message of the native JSON contract (``docs/mqtt.md``): the topic taken apart
     (:func:`agent.contract.topics.parse_topic`), the payload validated against the schema
     it names, which must be one its topic carries, and whose ``gateway`` (and ``device``)
-    must be the topic's; raise :class:`Invalid`."""
+    must be the topic's; raise :class:`Invalid`. Downlink commands and their answers
+    (``cmd/…``) pass between the platform and the gateway and are not recorded: None."""
     parsed = parse_topic(topic, ctx.prefix)
     if parsed is None:
         raise Invalid("not a topic of the contract")
     kind = parsed.kind
+    if kind.name == "cmd":
+        return None
     device = parsed.ids[0] if parsed.ids else None
     if len(payload) > MAX_PAYLOAD:
         raise Invalid(f"payload of {len(payload)} bytes, over {MAX_PAYLOAD}")

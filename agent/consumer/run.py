@@ -19,13 +19,17 @@ STATS_EVERY_S = 30.0
 
 
 def decode_batch(batch: list[Incoming], fmt: Format, ctx: Context) -> list[Item]:
-    """Each message decoded by ``fmt``, or :class:`Rejected` with the reason."""
+    """Each message decoded by ``fmt``, or :class:`Rejected` with the reason; messages
+    that are not the consumer's (commands) are left out."""
     out: list[Item] = []
     for m in batch:
         try:
-            out.append(fmt.decode(m.topic, m.payload, ctx))
+            record = fmt.decode(m.topic, m.payload, ctx)
         except Invalid as exc:
             out.append(Rejected(m.topic, str(exc), m.payload[:HEAD]))
+        else:
+            if record is not None:
+                out.append(record)
     return out
 
 

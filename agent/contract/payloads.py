@@ -34,6 +34,8 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "status": 1,
     "info": 1,
     "availability": 1,
+    "command_request": 1,
+    "command_response": 1,
 }
 """The version of each payload kind's schema. A version changes when a member is added,
 removed or changes meaning; the old file stays in ``docs/schemas/``."""
@@ -147,6 +149,44 @@ def notice(
     }
     if unsynced:
         doc["clock"] = "unsynced"
+    return _dumps(doc)
+
+
+def command_response(
+    gateway: str,
+    command: str,
+    request_id: str | None,
+    ts_ms: int,
+    result: Mapping[str, Any] | None = None,
+    reason: str | None = None,
+    message: str = "",
+) -> dict[str, Any]:
+    """The answer to one command request (on ``cmd/{name}/response``) as a JSON-ready
+    object: ``ok`` with ``result``, or not ``ok`` with ``reason`` (a code, one of
+    :data:`agent.contract.schemas.COMMAND_REASONS`); ``message`` is for people. The
+    encoding is :func:`dumps` (MQTT) or a format's own."""
+    doc: dict[str, Any] = {
+        "schema": schema_id("command_response"),
+        "gateway": gateway,
+        "command": command,
+        "id": request_id,
+        "ok": reason is None,
+    }
+    if reason is None:
+        doc["result"] = dict(result or {})
+    else:
+        doc["reason"] = reason
+    doc["message"] = message
+    doc["ts"] = iso_ms(ts_ms)
+    return doc
+
+
+def dumps(doc: Mapping[str, Any]) -> bytes:
+    """Compact strict JSON of a payload object (no NaN or Infinity, RFC 8259 section 6).
+
+    Raises:
+        ValueError: a non-finite float in ``doc``.
+    """
     return _dumps(doc)
 
 

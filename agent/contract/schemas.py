@@ -408,6 +408,42 @@ def _waveform() -> dict[str, Any]:
 
 
 IDS = {"type": "array", "items": ID}
+COMMAND_REASONS = [
+    "malformed",
+    "unknown_command",
+    "not_allowed",
+    "retained",
+    "too_old",
+    "from_future",
+    "clock_unsynced",
+    "interrupted",
+    "unknown_device",
+    "unknown_point",
+    "unknown_alarm",
+    "not_writable",
+    "out_of_range",
+    "unsupported",
+    "busy",
+    "failed",
+]
+"""Every ``reason`` a command is refused for (``docs/mqtt.md``, Commands)."""
+COMMAND_ID = {
+    "type": "string",
+    "pattern": "^[!-~]{1,128}$",
+    "description": "the request's own id: 1 to 128 printable ASCII characters, no space",
+}
+SENT_AT = {
+    "type": "string",
+    "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"(Z|\+00:00)$",
+    "description": "when the platform sent the request: UTC, ISO 8601 (Z or +00:00)",
+}
+DURATION = {
+    "type": "string",
+    "pattern": r"^[0-9]+(\.[0-9]+)?\s*(ms|s|min|h)$",
+    "maxLength": 32,
+    "description": "a number with a unit: ms, s, min, h (e.g. '30s', '5min')",
+}
 ALARM_KEYS = {"type": "array", "items": {"type": "string"}}
 NOTICE_TYPES: dict[str, dict[str, Any]] = {
     "dropped": {
@@ -453,6 +489,36 @@ NOTICE_TYPES: dict[str, dict[str, Any]] = {
             "description": "config keys changed but applied only at the next start",
         },
     },
+    "command": {
+        "command": {"type": "string", "maxLength": 64, "description": "the command's name"},
+        "request_id": {
+            "type": ["string", "null"],
+            "maxLength": 128,
+            "description": "the request's id (null: it had none that could be read)",
+        },
+        "ok": {"type": "boolean", "description": "whether it was carried out"},
+        "reason": {
+            "anyOf": [{"enum": COMMAND_REASONS}, {"type": "null"}],
+            "description": "why it was refused (a code of command_response's reason)",
+        },
+        "duplicate": {
+            "type": "boolean",
+            "description": "a request already carried out: answered again, not run again",
+        },
+    },
+    "commands_dropped": {
+        "count": {"type": "integer", "minimum": 1},
+        "reasons": {
+            "type": "object",
+            "properties": {
+                "rate": {"type": "integer", "minimum": 1},
+                "queue_full": {"type": "integer", "minimum": 1},
+                "bad_topic": {"type": "integer", "minimum": 1},
+            },
+            "additionalProperties": False,
+            "description": "how many were dropped, by cause",
+        },
+    },
     "reload_failed": {
         "errors": {
             "type": "array",
@@ -488,6 +554,98 @@ def _notice() -> dict[str, Any]:
     return {
         **_head("notice", "Gateway notice", "An event of the gateway itself."),
         **_obj(["seq", "schema", "gateway", "type", "message", "ts"], props, allOf=rules),
+    }
+
+
+COMMAND_ARGS: dict[str, dict[str, Any]] = {
+    "ping": {},
+    "read": {"device": ID},
+    "ack": {
+        "alarms": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 129},
+            "maxItems": 1000,
+            "description": "alarms (device/rule) to acknowledge; absent: every alarm",
+        }
+    },
+    "set_interval": {
+        "device": ID,
+        "interval": {**DURATION, "description": "the poll interval for a while"},
+        "for": {**DURATION, "description": "how long, then back to the configured one"},
+    },
+    "write": {
+        "device": ID,
+        "point": ID,
+        "value": {
+            "type": ["number", "boolean"],
+            "description": "engineering units (raw × scale + offset), within the point's "
+            "min and max; true/false for a coil",
+        },
+    },
+    "reload": {},
+}
+"""The members each command takes besides ``id`` and ``sent_at`` (all required but
+``ack``'s ``alarms``)."""
+
+
+def _command_request() -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "schema": _schema_const("command_request"),
+        "id": COMMAND_ID,
+        "sent_at": SENT_AT,
+    }
+    for members in COMMAND_ARGS.values():
+        for name, spec in members.items():
+            props.setdefault(name, spec)
+    return {
+        **_head(
+            "command_request",
+            "Command request",
+            "What the platform publishes on {prefix}/{gateway_id}/cmd/{name} (the command "
+            "is the topic's last level; its members are listed in docs/mqtt.md). 'schema' "
+            "may be left out. At most 64 KiB.",
+        ),
+        **_obj(["id", "sent_at"], props),
+    }
+
+
+def _command_response() -> dict[str, Any]:
+    props = {
+        "schema": _schema_const("command_response"),
+        "gateway": ID,
+        "command": {"type": "string", "maxLength": 64},
+        "id": {
+            "type": ["string", "null"],
+            "maxLength": 128,
+            "description": "the request's id; null when it had none that could be read",
+        },
+        "ok": {"type": "boolean"},
+        "result": {"type": "object", "description": "what the command did (docs/mqtt.md)"},
+        "reason": {"enum": COMMAND_REASONS, "description": "why it was refused"},
+        "message": {"type": "string", "description": "for people"},
+        "duplicate": {
+            "const": True,
+            "description": "the request's id was seen before: this is the first answer "
+            "again; the command was not run again",
+        },
+        "ts": TS,
+    }
+    rules = [
+        {
+            "if": {"properties": {"ok": {"const": True}}},
+            "then": {"required": ["result"], "not": {"required": ["reason"]}},
+            "else": {"required": ["reason"], "not": {"required": ["result"]}},
+        }
+    ]
+    return {
+        **_head(
+            "command_response",
+            "Command response",
+            "The gateway's answer to one command request, on "
+            "{prefix}/{gateway_id}/cmd/{name}/response (or an MQTT 5 Response Topic below "
+            "it), QoS 1, not retained.",
+        ),
+        **_obj(["schema", "gateway", "command", "id", "ok", "message", "ts"], props, allOf=rules),
     }
 
 
@@ -777,6 +935,8 @@ BUILDERS = {
     "status": _status,
     "info": _info,
     "availability": _availability,
+    "command_request": _command_request,
+    "command_response": _command_response,
 }
 
 

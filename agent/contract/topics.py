@@ -1,6 +1,7 @@
 """Every MQTT topic of the platform contract, built in one place (``docs/mqtt.md``).
 
-Topics are ``{prefix}/{gateway_id}/{kind}[/{device_id}[/{rule_id}]]``. Every level but the
+Topics are ``{prefix}/{gateway_id}/{kind}[/{device_id}[/{rule_id}]]``; downlink commands
+``{prefix}/{gateway_id}/cmd/{name}[/response]``. Every level but the
 prefix's is an id of the safe set (letters, digits, ``-``, ``_``, ``.``), checked by the
 config, so no level can hold a wildcard (``+``, ``#``), a ``/`` or a NUL (MQTT 3.1.1
 section 4.7.1, MQTT 5.0 section 4.7.1).
@@ -69,6 +70,34 @@ def availability_topic(prefix: str, gateway_id: str, device_id: str) -> str:
     return f"{prefix}/{gateway_id}/availability/{device_id}"
 
 
+def command_filter(prefix: str, gateway_id: str) -> str:
+    """``{prefix}/{gateway_id}/cmd/+``: the topic filter of the downlink command requests
+    (subscribed with QoS 1; ``+`` matches exactly one level, MQTT 3.1.1 section 4.7.1.3)."""
+    return f"{prefix}/{gateway_id}/cmd/+"
+
+
+def command_topic(prefix: str, gateway_id: str, name: str) -> str:
+    """``{prefix}/{gateway_id}/cmd/{name}``: requests of command ``name`` (the platform
+    publishes them)."""
+    return f"{prefix}/{gateway_id}/cmd/{name}"
+
+
+def command_response_topic(prefix: str, gateway_id: str, name: str) -> str:
+    """``{prefix}/{gateway_id}/cmd/{name}/response``: the answers to requests of command
+    ``name``, QoS 1, not retained, without ``seq`` (not buffered)."""
+    return f"{prefix}/{gateway_id}/cmd/{name}/response"
+
+
+def command_name_of(topic: str, prefix: str, gateway_id: str) -> str | None:
+    """The command named by request topic ``topic`` (``{prefix}/{gateway_id}/cmd/{name}``
+    with ``name`` an id of the safe set), or None. Pure."""
+    head = f"{prefix}/{gateway_id}/cmd/"
+    if not topic.startswith(head):
+        return None
+    name = topic[len(head) :]
+    return name if _ID.fullmatch(name) else None
+
+
 @dataclass(frozen=True, slots=True)
 class TopicKind:
     """One kind of topic of the contract.
@@ -102,9 +131,13 @@ TOPIC_KINDS: dict[str, TopicKind] = {
         TopicKind("waveform", 1, 1, False, True, ("waveform",)),
         TopicKind("availability", 1, 1, True, False, ("availability",)),
         TopicKind("alarms", 2, 1, True, False, ("alarm_state",)),
+        TopicKind("cmd", 1, 1, False, False, ("command_request",)),
     )
 }
 """Every topic kind under ``{prefix}/{gateway_id}/``."""
+
+COMMAND_RESPONSE = TopicKind("cmd", 2, 1, False, False, ("command_response",))
+"""``cmd/{name}/response`` (and, with an MQTT 5 Response Topic, the topics below it)."""
 
 
 _ID = re.compile(NAME_PATTERN)
@@ -130,6 +163,8 @@ def parse_topic(topic: str, prefix: str) -> ParsedTopic | None:
     if len(levels) < 2:
         return None
     kind = TOPIC_KINDS.get(levels[1])
+    if kind is not None and kind.name == "cmd" and len(levels) >= 4 and levels[3] == "response":
+        kind, levels = COMMAND_RESPONSE, levels[:4]
     if kind is None or len(levels) != 2 + kind.ids:
         return None
     if not all(_ID.fullmatch(level) for level in (levels[0], *levels[2:])):

@@ -83,6 +83,17 @@ class ModbusPoint(StrictModel):
     length: int | None = Field(
         default=None, ge=1, le=250, description="For type string: characters (2 per register)"
     )
+    writable: bool = Field(
+        default=False,
+        description="The platform may write this point with the 'write' command (a coil, or "
+        "a holding register of a numeric type; needs 'min' and 'max' for registers)",
+    )
+    min: int | float | None = Field(
+        default=None, allow_inf_nan=False, description="Writable points: least value written"
+    )
+    max: int | float | None = Field(
+        default=None, allow_inf_nan=False, description="Writable points: greatest value written"
+    )
     modicon: str | None = Field(
         default=None,
         alias="register",
@@ -144,7 +155,40 @@ class ModbusPoint(StrictModel):
             )
         if self.address + need - 1 > 65535:
             raise ValueError(f"address {self.address} + {need} register(s) runs past 65535")
+        self._check_writable()
         return self
+
+    def _check_writable(self) -> None:
+        """``writable``: a coil (FC 5), or a holding register (FC 6/16) of a numeric type
+        with ``min`` ≤ ``max`` in engineering units (Modbus Application Protocol V1.1b3,
+        6.5, 6.6, 6.12); no register holding a bit, text, a counter or a decimal-point
+        reference (a write could not be read back the way it was meant)."""
+        limits = self.min is not None or self.max is not None
+        if not self.writable:
+            if limits:
+                raise ValueError("'min' and 'max' limit writes: they need 'writable: true'")
+            return
+        if self.table == "coil":
+            if limits:
+                raise ValueError("a writable coil is on or off: leave out 'min' and 'max'")
+            return
+        if self.table != "holding":
+            raise ValueError(
+                f"a {self.table} cannot be written (Modbus writes coils and holding "
+                "registers only): remove 'writable'"
+            )
+        if self.type in ("bit", "string") or self.counter or self.decimal_point is not None:
+            raise ValueError(
+                "writable registers hold a plain number: not type bit or string, not a "
+                "counter, no decimal_point"
+            )
+        if self.min is None or self.max is None:
+            raise ValueError(
+                "a writable register needs 'min' and 'max' (engineering units): the "
+                "'write' command refuses values outside them"
+            )
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
 
     @property
     def register_count(self) -> int:
