@@ -18,6 +18,12 @@ a packet a server never sends unasked (a PUBLISH matching no subscription of our
 for no QoS 2 message of the broker's, a PINGREQ) or one that cannot be decoded drops the
 connection; one wake-up of the loop reads at most :data:`PACKETS_PER_READ` packets. Each
 such drop is a lost connection: the usual reconnect with backoff, nothing buffered lost.
+
+Output formats (``mqtt.format``): the native contract is published as it is handed in; any
+other format is a :class:`WireFormat` (``agent.sparkplug.node`` for ``sparkplug_b``) that
+:meth:`MqttLink.publish` applies to each message, that gives the will of each CONNECT and
+the messages that follow each CONNACK, and that takes the commands of its own
+subscriptions. The buffer, the publisher's order and the alarms see native messages only.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -46,6 +52,7 @@ from agent.config.model import MqttConfig
 log = logging.getLogger(__name__)
 
 PubackHandler = Callable[[int, bool, str], None]
+MessageHandler = Callable[["Inbound"], None]
 
 MAX_INBOUND_PACKET = 65536
 """Largest MQTT packet taken from the broker, bytes, fixed header included (the Packet
@@ -57,6 +64,73 @@ READ_CHUNK = 65536
 PACKETS_PER_READ = 100
 """Most packets handled in one wake-up of the event loop; a TLS socket still holding
 decrypted bytes is read again at the next loop iteration (``call_soon``)."""
+
+
+SUBSCRIBE_QOS = 1
+"""QoS of every subscription: at least once."""
+REBIRTH_MIN_S = 2.0
+"""Shortest time between two births a format makes on request (a flood of requests is
+answered by one birth at the end of the interval)."""
+
+
+class Inbound:
+    """One PUBLISH received on a subscription.
+
+    Attributes:
+        topic: its topic name.
+        payload: its payload (at most :data:`MAX_INBOUND_PACKET` bytes).
+        retain: its RETAIN flag: set when the broker sends a retained message on
+            subscribing (MQTT 3.1.1 section 3.3.1.3, MQTT 5.0 section 3.3.1.3).
+        response_topic: MQTT 5 Response Topic property (section 3.3.2.3.5), or None.
+        correlation: MQTT 5 Correlation Data property (section 3.3.2.3.6), or None.
+    """
+
+    __slots__ = ("correlation", "payload", "response_topic", "retain", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        retain: bool,
+        response_topic: str | None = None,
+        correlation: bytes | None = None,
+    ) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.retain = retain
+        self.response_topic = response_topic
+        self.correlation = correlation
+
+
+class WireFormat(Protocol):
+    """An output format other than the native contract (``mqtt.format``)."""
+
+    @property
+    def command_filters(self) -> list[str]:
+        """Topic filters of the commands this format takes (subscribed after every
+        CONNACK)."""
+
+    def configure(self, devices: list[Any]) -> None:
+        """The configured devices after a config reload (the next births carry them)."""
+
+    def will(self) -> tuple[str, bytes]:
+        """The will (topic, payload; QoS 1, not retained) of the next CONNECT."""
+
+    def births(self) -> list[tuple[str, bytes]]:
+        """Messages (QoS 0, not retained) that go first after a CONNACK, or when
+        :meth:`command` asks for them."""
+
+    def outbound(self, topic: str, body: bytes) -> list[tuple[str, bytes, int, bool]]:
+        """One native message as (topic, payload, QoS, retain) messages of the format;
+        the one with QoS 1 stands for it. Empty: no form in this format."""
+
+    def resequence(self, topic: str, payload: bytes) -> bytes | None:
+        """A message of an earlier connection that goes again after the births, as it
+        must read now (None: unchanged)."""
+
+    def command(self, topic: str, payload: bytes) -> bool:
+        """A command on :attr:`command_filters`; True when it asks for the births
+        again. Raises ValueError for a payload that is not of the format."""
 
 
 class BrokerViolation(OSError):
@@ -91,6 +165,14 @@ class BoundedClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self.subscriptions: list[str] = []
         self.violation: tuple[str, str] | None = None
+        self.before_connect_packet: Callable[[], None] | None = None
+        """Called just before each CONNECT packet is built (after TCP and TLS are up):
+        the will of a format that counts CONNECT packets (Sparkplug's bdSeq)."""
+
+    def _send_connect(self, keepalive: int) -> MQTTErrorCode:
+        if self.before_connect_packet is not None:
+            self.before_connect_packet()
+        return super()._send_connect(keepalive)
 
     def _refuse(self, key: str, text: str) -> MQTTErrorCode:
         self.violation = (key, text)
@@ -119,6 +201,13 @@ class BoundedClient(mqtt.Client):
                     f"sent a PUBLISH on {topic[:80]!r}, which this client never subscribed "
                     "to (a server sends PUBLISH only for matching subscriptions, MQTT 3.1.1 "
                     "and 5.0 section 3.3)",
+                )
+            qos = (self._in_packet["command"] & 0x06) >> 1
+            if qos > SUBSCRIBE_QOS:
+                return self._refuse(
+                    "publish_qos",
+                    f"sent a PUBLISH with QoS {qos} on {topic[:80]!r}, above the QoS "
+                    f"{SUBSCRIBE_QOS} subscribed with (MQTT 3.1.1 and 5.0 section 3.8.4)",
                 )
         elif cmd == mqtt.PINGREQ:
             return self._refuse(
@@ -186,6 +275,9 @@ class MqttLink:
     Attributes:
         on_connected: called (in the loop) after every successful CONNACK.
         on_puback: called with ``(mid, ok, reason)`` when a QoS 1 publish is acknowledged.
+        on_message: called (in the loop) with each :class:`Inbound` PUBLISH received on
+            :attr:`BoundedClient.subscriptions` that no format takes; it must not block.
+        format: the output format (None: the native contract; :meth:`use_format`).
     """
 
     def __init__(
@@ -201,6 +293,13 @@ class MqttLink:
         self.client_id = client_id
         self.on_connected: Callable[[], None] = lambda: None
         self.on_puback: PubackHandler = lambda mid, ok, reason: None
+        self.on_message: MessageHandler = lambda msg: None
+        self.format: WireFormat | None = None
+        self._no_form_mid = 0
+        self._last_birth = 0.0
+        self._birth_timer: asyncio.TimerHandle | None = None
+        self.births = 0
+        """Births a format made on request (rebirths) since the start."""
         self.connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[bool] | None = None
@@ -253,6 +352,8 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         c.on_socket_open = self._on_socket_open
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._on_register_write
@@ -363,7 +464,18 @@ class MqttLink:
             self._disconnected.clear()
             self.connected.set()
             self._log_connected()
+            fmt = self.format
+            if fmt is not None:  # the format's births go first
+                for topic, payload in fmt.births():
+                    self.client.publish(topic, payload, qos=0)
+                self._last_birth = time.monotonic()
+            # clean session or not: subscribe again after every CONNACK (a broker that
+            # lost a persistent session would otherwise leave the client deaf)
+            for topic_filter in self.client.subscriptions:
+                self.client.subscribe(topic_filter, qos=SUBSCRIBE_QOS)
             self.on_connected()
+            if fmt is not None:
+                self._resequence(fmt)
         else:
             self._problem(
                 logging.ERROR,
@@ -514,6 +626,99 @@ class MqttLink:
     def _puback(self, mid: int, ok: bool, reason: str) -> None:
         self.on_puback(mid, ok, reason)
 
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        refused = [str(r) for r in reasons if getattr(r, "is_failure", False)]
+        if refused:  # MQTT 3.1.1 section 3.9.3 (0x80), MQTT 5.0 section 3.9.3
+            self._call(
+                log.error,
+                "broker %s:%d refused the subscription to %s (%s): commands do not "
+                "arrive; check the broker's ACL for this client",
+                self.cfg.host,
+                self.port,
+                ", ".join(self.client.subscriptions),
+                ", ".join(refused),
+            )
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # paho reads packets on the loop's thread only (read_packets from _read)
+        fmt = self.format
+        if fmt is not None and any(
+            mqtt.topic_matches_sub(f, msg.topic) for f in fmt.command_filters
+        ):
+            self._format_command(fmt, msg.topic, bytes(msg.payload), bool(msg.retain))
+            return
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None) if props is not None else None
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        self.on_message(
+            Inbound(
+                msg.topic,
+                bytes(msg.payload),
+                bool(msg.retain),
+                response if isinstance(response, str) else None,
+                bytes(corr) if isinstance(corr, bytes | bytearray) else None,
+            )
+        )
+
+    def _format_command(self, fmt: WireFormat, topic: str, payload: bytes, retain: bool) -> None:
+        """A command of the format: a request for births is answered on this connection
+        (no reconnect), at most once per :data:`REBIRTH_MIN_S`; a retained one is
+        ignored (it was stored before this session, its sender is not waiting)."""
+        if retain:
+            log.info("ignored a retained command on %s", topic[:200])
+            return
+        try:
+            wanted = fmt.command(topic, payload)
+        except ValueError as exc:
+            log.warning("ignored a command on %s: %s", topic[:200], exc)
+            return
+        if not wanted or self._birth_timer is not None:
+            return
+        wait = self._last_birth + REBIRTH_MIN_S - time.monotonic()
+        if wait > 0:
+            self._birth_timer = self._loop.call_later(wait, self._rebirth)
+        else:
+            self._rebirth()
+
+    def _rebirth(self) -> None:
+        self._birth_timer = None
+        fmt = self.format
+        if fmt is None or not self.connected.is_set():
+            return  # the next CONNACK brings the births
+        log.info("births sent again on request (same connection)")
+        for topic, payload in fmt.births():
+            self.client.publish(topic, payload, qos=0)
+        self._last_birth = time.monotonic()
+        self.births += 1
+
+    def _resequence(self, fmt: WireFormat) -> None:
+        """After the births of a CONNACK: the messages of the earlier connection that
+        paho sends again now (after this callback, in their order) read as the format
+        needs (Sparkplug: the next ``seq``). paho keeps them in ``_out_messages`` (2.2.0),
+        state ``mqtt_ms_publish`` once reset for a resend."""
+        for m in self.client._out_messages.values():
+            if m.state == mqtt.mqtt_ms_publish:
+                payload = fmt.resequence(m.topic, bytes(m.payload))
+                if payload is not None:
+                    m.payload = payload
+
+    def use_format(self, fmt: WireFormat) -> None:
+        """Publish in ``fmt`` from now on (before :meth:`run`): its will, its births,
+        its commands. paho then queues nothing (no in-flight limit of its own: the
+        publisher's window bounds the buffered rows), so that every message goes on the
+        wire in the order it was published."""
+        self.format = fmt
+        self.client.max_inflight_messages_set(0)
+
+        def will() -> None:  # on the connecting thread, before the CONNECT packet
+            topic, payload = fmt.will()
+            self.client.will_set(topic, payload, qos=1, retain=False)
+
+        self.client.before_connect_packet = will
+        self.client.subscriptions.extend(fmt.command_filters)
+
     # -- public ---------------------------------------------------------------------------
 
     def _attempt(self, first: bool) -> None:
@@ -529,8 +734,17 @@ class MqttLink:
                 # MQTT 5.0 section 3.1.2.11.4 (paho leaves Properties untyped)
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.MaximumPacketSize = MAX_INBOUND_PACKET
+            # a format's session starts clean every time (Sparkplug 3.0,
+            # tck-id-message-flow-edge-node-birth-publish-connect: Clean Start, no expiry)
+            # (MQTT 3.1.1: clean_session, which the config requires for such a format)
+            v5_format = self.format is not None and self.cfg.protocol == "5"
+            clean = True if v5_format else mqtt.MQTT_CLEAN_START_FIRST_ONLY
             self.client.connect(
-                self.cfg.host, self.port, keepalive=int(self.cfg.keepalive), properties=props
+                self.cfg.host,
+                self.port,
+                keepalive=int(self.cfg.keepalive),
+                properties=props,
+                clean_start=clean,
             )
         else:
             self.client.reconnect()
@@ -592,14 +806,32 @@ class MqttLink:
         return not self.connected.is_set() and (self.failed_attempts > 0 or self.ever_connected)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
-        """Queue a publish; return its message id (PUBACK arrives via ``on_puback``)."""
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
-        return int(info.mid)
+        """Queue a publish; return its message id (PUBACK arrives via ``on_puback``).
+
+        With a :attr:`format`, the message as the format has it: the id is that of its
+        QoS 1 message; a message with no QoS 1 form gets a negative id, acknowledged
+        (``on_puback``) at the next loop iteration."""
+        fmt = self.format
+        if fmt is None:
+            info = self.client.publish(topic, payload, qos=qos, retain=retain)
+            return int(info.mid)
+        mid = None
+        for t, p, q, r in fmt.outbound(topic, payload):
+            info = self.client.publish(t, p, qos=q, retain=r)
+            if q > 0:
+                mid = int(info.mid)
+        if mid is None:
+            self._no_form_mid -= 1
+            mid = self._no_form_mid
+            self._loop.call_soon(self.on_puback, mid, True, "")
+        return mid
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Send DISCONNECT (the broker then discards the will) and close the socket."""
         self._stopping = True
         self._stop_event.set()
+        if self._birth_timer is not None:
+            self._birth_timer.cancel()
         if self.connected.is_set():
             self.client.disconnect()
             try:
