@@ -6,6 +6,7 @@ of the Eclipse Sparkplug Specification v3.0.0 (6.4) compiled here with protoc
 from __future__ import annotations
 
 import importlib.util
+import re
 import signal
 import sys
 import threading
@@ -367,3 +368,187 @@ def test_sparkplug_edge_node(
         host.close()
         native.close()
     assert "Traceback" not in agent.log()
+
+
+# -- the encoder alone (real SQLite-free parts: the native encoder's bodies, a state dir) ---
+
+
+def _cfg(tmp_path: Path, **mqtt: Any) -> Any:
+    from agent.config.model import AgentConfig
+
+    return AgentConfig.model_validate(
+        {
+            "gateway_id": "gw",
+            "state_dir": str(tmp_path),
+            "mqtt": mqtt,
+            "devices": [
+                {
+                    "id": "d1",
+                    "host": "127.0.0.1",
+                    "points": [
+                        {"name": "a", "address": 0, "unit": "m"},
+                        {"name": "b", "address": 1, "scale": 0.1},
+                        {"name": "big", "address": 2, "type": "uint64"},
+                    ],
+                }
+            ],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("mqtt", "error"),
+    [
+        ({"format": "sparkplug_b"}, "needs 'sparkplug: {group_id: ...}'"),
+        (
+            {"format": "sparkplug_b", "sparkplug": {"group_id": "g"}, "payload": "compact"},
+            "use payload: verbose",
+        ),
+        (
+            {"format": "sparkplug_b", "sparkplug": {"group_id": "g"}, "clean_session": False},
+            "needs clean_session: true",
+        ),
+        ({"sparkplug": {"group_id": "g"}}, "sparkplug applies to format: sparkplug_b"),
+        ({"format": "sparkplug_b", "sparkplug": {"group_id": "a/b"}}, "group_id"),
+    ],
+)
+def test_config_rules(tmp_path: Path, mqtt: dict[str, Any], error: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(error)):
+        _cfg(tmp_path, **mqtt)
+
+
+def _node(tmp_path: Path) -> Any:
+    from agent.sparkplug.node import sparkplug_node
+
+    cfg = _cfg(tmp_path, format="sparkplug_b", sparkplug={"group_id": "g"})
+    return sparkplug_node(cfg, b'{"schema":"info/1"}')
+
+
+def _connected(tmp_path: Path) -> Any:
+    """A node whose CONNECT (and so its will) went out."""
+    node = _node(tmp_path)
+    node.will()
+    return node
+
+
+def _telemetry(seq: int, results: list[Any], historical: bool = False) -> bytes:
+    from agent.buffer import payload_with_seq
+    from agent.contract.telemetry import TelemetryEncoder
+
+    enc = TelemetryEncoder("gw", "d1", {"a": "m", "b": None, "big": None})
+    return payload_with_seq(seq, enc.encode(1_700_000_000_000, results, None, historical))
+
+
+def test_encoder_bdseq_kept_and_wraps(tmp_path: Path, spb: ModuleType) -> None:
+    node = _node(tmp_path)
+    topic, will = node.will()
+    assert topic == "spBv1.0/g/NDEATH/gw"
+    death = spb.Payload.FromString(will)
+    assert value(metric(death, "bdSeq"), INT64) == 0 and not death.HasField("seq")
+    assert (tmp_path / "sparkplug_bdseq").read_text() == "0\n"
+    assert _node(tmp_path).bdseq == 0  # a restart goes on from the kept value
+    (tmp_path / "sparkplug_bdseq").write_text("255\n")
+    assert spb.Payload.FromString(_node(tmp_path).will()[1]).metrics[0].long_value == 0
+    (tmp_path / "sparkplug_bdseq").write_text("garbage")
+    assert _node(tmp_path).will()[1] and (tmp_path / "sparkplug_bdseq").read_text() == "0\n"
+
+
+def test_encoder_telemetry_quality_big_integers_historical(tmp_path: Path, spb: ModuleType) -> None:
+    from drivers.base import PointResult
+
+    node = _connected(tmp_path)
+    births = node.births()
+    assert [t for t, _ in births] == ["spBv1.0/g/NBIRTH/gw", "spBv1.0/g/DBIRTH/gw/d1"]
+    dbirth = spb.Payload.FromString(births[1][1])
+    aliases = {m.alias: m.name for m in dbirth.metrics}
+    assert metric(dbirth, "a").properties.keys == ["engUnit"]
+    assert metric(dbirth, "big").datatype == UINT64 and metric(dbirth, "b").datatype == DOUBLE
+    body = _telemetry(
+        7,
+        [
+            PointResult("a", 5),
+            PointResult("b", None, "timeout", "no answer in 1.0s"),
+            PointResult("big", 2**64 - 1),
+        ],
+        historical=True,
+    )
+    [(topic, payload, qos, retain)] = node.outbound("lifeline/gw/telemetry/d1", body)
+    assert (topic, qos, retain) == ("spBv1.0/g/DDATA/gw/d1", 1, False)
+    p = spb.Payload.FromString(payload)
+    assert p.seq == 2
+    got = {aliases[m.alias]: m for m in p.metrics}
+    assert all(m.is_historical and m.timestamp == 1_700_000_000_000 for m in got.values())
+    assert got["seq"].long_value == 7 and got["a"].long_value == 5
+    assert got["big"].long_value == 2**64 - 1
+    bad = got["b"]
+    assert bad.is_null and bad.WhichOneof("value") is None
+    props = dict(zip(bad.properties.keys, bad.properties.values, strict=True))
+    assert props["Quality"].type == 3 and props["Quality"].int_value == 0
+    assert props["qualityCode"].string_value == "timeout"
+
+
+def test_encoder_device_death_and_resequence(tmp_path: Path, spb: ModuleType) -> None:
+    from agent.contract import payloads
+    from drivers.base import PointResult
+
+    node = _connected(tmp_path)
+    node.births()  # seq 0, 1
+    offline = payloads.availability("gw", "d1", False, "timeout", "no answer", 1, 2)
+    [(topic, _, qos, _)] = node.outbound("lifeline/gw/availability/d1", offline)
+    assert topic == "spBv1.0/g/DDEATH/gw/d1" and qos == 0
+    assert node.outbound("lifeline/gw/availability/d1", offline) == []  # once
+    # a failed poll of a dead device: only its seq, on the node
+    failed = _telemetry(8, [PointResult("a", None, "timeout", "x")])
+    [(topic, payload, qos, _)] = node.outbound("lifeline/gw/telemetry/d1", failed)
+    assert topic == "spBv1.0/g/NDATA/gw" and qos == 1
+    assert [m.long_value for m in spb.Payload.FromString(payload).metrics] == [8]
+    # readings of a dead device taken before it died: framed by a birth and a death
+    framed = node.outbound("lifeline/gw/telemetry/d1", _telemetry(9, [PointResult("a", 1)]))
+    assert [(t.split("/")[2], q) for t, _, q, _ in framed] == [
+        ("DBIRTH", 0),
+        ("DDATA", 1),
+        ("DDEATH", 0),
+    ]
+    seqs = [spb.Payload.FromString(p).seq for _, p, _, _ in framed]
+    assert seqs == [4, 5, 6]
+    # a message of an earlier connection sent again after new births: the next seq
+    node.births()
+    again = node.resequence("spBv1.0/g/DDATA/gw/d1", framed[1][1])
+    assert again is not None and spb.Payload.FromString(again).seq == 1  # after the NBIRTH
+    assert node.resequence("spBv1.0/g/NDEATH/gw", node.death()) is None
+    # retained clears and alarm states have no Sparkplug form
+    assert node.outbound("lifeline/gw/alarms/d1/r1", b"") == []
+    assert node.outbound("lifeline/gw/status", b"online") == []
+    [(topic, _, qos, retain)] = node.outbound("lifeline/gw/status", b"offline")
+    assert (topic, qos, retain) == ("spBv1.0/g/NDEATH/gw", 1, False)
+
+
+def test_encoder_commands(tmp_path: Path, spb: ModuleType) -> None:
+    node = _node(tmp_path)
+    p = spb.Payload()
+    p.metrics.add(name="Node Control/Rebirth", datatype=BOOLEAN, boolean_value=True)
+    assert node.command("spBv1.0/g/NCMD/gw", p.SerializeToString()) is True
+    p.metrics[0].boolean_value = False
+    assert node.command("spBv1.0/g/NCMD/gw", p.SerializeToString()) is False
+    assert node.command("spBv1.0/g/DCMD/gw/d1", p.SerializeToString()) is False
+    for junk in (b"\xff\xff\xff", b"\x0a\x80\x80\x80\x80\x10", bytes(range(256))):
+        with pytest.raises(ValueError, match="not a Sparkplug B payload"):
+            node.command("spBv1.0/g/NCMD/gw", junk)
+
+
+def test_the_native_daemon_does_not_import_protobuf() -> None:
+    import subprocess
+
+    from tests.helpers import REPO
+
+    code = (
+        "import sys, agent.app, agent.cli; "
+        "bad = [m for m in sys.modules if m.startswith(('google', 'agent.sparkplug'))]; "
+        "print(bad); sys.exit(bool(bad))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
