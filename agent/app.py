@@ -202,10 +202,12 @@ class Agent:
             self.add_device(d, {p: v for (dev, p), v in stored.items() if dev == d.id})
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
         self.link = MqttLink(cfg.mqtt, client_id, self.status_topic, lambda: self.clock.synced)
+        node = None
         if cfg.mqtt.format == "sparkplug_b":  # protobuf is imported for this format only
             from agent.sparkplug.node import sparkplug_node
 
-            self.link.use_format(sparkplug_node(cfg, gateway_info(cfg, self.started_ms)))
+            node = sparkplug_node(cfg, gateway_info(cfg, self.started_ms))
+            self.link.use_format(node)
         self.publisher = Publisher(
             self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
         )
@@ -271,6 +273,10 @@ class Agent:
         """Downlink commands (:mod:`agent.commands`), on the link's subscription."""
         self.link.client.subscriptions.append(self.commands.topic_filter)
         self.link.on_message = self.commands.offer
+        if node is not None:  # a DCMD is the allow-listed write
+            node.on_write = lambda device, request: self.commands.offer_request(
+                "write", request, "sparkplug_b"
+            )
 
     @property
     def locked(self) -> bool:

@@ -533,6 +533,25 @@ def test_encoder_commands(tmp_path: Path, spb: ModuleType) -> None:
     p.metrics[0].boolean_value = False
     assert node.command("spBv1.0/g/NCMD/gw", p.SerializeToString()) is False
     assert node.command("spBv1.0/g/DCMD/gw/d1", p.SerializeToString()) is False
+    # a DCMD is the allow-listed write: each metric it names (by name or by the alias of
+    # the last DBIRTH) becomes a write request with an id a redelivery repeats
+    writes: list[tuple[str, dict[str, Any]]] = []
+    node.on_write = lambda device, request: writes.append((device, request))
+    alias = node.devices["d1"].metrics["a"].alias
+    d = spb.Payload(timestamp=1_700_000_000_000, seq=7)
+    d.metrics.add(alias=alias, double_value=4.25)
+    d.metrics.add(name="b", long_value=3)
+    d.metrics.add(name="seq", long_value=1)  # not a point: logged, not written
+    d.metrics.add(name="nope", long_value=1)
+    assert node.command("spBv1.0/g/DCMD/gw/d1", d.SerializeToString()) is False
+    assert writes == [
+        ("d1", {"id": "spb-d1-1700000000000-7-0", "sent_at": "2023-11-14T22:13:20.000Z",
+                "device": "d1", "point": "a", "value": 4.25}),
+        ("d1", {"id": "spb-d1-1700000000000-7-1", "sent_at": "2023-11-14T22:13:20.000Z",
+                "device": "d1", "point": "b", "value": 3}),
+    ]  # fmt: skip
+    assert node.command("spBv1.0/g/DCMD/gw/other", d.SerializeToString()) is False
+    assert len(writes) == 2
     for junk in (b"\xff\xff\xff", b"\x0a\x80\x80\x80\x80\x10", bytes(range(256))):
         with pytest.raises(ValueError, match="not a Sparkplug B payload"):
             node.command("spBv1.0/g/NCMD/gw", junk)

@@ -106,7 +106,9 @@ class Commands:
         self.gateway_id = agent.cfg.gateway_id
         self.topic_filter = command_filter(self.prefix, self.gateway_id)
         """What the MQTT link subscribes to."""
-        self._queue: collections.deque[tuple[str, Inbound]] = collections.deque()
+        self._queue: collections.deque[tuple[str, Inbound | tuple[dict[str, Any], str]]] = (
+            collections.deque()
+        )
         self._ready = asyncio.Event()
         self._tokens = float(agent.cfg.commands.burst)
         self._filled_at = time.monotonic()
@@ -132,6 +134,16 @@ class Commands:
         if name is None:
             self._drop("bad_topic")
             return
+        self._enqueue(name, msg)
+
+    def offer_request(self, name: str, request: dict[str, Any], source: str) -> None:
+        """A request a format decoded from its own command (a Sparkplug DCMD): queued under
+        the same rate and queue bounds as :meth:`offer`, run by :meth:`execute` (so allowed,
+        limited and at most once per ``id`` alike); its answer is the ``command`` notice
+        (the format has no response message)."""
+        self._enqueue(name, (request, source))
+
+    def _enqueue(self, name: str, item: Inbound | tuple[dict[str, Any], str]) -> None:
         cfg = self.agent.cfg.commands
         now = time.monotonic()
         self._tokens = min(cfg.burst, self._tokens + (now - self._filled_at) * cfg.rate)
@@ -143,7 +155,7 @@ class Commands:
             self._drop("queue_full")
             return
         self._tokens -= 1.0
-        self._queue.append((name, msg))
+        self._queue.append((name, item))
         self._ready.set()
 
     def _drop(self, cause: str) -> None:
@@ -177,8 +189,12 @@ class Commands:
                 if time.monotonic() - self._reported_at >= DROP_REPORT_S:
                     self._report_drops()
                 continue
-            name, msg = self._queue.popleft()
-            await self._answer_mqtt(name, msg)
+            name, item = self._queue.popleft()
+            if isinstance(item, tuple):
+                request, source = item
+                await self.execute(name, request, source)
+            else:
+                await self._answer_mqtt(name, item)
 
     async def _answer_mqtt(self, name: str, msg: Inbound) -> None:
         try:

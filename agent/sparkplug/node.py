@@ -49,14 +49,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.config.model import AgentConfig
 from agent.contract.topics import parse_topic
-from agent.readings import parse_iso_ms
+from agent.readings import iso_ms, parse_iso_ms
 from agent.sparkplug.proto import (
     BOOLEAN,
     DOUBLE,
@@ -150,6 +150,9 @@ class SparkplugNode:
         self.dead: set[str] = set()
         """Devices whose last state was a DDEATH (no DBIRTH since)."""
         self._born = False
+        self.on_write: Callable[[str, dict[str, Any]], None] = lambda device, request: None
+        """Called with (device id, a ``write`` request of the command layer) for each
+        metric of a DCMD (``agent.commands``: allow-listed, limits, at most once per id)."""
         self.info = ""
         self.node: dict[str, _Metric] = {}
         self.devices: dict[str, _Device] = {}
@@ -436,7 +439,11 @@ class SparkplugNode:
     def command(self, topic: str, payload: bytes) -> bool:
         """An NCMD or DCMD received: True for a rebirth request (NCMD with ``Node
         Control/Rebirth`` true, [tck-id-operational-behavior-data-commands-ncmd-rebirth-
-        name, -value]). A DCMD is logged and not carried out.
+        name, -value]). Each metric of a DCMD of a configured device, named or by its
+        alias of the last DBIRTH [tck-id-payloads-alias-data-cmd-requirement], goes to
+        :attr:`on_write` as a ``write`` request (id from the topic, the payload's
+        timestamp and seq and the metric, so that a DCMD delivered twice writes once;
+        ``sent_at`` the payload's timestamp); metrics it does not know are logged.
 
         Raises:
             ValueError: the payload is not a Sparkplug B payload.
@@ -447,12 +454,40 @@ class SparkplugNode:
             raise ValueError(f"not a Sparkplug B payload: {exc}") from None
         if "/NCMD/" in topic:
             return any(m.name == REBIRTH and m.boolean_value for m in p.metrics)
-        log.warning(
-            "Sparkplug DCMD on %s not carried out: writes to devices are not enabled for "
-            "the sparkplug_b format",
-            topic[:200],
-        )
+        device = topic.rsplit("/", 1)[-1]
+        d = self.devices.get(device)
+        if d is None:
+            log.warning("Sparkplug DCMD for a device not configured: %s", topic[:200])
+            return False
+        by_alias = {m.alias: m for m in d.metrics.values()}
+        ts = p.timestamp or int(time.time() * 1000)
+        for k, metric in enumerate(p.metrics[:MAX_DCMD_METRICS]):
+            m = d.metrics.get(metric.name) if metric.name else by_alias.get(metric.alias)
+            if m is None or m.name == SEQ_METRIC or m.name.endswith("/delta"):
+                log.warning(
+                    "Sparkplug DCMD on %s: no writable metric %r (alias %d)",
+                    topic[:200],
+                    metric.name[:100],
+                    metric.alias,
+                )
+                continue
+            kind = metric.WhichOneof("value")
+            value = getattr(metric, kind) if kind is not None else None
+            self.on_write(
+                device,
+                {
+                    "id": f"spb-{device}-{ts}-{p.seq}-{k}"[:128],
+                    "sent_at": iso_ms(ts),
+                    "device": device,
+                    "point": m.name,
+                    "value": value,
+                },
+            )
         return False
+
+
+MAX_DCMD_METRICS = 64
+"""Metrics of one DCMD taken (the rest are ignored): each is a write on a bus."""
 
 
 def sparkplug_node(cfg: AgentConfig, info: bytes) -> SparkplugNode:
