@@ -317,6 +317,8 @@ class SimProcess:
         self.port_file = workdir / "sim.port"
         self.stats_file = workdir / "sim.stats"
         self._asked = 0
+        for f in (self.port_file, self.stats_file):
+            f.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
