@@ -191,18 +191,18 @@ def run(
         pid = proc.pid
         try:
 
-            def all_published() -> bool:
+            def published(devs: int) -> bool:
+                """Whether ``devs`` devices have published; raises if the process ended."""
                 if proc.poll() is not None:
                     raise RuntimeError(
-                        f"{cmd[0]} exited with {proc.returncode}:\n"
+                        f"{' '.join(cmd[:5])} exited with {proc.returncode}:\n"
                         + (d / "process.log").read_text(errors="replace")[-3000:]
                     )
-                msgs = sub.messages()
-                return len({t for t, _, _ in msgs}) >= devices
+                return len({t for t, _, _ in sub.messages()}) >= devs
 
-            wait_until(sub.messages, 60, "a first reading", step=0.01)
+            wait_until(lambda: published(1), 60, "a first reading", step=0.01)
             first_reading = time.monotonic() - started
-            wait_until(all_published, 60, "every device's first reading")
+            wait_until(lambda: published(devices), 60, "every device's first reading")
             time.sleep(max(0.0, warmup - (time.monotonic() - started)))
             # the window: k whole intervals, starting half an interval after a poll
             last_ts = max(p[1] for t, b, _ in sub.messages()[-devices:] for p in polls_in(t, b))
