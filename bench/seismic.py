@@ -5,35 +5,68 @@ STA/LTA and a trigger per component, and the 0.1–10 Hz PGA/PGV pipeline; repea
 given length of record time and reports CPU seconds per second of record, i.e. the share
 of one core needed to keep up in real time.
 
-    .venv/bin/python -m bench.seismic --seconds 600
+Prints a table and appends the figures to ``bench/results/seismic.jsonl``.
+
+    .venv/bin/python -m bench.seismic --seconds 600 --runs 3
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.seismic import GroundMotion, RecursiveStaLta, SeismicProcessor, Trigger
+from bench import common
 from drivers.seismic_stream import SeismicDevice, SeismicSerialReader, ascii_frame
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "seismic"
 PER_COUNT = (1.1682748289245507e-06, 1.1682281943836448e-06, 1.1687419361571917e-06)
 
 
+COLUMNS = [
+    ("run", "run"),
+    ("record_seconds", "record s"),
+    ("cpu_s", "processing CPU-s"),
+    ("cpu_s_per_s", "CPU-s per s of data"),
+    ("with_frame_parsing_cpu_s_per_s", "with frame parsing"),
+    ("us_per_sample_triplet", "µs per triplet"),
+    ("load", "load 1/5/15"),
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=600.0, help="record time to process")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--results", type=Path)
     args = ap.parse_args()
+    runs = []
+    for i in range(args.runs):
+        fig = {"run": i + 1, "load": common.load(), **measure(args.seconds)}
+        common.record("seismic", fig, args.results)
+        runs.append(fig)
+        print(common.table([fig], COLUMNS), flush=True)
+    if len(runs) > 1:
+        med = {**common.median_of(runs), "run": "median", "summary": True}
+        med["loads"] = [r["load"] for r in runs]
+        common.record("seismic", med, args.results)
+        print(f"\nmedian of {len(runs)} runs:")
+        print(common.table([med], COLUMNS))
+
+
+def measure(seconds: float) -> dict[str, Any]:
+    """CPU seconds for ``seconds`` of 3 × 250 Hz record: processing only, and with $SMP
+    frame parsing."""
     fs = 250.0
     with (DATA / "kinemetrics_K2_STN_20020722_counts.csv").open() as f:
         rows = [
             (int(r["X"]) * PER_COUNT[0], int(r["Y"]) * PER_COUNT[1], int(r["Z"]) * PER_COUNT[2])
             for r in csv.DictReader(f)
         ]
-    n = int(args.seconds * fs)
+    n = int(seconds * fs)
     stalta = [RecursiveStaLta(50, 500) for _ in range(3)]
     trig = [Trigger(4.0, 2.0) for _ in range(3)]
     gm = GroundMotion(fs)
@@ -70,22 +103,18 @@ def main() -> None:
     for off in range(0, len(frames), 4096):
         reader.handle(frames[off : off + 4096])
     cpu_all = time.process_time() - t0
-    print(
-        json.dumps(
-            {
-                "components": 3,
-                "sampling_rate_hz": fs,
-                "record_seconds": args.seconds,
-                "cpu_s": round(cpu, 3),
-                "share_of_one_core": round(cpu / args.seconds, 4),
-                "us_per_sample_triplet": round(cpu / n * 1e6, 2),
-                "with_frame_parsing_cpu_s": round(cpu_all, 3),
-                "with_frame_parsing_share_of_one_core": round(cpu_all / args.seconds, 4),
-                "frames_read": reader.samples,
-                "bad_frames": reader.errors,
-            }
-        )
-    )
+    return {
+        "components": 3,
+        "sampling_rate_hz": fs,
+        "record_seconds": seconds,
+        "cpu_s": round(cpu, 3),
+        "cpu_s_per_s": round(cpu / seconds, 5),
+        "us_per_sample_triplet": round(cpu / n * 1e6, 2),
+        "with_frame_parsing_cpu_s": round(cpu_all, 3),
+        "with_frame_parsing_cpu_s_per_s": round(cpu_all / seconds, 5),
+        "frames_read": reader.samples,
+        "bad_frames": reader.errors,
+    }
 
 
 if __name__ == "__main__":
