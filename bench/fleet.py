@@ -44,6 +44,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from agent.contract.compact import inflate, is_deflated
 from agent.readings import parse_iso_ms
 from bench import common
 from bench.common import Collector, CountingProxy, SimProcess
@@ -78,15 +79,27 @@ def polls_in(topic: str, payload: bytes) -> list[tuple[str, int, int]]:
     """(device, acquisition ms, readings) of each device poll a telemetry message carries.
 
     The agent's verbose payload (``telemetry/1``, docs/mqtt.md): one poll per message,
-    ``ts`` and one member of ``points`` per reading. The peer ``modpoll`` (``--timestamp``):
+    ``ts`` and one member of ``points`` per reading; its compact payload
+    (``telemetry_compact/1``, zlib-compressed or not): one poll per message or one per row
+    of a batch, one value (or bad quality) per reading. The peer ``modpoll`` (``--timestamp``):
     one poll per message, ``timestamp`` in seconds and one member per register. A payload
     mode this does not know raises ValueError: teach it here (a batched message returns
     several polls).
     """
     device = topic.rsplit("/", 1)[-1]
+    if is_deflated(payload):  # compact with compression: zlib
+        payload = inflate(payload)
     doc = json.loads(payload)
     if isinstance(doc, dict) and "points" in doc and "ts" in doc:
         return [(device, parse_iso_ms(doc["ts"]), len(doc["points"]))]
+    if isinstance(doc, dict) and doc.get("schema") == "telemetry_compact/1":
+        t0 = parse_iso_ms(doc["ts"])
+        rows = doc["rows"] if "rows" in doc else [[0, doc["v"], doc]]
+        return [
+            (device, t0 + row[0], sum(1 for v in row[1] if v is not None) + len(
+                (row[2] if len(row) > 2 else {}).get("q", {})))
+            for row in rows
+        ]  # fmt: skip
     if isinstance(doc, dict) and "timestamp" in doc:
         return [(device, round(doc["timestamp"] * 1000), len(doc) - 1)]
     raise ValueError(f"a telemetry payload the benchmark cannot read: {payload[:80]!r}")
@@ -104,7 +117,17 @@ def agent_config(d: Path, devices: int, registers: int, interval: str, broker_po
         )
         for u in range(1, devices + 1)
     )
-    mode = f"  {PAYLOAD_KEY}: {payload}\n" if payload else ""
+    mode = ""
+    if payload:  # "compact", "compact+batch=5s", "compact+zlib", "compact+batch=5s+zlib"
+        name, *extras = payload.split("+")
+        mode = f"  {PAYLOAD_KEY}: {name}\n"
+        for extra in extras:
+            if extra.startswith("batch="):
+                mode += f"  max_batch_delay: {extra.removeprefix('batch=')}\n"
+            elif extra == "zlib":
+                mode += "  compression: zlib\n"
+            else:
+                raise ValueError(f"--payload: {extra!r} is neither batch=DELAY nor zlib")
     cfg = d / "agent.yaml"
     cfg.write_text(
         f"version: 1\ngateway_id: bench\nstate_dir: {d / 'state'}\nlog_level: warning\n"
@@ -299,7 +322,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=10, help="s after start before the window")
     ap.add_argument("--interval", default="1s", help="poll interval, e.g. 1s or 500ms")
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--payload", help=f"the agent's telemetry payload mode (mqtt.{PAYLOAD_KEY})")
+    ap.add_argument(
+        "--payload",
+        help=f"the agent's telemetry payload mode (mqtt.{PAYLOAD_KEY}), with +batch=DELAY "
+        "(mqtt.max_batch_delay) and +zlib (mqtt.compression), e.g. compact+batch=5s+zlib",
+    )
     ap.add_argument("--peer", choices=["modpoll"], help="measure this gateway instead")
     ap.add_argument("--results", type=Path, help="JSON lines file (default bench/results/)")
     a = ap.parse_args()

@@ -39,3 +39,16 @@ def test_a_payload_the_benchmark_cannot_read_is_an_error_not_a_zero() -> None:
     ) == [("d1", 1767225600000, 2)]
     with pytest.raises(ValueError, match="cannot read"):
         fleet.polls_in("lifeline/g/telemetry/d1", b'{"v": [1, 2, 3]}')
+    # compact: one value per reading, a batch's rows each a poll, zlib or not
+    compact = (
+        b'{"schema":"telemetry_compact/1","seq":1,"layout":"0badcafe",'
+        b'"ts":"2026-01-01T00:00:00.000Z","rows":[[0,[1,2,null]],[1000,[null,null,null],'
+        b'{"q":{"0":"timeout","1":"timeout","2":"timeout"}}]]}'
+    )
+    from agent.contract.compact import deflate
+
+    for body in (compact, deflate(compact)):
+        assert fleet.polls_in("lifeline/g/telemetry/d1", body) == [
+            ("d1", 1767225600000, 2),
+            ("d1", 1767225601000, 3),
+        ]
