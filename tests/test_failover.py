@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,6 +30,16 @@ from tests.helpers import (
 )
 from tests.pki import issue, make_ca
 from tests.test_reliability import account, sim_one_point
+from tests.test_sparkplug import (  # the test's own Sparkplug decoder
+    INT64,
+    SPARKPLUG,
+    HostApp,
+    check_session,
+    metric,
+    sessions,
+    spb,  # noqa: F401 (a fixture)
+    value,
+)
 
 # ---------------------------------------------------------------------------------------
 # the choice of broker (pure)
@@ -212,9 +223,12 @@ def pair(tmp_path: Path) -> Iterator[tuple[Mosquitto, Mosquitto]]:
     b.stop()
 
 
-def brokers_config(path: Path, brokers_yaml: str, devices: str, return_after: str = "3s") -> Path:
-    """The test config (:func:`write_config`) with ``mqtt.brokers`` for host and port."""
-    write_config(path, 1, devices)
+def brokers_config(
+    path: Path, brokers_yaml: str, devices: str, return_after: str = "3s", extra: str = ""
+) -> Path:
+    """The test config (:func:`write_config`) with ``mqtt.brokers`` for host and port
+    (``extra``: more of the ``mqtt`` section)."""
+    write_config(path, 1, devices, extra)
     text = path.read_text().replace(
         "  host: 127.0.0.1\n  port: 1\n",
         f"  failover_after: 3\n  return_after: {return_after}\n  brokers:\n{brokers_yaml}",
@@ -412,3 +426,67 @@ def test_probe_says_why_a_broker_is_not_usable(tmp_path: Path, broker: Mosquitto
     finally:
         strict.stop()
     assert not no.ok and "not authorized" in no.reason.lower(), no
+
+
+@pytest.mark.timeout(90)
+def test_sparkplug_leaves_the_second_broker_with_an_ndeath_of_its_session(
+    tmp_path: Path,
+    spb: ModuleType,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """``mqtt.format: sparkplug_b`` with two brokers: a Sparkplug session on each broker
+    in turn (NBIRTH first, consecutive seq), and on the return to the first the broker
+    left gets the NDEATH carrying the bdSeq of its session's NBIRTH, before the
+    DISCONNECT that discards the will."""
+    a = Mosquitto(tmp_path / "broker-a", "queue_qos0_messages true\n")
+    b = Mosquitto(tmp_path / "broker-b")
+    a.start()
+    b.start()
+    sim = sim_one_point()
+    host_a, host_b = HostApp(a.port, spb), HostApp(b.port, spb)
+    cfg = brokers_config(
+        tmp_path / "agent.yaml",
+        f"    - {{host: 127.0.0.1, port: {a.port}}}\n    - {{host: 127.0.0.1, port: {b.port}}}\n",
+        one_point_device(sim.port, "100ms"),
+        extra=SPARKPLUG,
+    )
+    agent = AgentProcess(cfg, tmp_path / "agent.log")
+    agent.start()
+    try:
+        wait_until(lambda: len(host_a.of("DDATA")) >= 5, 20, "DDATA on the first broker")
+        a.stop()
+        wait_until(lambda: len(host_b.of("DDATA")) >= 5, 20, "DDATA on the second broker")
+        a.start()
+        wait_until(lambda: len(host_a.of("NBIRTH")) >= 2, 20, "an NBIRTH on the first again")
+        wait_until(lambda: host_b.of("NDEATH"), 5, "the NDEATH on the second")
+        wait_until(lambda: len(sessions(host_a.all())[-1]) >= 5, 10, "data on the first again")
+    finally:
+        assert agent.stop() == 0, agent.log()
+        sim.stop_thread()
+        host_a.close()
+        host_b.close()
+        a.stop()
+        b.stop()
+    [on_b] = sessions(host_b.all())
+    check_session(on_b)
+    for session in sessions(once(host_a.all())):
+        check_session(session)
+    bdseq_b = value(metric(on_b[0].payload, "bdSeq"), INT64)
+    death = host_b.of("NDEATH")[0]
+    assert value(metric(death.payload, "bdSeq"), INT64) == bdseq_b
+    assert death.t >= on_b[-1].t, "the NDEATH ends the session on the second broker"
+    back = sessions(once(host_a.all()))[-1][0]
+    assert value(metric(back.payload, "bdSeq"), INT64) not in (bdseq_b, None)
+    assert "answers again: leaving" in agent.log()
+
+
+def once(messages: list[Any]) -> list[Any]:
+    """``messages`` without the broker's redeliveries to the host application (the same
+    message again after the broker restarted: its PUBACK to the host was lost)."""
+    seen: set[tuple[str, bytes]] = set()
+    out = []
+    for m in messages:
+        key = (m.kind, m.payload.SerializeToString())
+        if key not in seen:
+            seen.add(key)
+            out.append(m)
+    return out
