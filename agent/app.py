@@ -755,6 +755,7 @@ class Agent:
                 buffer_error=buffer_error,
                 buffer_waiting=None if stall is None else self.writer.waiting,
                 buses={poller.name: poller.bus.counters.as_dict() for poller in self.pollers},
+                broker=self.link.address,
                 **self.link.tls_health(),
                 **self.status.health_fields(),
             )

@@ -8,6 +8,11 @@ reset after a connection that held for a while. paho's own automatic reconnect i
 QoS 1 messages that were in flight when the connection dropped stay in paho's queue and are
 resent (DUP=1) by paho after the next CONNACK; the buffer keeps its rows until PUBACK anyway.
 
+Several brokers (``mqtt.brokers``, :mod:`agent.failover`): after ``failover_after`` failed
+attempts in a row the next broker of the list is tried; while on another than the first,
+the first is probed every ``return_after`` and, once it answers, the link leaves the
+current broker cleanly (retained ``offline`` there, then DISCONNECT) and goes back.
+
 TLS (:mod:`agent.tls`): the context handed to paho reads its files again for every attempt;
 a failed handshake is a failed attempt, its cause logged once in plain words. The password
 is read (from its file or credential) before every attempt too.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -50,6 +56,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
+from agent import failover
 from agent import tls as tlsmod
 from agent.config.model import MqttConfig
 
@@ -269,10 +276,13 @@ def _refusal_hint(reason: str) -> str:
 
 
 class MqttLink:
-    """One MQTT session to the broker, kept up for the life of the agent.
+    """One MQTT session to the broker (one of ``mqtt.brokers`` at a time), kept up for the
+    life of the agent.
 
     Args:
-        cfg: the ``mqtt`` config section.
+        cfg: the ``mqtt`` config section; from then on :attr:`cfg` is the section as it
+            applies to the broker in use (one of :attr:`MqttConfig.endpoints`, with the
+            ``host``, ``port`` and ``tls`` of that broker).
         client_id: MQTT client identifier.
         will_topic: the retained status topic; ``offline`` is set as last will (QoS 1).
         clock_synced: whether the wall clock is trusted now (:class:`agent.clock.Clock`),
@@ -285,6 +295,7 @@ class MqttLink:
             :attr:`BoundedClient.subscriptions` that no format takes; it must not block (paho
             acknowledges a QoS 1 PUBLISH when it returns).
         format: the output format (None: the native contract; :meth:`use_format`).
+        choice: which broker, and when to probe the first (:class:`agent.failover.BrokerChoice`).
     """
 
     def __init__(
@@ -294,8 +305,13 @@ class MqttLink:
         will_topic: str,
         clock_synced: Callable[[], bool] = lambda: True,
     ) -> None:
-        self.cfg = cfg
-        self.port = cfg.broker_port
+        self.endpoints = cfg.endpoints
+        self.cfg = self.endpoints[0]
+        self.choice = failover.BrokerChoice(
+            len(self.endpoints), cfg.failover_after, cfg.return_after
+        )
+        self._will_topic = will_topic
+        self._leaving = False
         self._clock_synced = clock_synced
         self.client_id = client_id
         self.on_connected: Callable[[], None] = lambda: None
@@ -346,14 +362,16 @@ class MqttLink:
         c.max_inflight_messages_set(cfg.max_inflight)
         c.max_queued_messages_set(0)
         c.will_set(will_topic, b"offline", qos=1, retain=True)
-        self.tls = cfg.tls_settings
-        self._context: tlsmod.ReloadingContext | None = None
+        self._contexts = [
+            None if v.tls_settings is None else tlsmod.ReloadingContext(v.tls_settings)
+            for v in self.endpoints
+        ]
+        self.tls = self.cfg.tls_settings
+        self._context = self._contexts[0]
         self.expiry = tlsmod.CertExpiry()
-        if self.tls is not None:
-            self._context = tlsmod.ReloadingContext(self.tls)
-            c.tls_set_context(self._context)
-            if self.tls.cert_file is not None:
-                self.expiry.not_after["client"] = tlsmod.cert_file_not_after(self.tls.cert_file)
+        self._aim(0)
+        if self.tls is not None and self.tls.cert_file is not None:
+            self.expiry.not_after["client"] = tlsmod.cert_file_not_after(self.tls.cert_file)
         for _, message in tlsmod.security_warnings(cfg):
             log.warning("%s", message)
         c.on_connect = self._on_connect
@@ -365,6 +383,29 @@ class MqttLink:
         c.on_socket_close = self._on_socket_close
         c.on_socket_register_write = self._on_register_write
         c.on_socket_unregister_write = self._on_unregister_write
+
+    @property
+    def port(self) -> int:
+        """The port of the broker in use."""
+        return self.cfg.broker_port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the broker in use (health's ``broker``)."""
+        return f"{self.cfg.host}:{self.port}"
+
+    def _aim(self, index: int) -> None:
+        """Make broker ``index`` of :attr:`endpoints` the one to connect to: its TLS context
+        (or none) goes to the client. paho's ``tls_set_context`` may be called only once, so
+        this sets what it sets (``_ssl``, ``_ssl_context``, ``_tls_insecure``: paho-mqtt
+        2.2.0 ``Client.tls_set_context``); its host and port go to ``connect()``."""
+        self.cfg = self.endpoints[index]
+        self.tls = self.cfg.tls_settings
+        self._context = self._contexts[index]
+        c = self.client
+        c._ssl = self._context is not None
+        c._ssl_context = self._context
+        c._tls_insecure = self._context is not None and not self._context.check_hostname
 
     # -- paho callbacks (may run on an executor thread during connect) -------------------
 
@@ -575,7 +616,7 @@ class MqttLink:
         if was:
             self.since_ms = time.time_ns() // 1_000_000
             self.problem = f"lost the connection ({reason})"
-        if self._stopping:
+        if self._stopping or (was and self._leaving):
             return
         if was and violation is not None:
             log.debug("dropped the connection to %s:%d; buffering", self.cfg.host, self.port)
@@ -776,7 +817,7 @@ class MqttLink:
             multiplier=self.cfg.reconnect_min, max=self.cfg.reconnect_max
         )
         state = RetryCallState(AsyncRetrying(), None, (), {})
-        first = True
+        first = True  # (also after a switch of broker: connect() to its host)
         while not self._stopping:
             self._connack = self._loop.create_future()
             try:
@@ -791,11 +832,18 @@ class MqttLink:
                 if self.client.socket() is not None:
                     self.client.disconnect()
             if ok:
-                await self._disconnected.wait()
+                self.choice.connected(time.monotonic())
+                if await self._hold():
+                    first = True  # back to the first broker, at once
+                    continue
                 if time.monotonic() - self._connected_at > 30:
                     state.attempt_number = 1
             else:
                 self.failed_attempts += 1
+                if not self._stopping and self.choice.failed():
+                    self._fail_over()
+                    first = True
+                    continue  # the first attempt to the next broker at once
             if self._stopping:
                 break
             delay = wait(state)
@@ -804,6 +852,99 @@ class MqttLink:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop_event.wait()
+
+    def _fail_over(self) -> None:
+        """The attempts to the current broker failed ``failover_after`` times in a row:
+        aim at the next of the list (:attr:`choice` has moved on)."""
+        was = f"{self.cfg.host}:{self.port}"
+        self._aim(self.choice.current)
+        self._cause = None  # the next broker's problems are logged loudly again
+        log.warning(
+            "broker %s failed %d connection attempts in a row: trying broker %d of %d, "
+            "%s:%d; buffering meanwhile",
+            was,
+            self.cfg.failover_after,
+            self.choice.current + 1,
+            len(self.endpoints),
+            self.cfg.host,
+            self.port,
+        )
+
+    async def _hold(self) -> bool:
+        """While connected: wait for the connection to drop; on another broker than the
+        first, probe the first every ``return_after`` meanwhile (:func:`agent.failover.probe`
+        on an executor thread) and, once it answers, leave the current broker
+        (:meth:`_leave`). True: aimed at the first broker again."""
+        while True:
+            delay = self.choice.probe_in(time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._disconnected.wait()
+            if self._disconnected.is_set() or self._stopping:
+                self.choice.lost()
+                return False
+            first = self.endpoints[0]
+            result = await self._loop.run_in_executor(
+                None,
+                functools.partial(
+                    failover.probe, first, self.client_id, cancelled=lambda: self._stopping
+                ),
+            )
+            if self._stopping:
+                return False
+            if not self.choice.probed(result.ok, time.monotonic()):
+                log.debug(
+                    "first broker %s:%d still not usable: %s; staying on %s:%d",
+                    first.host,
+                    first.broker_port,
+                    result.reason,
+                    self.cfg.host,
+                    self.port,
+                )
+                continue
+            if self.connected.is_set():
+                await self._leave(first)
+            self._aim(0)
+            return True
+
+    async def _leave(self, first: MqttConfig, timeout: float = 5.0) -> None:
+        """Leave the broker in use for ``first``: the retained status ``offline`` there
+        (with a :attr:`format`, what the format makes of it: Sparkplug's NDEATH), then
+        DISCONNECT, on which the broker discards the will (MQTT 3.1.1 section 3.14.4, MQTT
+        5.0 section 3.1.2.5). The status goes with QoS 0, on the wire ahead of the
+        DISCONNECT on the same connection: it is in place when the connection is, and it
+        never waits in the client's queue to reach ``first``. Messages still
+        unacknowledged stay in that queue and go to ``first`` after its CONNACK."""
+        log.info(
+            "first broker %s:%d answers again: leaving %s:%d (retained status offline "
+            "there) for it",
+            first.host,
+            first.broker_port,
+            self.cfg.host,
+            self.port,
+        )
+        self._leaving = True
+        try:
+            fmt = self.format
+            offline = b"offline"
+            if fmt is None:
+                self.client.publish(self._will_topic, offline, qos=0, retain=True)
+            else:
+                for topic, payload, _, retain in fmt.outbound(self._will_topic, offline):
+                    self.client.publish(topic, payload, qos=0, retain=retain)
+            self.client.disconnect()
+            async with asyncio.timeout(timeout):
+                await self._disconnected.wait()
+        except TimeoutError:
+            log.warning(
+                "%s:%d did not close the connection in %.0fs: closing it",
+                self.cfg.host,
+                self.port,
+                timeout,
+            )
+            self._disconnect_done("left without an answer")
+        finally:
+            self._leaving = False
 
     @property
     def outage(self) -> bool:

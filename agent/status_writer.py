@@ -213,7 +213,7 @@ class StatusWriter:
             "uplink": uplink_section(
                 connected=link.connected.is_set(),
                 since_ms=link.since_ms or self.started_ms,
-                host=cfg.mqtt.host,
+                host=link.cfg.host,
                 port=link.port,
                 tls=tls["tls"] is not None,
                 tls_verify=tls.get("tls_verify"),

@@ -153,7 +153,7 @@ class Supervisor:
         where = "memory (the disk cannot be written)" if a.buffer.sync.memory else "buffer"
         buffer = f"{pending} in {where}"
         link = a.link
-        url = f"{'mqtts' if link.cfg.tls is not None else 'mqtt'}://{link.cfg.host}:{link.port}"
+        url = f"{'mqtts' if link.tls is not None else 'mqtt'}://{link.cfg.host}:{link.port}"
         if link.connected.is_set():
             if self._connected_since is None:
                 self._connected_since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

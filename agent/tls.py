@@ -243,49 +243,31 @@ def readable_by_others(path: str | Path) -> int | None:
 
 def security_warnings(
     cfg: MqttConfig, config_file: Path | None = None
-) -> list[tuple[tuple[str, ...], str]]:
+) -> list[tuple[tuple[str | int, ...], str]]:
     """What ``validate`` warns about and the agent logs at start, as (config key path,
     message): TLS off towards a host that is not a loopback address, an unverified broker
     certificate, a password written in the config, secret files readable by every user,
-    credentials sent in clear by permission."""
-    out: list[tuple[tuple[str, ...], str]] = []
-    tls = cfg.tls_settings
-    remote = not is_loopback(cfg.host)
-    if tls is None and remote:
-        out.append(
-            (
-                ("mqtt", "tls"),
-                f"TLS is off towards {cfg.host}, which is not a loopback address: readings "
-                "and alarms cross the network in clear and anyone on the path can forge "
-                "them; remove 'tls: false' (TLS is the default)",
-            )
-        )
-        if cfg.username is not None and cfg.allow_plaintext_credentials:
-            out.append(
-                (
-                    ("mqtt", "allow_plaintext_credentials"),
-                    f"the MQTT username and password go to {cfg.host} in clear",
+    credentials sent in clear by permission. The TLS warnings are given for every broker
+    of ``mqtt.brokers`` (:attr:`MqttConfig.endpoints`), once per TLS settings."""
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    key_files: dict[tuple[str | int, ...], str | None] = {}
+    for i, view in enumerate(cfg.endpoints):
+        own = cfg.brokers is not None and cfg.brokers[i].tls is not None
+        at: tuple[str | int, ...] = ("mqtt",) if cfg.brokers is None else ("mqtt", "brokers", i)
+        tls_at = (*at, "tls") if own else ("mqtt", "tls")
+        out += _endpoint_warnings(view, at, tls_at)
+        tls = view.tls_settings
+        if tls is not None and tls_at not in key_files:
+            key_files[tls_at] = tls.key_file
+            if tls.insecure:
+                out.append(
+                    (
+                        (*tls_at, "insecure"),
+                        "the broker's certificate is NOT verified (tls.insecure): any machine "
+                        "on the path can pose as the broker; for tests only. Give the broker's "
+                        "CA as tls.ca_file (and tls.server_name when connecting by IP address)",
+                    )
                 )
-            )
-    if tls is not None and cfg.port == 1883:
-        out.append(
-            (
-                ("mqtt", "port"),
-                "TLS is on but port 1883 is MQTT's plain port (IANA): a broker there will "
-                "not answer the TLS handshake. Use the broker's TLS port (8883, the default "
-                "with TLS: remove 'port'), or say 'tls: false' for plain MQTT on the "
-                "gateway's own network",
-            )
-        )
-    if tls is not None and tls.insecure:
-        out.append(
-            (
-                ("mqtt", "tls", "insecure"),
-                "the broker's certificate is NOT verified (tls.insecure): any machine on the "
-                "path can pose as the broker; for tests only. Give the broker's CA as "
-                "tls.ca_file (and tls.server_name when connecting by IP address)",
-            )
-        )
     if cfg.password is not None:
         where = (
             f"; and {config_file} is readable by every user"
@@ -300,13 +282,13 @@ def security_warnings(
                 f"(mqtt.password_credential){where}",
             )
         )
-    files = [("password_file", cfg.password_file)]
-    if tls is not None:
-        files.append(("key_file", tls.key_file))
-    for key, name in files:
+    files: list[tuple[tuple[str | int, ...], str | None]] = [
+        (("mqtt", "password_file"), cfg.password_file)
+    ]
+    files += [((*at, "key_file"), name) for at, name in key_files.items()]
+    for path, name in files:
         mode = readable_by_others(name) if name is not None else None
         if mode is not None:
-            path = ("mqtt", key) if key == "password_file" else ("mqtt", "tls", key)
             out.append(
                 (
                     path,
@@ -314,6 +296,43 @@ def security_warnings(
                     f"chmod o-rwx {name} (and let only the agent's user or group read it)",
                 )
             )
+    return out
+
+
+def _endpoint_warnings(
+    view: MqttConfig, at: tuple[str | int, ...], tls_at: tuple[str | int, ...]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """The warnings of :func:`security_warnings` about one broker: plain MQTT off
+    loopback, TLS on port 1883 (``at``: where its host and port are, ``tls_at``: its TLS
+    settings)."""
+    out: list[tuple[tuple[str | int, ...], str]] = []
+    tls = view.tls_settings
+    if tls is None and not is_loopback(view.host):
+        out.append(
+            (
+                tls_at,
+                f"TLS is off towards {view.host}, which is not a loopback address: readings "
+                "and alarms cross the network in clear and anyone on the path can forge "
+                "them; remove 'tls: false' (TLS is the default)",
+            )
+        )
+        if view.username is not None and view.allow_plaintext_credentials:
+            out.append(
+                (
+                    ("mqtt", "allow_plaintext_credentials"),
+                    f"the MQTT username and password go to {view.host} in clear",
+                )
+            )
+    if tls is not None and view.port == 1883:
+        out.append(
+            (
+                (*at, "port"),
+                "TLS is on but port 1883 is MQTT's plain port (IANA): a broker there will "
+                "not answer the TLS handshake. Use the broker's TLS port (8883, the default "
+                "with TLS: remove 'port'), or say 'tls: false' for plain MQTT on the "
+                "gateway's own network",
+            )
+        )
     return out
 
 

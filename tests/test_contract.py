@@ -262,6 +262,7 @@ def _samples() -> list[tuple[str, bytes]]:
             "client_cert_expires": None,
         },
         tls_verify=True,
+        broker="broker.city.example:8883",
         buses={
             "serial:/dev/ttyUSB0": {
                 "requests": 1200,

@@ -1830,66 +1830,111 @@ def _resolve_mqtt(
     need_secrets: bool,
 ) -> tuple[MqttConfig, list[ConfigIssue]]:
     """The ``mqtt`` section with its paths made absolute, and its problems: credentials
-    that would cross the network in clear, secret and TLS files that cannot be used."""
+    that would cross the network in clear, secret and TLS files that cannot be used, and
+    ``brokers`` given beside ``host``/``port`` or naming one broker twice. The TLS and
+    plaintext checks apply to every broker (:attr:`MqttConfig.endpoints`)."""
     issues: list[ConfigIssue] = []
 
-    def issue(loc: tuple[str, ...], message: str) -> None:
+    def issue(loc: tuple[str | int, ...], message: str) -> None:
         f, line, col, p = _locate(data, ("mqtt", *loc), display, origins, key=False)
         issues.append(ConfigIssue(f, line, col, p, message))
 
     def _abs(p: str | None) -> str | None:
         return None if p is None else _resolved(base / p)
 
-    update: dict[str, Any] = {"password_file": _abs(mqtt.password_file)}
-    tls = mqtt.tls_settings
-    if isinstance(mqtt.tls, TlsConfig):
-        update["tls"] = tls = mqtt.tls.model_copy(
+    def _abs_tls(t: TlsConfig) -> TlsConfig:
+        return t.model_copy(
             update={
-                "ca_file": _abs(mqtt.tls.ca_file),
-                "cert_file": _abs(mqtt.tls.cert_file),
-                "key_file": _abs(mqtt.tls.key_file),
+                "ca_file": _abs(t.ca_file),
+                "cert_file": _abs(t.cert_file),
+                "key_file": _abs(t.key_file),
             }
         )
+
+    update: dict[str, Any] = {"password_file": _abs(mqtt.password_file)}
+    if isinstance(mqtt.tls, TlsConfig):
+        update["tls"] = _abs_tls(mqtt.tls)
+    if mqtt.brokers is not None:
+        update["brokers"] = [
+            b.model_copy(update={"tls": _abs_tls(b.tls)}) if isinstance(b.tls, TlsConfig) else b
+            for b in mqtt.brokers
+        ]
+        both = [k for k in ("host", "port") if k in mqtt.model_fields_set]
+        if both:
+            issue(
+                (both[0],),
+                f"mqtt.{' and mqtt.'.join(both)} and mqtt.brokers both given: list every "
+                "broker under brokers (host, port, tls, server_name), or give host and "
+                "port alone for one broker",
+            )
     mqtt = mqtt.model_copy(update=update)
 
+    # where each broker's TLS settings come from: its own 'tls' mapping, or mqtt.tls
+    brokers = mqtt.brokers
+    seen: set[tuple[str | int, ...]] = set()
+    tls_checks: list[tuple[tuple[str | int, ...], TlsConfig]] = []
     source = mqtt.password_source
-    clear = tls is None and not is_loopback(mqtt.host)
-    if clear and mqtt.username is not None and not mqtt.allow_plaintext_credentials:
-        issue(
-            (source or "username",),
-            f"the MQTT {'password' if source else 'username'} would cross the network "
-            f"in clear: {mqtt.host} is not a loopback address and 'tls: false' turns TLS "
-            "off. Remove 'tls: false' (TLS is the default), or, on a trusted network "
-            "only, set mqtt.allow_plaintext_credentials: true",
-        )
+    views = mqtt.endpoints
+    where = [(v.host.lower(), v.broker_port) for v in views]
+    for i, view in enumerate(views):
+        at: tuple[str | int, ...] = () if brokers is None else ("brokers", i)
+        if where.index(where[i]) < i:
+            issue(
+                (*at, "host"),
+                f"broker {view.host}:{view.broker_port} is listed twice (also as "
+                f"brokers[{where.index(where[i])}]): list each broker once",
+            )
+        tls = view.tls_settings
+        own = brokers is not None and brokers[i].tls is not None
+        clear = tls is None and not is_loopback(view.host)
+        if clear and mqtt.username is not None and not mqtt.allow_plaintext_credentials:
+            issue(
+                (*at, "host") if brokers is not None else (source or "username",),
+                f"the MQTT {'password' if source else 'username'} would cross the network "
+                f"in clear: {view.host} is not a loopback address and 'tls: false' turns "
+                "TLS off. Remove 'tls: false' (TLS is the default), or, on a trusted "
+                "network only, set mqtt.allow_plaintext_credentials: true",
+            )
+        loc = (*at, "tls") if own else ("tls",)
+        if tls is not None and loc not in seen:
+            seen.add(loc)
+            tls_checks.append((loc, tls))
     if mqtt.password_file is not None:
         try:
             read_secret_file(Path(mqtt.password_file))
         except SecretError as exc:
             issue(("password_file",), str(exc))
-    creds = [("password_credential",), ("tls", "key_credential")]
-    for loc in creds:
-        name = getattr(mqtt if len(loc) == 1 else tls, loc[-1], None)
-        if name is None or (not need_secrets and not os.environ.get(CREDENTIALS_ENV)):
-            continue
+    name = mqtt.password_credential
+    if name is not None and (need_secrets or os.environ.get(CREDENTIALS_ENV)):
         try:
-            path = credential_path(name)
-            if loc[0] == "password_credential":
-                read_secret_file(path)
+            read_secret_file(credential_path(name))
         except SecretError as exc:
-            issue(loc, str(exc))
-    if tls is not None:
-        issues += _check_tls(tls, data, display, origins)
+            issue(("password_credential",), str(exc))
+    for loc, tls in tls_checks:
+        name = tls.key_credential
+        if name is not None and (need_secrets or os.environ.get(CREDENTIALS_ENV)):
+            try:
+                credential_path(name)
+            except SecretError as exc:
+                issue((*loc, "key_credential"), str(exc))
+        issues += _check_tls(tls, data, display, origins, ("mqtt", *loc))
     return mqtt, issues
 
 
-def _check_tls(tls: TlsConfig, data: Any, display: str, origins: _Origins) -> list[ConfigIssue]:
+def _check_tls(
+    tls: TlsConfig,
+    data: Any,
+    display: str,
+    origins: _Origins,
+    at: tuple[str | int, ...] = ("mqtt", "tls"),
+) -> list[ConfigIssue]:
     """Load the TLS files the way the MQTT client will, so a missing or unreadable file is
-    a config error at its line, not a crash at connect time."""
+    a config error at its line (``at``: where the settings are), not a crash at connect
+    time."""
     issues: list[ConfigIssue] = []
 
     def issue(key: str, message: str) -> None:
-        f, line, col, p = _locate(data, ("mqtt", "tls", key), display, origins, key=False)
+        f, line, col, p = _locate(data, (*at, key), display, origins, key=False)
         issues.append(ConfigIssue(f, line, col, p, message))
 
     limits = {
@@ -2461,7 +2506,7 @@ def _mqtt_notes(data: Any, main: Path, display: str, origins: _Origins) -> list[
         return []
     out: list[ConfigIssue] = []
 
-    def warn(loc: tuple[str, ...], message: str) -> None:
+    def warn(loc: tuple[str | int, ...], message: str) -> None:
         f, line, col, p = _locate(data, loc, display, origins, key=True)
         out.append(ConfigIssue(f, line, col, p, message, "warning"))
 
@@ -2484,11 +2529,15 @@ def _mqtt_notes(data: Any, main: Path, display: str, origins: _Origins) -> list[
             )
         )
     if not os.environ.get(CREDENTIALS_ENV):
-        tls = mqtt.tls_settings
-        for loc, name in (
-            (("mqtt", "password_credential"), mqtt.password_credential),
-            (("mqtt", "tls", "key_credential"), tls.key_credential if tls else None),
-        ):
+        creds: dict[tuple[str | int, ...], str | None] = {
+            ("mqtt", "password_credential"): mqtt.password_credential
+        }
+        for i, view in enumerate(mqtt.endpoints):
+            tls = view.tls_settings
+            own = mqtt.brokers is not None and mqtt.brokers[i].tls is not None
+            at = ("mqtt", "brokers", i, "tls") if own else ("mqtt", "tls")
+            creds[(*at, "key_credential")] = tls.key_credential if tls else None
+        for loc, name in creds.items():
             if name is not None:
                 warn(
                     loc,

@@ -211,6 +211,32 @@ TlsSetting = Annotated[
 ]
 """``mqtt.tls``: ``true``/``false`` or a mapping of TLS settings."""
 
+MAX_BROKERS = 8
+"""Most entries of ``mqtt.brokers``."""
+
+
+class BrokerConfig(StrictModel):
+    """One entry of ``mqtt.brokers``: where to connect and with which TLS; everything
+    else (credentials, client id, protocol, timing) is the ``mqtt`` section's."""
+
+    host: HostName
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="Default: 8883 with TLS, 1883 without"
+    )
+    tls: TlsSetting | None = Field(
+        default=None,
+        description="Absent: mqtt.tls applies (itself absent: TLS unless host is a loopback "
+        "address); false; true; or a mapping of settings for this broker alone",
+    )
+    server_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Name checked against this broker's certificate and sent as SNI, in "
+        "place of its TLS settings' server_name (default: host)",
+    )
+
 
 class SparkplugConfig(StrictModel):
     """Ids of the gateway as a Sparkplug B Edge Node (``mqtt.format: sparkplug_b``;
@@ -236,6 +262,25 @@ class MqttConfig(StrictModel):
     host: HostName = Field(default="127.0.0.1")
     port: int | None = Field(
         default=None, ge=1, le=65535, description="Default: 8883 with TLS, 1883 without"
+    )
+    brokers: list[BrokerConfig] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_BROKERS,
+        description="Several brokers in order of preference, instead of host and port: the "
+        "next after failover_after failed attempts, back to the first once it answers",
+    )
+    failover_after: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="With brokers: failed connection attempts in a row to one broker before "
+        "the next is tried",
+    )
+    return_after: Annotated[Duration, at_least("1s")] = Field(
+        default=300.0,
+        description="With brokers, while connected to another than the first: how often the "
+        "first is probed (a connect and disconnect); back to it once it answers",
     )
     protocol: Annotated[Literal["3.1.1", "5"], BeforeValidator(str)] = Field(
         default="3.1.1", description="MQTT protocol version: 3.1.1 or 5"
@@ -345,6 +390,12 @@ class MqttConfig(StrictModel):
                 )
         elif self.sparkplug is not None:
             raise ValueError("sparkplug applies to format: sparkplug_b only")
+        views = self.endpoints if self.brokers is not None else []
+        for i, (broker, view) in enumerate(zip(self.brokers or [], views, strict=True)):
+            if broker.server_name is not None and view.tls_settings is None:
+                raise ValueError(
+                    f"brokers[{i}].server_name is for TLS, which is off towards {broker.host}"
+                )
         if self.payload == "verbose":
             if self.max_batch_delay > 0:
                 raise ValueError("max_batch_delay needs payload: compact")
@@ -361,6 +412,30 @@ class MqttConfig(StrictModel):
             plain = is_loopback(self.host) and self.port != 8883
             return None if plain else TlsConfig()
         return TlsConfig() if self.tls else None
+
+    @property
+    def endpoints(self) -> list[MqttConfig]:
+        """The brokers to connect to, in order of preference, each as an ``mqtt`` section
+        of its own (``host``, ``port`` and ``tls`` its own, the rest this section's, no
+        ``brokers``): this section alone without ``brokers``."""
+        if self.brokers is None:
+            return [self]
+        out: list[MqttConfig] = []
+        for b in self.brokers:
+            view = self.model_copy(
+                update={
+                    "host": b.host,
+                    "port": b.port,
+                    "tls": self.tls if b.tls is None else b.tls,
+                    "brokers": None,
+                }
+            )
+            settings = view.tls_settings
+            if b.server_name is not None and settings is not None:
+                named = settings.model_copy(update={"server_name": b.server_name})
+                view = view.model_copy(update={"tls": named})
+            out.append(view)
+        return out
 
     @property
     def broker_port(self) -> int:

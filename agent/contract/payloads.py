@@ -239,6 +239,8 @@ class Health:
     (:meth:`agent.mqtt.MqttLink.tls_health`)."""
     tls_verify: bool | None = None
     """With TLS: whether the broker's certificate is verified (case 048)."""
+    broker: str | None = None
+    """``host:port`` of the broker connected to (with ``mqtt.brokers``: the one in use)."""
     buses: Mapping[str, Mapping[str, int]] | None = None
     """Per Modbus bus name, its counters (:meth:`drivers.modbus.line.LineCounters.as_dict`:
     requests, timeouts, crc_errors, garbage_bytes, frame_errors, retries); None: no bus."""
@@ -291,6 +293,8 @@ def health(h: Health) -> bytes:
     doc["tls"] = None if h.tls is None else dict(h.tls)
     if h.tls_verify is not None:
         doc["tls_verify"] = h.tls_verify
+    if h.broker is not None:
+        doc["broker"] = h.broker
     doc["buses"] = {name: dict(c) for name, c in (h.buses or {}).items()}
     doc["devices"] = {name: dict(d) for name, d in (h.devices or {}).items()}
     doc["poll_overruns"] = h.poll_overruns

@@ -708,6 +708,12 @@ def _health(version: int = SCHEMA_VERSIONS["health"]) -> dict[str, Any]:
             "type": "boolean",
             "description": "with TLS: false when the broker's certificate is not verified",
         },
+        "broker": {
+            "type": "string",
+            "minLength": 1,
+            "description": "host:port of the broker the gateway is connected to (with "
+            "several brokers configured: the one in use)",
+        },
     }
     props["buses"] = {
         "type": "object",
