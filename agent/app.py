@@ -50,6 +50,7 @@ from agent.contract.topics import (
     status_topic,
     waveform_topic,
 )
+from agent.formats.thingsboard import ThingsBoardEncoder, ThingsBoardRpc
 from agent.gpio import Gpio, desired_outputs
 from agent.logs import toggle_debug
 from agent.mqtt import MqttLink
@@ -201,7 +202,15 @@ class Agent:
         for d in cfg.devices:
             self.add_device(d, {p: v for (dev, p), v in stored.items() if dev == d.id})
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
-        self.link = MqttLink(cfg.mqtt, client_id, self.status_topic, lambda: self.clock.synced)
+        self.thingsboard = (
+            ThingsBoardEncoder(prefix, cfg.gateway_id, cfg.devices)
+            if cfg.mqtt.format == "thingsboard"
+            else None
+        )
+        """The ThingsBoard output format (``mqtt.format: thingsboard``), or None."""
+        self.link = MqttLink(
+            cfg.mqtt, client_id, self.status_topic, lambda: self.clock.synced, self.thingsboard
+        )
         self.publisher = Publisher(
             self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
         )
@@ -265,8 +274,11 @@ class Agent:
         """The state file of ``edge-agent status`` and the health's metrics."""
         self.commands = Commands(self)
         """Downlink commands (:mod:`agent.commands`), on the link's subscription."""
-        self.link.client.subscriptions.append(self.commands.topic_filter)
-        self.link.on_message = self.commands.offer
+        self.rpc = ThingsBoardRpc(self) if self.thingsboard is not None else None
+        """ThingsBoard server-side RPC onto the commands (instead of their native topics)."""
+        intake = self.commands if self.rpc is None else self.rpc
+        self.link.client.subscriptions.append(intake.topic_filter)
+        self.link.on_message = intake.offer
 
     @property
     def locked(self) -> bool:
@@ -377,6 +389,8 @@ class Agent:
             time.monotonic(),
         )
         self.status.devices_changed()
+        if self.thingsboard is not None:
+            self.thingsboard.configure(cfg.devices)
         self.retained.reown(self._owned_retained())
         self.retained.publish(
             info_topic(self._prefix, cfg.gateway_id), gateway_info(cfg, self.started_ms)
@@ -799,6 +813,8 @@ class Agent:
             asyncio.create_task(self.status.run(), name="status-file"),
             asyncio.create_task(self.commands.run(), name="commands"),
         ]
+        if self.rpc is not None:
+            bg.append(asyncio.create_task(self.rpc.run(), name="thingsboard-rpc"))
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         loop = asyncio.get_running_loop()
 

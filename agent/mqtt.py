@@ -20,8 +20,13 @@ that cannot be decoded drops the connection; one wake-up of the loop reads at mo
 :data:`PACKETS_PER_READ` packets. Each such drop is a lost connection: the usual reconnect
 with backoff, nothing buffered lost.
 
-The only subscription is the downlink commands' (``agent.commands``): their PUBLISHes go to
-:attr:`MqttLink.on_message`, which takes them in O(1) with its own rate and queue bounds.
+The only subscription is the downlink commands' (``agent.commands``, or a format's own
+command topic): their PUBLISHes go to :attr:`MqttLink.on_message`, which takes them in O(1)
+with its own rate and queue bounds.
+
+An output format other than the native one (``mqtt.format``, :mod:`agent.formats`) is a
+:class:`WireFormat` handed to the link: every publish goes through it, and it gives the
+will before each CONNECT.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -50,6 +55,8 @@ from agent.config.model import MqttConfig
 log = logging.getLogger(__name__)
 
 PubackHandler = Callable[[int, bool, str], None]
+WireMessage = tuple[str, bytes, int, bool]
+"""(topic, payload, QoS, retain) of one message of an output format."""
 MessageHandler = Callable[["Inbound"], None]
 
 MAX_INBOUND_PACKET = 65536
@@ -67,6 +74,22 @@ decrypted bytes is read again at the next loop iteration (``call_soon``)."""
 SUBSCRIBE_QOS = 1
 """QoS of every subscription (the downlink commands): at least once, deduplicated by the
 command layer (``agent.commands``)."""
+
+
+class WireFormat(Protocol):
+    """An output format (``agent.formats``): what the agent publishes in the native
+    contract (topic, JSON body) becomes the format's messages as it goes to the client."""
+
+    def will(self) -> tuple[str, bytes]:
+        """The will (topic, payload; QoS 1, not retained) of the next CONNECT; called
+        before each connection attempt, so the start of a new session."""
+        ...
+
+    def outbound(self, topic: str, body: bytes) -> list[WireMessage]:
+        """The messages for one native publish; the one with QoS 1 (at most one) stands
+        for it: its PUBACK is the native message's. Empty: it has no form in this format
+        (acknowledged at once)."""
+        ...
 
 
 class Inbound:
@@ -229,6 +252,7 @@ class MqttLink:
         will_topic: the retained status topic; ``offline`` is set as last will (QoS 1).
         clock_synced: whether the wall clock is trusted now (:class:`agent.clock.Clock`),
             for the hint on an expired or not yet valid broker certificate.
+        wire: the output format every publish goes through (None: native).
 
     Attributes:
         on_connected: called (in the loop) after every successful CONNACK.
@@ -244,8 +268,11 @@ class MqttLink:
         client_id: str,
         will_topic: str,
         clock_synced: Callable[[], bool] = lambda: True,
+        wire: WireFormat | None = None,
     ) -> None:
         self.cfg = cfg
+        self.wire = wire
+        self._unsent_mid = 0
         self.port = cfg.broker_port
         self._clock_synced = clock_synced
         self.client_id = client_id
@@ -608,8 +635,9 @@ class MqttLink:
         then TCP, TLS handshake (files read afresh) and CONNECT."""
         if self._context is not None:
             self._context.last_socket = None  # this attempt's socket, once it has one
-        if self.cfg.username is not None:
-            self.client.username_pw_set(self.cfg.username, tlsmod.password_of(self.cfg))
+        username = tlsmod.username_of(self.cfg)
+        if username is not None:
+            self.client.username_pw_set(username, tlsmod.password_of(self.cfg))
         if first:
             props = None
             if self.cfg.protocol == "5":
@@ -645,6 +673,9 @@ class MqttLink:
         first = True
         while not self._stopping:
             self._connack = self._loop.create_future()
+            if self.wire is not None:
+                will_topic, will = self.wire.will()
+                self.client.will_set(will_topic, will, qos=1, retain=False)
             try:
                 await self._loop.run_in_executor(None, self._attempt, first)
                 first = False
@@ -688,13 +719,27 @@ class MqttLink:
     ) -> int:
         """Queue a publish; return its message id (PUBACK arrives via ``on_puback``).
         ``correlation``: MQTT 5 Correlation Data (section 3.3.2.3.6), sent only with
-        protocol 5."""
+        protocol 5. With an output format (:attr:`wire`) the message goes out in its form."""
+        if self.wire is not None:
+            return self._publish_wire(topic, payload)
         props = None
         if correlation is not None and self.cfg.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.CorrelationData = correlation
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         return int(info.mid)
+
+    def _publish_wire(self, topic: str, payload: bytes) -> int:
+        mid: int | None = None
+        for t, body, qos, retain in self.wire.outbound(topic, payload) if self.wire else []:
+            m = int(self.client.publish(t, body, qos=qos, retain=retain).mid)
+            if qos == 1 and mid is None:
+                mid = m
+        if mid is None:  # no form in this format: acknowledged at once (ids below paho's)
+            self._unsent_mid -= 1
+            mid = self._unsent_mid
+            self._loop.call_soon(self._puback, mid, True, "no form in this output format")
+        return mid
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Send DISCONNECT (the broker then discards the will) and close the socket."""

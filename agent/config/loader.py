@@ -1850,10 +1850,29 @@ def _resolve_mqtt(
                 "key_file": _abs(mqtt.tls.key_file),
             }
         )
+    tb = mqtt.thingsboard
+    if tb is not None and tb.access_token_file is not None:
+        update["thingsboard"] = tb = tb.model_copy(
+            update={"access_token_file": _abs(tb.access_token_file)}
+        )
     mqtt = mqtt.model_copy(update=update)
 
     source = mqtt.password_source
     clear = tls is None and not is_loopback(mqtt.host)
+    token = tb is not None and (tb.access_token_file or tb.access_token_credential)
+    if clear and token and not mqtt.allow_plaintext_credentials:
+        issue(
+            ("thingsboard",),
+            "the ThingsBoard access token would cross the network in clear: "
+            f"{mqtt.host} is not a loopback address and 'tls: false' turns TLS off. Remove "
+            "'tls: false' (TLS is the default), or, on a trusted network only, set "
+            "mqtt.allow_plaintext_credentials: true",
+        )
+    if tb is not None and tb.access_token_file is not None:
+        try:
+            read_secret_file(Path(tb.access_token_file))
+        except SecretError as exc:
+            issue(("thingsboard", "access_token_file"), str(exc).replace("password", "token"))
     if clear and mqtt.username is not None and not mqtt.allow_plaintext_credentials:
         issue(
             (source or "username",),

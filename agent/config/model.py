@@ -212,6 +212,31 @@ TlsSetting = Annotated[
 """``mqtt.tls``: ``true``/``false`` or a mapping of TLS settings."""
 
 
+class ThingsBoardConfig(StrictModel):
+    """``mqtt.thingsboard``: the gateway device's credentials on a ThingsBoard platform
+    (``mqtt.format: thingsboard``). Its access token is the MQTT user name (ThingsBoard,
+    MQTT Device API); it is a secret, so it is read from a file or a systemd credential,
+    never written in the config. Basic MQTT credentials go in ``username`` and
+    ``password_file`` instead, as for any broker."""
+
+    access_token_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="File holding the gateway device's access token (trailing newline "
+        "ignored); relative: to the config file",
+    )
+    access_token_credential: CredentialName | None = Field(
+        default=None,
+        description="systemd credential holding the access token (LoadCredential=NAME:FILE)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ThingsBoardConfig:
+        if self.access_token_file is not None and self.access_token_credential is not None:
+            raise ValueError("access_token_file and access_token_credential both given: use one")
+        return self
+
+
 class MqttConfig(StrictModel):
     """Connection to the city platform's MQTT broker.
 
@@ -296,6 +321,16 @@ class MqttConfig(StrictModel):
         "contract's preset dictionary (docs/mqtt.md, Compression)",
     )
 
+    format: Literal["native", "thingsboard"] = Field(
+        default="native",
+        description="Output format: native (this project's JSON contract, docs/mqtt.md) or "
+        "thingsboard (the ThingsBoard gateway MQTT API)",
+    )
+    thingsboard: ThingsBoardConfig | None = Field(
+        default=None,
+        description="format thingsboard: access_token_file or access_token_credential",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
         sources = [
@@ -316,7 +351,27 @@ class MqttConfig(StrictModel):
                 raise ValueError("max_batch_delay needs payload: compact")
             if self.compression != "none":
                 raise ValueError("compression needs payload: compact")
+        self._check_thingsboard()
         return self
+
+    def _check_thingsboard(self) -> None:
+        tb = self.thingsboard
+        token = tb is not None and (
+            tb.access_token_file is not None or tb.access_token_credential is not None
+        )
+        if tb is not None and self.format != "thingsboard":
+            raise ValueError("thingsboard settings need format: thingsboard")
+        if self.format == "thingsboard":
+            if self.payload != "verbose":
+                raise ValueError(
+                    "format thingsboard sends its own telemetry shape: payload compact "
+                    "is for the native format"
+                )
+            if token and self.username is not None:
+                raise ValueError(
+                    "thingsboard access token and username both given: the token is the "
+                    "user name (or use username and a password for basic MQTT credentials)"
+                )
 
     @property
     def tls_settings(self) -> TlsConfig | None:
