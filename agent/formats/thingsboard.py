@@ -336,7 +336,8 @@ def parse_rpc(doc: object, gateway_id: str, received_ms: int, token: str) -> Rpc
     with its device sessions, so they cannot key "at most once": a command that changes
     something needs its own ``id`` and ``sent_at`` in ``params`` (refused ``malformed``
     without); ``ping`` and ``read`` get ``tb-{n}-{token}`` and the time received.
-    None when no answer can be addressed (no device name or no integer id). Pure."""
+    None when this gateway does not answer it: no device name or no integer id to address
+    an answer to, or a device name that is not ``{gateway_id}/…``. Pure."""
     if not isinstance(doc, dict):
         return None
     name, data = doc.get("device"), doc.get("data")
@@ -354,7 +355,7 @@ def parse_rpc(doc: object, gateway_id: str, received_ms: int, token: str) -> Rpc
 
     ids = split_device_name(name)
     if ids is None or ids[0] != gateway_id:
-        return refuse("unknown_device", f"no device {name[:80]!r} on gateway {gateway_id}")
+        return None  # another gateway's device (gateways sharing a broker hear each other)
     params = data.get("params")
     if params is None:
         params = {}
@@ -446,14 +447,15 @@ class ThingsBoardRpc:
         doc: Any = None
         with contextlib.suppress(ValueError, RecursionError):
             doc = json.loads(msg.payload)
+        if isinstance(doc, dict) and "id" in doc:
+            return  # an answer (another gateway's, on a broker they share): no request
         gw = self.agent.cfg.gateway_id
         call = parse_rpc(doc, gw, now_ms(), self._session)
         if call is None:
-            log.warning(
-                "ThingsBoard RPC without a device name and integer id cannot be answered: "
-                "ignored (%d bytes on %s)",
+            log.debug(
+                "ThingsBoard RPC not for this gateway, or without a device name and integer "
+                "id to answer to: ignored (%d bytes)",
                 len(msg.payload),
-                msg.topic,
             )
             return
         commands = self.agent.commands
