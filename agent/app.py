@@ -202,15 +202,19 @@ class Agent:
         for d in cfg.devices:
             self.add_device(d, {p: v for (dev, p), v in stored.items() if dev == d.id})
         client_id = cfg.mqtt.client_id or default_client_id(cfg.gateway_id)
+        self.link = MqttLink(cfg.mqtt, client_id, self.status_topic, lambda: self.clock.synced)
+        if cfg.mqtt.format == "sparkplug_b":  # protobuf is imported for this format only
+            from agent.sparkplug.node import sparkplug_node
+
+            self.link.use_format(sparkplug_node(cfg, gateway_info(cfg, self.started_ms)))
         self.thingsboard = (
             ThingsBoardEncoder(prefix, cfg.gateway_id, cfg.devices)
             if cfg.mqtt.format == "thingsboard"
             else None
         )
         """The ThingsBoard output format (``mqtt.format: thingsboard``), or None."""
-        self.link = MqttLink(
-            cfg.mqtt, client_id, self.status_topic, lambda: self.clock.synced, self.thingsboard
-        )
+        if self.thingsboard is not None:
+            self.link.use_format(self.thingsboard)
         self.publisher = Publisher(
             self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
         )
@@ -389,8 +393,8 @@ class Agent:
             time.monotonic(),
         )
         self.status.devices_changed()
-        if self.thingsboard is not None:
-            self.thingsboard.configure(cfg.devices)
+        if self.link.format is not None:
+            self.link.format.configure(cfg.devices)
         self.retained.reown(self._owned_retained())
         self.retained.publish(
             info_topic(self._prefix, cfg.gateway_id), gateway_info(cfg, self.started_ms)

@@ -20,13 +20,16 @@ that cannot be decoded drops the connection; one wake-up of the loop reads at mo
 :data:`PACKETS_PER_READ` packets. Each such drop is a lost connection: the usual reconnect
 with backoff, nothing buffered lost.
 
-The only subscription is the downlink commands' (``agent.commands``, or a format's own
-command topic): their PUBLISHes go to :attr:`MqttLink.on_message`, which takes them in O(1)
-with its own rate and queue bounds.
+The only subscription is the downlink commands' (``agent.commands``, or ThingsBoard's
+``v1/gateway/rpc`` with that format): their PUBLISHes go to :attr:`MqttLink.on_message`,
+which takes them in O(1) with its own rate and queue bounds.
 
-An output format other than the native one (``mqtt.format``, :mod:`agent.formats`) is a
-:class:`WireFormat` handed to the link: every publish goes through it, and it gives the
-will before each CONNECT.
+Output formats (``mqtt.format``): the native contract is published as it is handed in; any
+other format is a :class:`WireFormat` (``agent.sparkplug.node`` for ``sparkplug_b``,
+``agent.formats.thingsboard`` for ``thingsboard``) that :meth:`MqttLink.publish` applies
+to each message, that gives the will of each CONNECT and the messages that follow each
+CONNACK, and that takes the commands of its own subscriptions. The buffer, the
+publisher's order and the alarms see native messages only.
 """
 
 from __future__ import annotations
@@ -55,8 +58,6 @@ from agent.config.model import MqttConfig
 log = logging.getLogger(__name__)
 
 PubackHandler = Callable[[int, bool, str], None]
-WireMessage = tuple[str, bytes, int, bool]
-"""(topic, payload, QoS, retain) of one message of an output format."""
 MessageHandler = Callable[["Inbound"], None]
 
 MAX_INBOUND_PACKET = 65536
@@ -74,22 +75,9 @@ decrypted bytes is read again at the next loop iteration (``call_soon``)."""
 SUBSCRIBE_QOS = 1
 """QoS of every subscription (the downlink commands): at least once, deduplicated by the
 command layer (``agent.commands``)."""
-
-
-class WireFormat(Protocol):
-    """An output format (``agent.formats``): what the agent publishes in the native
-    contract (topic, JSON body) becomes the format's messages as it goes to the client."""
-
-    def will(self) -> tuple[str, bytes]:
-        """The will (topic, payload; QoS 1, not retained) of the next CONNECT; called
-        before each connection attempt, so the start of a new session."""
-        ...
-
-    def outbound(self, topic: str, body: bytes) -> list[WireMessage]:
-        """The messages for one native publish; the one with QoS 1 (at most one) stands
-        for it: its PUBACK is the native message's. Empty: it has no form in this format
-        (acknowledged at once)."""
-        ...
+REBIRTH_MIN_S = 2.0
+"""Shortest time between two births a format makes on request (a flood of requests is
+answered by one birth at the end of the interval)."""
 
 
 class Inbound:
@@ -119,6 +107,37 @@ class Inbound:
         self.retain = retain
         self.response_topic = response_topic
         self.correlation = correlation
+
+
+class WireFormat(Protocol):
+    """An output format other than the native contract (``mqtt.format``)."""
+
+    @property
+    def command_filters(self) -> list[str]:
+        """Topic filters of the commands this format takes (subscribed after every
+        CONNACK)."""
+
+    def configure(self, devices: list[Any]) -> None:
+        """The configured devices after a config reload (the next births carry them)."""
+
+    def will(self) -> tuple[str, bytes]:
+        """The will (topic, payload; QoS 1, not retained) of the next CONNECT."""
+
+    def births(self) -> list[tuple[str, bytes]]:
+        """Messages (QoS 0, not retained) that go first after a CONNACK, or when
+        :meth:`command` asks for them."""
+
+    def outbound(self, topic: str, body: bytes) -> list[tuple[str, bytes, int, bool]]:
+        """One native message as (topic, payload, QoS, retain) messages of the format;
+        the one with QoS 1 stands for it. Empty: no form in this format."""
+
+    def resequence(self, topic: str, payload: bytes) -> bytes | None:
+        """A message of an earlier connection that goes again after the births, as it
+        must read now (None: unchanged)."""
+
+    def command(self, topic: str, payload: bytes) -> bool:
+        """A command on :attr:`command_filters`; True when it asks for the births
+        again. Raises ValueError for a payload that is not of the format."""
 
 
 class BrokerViolation(OSError):
@@ -154,6 +173,14 @@ class BoundedClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self.subscriptions: list[str] = []
         self.violation: tuple[str, str] | None = None
+        self.before_connect_packet: Callable[[], None] | None = None
+        """Called just before each CONNECT packet is built (after TCP and TLS are up):
+        the will of a format that counts CONNECT packets (Sparkplug's bdSeq)."""
+
+    def _send_connect(self, keepalive: int) -> MQTTErrorCode:
+        if self.before_connect_packet is not None:
+            self.before_connect_packet()
+        return super()._send_connect(keepalive)
 
     def _refuse(self, key: str, text: str) -> MQTTErrorCode:
         self.violation = (key, text)
@@ -252,14 +279,14 @@ class MqttLink:
         will_topic: the retained status topic; ``offline`` is set as last will (QoS 1).
         clock_synced: whether the wall clock is trusted now (:class:`agent.clock.Clock`),
             for the hint on an expired or not yet valid broker certificate.
-        wire: the output format every publish goes through (None: native).
 
     Attributes:
         on_connected: called (in the loop) after every successful CONNACK.
         on_puback: called with ``(mid, ok, reason)`` when a QoS 1 publish is acknowledged.
         on_message: called (in the loop) with each :class:`Inbound` PUBLISH received on
-            :attr:`BoundedClient.subscriptions`; it must not block (paho acknowledges a
-            QoS 1 PUBLISH when it returns).
+            :attr:`BoundedClient.subscriptions` that no format takes; it must not block (paho
+            acknowledges a QoS 1 PUBLISH when it returns).
+        format: the output format (None: the native contract; :meth:`use_format`).
     """
 
     def __init__(
@@ -268,17 +295,20 @@ class MqttLink:
         client_id: str,
         will_topic: str,
         clock_synced: Callable[[], bool] = lambda: True,
-        wire: WireFormat | None = None,
     ) -> None:
         self.cfg = cfg
-        self.wire = wire
-        self._unsent_mid = 0
         self.port = cfg.broker_port
         self._clock_synced = clock_synced
         self.client_id = client_id
         self.on_connected: Callable[[], None] = lambda: None
         self.on_puback: PubackHandler = lambda mid, ok, reason: None
         self.on_message: MessageHandler = lambda msg: None
+        self.format: WireFormat | None = None
+        self._no_form_mid = 0
+        self._last_birth = 0.0
+        self._birth_timer: asyncio.TimerHandle | None = None
+        self.births = 0
+        """Births a format made on request (rebirths) since the start."""
         self.connected = asyncio.Event()
         self._disconnected = asyncio.Event()
         self._connack: asyncio.Future[bool] | None = None
@@ -443,11 +473,18 @@ class MqttLink:
             self._disconnected.clear()
             self.connected.set()
             self._log_connected()
+            fmt = self.format
+            if fmt is not None:  # the format's births go first
+                for topic, payload in fmt.births():
+                    self.client.publish(topic, payload, qos=0)
+                self._last_birth = time.monotonic()
             # clean session or not: subscribe again after every CONNACK (a broker that
             # lost a persistent session would otherwise leave the client deaf)
             for topic_filter in self.client.subscriptions:
                 self.client.subscribe(topic_filter, qos=SUBSCRIBE_QOS)
             self.on_connected()
+            if fmt is not None:
+                self._resequence(fmt)
         else:
             self._problem(
                 logging.ERROR,
@@ -615,6 +652,12 @@ class MqttLink:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # paho reads packets on the loop's thread only (read_packets from _read)
+        fmt = self.format
+        if fmt is not None and any(
+            mqtt.topic_matches_sub(f, msg.topic) for f in fmt.command_filters
+        ):
+            self._format_command(fmt, msg.topic, bytes(msg.payload), bool(msg.retain))
+            return
         props = getattr(msg, "properties", None)
         response = getattr(props, "ResponseTopic", None) if props is not None else None
         corr = getattr(props, "CorrelationData", None) if props is not None else None
@@ -627,6 +670,63 @@ class MqttLink:
                 bytes(corr) if isinstance(corr, bytes | bytearray) else None,
             )
         )
+
+    def _format_command(self, fmt: WireFormat, topic: str, payload: bytes, retain: bool) -> None:
+        """A command of the format: a request for births is answered on this connection
+        (no reconnect), at most once per :data:`REBIRTH_MIN_S`; a retained one is
+        ignored (it was stored before this session, its sender is not waiting)."""
+        if retain:
+            log.info("ignored a retained command on %s", topic[:200])
+            return
+        try:
+            wanted = fmt.command(topic, payload)
+        except ValueError as exc:
+            log.warning("ignored a command on %s: %s", topic[:200], exc)
+            return
+        if not wanted or self._birth_timer is not None:
+            return
+        wait = self._last_birth + REBIRTH_MIN_S - time.monotonic()
+        if wait > 0:
+            self._birth_timer = self._loop.call_later(wait, self._rebirth)
+        else:
+            self._rebirth()
+
+    def _rebirth(self) -> None:
+        self._birth_timer = None
+        fmt = self.format
+        if fmt is None or not self.connected.is_set():
+            return  # the next CONNACK brings the births
+        log.info("births sent again on request (same connection)")
+        for topic, payload in fmt.births():
+            self.client.publish(topic, payload, qos=0)
+        self._last_birth = time.monotonic()
+        self.births += 1
+
+    def _resequence(self, fmt: WireFormat) -> None:
+        """After the births of a CONNACK: the messages of the earlier connection that
+        paho sends again now (after this callback, in their order) read as the format
+        needs (Sparkplug: the next ``seq``). paho keeps them in ``_out_messages`` (2.2.0),
+        state ``mqtt_ms_publish`` once reset for a resend."""
+        for m in self.client._out_messages.values():
+            if m.state == mqtt.mqtt_ms_publish:
+                payload = fmt.resequence(m.topic, bytes(m.payload))
+                if payload is not None:
+                    m.payload = payload
+
+    def use_format(self, fmt: WireFormat) -> None:
+        """Publish in ``fmt`` from now on (before :meth:`run`): its will, its births,
+        its commands. paho then queues nothing (no in-flight limit of its own: the
+        publisher's window bounds the buffered rows), so that every message goes on the
+        wire in the order it was published."""
+        self.format = fmt
+        self.client.max_inflight_messages_set(0)
+
+        def will() -> None:  # on the connecting thread, before the CONNECT packet
+            topic, payload = fmt.will()
+            self.client.will_set(topic, payload, qos=1, retain=False)
+
+        self.client.before_connect_packet = will
+        self.client.subscriptions.extend(fmt.command_filters)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -644,8 +744,17 @@ class MqttLink:
                 # MQTT 5.0 section 3.1.2.11.4 (paho leaves Properties untyped)
                 props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.MaximumPacketSize = MAX_INBOUND_PACKET
+            # a format's session starts clean every time (Sparkplug 3.0,
+            # tck-id-message-flow-edge-node-birth-publish-connect: Clean Start, no expiry)
+            # (MQTT 3.1.1: clean_session, which the config requires for such a format)
+            v5_format = self.format is not None and self.cfg.protocol == "5"
+            clean = True if v5_format else mqtt.MQTT_CLEAN_START_FIRST_ONLY
             self.client.connect(
-                self.cfg.host, self.port, keepalive=int(self.cfg.keepalive), properties=props
+                self.cfg.host,
+                self.port,
+                keepalive=int(self.cfg.keepalive),
+                properties=props,
+                clean_start=clean,
             )
         else:
             self.client.reconnect()
@@ -673,9 +782,6 @@ class MqttLink:
         first = True
         while not self._stopping:
             self._connack = self._loop.create_future()
-            if self.wire is not None:
-                will_topic, will = self.wire.will()
-                self.client.will_set(will_topic, will, qos=1, retain=False)
             try:
                 await self._loop.run_in_executor(None, self._attempt, first)
                 first = False
@@ -719,32 +825,36 @@ class MqttLink:
     ) -> int:
         """Queue a publish; return its message id (PUBACK arrives via ``on_puback``).
         ``correlation``: MQTT 5 Correlation Data (section 3.3.2.3.6), sent only with
-        protocol 5. With an output format (:attr:`wire`) the message goes out in its form."""
-        if self.wire is not None:
-            return self._publish_wire(topic, payload)
-        props = None
-        if correlation is not None and self.cfg.protocol == "5":
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.CorrelationData = correlation
-        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        return int(info.mid)
+        protocol 5 and the native contract.
 
-    def _publish_wire(self, topic: str, payload: bytes) -> int:
-        mid: int | None = None
-        for t, body, qos, retain in self.wire.outbound(topic, payload) if self.wire else []:
-            m = int(self.client.publish(t, body, qos=qos, retain=retain).mid)
-            if qos == 1 and mid is None:
-                mid = m
-        if mid is None:  # no form in this format: acknowledged at once (ids below paho's)
-            self._unsent_mid -= 1
-            mid = self._unsent_mid
-            self._loop.call_soon(self._puback, mid, True, "no form in this output format")
+        With a :attr:`format`, the message as the format has it: the id is that of its
+        QoS 1 message; a message with no QoS 1 form gets a negative id, acknowledged
+        (``on_puback``) at the next loop iteration."""
+        fmt = self.format
+        if fmt is None:
+            props = None
+            if correlation is not None and self.cfg.protocol == "5":
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.CorrelationData = correlation
+            info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            return int(info.mid)
+        mid = None
+        for t, p, q, r in fmt.outbound(topic, payload):
+            info = self.client.publish(t, p, qos=q, retain=r)
+            if q > 0:
+                mid = int(info.mid)
+        if mid is None:
+            self._no_form_mid -= 1
+            mid = self._no_form_mid
+            self._loop.call_soon(self.on_puback, mid, True, "")
         return mid
 
     async def stop(self, timeout: float = 2.0) -> None:
         """Send DISCONNECT (the broker then discards the will) and close the socket."""
         self._stopping = True
         self._stop_event.set()
+        if self._birth_timer is not None:
+            self._birth_timer.cancel()
         if self.connected.is_set():
             self.client.disconnect()
             try:

@@ -237,6 +237,17 @@ class ThingsBoardConfig(StrictModel):
         return self
 
 
+class SparkplugConfig(StrictModel):
+    """Ids of the gateway as a Sparkplug B Edge Node (``mqtt.format: sparkplug_b``;
+    Eclipse Sparkplug Specification v3.0.0, 1.4.1.8: each a valid MQTT topic level, here
+    an id of the safe set)."""
+
+    group_id: Name = Field(description="Sparkplug Group ID (letters, digits, '_', '.', '-')")
+    edge_node_id: Name | None = Field(
+        default=None, description="Sparkplug Edge Node ID; defaults to gateway_id"
+    )
+
+
 class MqttConfig(StrictModel):
     """Connection to the city platform's MQTT broker.
 
@@ -315,16 +326,19 @@ class MqttConfig(StrictModel):
         "message, e.g. '5s' (0: one message per poll). They wait in memory until then: a "
         "crash or power cut loses up to this much of each device's readings",
     )
+    format: Literal["native", "sparkplug_b", "thingsboard"] = Field(
+        default="native",
+        description="Output format: native (this project's JSON contract, docs/mqtt.md), "
+        "sparkplug_b (Eclipse Sparkplug 3.0: NBIRTH/DBIRTH/DDATA/DDEATH, NDEATH as will; "
+        "needs the sparkplug section) or thingsboard (the ThingsBoard gateway MQTT API)",
+    )
+    sparkplug: SparkplugConfig | None = Field(
+        default=None, description="Sparkplug ids (format: sparkplug_b)"
+    )
     compression: Literal["none", "zlib"] = Field(
         default="none",
         description="Compact payload only: zlib deflates every telemetry message with the "
         "contract's preset dictionary (docs/mqtt.md, Compression)",
-    )
-
-    format: Literal["native", "thingsboard"] = Field(
-        default="native",
-        description="Output format: native (this project's JSON contract, docs/mqtt.md) or "
-        "thingsboard (the ThingsBoard gateway MQTT API)",
     )
     thingsboard: ThingsBoardConfig | None = Field(
         default=None,
@@ -346,6 +360,20 @@ class MqttConfig(StrictModel):
             raise ValueError("reconnect_max must not be shorter than reconnect_min")
         if self.keepalive > 65535:
             raise ValueError("keepalive must be at most 65535s (MQTT 3.1.1 section 3.1.2.10)")
+        if self.format == "sparkplug_b":
+            if self.sparkplug is None:
+                raise ValueError("format: sparkplug_b needs 'sparkplug: {group_id: ...}'")
+            if self.payload != "verbose":
+                raise ValueError(
+                    "format: sparkplug_b has its own binary encoding: use payload: verbose"
+                )
+            if not self.clean_session:
+                raise ValueError(
+                    "format: sparkplug_b needs clean_session: true (Sparkplug 3.0, "
+                    "message flow: an Edge Node's session starts clean)"
+                )
+        elif self.sparkplug is not None:
+            raise ValueError("sparkplug applies to format: sparkplug_b only")
         if self.payload == "verbose":
             if self.max_batch_delay > 0:
                 raise ValueError("max_batch_delay needs payload: compact")

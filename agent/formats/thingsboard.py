@@ -10,9 +10,9 @@ token as the MQTT user name).
 
 The buffer keeps native messages (topic, JSON body with ``seq``); :class:`ThingsBoardEncoder`
 turns each message the agent publishes into its ThingsBoard form at the moment it goes to
-the MQTT client (:class:`agent.mqtt.WireFormat`). One buffered row is one PUBLISH with
-QoS 1 whose PUBACK acknowledges the row, as in the native format; announcements sent
-along with it (a device's ``connect``) go with QoS 0.
+the MQTT client (:class:`agent.mqtt.WireFormat`, :meth:`agent.mqtt.MqttLink.use_format`).
+One buffered row is one PUBLISH with QoS 1 whose PUBACK acknowledges the row, as in the
+native format; announcements sent along with it (a device's ``connect``) go with QoS 0.
 
 A device's ThingsBoard name is ``{gateway_id}/{device_id}`` (:func:`device_name`):
 device names are unique per ThingsBoard tenant, and ids contain no ``/``. Keys this
@@ -185,11 +185,33 @@ class ThingsBoardEncoder:
         """The configured devices (at start and after a config reload)."""
         self._types = {d.id: device_type(d) for d in devices}
 
+    @property
+    def command_filters(self) -> list[str]:
+        """None taken by the link itself: server-side RPC goes through the command layer
+        (:class:`ThingsBoardRpc`, on the link's ``on_message``)."""
+        return []
+
     def will(self) -> tuple[str, bytes]:
-        """Before each CONNECT: a new session has no device connected; the will (QoS 1,
-        not retained) sets the gateway's ``status`` attribute to ``offline``."""
-        self.announced.clear()
+        """Before each CONNECT packet (on the connecting thread): a new session has no
+        device connected; the will (QoS 1, not retained) sets the gateway's ``status``
+        attribute to ``offline``."""
+        self.announced = set()  # (rebound, not cleared: the loop's thread may read it)
         return OWN_ATTRIBUTES, _dumps({"status": "offline"})
+
+    def births(self) -> list[tuple[str, bytes]]:
+        """Nothing goes ahead of the agent's own messages after a CONNACK: each device is
+        connected before its first message of the session (:meth:`outbound`), and its
+        availability and ``info`` are sent again after every CONNACK."""
+        return []
+
+    def resequence(self, topic: str, payload: bytes) -> bytes | None:
+        """A message of an earlier connection sent again: unchanged (ThingsBoard messages
+        carry no session counter)."""
+        return None
+
+    def command(self, topic: str, payload: bytes) -> bool:
+        """No command goes to the format itself (:attr:`command_filters` is empty)."""
+        return False
 
     def outbound(self, topic: str, body: bytes) -> list[Out]:
         """The ThingsBoard messages for one native publish; exactly one has QoS 1 and
