@@ -50,6 +50,7 @@ from agent.contract.topics import (
     status_topic,
     waveform_topic,
 )
+from agent.formats.thingsboard import ThingsBoardEncoder, ThingsBoardRpc
 from agent.gpio import Gpio, desired_outputs
 from agent.logs import toggle_debug
 from agent.mqtt import MqttLink
@@ -208,6 +209,14 @@ class Agent:
 
             node = sparkplug_node(cfg, gateway_info(cfg, self.started_ms))
             self.link.use_format(node)
+        self.thingsboard = (
+            ThingsBoardEncoder(prefix, cfg.gateway_id, cfg.devices)
+            if cfg.mqtt.format == "thingsboard"
+            else None
+        )
+        """The ThingsBoard output format (``mqtt.format: thingsboard``), or None."""
+        if self.thingsboard is not None:
+            self.link.use_format(self.thingsboard)
         self.publisher = Publisher(
             self.buffer, self.link, self.status_topic, cfg.mqtt.max_inflight, cfg.buffer.drain_rate
         )
@@ -271,8 +280,11 @@ class Agent:
         """The state file of ``edge-agent status`` and the health's metrics."""
         self.commands = Commands(self)
         """Downlink commands (:mod:`agent.commands`), on the link's subscription."""
-        self.link.client.subscriptions.append(self.commands.topic_filter)
-        self.link.on_message = self.commands.offer
+        self.rpc = ThingsBoardRpc(self) if self.thingsboard is not None else None
+        """ThingsBoard server-side RPC onto the commands (instead of their native topics)."""
+        intake = self.commands if self.rpc is None else self.rpc
+        self.link.client.subscriptions.append(intake.topic_filter)
+        self.link.on_message = intake.offer
         if node is not None:  # a DCMD is the allow-listed write
             node.on_write = lambda device, request: self.commands.offer_request(
                 "write", request, "sparkplug_b"
@@ -812,6 +824,8 @@ class Agent:
             asyncio.create_task(self.status.run(), name="status-file"),
             asyncio.create_task(self.commands.run(), name="commands"),
         ]
+        if self.rpc is not None:
+            bg.append(asyncio.create_task(self.rpc.run(), name="thingsboard-rpc"))
         link_task = asyncio.create_task(self.link.run(), name="mqtt")
         loop = asyncio.get_running_loop()
 

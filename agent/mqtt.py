@@ -25,14 +25,16 @@ that cannot be decoded drops the connection; one wake-up of the loop reads at mo
 :data:`PACKETS_PER_READ` packets. Each such drop is a lost connection: the usual reconnect
 with backoff, nothing buffered lost.
 
-The only subscription is the downlink commands' (``agent.commands``): their PUBLISHes go to
-:attr:`MqttLink.on_message`, which takes them in O(1) with its own rate and queue bounds.
+The only subscription is the downlink commands' (``agent.commands``, or ThingsBoard's
+``v1/gateway/rpc`` with that format): their PUBLISHes go to :attr:`MqttLink.on_message`,
+which takes them in O(1) with its own rate and queue bounds.
 
 Output formats (``mqtt.format``): the native contract is published as it is handed in; any
-other format is a :class:`WireFormat` (``agent.sparkplug.node`` for ``sparkplug_b``) that
-:meth:`MqttLink.publish` applies to each message, that gives the will of each CONNECT and
-the messages that follow each CONNACK, and that takes the commands of its own
-subscriptions. The buffer, the publisher's order and the alarms see native messages only.
+other format is a :class:`WireFormat` (``agent.sparkplug.node`` for ``sparkplug_b``,
+``agent.formats.thingsboard`` for ``thingsboard``) that :meth:`MqttLink.publish` applies
+to each message, that gives the will of each CONNECT and the messages that follow each
+CONNACK, and that takes the commands of its own subscriptions. The buffer, the
+publisher's order and the alarms see native messages only.
 """
 
 from __future__ import annotations
@@ -774,8 +776,9 @@ class MqttLink:
         then TCP, TLS handshake (files read afresh) and CONNECT."""
         if self._context is not None:
             self._context.last_socket = None  # this attempt's socket, once it has one
-        if self.cfg.username is not None:
-            self.client.username_pw_set(self.cfg.username, tlsmod.password_of(self.cfg))
+        username = tlsmod.username_of(self.cfg)
+        if username is not None:
+            self.client.username_pw_set(username, tlsmod.password_of(self.cfg))
         if first:
             props = None
             if self.cfg.protocol == "5":

@@ -220,6 +220,22 @@ def password_of(cfg: MqttConfig) -> str | None:
     return None
 
 
+def username_of(cfg: MqttConfig) -> str | None:
+    """The MQTT user name: ``username``, or the ThingsBoard access token as it is now
+    (``mqtt.thingsboard.access_token_file`` or ``access_token_credential``, read on every
+    call; ThingsBoard's MQTT Device API takes the token as the user name), or None.
+
+    Raises:
+        SecretError: see :func:`read_secret_file`, :func:`credential_path`.
+    """
+    tb = cfg.thingsboard
+    if tb is not None and tb.access_token_file is not None:
+        return read_secret_file(Path(tb.access_token_file))
+    if tb is not None and tb.access_token_credential is not None:
+        return read_secret_file(credential_path(tb.access_token_credential))
+    return cfg.username
+
+
 def key_file_of(tls: TlsConfig) -> str | None:
     """Path of the client key: ``key_file`` or the ``key_credential`` file.
 

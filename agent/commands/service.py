@@ -249,6 +249,16 @@ class Commands:
         self._report(name, response, source)
         return response
 
+    def refuse(
+        self, name: str, request_id: str | None, refusal: Refusal, source: str
+    ) -> dict[str, Any]:
+        """A request a format refused before it could reach :meth:`execute` (its own
+        envelope was wrong): answered, logged and sent as a notice as :meth:`execute`'s
+        refusals are; return the response object."""
+        response = self._respond(name, request_id, refusal)
+        self._report(name, response, source)
+        return response
+
     async def _execute(self, name: str, request: Any, retained: bool) -> dict[str, Any]:
         req = parse_request(name, request)
         if isinstance(req, Refusal):

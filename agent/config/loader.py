@@ -1867,6 +1867,11 @@ def _resolve_mqtt(
                 "broker under brokers (host, port, tls, server_name), or give host and "
                 "port alone for one broker",
             )
+    tb = mqtt.thingsboard
+    if tb is not None and tb.access_token_file is not None:
+        update["thingsboard"] = tb = tb.model_copy(
+            update={"access_token_file": _abs(tb.access_token_file)}
+        )
     mqtt = mqtt.model_copy(update=update)
 
     # where each broker's TLS settings come from: its own 'tls' mapping, or mqtt.tls
@@ -1874,6 +1879,12 @@ def _resolve_mqtt(
     seen: set[tuple[str | int, ...]] = set()
     tls_checks: list[tuple[tuple[str | int, ...], TlsConfig]] = []
     source = mqtt.password_source
+    token = tb is not None and bool(tb.access_token_file or tb.access_token_credential)
+    if tb is not None and tb.access_token_file is not None:
+        try:
+            read_secret_file(Path(tb.access_token_file))
+        except SecretError as exc:
+            issue(("thingsboard", "access_token_file"), str(exc).replace("password", "token"))
     views = mqtt.endpoints
     where = [(v.host.lower(), v.broker_port) for v in views]
     for i, view in enumerate(views):
@@ -1887,6 +1898,14 @@ def _resolve_mqtt(
         tls = view.tls_settings
         own = brokers is not None and brokers[i].tls is not None
         clear = tls is None and not is_loopback(view.host)
+        if clear and token and not mqtt.allow_plaintext_credentials:
+            issue(
+                (*at, "host") if brokers is not None else ("thingsboard",),
+                "the ThingsBoard access token would cross the network in clear: "
+                f"{view.host} is not a loopback address and 'tls: false' turns TLS off. "
+                "Remove 'tls: false' (TLS is the default), or, on a trusted network only, "
+                "set mqtt.allow_plaintext_credentials: true",
+            )
         if clear and mqtt.username is not None and not mqtt.allow_plaintext_credentials:
             issue(
                 (*at, "host") if brokers is not None else (source or "username",),

@@ -238,6 +238,31 @@ class BrokerConfig(StrictModel):
     )
 
 
+class ThingsBoardConfig(StrictModel):
+    """``mqtt.thingsboard``: the gateway device's credentials on a ThingsBoard platform
+    (``mqtt.format: thingsboard``). Its access token is the MQTT user name (ThingsBoard,
+    MQTT Device API); it is a secret, so it is read from a file or a systemd credential,
+    never written in the config. Basic MQTT credentials go in ``username`` and
+    ``password_file`` instead, as for any broker."""
+
+    access_token_file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="File holding the gateway device's access token (trailing newline "
+        "ignored); relative: to the config file",
+    )
+    access_token_credential: CredentialName | None = Field(
+        default=None,
+        description="systemd credential holding the access token (LoadCredential=NAME:FILE)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ThingsBoardConfig:
+        if self.access_token_file is not None and self.access_token_credential is not None:
+            raise ValueError("access_token_file and access_token_credential both given: use one")
+        return self
+
+
 class SparkplugConfig(StrictModel):
     """Ids of the gateway as a Sparkplug B Edge Node (``mqtt.format: sparkplug_b``;
     Eclipse Sparkplug Specification v3.0.0, 1.4.1.8: each a valid MQTT topic level, here
@@ -346,11 +371,11 @@ class MqttConfig(StrictModel):
         "message, e.g. '5s' (0: one message per poll). They wait in memory until then: a "
         "crash or power cut loses up to this much of each device's readings",
     )
-    format: Literal["native", "sparkplug_b"] = Field(
+    format: Literal["native", "sparkplug_b", "thingsboard"] = Field(
         default="native",
-        description="Output format: native (this project's JSON contract, docs/mqtt.md) or "
+        description="Output format: native (this project's JSON contract, docs/mqtt.md), "
         "sparkplug_b (Eclipse Sparkplug 3.0: NBIRTH/DBIRTH/DDATA/DDEATH, NDEATH as will; "
-        "needs the sparkplug section)",
+        "needs the sparkplug section) or thingsboard (the ThingsBoard gateway MQTT API)",
     )
     sparkplug: SparkplugConfig | None = Field(
         default=None, description="Sparkplug ids (format: sparkplug_b)"
@@ -359,6 +384,10 @@ class MqttConfig(StrictModel):
         default="none",
         description="Compact payload only: zlib deflates every telemetry message with the "
         "contract's preset dictionary (docs/mqtt.md, Compression)",
+    )
+    thingsboard: ThingsBoardConfig | None = Field(
+        default=None,
+        description="format thingsboard: access_token_file or access_token_credential",
     )
 
     @model_validator(mode="after")
@@ -401,7 +430,27 @@ class MqttConfig(StrictModel):
                 raise ValueError("max_batch_delay needs payload: compact")
             if self.compression != "none":
                 raise ValueError("compression needs payload: compact")
+        self._check_thingsboard()
         return self
+
+    def _check_thingsboard(self) -> None:
+        tb = self.thingsboard
+        token = tb is not None and (
+            tb.access_token_file is not None or tb.access_token_credential is not None
+        )
+        if tb is not None and self.format != "thingsboard":
+            raise ValueError("thingsboard settings need format: thingsboard")
+        if self.format == "thingsboard":
+            if self.payload != "verbose":
+                raise ValueError(
+                    "format thingsboard sends its own telemetry shape: payload compact "
+                    "is for the native format"
+                )
+            if token and self.username is not None:
+                raise ValueError(
+                    "thingsboard access token and username both given: the token is the "
+                    "user name (or use username and a password for basic MQTT credentials)"
+                )
 
     @property
     def tls_settings(self) -> TlsConfig | None:

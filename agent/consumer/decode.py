@@ -2,9 +2,9 @@
 
 A *format* (:class:`Format`) says which topic filters to subscribe to under a prefix and
 how to turn one message (topic, payload) into a :class:`Record`, or raise
-:class:`Invalid` with the reason. Only ``native`` (the JSON contract of ``docs/mqtt.md``)
-exists today; the Sparkplug B and ThingsBoard encodings are added to :data:`FORMATS` by
-a function of the same shape, so that one accounting (dedup on (gateway, seq), gaps,
+:class:`Invalid` with the reason: ``native`` (the JSON contract of ``docs/mqtt.md``) and
+``thingsboard`` (:mod:`agent.consumer.thingsboard`); each output format adds a function of
+the same shape to :data:`FORMATS`, so that one accounting (dedup on (gateway, seq), gaps,
 re-stamps) covers them all.
 
 A payload kind that is not stored as it comes (a compact telemetry kind whose values are
@@ -291,5 +291,22 @@ def _carried(kind: str) -> tuple[str, ...]:
     return base + extra
 
 
-FORMATS: dict[str, Format] = {"native": Format("native", native_filters, decode_native)}
+def _thingsboard_filters(prefix: str) -> list[str]:
+    from agent.consumer.thingsboard import thingsboard_filters
+
+    return thingsboard_filters(prefix)
+
+
+def _decode_thingsboard(topic: str, payload: bytes, ctx: Context) -> Record | None:
+    """:func:`agent.consumer.thingsboard.decode_thingsboard` (imported on first use: that
+    module builds on this one)."""
+    from agent.consumer.thingsboard import decode_thingsboard
+
+    return decode_thingsboard(topic, payload, ctx)
+
+
+FORMATS: dict[str, Format] = {
+    "native": Format("native", native_filters, decode_native),
+    "thingsboard": Format("thingsboard", _thingsboard_filters, _decode_thingsboard),
+}
 """Every format the consumer decodes, by the name ``--format`` takes."""
