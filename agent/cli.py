@@ -411,7 +411,11 @@ def _replay_udp(
     "fmt",
     default="native",
     show_default=True,
-    help="Encoding the gateways publish in (mqtt.format).",
+    help="Encoding the gateways publish in (mqtt.format): native or sparkplug_b.",
+)
+@click.option(
+    "--group",
+    help="sparkplug_b: the Sparkplug group id (spBv1.0/GROUP/#); default every group.",
 )
 @click.option("--postgres", metavar="DSN", help="Store rows in PostgreSQL (libpq DSN or URL).")
 @click.option("--output", "-o", default="-", show_default=True, help="JSON-lines file, - stdout.")
@@ -437,6 +441,7 @@ def consume(
     ca_file: str | None,
     queue: str | None,
     fmt: str,
+    group: str | None,
     postgres: str | None,
     output: str,
     gaps: bool,
@@ -469,6 +474,7 @@ def consume(
                 ca_file=ca_file,
                 queue=queue,
                 fmt=fmt,
+                group=group,
                 postgres=postgres,
                 output=output,
                 gaps=gaps,

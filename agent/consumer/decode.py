@@ -2,10 +2,11 @@
 
 A *format* (:class:`Format`) says which topic filters to subscribe to under a prefix and
 how to turn one message (topic, payload) into a :class:`Record`, or raise
-:class:`Invalid` with the reason: ``native`` (the JSON contract of ``docs/mqtt.md``) and
-``thingsboard`` (:mod:`agent.consumer.thingsboard`); each output format adds a function of
-the same shape to :data:`FORMATS`, so that one accounting (dedup on (gateway, seq), gaps,
-re-stamps) covers them all.
+:class:`Invalid` with the reason: ``native`` (the JSON contract of ``docs/mqtt.md``),
+``thingsboard`` (:mod:`agent.consumer.thingsboard`) and ``sparkplug_b``
+(:mod:`agent.consumer.sparkplug`); each output format adds a function of the same shape to
+:data:`FORMATS`, so that one accounting (dedup on (gateway, seq), gaps, re-stamps) covers
+them all.
 
 A payload kind that is not stored as it comes (a compact telemetry kind whose values are
 positions in the point list of the gateway's retained ``info``) gets an *expander* in
@@ -83,11 +84,15 @@ class Record:
 
 @dataclass
 class Context:
-    """What decoding may look up: the topic prefix and the latest retained ``info`` of
-    each gateway (at most :data:`MAX_INFOS`)."""
+    """What decoding may look up: the topic prefix (the Sparkplug group for
+    ``sparkplug_b``), the latest retained ``info`` of each gateway (at most
+    :data:`MAX_INFOS`) and each format's own state."""
 
     prefix: str = "lifeline"
     info: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
+    state: dict[str, Any] = field(default_factory=dict)
+    """What a format's decoder keeps between messages, under the format's name (the
+    aliases of Sparkplug births)."""
 
     def remember_info(self, gateway: str, doc: dict[str, Any]) -> None:
         self.info[gateway] = doc
@@ -149,11 +154,15 @@ before expanding)."""
 @dataclass(frozen=True, slots=True)
 class Format:
     """An encoding gateways publish in: the topic filters to subscribe to under a prefix
-    (MQTT 3.1.1 and 5.0 section 4.7 wildcards) and the function decoding one message."""
+    (MQTT 3.1.1 and 5.0 section 4.7 wildcards) and the function decoding one message;
+    ``state_filters``: what every consumer must see even when the others are shared
+    among several (retained ``info``, Sparkplug births), subscribed without sharing
+    (None: ``{prefix}/+/info``)."""
 
     name: str
     filters: Callable[[str], list[str]]
     decode: Decoder
+    state_filters: Callable[[str], list[str]] | None = None
 
 
 @cache
@@ -310,3 +319,7 @@ FORMATS: dict[str, Format] = {
     "thingsboard": Format("thingsboard", _thingsboard_filters, _decode_thingsboard),
 }
 """Every format the consumer decodes, by the name ``--format`` takes."""
+
+from agent.consumer.sparkplug import SPARKPLUG_B  # noqa: E402  (it needs this module)
+
+FORMATS[SPARKPLUG_B.name] = SPARKPLUG_B

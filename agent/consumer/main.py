@@ -35,6 +35,7 @@ class Options:
     ca_file: str | None = None
     queue: str | None = None
     fmt: str = "native"
+    group: str | None = None
     postgres: str | None = None
     output: str = "-"
     gaps: bool = False
@@ -88,7 +89,13 @@ def run(opts: Options) -> int:
     fmt = FORMATS.get(opts.fmt)
     if fmt is None:
         raise ValueError(f"--format {opts.fmt}: one of {', '.join(FORMATS)}")
-    filters = fmt.filters(opts.prefix)
+    scope = opts.prefix
+    if fmt.name == "sparkplug_b":
+        scope = opts.group or "+"
+    elif opts.group is not None:
+        raise ValueError("--group is the Sparkplug group: only with --format sparkplug_b")
+    filters = fmt.filters(scope)
+    state_filters = fmt.state_filters(scope) if fmt.state_filters else [f"{scope}/+/info"]
     consumer = opts.client_id or f"edge-consumer-{socket.gethostname()}"
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,7 +120,7 @@ def run(opts: Options) -> int:
             filters,
             consumer,
             share=opts.share,
-            info_filters=[f"{opts.prefix}/+/info"],
+            info_filters=state_filters,
             protocol=opts.protocol,
             username=opts.username,
             password_file=opts.password_file,
@@ -131,7 +138,7 @@ def run(opts: Options) -> int:
             source,
             sink,
             fmt,
-            Context(prefix=opts.prefix),
+            Context(prefix=scope),
             stop,
             duration_s=opts.duration,
             batch_size=opts.batch,
