@@ -26,9 +26,13 @@ UMASK = 0o027
 own group at most, never by others (umask(2))."""
 
 
-def load_or_exit(path: str, need_secrets: bool = False) -> object:
-    from agent.config.loader import ConfigError, load_config
+def load_or_exit(path: str, need_secrets: bool = False, isolated: bool = False) -> object:
+    from agent.config.issues import ConfigError
 
+    if isolated:  # the running agent: see agent.config.isolated
+        from agent.config.isolated import load_isolated as load_config
+    else:
+        from agent.config.loader import load_config
     try:
         return load_config(path, need_secrets)
     except ConfigError as exc:
@@ -49,7 +53,29 @@ config_option = click.option(
 )
 
 
-@click.group()
+class _Commands(click.Group):
+    """The commands; those of :mod:`agent.cli_modbus` (``read``, ``scan``, ``decode``,
+    ``write``) are imported when one of them is asked for or the commands are listed, so
+    that the running agent does not hold them."""
+
+    def _add_modbus(self) -> None:
+        from agent.cli_modbus import COMMANDS
+
+        for command in COMMANDS:
+            if command.name not in self.commands:
+                self.add_command(command)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._add_modbus()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_modbus()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="edge-agent")
 def main() -> None:
     """Lifeline Edge Agent: Modbus sensors -> durable buffer -> MQTT."""
@@ -96,7 +122,7 @@ def run(config_file: str, log_level: str | None) -> None:
     # a stderr without a file descriptor (an embedding host) goes without
     with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
         faulthandler.enable()
-    cfg = load_or_exit(config_file, need_secrets=True)
+    cfg = load_or_exit(config_file, need_secrets=True, isolated=True)
     assert isinstance(cfg, AgentConfig)
     setup_logging(log_level or cfg.log_level)
     try:
@@ -484,13 +510,3 @@ def consume(
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
-
-
-def _add_modbus_commands() -> None:
-    from agent.cli_modbus import COMMANDS
-
-    for command in COMMANDS:
-        main.add_command(command)
-
-
-_add_modbus_commands()
