@@ -95,6 +95,7 @@ def load_isolated(path: str | Path, need_secrets: bool = False) -> AgentConfig:
     if kind == "error":
         raise ConfigError(rest[0])
     cfg, digest = rest
+    share_equal_values(cfg)  # again: pickle gives each number its own object
     remember_hash(cfg, digest)
     return cfg  # type: ignore[no-any-return]
 
@@ -121,9 +122,10 @@ def _child(path: str, need_secrets: bool) -> tuple[object, ...]:
 
 def share_equal_values(cfg: AgentConfig) -> None:
     """Let the points of ``cfg`` share equal values (the same unit, type, scale, set of
-    fields given...) instead of holding a copy each: pickle hands shared objects over as
-    one, so the agent holds each distinct value once. Values stay equal, and the models
-    are frozen: nothing is changed in place later (a copy gets fresh objects)."""
+    fields given...) instead of holding a copy each. Done before pickling (pickle hands a
+    shared string or set over as one object) and after (numbers it does not share).
+    Values stay equal, and the models are frozen: nothing is changed in place later (a
+    copy gets fresh objects)."""
     seen: dict[tuple[type, object], object] = {}
     for dev in cfg.devices:
         for point in getattr(dev, "points", ()):
