@@ -46,9 +46,11 @@ STUCK_SLACK_S = 2.0
 on its bus, any ``connect_pause``, and this much more (a busy gateway's scheduling)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class DeviceState:
-    """Scheduling and health of one device on a bus."""
+    """Scheduling and health of one device on a bus. Compared by identity (a state is
+    the running state of one device, never equal to another: ``in`` must not compare
+    whole device configs, once per device and cycle)."""
 
     device: ModbusDevice
     blocks: list[Block]
