@@ -87,3 +87,24 @@ def test_running_agent_holds_neither_loader_nor_validators(tmp_path: Path) -> No
     )
     seen = json.loads(out.stdout.splitlines()[-1])
     assert seen == {"modules": [], "built": [False, False]}
+
+
+@pytest.mark.parametrize(
+    ("signal_name", "said"),
+    [("XCPU", "more than 30 s of CPU"), ("KILL", "was killed"), ("SEGV", "signal SIGSEGV")],
+)
+def test_checking_process_cut_off_is_one_line_at_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signal_name: str, said: str
+) -> None:
+    # fault injected: the interpreter started for the check ends on a signal, as the
+    # kernel ends it at RLIMIT_CPU, the OOM killer, or a crash
+    dying = tmp_path / "python"
+    dying.write_text(f"#!/bin/sh\nkill -{signal_name} $$\n")
+    dying.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(dying))
+    path = write_config(tmp_path / "agent.yaml", 1883, DEVICES)
+    with pytest.raises(ConfigError) as cut:
+        load_isolated(path, True)
+    (issue,) = cut.value.issues
+    assert (issue.file, issue.line) == (str(path), 1)
+    assert said in issue.message
