@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import gc
 import io
 import logging
 import os
@@ -124,6 +125,9 @@ def run(config_file: str, log_level: str | None) -> None:
         faulthandler.enable()
     cfg = load_or_exit(config_file, need_secrets=True, isolated=True)
     assert isinstance(cfg, AgentConfig)
+    # the modules and the config live as long as the process: the collector's full passes
+    # need not walk them again and again (gc.freeze)
+    gc.freeze()
     setup_logging(log_level or cfg.log_level)
     try:
         code = asyncio.run(run_agent(cfg, config_path=config_file))
