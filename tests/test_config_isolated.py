@@ -108,3 +108,21 @@ def test_checking_process_cut_off_is_one_line_at_the_file(
     (issue,) = cut.value.issues
     assert (issue.file, issue.line) == (str(path), 1)
     assert said in issue.message
+
+
+def test_config_loads_where_setrlimit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fault injected: setrlimit(2) fails with EPERM in the checking process, as under the
+    # unit's SystemCallFilter=~@resources with SystemCallErrorNumber=EPERM
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import resource\n"
+        "def refused(*args):\n"
+        "    raise PermissionError(1, 'Operation not permitted')\n"
+        "resource.setrlimit = refused\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(inject))
+    path = write_config(tmp_path / "agent.yaml", 1883, DEVICES)
+    assert load_isolated(path, True) == load_config(path, True)

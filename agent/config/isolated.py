@@ -106,8 +106,12 @@ def _child(path: str, need_secrets: bool) -> tuple[object, ...]:
     from agent.config.loader import load_config
     from agent.contract.info import config_hash
 
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
-    resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S + 5))
+    # a system call filter that refuses setrlimit(2) (systemd's @resources) leaves the
+    # loader's own caps and the parent's WALL_LIMIT_S: the check goes on without these
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CPU, (CPU_LIMIT_S, CPU_LIMIT_S + 5))
     try:
         cfg = load_config(path, need_secrets)
     except ConfigError as exc:
