@@ -9,11 +9,13 @@ import asyncio
 import contextlib
 import faulthandler
 import gc
+import importlib
 import io
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -27,14 +29,21 @@ UMASK = 0o027
 own group at most, never by others (umask(2))."""
 
 
-def load_or_exit(path: str, need_secrets: bool = False, isolated: bool = False) -> object:
+def load_or_exit(
+    path: str, need_secrets: bool = False, meanwhile: Callable[[], object] | None = None
+) -> object:
+    """The config at ``path``, or its problems printed and exit 78. With ``meanwhile``
+    (the running agent): checked in a process of its own while ``meanwhile`` runs here
+    (:mod:`agent.config.isolated`)."""
     from agent.config.issues import ConfigError
 
-    if isolated:  # the running agent: see agent.config.isolated
-        from agent.config.isolated import load_isolated as load_config
-    else:
-        from agent.config.loader import load_config
     try:
+        if meanwhile is not None:
+            from agent.config.isolated import load_isolated
+
+            return load_isolated(path, need_secrets, meanwhile)
+        from agent.config.loader import load_config
+
         return load_config(path, need_secrets)
     except ConfigError as exc:
         for issue in exc.issues:
@@ -114,16 +123,18 @@ def validate(config_file: str) -> None:
 )
 def run(config_file: str, log_level: str | None) -> None:
     """Poll, buffer and publish until SIGTERM/SIGINT."""
-    from agent.app import run_agent
-    from agent.buffer import BufferError, StateDirError
-    from agent.config.model import AgentConfig
-
     os.umask(UMASK)
     # a watchdog kill (SIGABRT, systemd.service(5) WatchdogSignal=) shows where it hung;
     # a stderr without a file descriptor (an embedding host) goes without
     with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
         faulthandler.enable()
-    cfg = load_or_exit(config_file, need_secrets=True, isolated=True)
+    cfg = load_or_exit(
+        config_file, need_secrets=True, meanwhile=lambda: importlib.import_module("agent.app")
+    )
+    from agent.app import run_agent
+    from agent.buffer import BufferError, StateDirError
+    from agent.config.model import AgentConfig
+
     assert isinstance(cfg, AgentConfig)
     # the modules and the config live as long as the process: the collector's full passes
     # need not walk them again and again (gc.freeze)

@@ -21,6 +21,7 @@ import pickle
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,12 +45,16 @@ def _issue(path: str | Path, message: str) -> ConfigIssue:
     return ConfigIssue(str(path), 1, 1, "", f"cannot load the config: {message}")
 
 
-def load_isolated(path: str | Path, need_secrets: bool = False) -> AgentConfig:
+def load_isolated(
+    path: str | Path, need_secrets: bool = False, meanwhile: Callable[[], object] | None = None
+) -> AgentConfig:
     """:func:`agent.config.loader.load_config` run in a child process.
 
     Args:
         path: the config file.
         need_secrets: as for ``load_config`` (the agent about to run).
+        meanwhile: called once the child runs, before waiting for it (the agent imports
+            its own modules then: the two starts overlap).
     Returns:
         the validated config, as ``load_config`` returns it.
     Raises:
@@ -62,6 +67,8 @@ def load_isolated(path: str | Path, need_secrets: bool = False) -> AgentConfig:
     if not sys.executable:  # embedded without an interpreter to start: load here
         from agent.config.loader import load_config
 
+        if meanwhile is not None:
+            meanwhile()
         return load_config(path, need_secrets)
     args = [sys.executable, "-m", "agent.config.isolated", os.fspath(path)]
     if need_secrets:
@@ -69,19 +76,23 @@ def load_isolated(path: str | Path, need_secrets: bool = False) -> AgentConfig:
     env = dict(os.environ)
     home = str(Path(__file__).resolve().parents[2])  # where this copy of `agent` lives
     env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
-    try:
-        done = subprocess.run(
-            args,
-            check=False,
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            timeout=WALL_LIMIT_S,
-        )
-    except subprocess.TimeoutExpired:
-        raise ConfigError([_issue(path, f"it did not load within {WALL_LIMIT_S:g} s")]) from None
-    if done.returncode != 0 or not done.stdout:
-        code = done.returncode
+    with subprocess.Popen(
+        args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
+    ) as child:  # on any exception: killed and waited for
+        try:
+            if meanwhile is not None:
+                meanwhile()
+            out, _ = child.communicate(timeout=WALL_LIMIT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            why = f"it did not load within {WALL_LIMIT_S:g} s"
+            raise ConfigError([_issue(path, why)]) from None
+        except BaseException:
+            child.kill()
+            raise
+    code = child.returncode
+    if code != 0 or not out:
         if code == -signal.SIGXCPU:
             why = f"loading it took more than {CPU_LIMIT_S} s of CPU"
         elif code == -signal.SIGKILL:
@@ -91,7 +102,7 @@ def load_isolated(path: str | Path, need_secrets: bool = False) -> AgentConfig:
         else:
             why = f"the process checking it failed (exit status {code})"
         raise ConfigError([_issue(path, why)])
-    kind, *rest = pickle.loads(done.stdout)  # our own child's, see the module doc
+    kind, *rest = pickle.loads(out)  # our own child's, see the module doc
     if kind == "error":
         raise ConfigError(rest[0])
     cfg, digest = rest
