@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.alarms import Alarm, AlarmEngine, Event
 from agent.availability import AvailabilityTracker, Change
@@ -61,7 +61,6 @@ from agent.readings import now_ms
 from agent.reload import Reloader
 from agent.retained import RetainedState
 from agent.sdnotify import Notifier
-from agent.seismic import SeismicOutput, SeismicProcessor
 from agent.status_writer import StatusWriter
 from agent.supervise import supervised, where_raised
 from agent.supervisor import Supervisor
@@ -78,6 +77,9 @@ from drivers.modbus.driver import LineBus, ModbusBus, ModbusTcpBus
 from drivers.modbus.line import SerialLine
 from drivers.seismic_stream import SeismicDevice, SeismicSerialReader, SeismicUdpReader
 from drivers.serial_line import SerialLineDevice, SerialLineReader
+
+if TYPE_CHECKING:  # imported where a seismic sensor is set up, not for every agent
+    from agent.seismic import SeismicOutput
 
 log = logging.getLogger(__name__)
 
@@ -568,6 +570,8 @@ class Agent:
     def _seismic_reader(self, dev: SeismicDevice) -> SeismicSerialReader | SeismicUdpReader:
         """A strong-motion sensor: its samples through :class:`SeismicProcessor`; 1 Hz
         summaries as telemetry, events as priority rows, waveforms as their own rows."""
+        from agent.seismic import SeismicProcessor
+
         proc = SeismicProcessor(dev)
         gw = self.cfg.gateway_id
         events = event_topic(self._prefix, gw, dev.id)

@@ -8,11 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import gc
+import importlib
 import io
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -26,10 +29,21 @@ UMASK = 0o027
 own group at most, never by others (umask(2))."""
 
 
-def load_or_exit(path: str, need_secrets: bool = False) -> object:
-    from agent.config.loader import ConfigError, load_config
+def load_or_exit(
+    path: str, need_secrets: bool = False, meanwhile: Callable[[], object] | None = None
+) -> object:
+    """The config at ``path``, or its problems printed and exit 78. With ``meanwhile``
+    (the running agent): checked in a process of its own while ``meanwhile`` runs here
+    (:mod:`agent.config.isolated`)."""
+    from agent.config.issues import ConfigError
 
     try:
+        if meanwhile is not None:
+            from agent.config.isolated import load_isolated
+
+            return load_isolated(path, need_secrets, meanwhile)
+        from agent.config.loader import load_config
+
         return load_config(path, need_secrets)
     except ConfigError as exc:
         for issue in exc.issues:
@@ -49,7 +63,29 @@ config_option = click.option(
 )
 
 
-@click.group()
+class _Commands(click.Group):
+    """The commands; those of :mod:`agent.cli_modbus` (``read``, ``scan``, ``decode``,
+    ``write``) are imported when one of them is asked for or the commands are listed, so
+    that the running agent does not hold them."""
+
+    def _add_modbus(self) -> None:
+        from agent.cli_modbus import COMMANDS
+
+        for command in COMMANDS:
+            if command.name not in self.commands:
+                self.add_command(command)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._add_modbus()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_modbus()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="edge-agent")
 def main() -> None:
     """Lifeline Edge Agent: Modbus sensors -> durable buffer -> MQTT."""
@@ -87,17 +123,22 @@ def validate(config_file: str) -> None:
 )
 def run(config_file: str, log_level: str | None) -> None:
     """Poll, buffer and publish until SIGTERM/SIGINT."""
-    from agent.app import run_agent
-    from agent.buffer import BufferError, StateDirError
-    from agent.config.model import AgentConfig
-
     os.umask(UMASK)
     # a watchdog kill (SIGABRT, systemd.service(5) WatchdogSignal=) shows where it hung;
     # a stderr without a file descriptor (an embedding host) goes without
     with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
         faulthandler.enable()
-    cfg = load_or_exit(config_file, need_secrets=True)
+    cfg = load_or_exit(
+        config_file, need_secrets=True, meanwhile=lambda: importlib.import_module("agent.app")
+    )
+    from agent.app import run_agent
+    from agent.buffer import BufferError, StateDirError
+    from agent.config.model import AgentConfig
+
     assert isinstance(cfg, AgentConfig)
+    # the modules and the config live as long as the process: the collector's full passes
+    # need not walk them again and again (gc.freeze)
+    gc.freeze()
     setup_logging(log_level or cfg.log_level)
     try:
         code = asyncio.run(run_agent(cfg, config_path=config_file))
@@ -490,13 +531,3 @@ def consume(
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)
-
-
-def _add_modbus_commands() -> None:
-    from agent.cli_modbus import COMMANDS
-
-    for command in COMMANDS:
-        main.add_command(command)
-
-
-_add_modbus_commands()

@@ -59,9 +59,11 @@ Job = Callable[["BusPoller"], Awaitable[Any]]
 """Work done on the bus between two polls (it may use :attr:`BusPoller.bus` freely)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class DeviceState:
-    """Scheduling and health of one device on a bus."""
+    """Scheduling and health of one device on a bus. Compared by identity (a state is
+    the running state of one device, never equal to another: ``in`` must not compare
+    whole device configs, once per device and cycle)."""
 
     device: ModbusDevice
     blocks: list[Block]

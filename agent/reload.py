@@ -1,7 +1,8 @@
 """Hot reload of the config on SIGHUP (``systemctl reload``): validate, plan, apply.
 
 A reload reads the config file again exactly as ``edge-agent run`` does at start
-(:func:`agent.config.loader.load_config`, secrets checked), on a thread of its own and
+(:func:`agent.config.loader.load_config` in a checking process of its own,
+:mod:`agent.config.isolated`; secrets checked), waited for on a thread of its own and
 within :data:`LOAD_TIMEOUT_S`, so that the event loop keeps polling and publishing
 meanwhile. A file that does not load is refused: every problem is logged at
 ``FILE:LINE:COL``, a ``reload_failed`` notice carries them to the platform, and the
@@ -47,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from agent.alarms import Alarm
-from agent.config.loader import ConfigError, ConfigIssue, load_config
+from agent.config.isolated import load_isolated
+from agent.config.issues import ConfigError, ConfigIssue
 from agent.config.model import AgentConfig
 from agent.supervise import where_raised
 from drivers.modbus.config import ModbusDevice, ModbusRtuDevice, ModbusRtuOverTcpDevice
@@ -378,7 +380,7 @@ class Reloader:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(LOAD_TIMEOUT_S):
-                new = await loop.run_in_executor(self._pool, load_config, self.path, True)
+                new = await loop.run_in_executor(self._pool, load_isolated, self.path, True)
         except ConfigError as exc:
             self._refuse(exc.issues)
             return False

@@ -125,6 +125,9 @@ def decode_registers(
 
 
 _UNPACK = {name: struct.Struct(fmt).unpack for name, fmt in _STRUCT.items()}
+UNPACK_FROM: Final = {name: struct.Struct(fmt).unpack_from for name, fmt in _STRUCT.items()}
+"""Register type → ``unpack_from(buffer, offset)`` of its big-endian (``ABCD``) bytes: what
+:func:`decode_bytes` does, for callers that read many points from one block's bytes."""
 
 
 def decode_bytes(wire: bytes, data_type: DataType, byte_order: ByteOrder = "ABCD") -> int | float:

@@ -89,6 +89,11 @@ def at_least(minimum: str) -> AfterValidator:
 
 
 class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors, instances are immutable."""
+    """Base for every config model: unknown keys are errors, instances are immutable.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    The validators are built at the first validation (``defer_build``), not at import: a
+    process that only receives validated configs (the running agent, see
+    ``agent.config.isolated``) never holds them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)

@@ -52,6 +52,7 @@ from ruamel.yaml.nodes import ScalarNode
 from ruamel.yaml.reader import Reader, ReaderError
 from ruamel.yaml.resolver import VersionedResolver
 
+from agent.config.issues import ConfigError, ConfigIssue
 from agent.config.model import (
     PORTABLE_CLIENT_ID_MAX,
     AgentConfig,
@@ -84,32 +85,6 @@ from drivers.names import (
     short_repr,
     suggest_name,
 )
-
-
-@dataclass(frozen=True, order=True)
-class ConfigIssue:
-    """One problem in a config file, printed compiler style."""
-
-    file: str
-    line: int
-    col: int
-    path: str
-    message: str
-    level: str = "error"
-    """``error`` (the file is refused), ``warning`` or ``note`` (printed by validate only)."""
-
-    def __str__(self) -> str:
-        where = f"{self.path}: " if self.path else ""
-        level = "" if self.level == "error" else f"{self.level}: "
-        return f"{self.file}:{self.line}:{self.col}: {where}{level}{self.message}"
-
-
-class ConfigError(Exception):
-    """The config is invalid; ``issues`` lists every problem found."""
-
-    def __init__(self, issues: list[ConfigIssue]) -> None:
-        self.issues = sorted(set(issues))
-        super().__init__("\n".join(str(i) for i in self.issues))
 
 
 def _offset_to_pos(text: str, offset: int) -> tuple[int, int]:

@@ -43,6 +43,10 @@ def json_value(value: int | float | bool | str) -> str | None:
     return None
 
 
+_TAILS: dict[str, str] = {}
+"""The end of a good point's entry, one string per unit for every encoder."""
+
+
 class TelemetryEncoder:
     """Encodes the polls of one device as telemetry JSON objects, without ``seq``.
 
@@ -72,7 +76,8 @@ class TelemetryEncoder:
     def _prepare(self, point: str) -> None:
         unit = json.dumps(self._units.get(point))
         self._key[point] = f'{json.dumps(point)}:{{"value":'
-        self._good_tail[point] = f',"unit":{unit},"quality":"good"}}'
+        tail = f',"unit":{unit},"quality":"good"}}'
+        self._good_tail[point] = _TAILS.setdefault(tail, tail)  # one per unit, not per point
 
     def encode(
         self,

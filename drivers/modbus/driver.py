@@ -13,11 +13,12 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from drivers.base import GOOD, PointResult
 from drivers.codec import (
+    UNPACK_FROM,
     DecodeError,
     decode_bytes,
     decode_string,
@@ -62,6 +63,19 @@ EXCEPTION_NAMES = {
 FUNCTION_CODES = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
 
 
+Step = tuple[ModbusPoint, int, int, Callable[[bytes, int], tuple[int | float]] | None]
+"""How :func:`decode_block` reads one point of a block: (point, first and end byte offset
+in the block's bytes, ``unpack_from`` when a plain unpack of those bytes is the raw value)."""
+
+
+def _step(point: ModbusPoint, start: int) -> Step:
+    lo = 2 * (point.address - start)
+    hi = lo + 2 * point.register_count
+    plain = point.table not in BIT_TABLES and not point.invalid_values
+    plain = plain and (point.byte_order == "ABCD" or (hi - lo == 2 and point.byte_order == "CDAB"))
+    return point, lo, hi, UNPACK_FROM.get(str(point.type)) if plain else None
+
+
 @dataclass(frozen=True, slots=True)
 class Block:
     """One read request: ``count`` registers (or bits) of ``table`` from ``start``."""
@@ -70,6 +84,11 @@ class Block:
     start: int
     count: int
     points: tuple[ModbusPoint, ...]
+    steps: tuple[Step, ...] = field(init=False, repr=False, compare=False)
+    """Worked out once, used at every poll: see :data:`Step`."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(_step(p, self.start) for p in self.points))
 
 
 def plan_blocks(
@@ -157,11 +176,21 @@ def decode_block(block: Block, words: Sequence[int] | Sequence[bool]) -> list[Po
         wire = registers_to_bytes([int(w) for w in words])
     except DecodeError as exc:
         return _bad(block.points, "decode_error", str(exc))
-    start = block.start
-    return [
-        _decode_wire(p, wire[2 * (p.address - start) : 2 * (p.address - start + p.register_count)])
-        for p in block.points
-    ]
+    out: list[PointResult] = []
+    size = len(wire)
+    for p, lo, hi, unpack_from in block.steps:
+        if unpack_from is None or hi > size:
+            out.append(_decode_wire(p, wire[lo:hi]))
+            continue
+        # what _decode_wire does for a plain numeric point, without slicing the bytes
+        value = scale_value(unpack_from(wire, lo)[0], p.scale, p.offset, p.decimals)
+        if isinstance(value, float):
+            bad = non_finite_quality(value)
+            if bad is not None:
+                out.append(PointResult(p.name, None, bad, f"device sent {value!r}"))
+                continue
+        out.append(PointResult(p.name, value))
+    return out
 
 
 def describe_error(exc: BaseException) -> str:
