@@ -12,10 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,13 +42,13 @@ from agent.simulator import ModbusSimulator
 from drivers.base import PointResult
 from drivers.modbus.config import ModbusPoint
 from tests.helpers import (
-    REPO,
     AgentProcess,
     Mosquitto,
     buffer_rows,
     wait_until,
     write_config,
 )
+from tests.test_consumer import Consumer
 
 TOKEN = "A1b2C3d4E5f6G7h8I9j0"
 DEVICE = "test-gw/d1"
@@ -151,35 +147,6 @@ class StubThingsBoard:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-class Consumer:
-    """``python -m agent consume ARGS`` as a child process, its log in a file."""
-
-    def __init__(self, log: Path, *args: str) -> None:
-        self.log_path = log
-        self._log = open(log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "consume", *args],
-            stdout=self._log,
-            stderr=self._log,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-            cwd=REPO,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(5)
-            self._log.close()
 
 
 @pytest.fixture
