@@ -43,10 +43,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.config.alarms import SEVERITIES, AlarmRule
+from agent.config.terms import SEVERITIES
 from drivers.base import GOOD, PointResult
+
+if TYPE_CHECKING:
+    from agent.config.alarms import AlarmRule
+
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ from agent.buffer import (
 )
 from agent.clock import RELEASE_DATE_MS, Clock
 from agent.commands import Commands
-from agent.config.model import AgentConfig
 from agent.contract import payloads
 from agent.contract.info import gateway_info, streams
 from agent.contract.topics import (
@@ -67,19 +66,25 @@ from agent.supervisor import Supervisor
 from agent.telemetry_out import TelemetryOut
 from agent.writer import BufferWriter, Stall
 from drivers.base import PointResult
-from drivers.modbus.config import (
-    ModbusDevice,
-    ModbusRtuDevice,
-    ModbusRtuOverTcpDevice,
-    ModbusTcpDevice,
+from drivers.kinds import (
+    is_modbus,
+    is_modbus_rtu,
+    is_modbus_rtu_over_tcp,
+    is_modbus_tcp,
+    is_seismic,
+    is_serial_line,
+    on_a_line,
 )
 from drivers.modbus.driver import LineBus, ModbusBus, ModbusTcpBus
 from drivers.modbus.line import SerialLine
-from drivers.seismic_stream import SeismicDevice, SeismicSerialReader, SeismicUdpReader
-from drivers.serial_line import SerialLineDevice, SerialLineReader
+from drivers.seismic_stream import SeismicSerialReader, SeismicUdpReader
+from drivers.serial_line import SerialLineReader
 
-if TYPE_CHECKING:  # imported where a seismic sensor is set up, not for every agent
-    from agent.seismic import SeismicOutput
+if TYPE_CHECKING:
+    from agent.config.model import AgentConfig
+    from agent.seismic import SeismicOutput  # imported where a seismic sensor is set up
+    from drivers.modbus.config import ModbusDevice
+    from drivers.seismic_config import SeismicDevice
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +126,11 @@ def make_bus(devices: list[ModbusDevice]) -> ModbusBus:
     """
     first = devices[0]
     timeout = max(d.timeout for d in devices)
-    if isinstance(first, ModbusRtuDevice | ModbusRtuOverTcpDevice):
+    if on_a_line(first):
         gaps = [g for d in devices if (g := getattr(d, "frame_gap", None)) is not None]
         frame_gap = max(gaps) if gaps else None
         pause = max(getattr(d, "connect_pause", 0.0) for d in devices)
-        if isinstance(first, ModbusRtuDevice):
+        if is_modbus_rtu(first):
             line = SerialLine(
                 first.serial_port,
                 first.framing,
@@ -138,6 +143,7 @@ def make_bus(devices: list[ModbusDevice]) -> ModbusBus:
                 connect_pause=pause,
             )
         else:
+            assert is_modbus_rtu_over_tcp(first)
             line = SerialLine(
                 f"{first.host}:{first.port}",
                 first.framing,
@@ -146,7 +152,7 @@ def make_bus(devices: list[ModbusDevice]) -> ModbusBus:
                 tcp=True,
             )
         return LineBus(line, timeout)
-    assert isinstance(first, ModbusTcpDevice)
+    assert is_modbus_tcp(first)
     return ModbusTcpBus(first.host, first.port, timeout)
 
 
@@ -192,7 +198,7 @@ class Agent:
         self._stats: BufferStats | None = None
         self._stats_task: asyncio.Future[BufferStats] | None = None
         c = cfg.clock
-        self.clock = Clock(c.sync, Path(c.sync_file), c.not_before_ms() or RELEASE_DATE_MS)
+        self.clock = Clock(c.sync, Path(c.sync_file), c.not_before_ms or RELEASE_DATE_MS)
         self.writer.on_restamps = self._report_restamps
         prefix = cfg.mqtt.topic_prefix
         self.status_topic = status_topic(prefix, cfg.gateway_id)
@@ -304,7 +310,7 @@ class Agent:
         from their last values, or from ``stored``: point name → last raw value)."""
         self.telemetry.add_device(dev)
         old = self._counters.pop(dev.id, None)
-        if isinstance(dev, ModbusDevice) and any(p.counter for p in dev.points):
+        if is_modbus(dev) and any(p.counter for p in dev.points):
             last = dict(stored or {}) if old is None else old.last
             self._counters[dev.id] = CounterTracker(
                 dev,
@@ -325,9 +331,9 @@ class Agent:
         reader (one device); started at once when the agent runs."""
         first = devices[0]
         runner: BusPoller | Reader
-        if isinstance(first, SerialLineDevice):
+        if is_serial_line(first):
             runner = SerialLineReader(first, self._on_line, now_ms)
-        elif isinstance(first, SeismicDevice):
+        elif is_seismic(first):
             runner = self._seismic_reader(first)
         else:
             runner = BusPoller(name, make_bus(devices), devices, self._on_poll)

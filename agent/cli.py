@@ -17,11 +17,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import click
 
 from agent import __version__
 from agent.logs import setup_logging
+
+if TYPE_CHECKING:
+    from agent.config.model import AgentConfig
 
 EX_CONFIG = 78
 UMASK = 0o027
@@ -128,14 +132,13 @@ def run(config_file: str, log_level: str | None) -> None:
     # a stderr without a file descriptor (an embedding host) goes without
     with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
         faulthandler.enable()
-    cfg = load_or_exit(
+    loaded = load_or_exit(
         config_file, need_secrets=True, meanwhile=lambda: importlib.import_module("agent.app")
     )
     from agent.app import run_agent
     from agent.buffer import BufferError, StateDirError
-    from agent.config.model import AgentConfig
 
-    assert isinstance(cfg, AgentConfig)
+    cfg = cast("AgentConfig", loaded)  # its plain twin (drivers.plain)
     # the modules and the config live as long as the process: the collector's full passes
     # need not walk them again and again (gc.freeze)
     gc.freeze()

@@ -67,7 +67,7 @@ class BusOptions:
 
 
 def _duration(text: str) -> float:
-    from drivers.common import parse_duration
+    from drivers.units import parse_duration
 
     try:
         return parse_duration(text)

@@ -26,13 +26,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent import tls as tlsmod
-from agent.config.model import MqttConfig
+
+if TYPE_CHECKING:
+    from agent.config.model import MqttConfig
+
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.alarms import Alarm
-from agent.config.alarms import SEVERITIES, GpioConfig, OutputConfig
+from agent.config.terms import SEVERITIES
+
+if TYPE_CHECKING:
+    from agent.config.alarms import GpioConfig, OutputConfig
+
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -60,7 +60,10 @@ from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from agent import failover
 from agent import tls as tlsmod
-from agent.config.model import MqttConfig
+
+if TYPE_CHECKING:
+    from agent.config.model import MqttConfig
+
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from drivers.base import GOOD, PointResult
 from drivers.codec import REGISTER_COUNT, non_finite_quality
-from drivers.modbus.config import ModbusDevice
+
+if TYPE_CHECKING:
+    from drivers.modbus.config import ModbusDevice
+
 
 log = logging.getLogger(__name__)
 

@@ -15,16 +15,19 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.readings import now_ms
 from drivers.base import GOOD, PointResult
-from drivers.modbus.config import ModbusDevice
 from drivers.modbus.driver import Block, ModbusBus, RetryBudget, plan_blocks
+
+if TYPE_CHECKING:
+    from drivers.modbus.config import ModbusDevice
+
 
 log = logging.getLogger(__name__)
 
-PollSink = Callable[[ModbusDevice, int, list[PointResult]], None]
+PollSink = Callable[["ModbusDevice", int, list[PointResult]], None]
 """Receives (device, acquisition time in UTC ms, one result per point) after every poll."""
 
 COMM_QUALITIES = frozenset({"timeout", "no_connection"})

@@ -45,17 +45,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from agent.alarms import Alarm
 from agent.config.isolated import load_isolated
 from agent.config.issues import ConfigError, ConfigIssue
-from agent.config.model import AgentConfig
 from agent.supervise import where_raised
-from drivers.modbus.config import ModbusDevice, ModbusRtuDevice, ModbusRtuOverTcpDevice
+from drivers.kinds import is_modbus, on_a_line
 
 if TYPE_CHECKING:
     from agent.app import Agent
+    from agent.config.model import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +89,7 @@ def bus_identity(devices: Sequence[Any]) -> tuple[Any, ...]:
     from the default timeout (every poll passes its own device's timeout): two groups of
     devices with the same identity can share the running bus object. Pure."""
     first = devices[0]
-    if isinstance(first, ModbusRtuDevice | ModbusRtuOverTcpDevice):
+    if on_a_line(first):
         gaps = [g for d in devices if (g := getattr(d, "frame_gap", None)) is not None]
         pause = max(getattr(d, "connect_pause", 0.0) for d in devices)
         return (
@@ -101,9 +99,9 @@ def bus_identity(devices: Sequence[Any]) -> tuple[Any, ...]:
             max(gaps, default=None),
             pause,
         )
-    if isinstance(first, ModbusDevice):
+    if is_modbus(first):
         return (type(first).__name__, first.bus)
-    return (type(first).__name__, first.bus, first.model_dump_json())
+    return (type(first).__name__, first.bus, first)
 
 
 def alarm_keys(cfg: AgentConfig) -> dict[str, tuple[Any, str, str | None]]:
@@ -123,10 +121,9 @@ def changed_keys(name: str, old: Any, new: Any) -> list[str]:
     level down; a list or value: ``name`` itself). Pure; never looks at more than names."""
     if old == new:
         return []
-    if isinstance(old, BaseModel) and isinstance(new, BaseModel) and type(old) is type(new):
-        return [
-            f"{name}.{f}" for f in type(old).model_fields if getattr(old, f) != getattr(new, f)
-        ] or [name]
+    fields = getattr(type(old), "model_fields", None)  # a model, or its plain twin
+    if fields is not None and type(old) is type(new):
+        return [f"{name}.{f}" for f in fields if getattr(old, f) != getattr(new, f)] or [name]
     return [name]
 
 
@@ -209,7 +206,7 @@ def plan_reload(old: AgentConfig, new: AgentConfig) -> ReloadPlan:
         before, after = old_buses[bus], new_buses[bus]
         if [d.id for d in before] == [d.id for d in after] and before == after:
             continue
-        modbus = all(isinstance(d, ModbusDevice) for d in (*before, *after))
+        modbus = all(is_modbus(d) for d in (*before, *after))
         if modbus and bus_identity(before) == bus_identity(after):
             updated.add(bus)
         else:

@@ -388,9 +388,10 @@ class SeismicProcessor:
     """
 
     def __init__(self, dev: Any) -> None:
-        from drivers.seismic_stream import MAX_COUNT, SeismicDevice
+        from drivers.kinds import is_seismic
+        from drivers.seismic_stream import MAX_COUNT
 
-        assert isinstance(dev, SeismicDevice)
+        assert is_seismic(dev)
         self.dev = dev
         fs = dev.sample_rate
         self.fs = fs

@@ -10,15 +10,18 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.config.model import AgentConfig
 from agent.contract.compact import CompactEncoder, Row, deflate
 from agent.contract.info import info_points
 from agent.contract.payloads import layout_hash
 from agent.contract.telemetry import TelemetryEncoder
 from agent.contract.topics import telemetry_topic
 from drivers.base import PointResult
+
+if TYPE_CHECKING:
+    from agent.config.model import AgentConfig
+
 
 Submit = Callable[[str, bytes, int, int, "int | None"], None]
 """:meth:`agent.writer.BufferWriter.submit`: (topic, body, time ms, prio, clock epoch)."""

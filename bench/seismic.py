@@ -20,7 +20,8 @@ from typing import Any
 
 from agent.seismic import GroundMotion, RecursiveStaLta, SeismicProcessor, Trigger
 from bench import common
-from drivers.seismic_stream import SeismicDevice, SeismicSerialReader, ascii_frame
+from drivers.seismic_config import SeismicDevice
+from drivers.seismic_stream import SeismicSerialReader, ascii_frame
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "seismic"
 PER_COUNT = (1.1682748289245507e-06, 1.1682281943836448e-06, 1.1687419361571917e-06)

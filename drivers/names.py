@@ -24,9 +24,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import unicodedata
-from typing import Annotated
-
-from pydantic import AfterValidator, Field
 
 NAME_MAX = 64
 """Longest id, characters."""
@@ -38,9 +35,6 @@ NAME_RULE = (
     "(no spaces, '/', '+', '#' or control characters: ids become MQTT topic levels)"
 )
 """The id rule in words, for config messages."""
-
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-"""An id: see the module documentation."""
 
 DISPLAY_NAME_MAX = 200
 """Longest display name, characters."""
@@ -88,7 +82,12 @@ def suggest_name(text: str) -> str | None:
     return name or None
 
 
-def _display_name(value: str) -> str:
+def check_display_name(value: str) -> str:
+    """``value`` if it is a display name (:data:`drivers.common.DisplayName`).
+
+    Raises:
+        ValueError: too long, empty or holding a control character.
+    """
     if len(value) > DISPLAY_NAME_MAX:
         raise ValueError(
             f"name is {len(value)} characters long: at most {DISPLAY_NAME_MAX}; put longer "
@@ -103,11 +102,6 @@ def _display_name(value: str) -> str:
             "text for people; remove it"
         )
     return value
-
-
-DisplayName = Annotated[str, AfterValidator(_display_name)]
-"""Text for people: any printable Unicode, at most :data:`DISPLAY_NAME_MAX` characters, no
-control characters. Never part of a topic."""
 
 
 def topic_prefix_problem(value: str) -> str | None:
@@ -194,12 +188,13 @@ def host_problem(value: str) -> str | None:
     return None
 
 
-def _host(value: str) -> str:
+def check_host(value: str) -> str:
+    """``value`` if it is a host (:func:`host_problem`).
+
+    Raises:
+        ValueError: why it is not.
+    """
     problem = host_problem(value)
     if problem is not None:
         raise ValueError(problem)
     return value
-
-
-HostName = Annotated[str, Field(min_length=1), AfterValidator(_host)]
-"""A host to connect to: an RFC 1123 host name or an IP address (:func:`host_problem`)."""

@@ -14,6 +14,7 @@ from agent.config.isolated import load_isolated
 from agent.config.issues import ConfigError
 from agent.config.loader import load_config
 from agent.contract.info import config_hash
+from drivers.plain import plain_data, to_plain
 from tests.helpers import REPO, write_config
 
 DEVICES = (
@@ -30,7 +31,8 @@ def test_child_hands_over_the_config_the_loader_makes(tmp_path: Path) -> None:
     path = write_config(tmp_path / "agent.yaml", 1883, DEVICES)
     here = load_config(path, True)
     there = load_isolated(path, True)
-    assert there == here
+    assert there == to_plain(here)
+    assert plain_data(there) == plain_data(to_plain(here))
     assert config_hash(there) == config_hash(here)
     assert [p.name for d in there.devices for p in d.points] == [
         "level",
@@ -68,25 +70,27 @@ def test_child_problem_with_an_unreadable_file_is_one_line(tmp_path: Path) -> No
 
 
 def test_running_agent_holds_neither_loader_nor_validators(tmp_path: Path) -> None:
+    """The agent imports no YAML loader and no pydantic: its config arrives as plain
+    twins (drivers.plain), which is what keeps its memory small (issue 14)."""
     path = write_config(tmp_path / "agent.yaml", 1883, DEVICES)
     probe = (
         "import json, sys\n"
         "import agent.cli, agent.app\n"
         "from agent.config.isolated import load_isolated\n"
         "from agent.contract.info import gateway_info\n"
-        "from agent.config.model import AgentConfig\n"
-        "from drivers.modbus.config import ModbusPoint\n"
         f"cfg = load_isolated({str(path)!r}, True)\n"
         "gateway_info(cfg, 0)\n"
         "print(json.dumps({'modules': sorted(m for m in sys.modules if m.startswith("
-        "('ruamel', 'agent.config.loader', 'agent.cli_modbus', 'agent.seismic'))),"
-        " 'built': [AgentConfig.__pydantic_complete__, ModbusPoint.__pydantic_complete__]}))\n"
+        "('ruamel', 'yaml', 'pydantic', 'agent.config.loader', 'agent.config.model', "
+        "'drivers.modbus.config', 'drivers.common', 'agent.cli_modbus', 'agent.seismic'))),"
+        " 'types': sorted({type(o).__module__ for o in (cfg, cfg.mqtt, cfg.devices[0], "
+        "cfg.devices[0].points[0])})}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     )
     seen = json.loads(out.stdout.splitlines()[-1])
-    assert seen == {"modules": [], "built": [False, False]}
+    assert seen == {"modules": [], "types": ["drivers.plain"]}
 
 
 @pytest.mark.parametrize(
@@ -125,4 +129,4 @@ def test_config_loads_where_setrlimit_is_refused(
     )
     monkeypatch.setenv("PYTHONPATH", str(inject))
     path = write_config(tmp_path / "agent.yaml", 1883, DEVICES)
-    assert load_isolated(path, True) == load_config(path, True)
+    assert load_isolated(path, True) == to_plain(load_config(path, True))

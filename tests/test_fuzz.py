@@ -17,7 +17,8 @@ from drivers.modbus.config import ModbusPoint
 from drivers.modbus.driver import decode_block, plan_blocks
 from drivers.modbus.line import ExceptionReply, FrameError, check_reply, parse_ascii
 from drivers.seismic_stream import ChannelAligner, parse_ascii_frame, parse_datacast
-from drivers.serial_line import LineAssembler, LineError, SerialLineDevice, parse_line
+from drivers.serial_config import SerialLineDevice
+from drivers.serial_line import LineAssembler, LineError, parse_line
 
 pytestmark = pytest.mark.fault
 

@@ -29,20 +29,21 @@ from drivers.modbus.line import RX_LIMIT as LINE_LIMIT
 from drivers.modbus.line import FrameError, SerialLine, crc16
 from drivers.modbus.tcp import MAX_STALE, MbapClient
 from drivers.modbus.tcp import RX_LIMIT as MBAP_LIMIT
+from drivers.seismic_config import SeismicDevice
 from drivers.seismic_stream import (
     MAX_AHEAD_S,
     ChannelAligner,
     InputError,
     SampleClock,
-    SeismicDevice,
     SeismicUdpReader,
     ascii_frame,
     datacast_packet,
     parse_ascii_frame,
     parse_datacast,
 )
+from drivers.serial_config import SerialLineDevice
 from drivers.serial_io import GET_MAX, PortQueue
-from drivers.serial_line import LineAssembler, SerialLineDevice, SerialLineReader, to_results
+from drivers.serial_line import LineAssembler, SerialLineReader, to_results
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

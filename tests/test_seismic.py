@@ -187,7 +187,7 @@ def test_processor_events_on_the_local_record_fed_in_process() -> None:
     """The whole per-sensor processing on the 200 Hz record: start and end at the
     reference trigger, raw vector peak, and an excerpt even with post_event 0."""
     from agent.seismic import SeismicProcessor
-    from drivers.seismic_stream import SeismicDevice
+    from drivers.seismic_config import SeismicDevice
 
     dev = SeismicDevice.model_validate(
         {
@@ -216,7 +216,7 @@ def test_gap_ends_the_event_and_warms_up_again() -> None:
     """A gap in the middle of the event: the event ends at the last sample before it,
     the excerpt goes out, and nothing triggers until the long window is full again."""
     from agent.seismic import SeismicProcessor
-    from drivers.seismic_stream import SeismicDevice
+    from drivers.seismic_config import SeismicDevice
 
     dev = SeismicDevice.model_validate(
         {
@@ -296,7 +296,7 @@ def test_the_state_checker_finds_what_it_looks_for() -> None:
 def quake_device(**extra: object) -> object:
     """The RJOB record's three components at 200 Hz, scaled so that its strong motion
     reads as intensity 6–7 (the record is in relative units)."""
-    from drivers.seismic_stream import SeismicDevice
+    from drivers.seismic_config import SeismicDevice
 
     return SeismicDevice.model_validate(
         {
@@ -483,7 +483,7 @@ def test_the_trigger_end_after_a_gap_is_counted_from_the_stream() -> None:
     """An event after a gap ends at its own sample (the trigger restarts at the gap and
     counts from there; the processor does not)."""
     from agent.seismic import SeismicProcessor
-    from drivers.seismic_stream import SeismicDevice
+    from drivers.seismic_config import SeismicDevice
 
     dev = SeismicDevice.model_validate(
         {

@@ -187,7 +187,8 @@ def test_datacast_over_udp_into_the_processor() -> None:
 
     from agent.readings import now_ms
     from agent.seismic import SeismicProcessor
-    from drivers.seismic_stream import SeismicDevice, SeismicUdpReader
+    from drivers.seismic_config import SeismicDevice
+    from drivers.seismic_stream import SeismicUdpReader
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from drivers.base import PointResult
+from drivers.serial_config import SerialLineDevice
 from drivers.serial_io import PortQueue, char_time
 from drivers.serial_line import (
     MATCH_SHARE,
@@ -25,7 +26,6 @@ from drivers.serial_line import (
     LineAssembler,
     LineError,
     MatchTimeout,
-    SerialLineDevice,
     SerialLineReader,
     nmea_checksum,
     parse_line,

@@ -15,12 +15,15 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drivers.codec import DecodeError, encode_registers
-from drivers.common import parse_duration
-from drivers.modbus.config import ModbusPoint
 from drivers.names import NAME_PATTERN
+from drivers.units import parse_duration
+
+if TYPE_CHECKING:
+    from drivers.modbus.config import ModbusPoint
+
 
 COMMAND_ARGS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "ping": (frozenset(), frozenset()),

@@ -62,12 +62,13 @@ from agent.poller import BusBusy, BusPoller
 from agent.readings import iso_ms, now_ms
 from agent.supervise import where_raised
 from drivers.base import PointResult
-from drivers.modbus.config import ModbusDevice, ModbusPoint
+from drivers.kinds import is_modbus
 from drivers.modbus.driver import Block, decode_point, describe_error
 from drivers.modbus.line import ExceptionReply, FrameError
 
 if TYPE_CHECKING:
     from agent.app import Agent
+    from drivers.modbus.config import ModbusDevice, ModbusPoint
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +421,7 @@ class Commands:
         if dev is None:
             return Refusal("unknown_device", f"no device {dev_id!r} on this gateway")
         poller = next((p for p in self.agent.pollers if p.state_of(dev_id) is not None), None)
-        if not isinstance(dev, ModbusDevice) or poller is None:
+        if not is_modbus(dev) or poller is None:
             return Refusal(
                 "unsupported", f"device {dev_id!r} is not a polled Modbus device: it streams"
             )

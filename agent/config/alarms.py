@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
-from drivers.common import Duration, StrictModel, at_least
-from drivers.names import Name
+from agent.config.terms import FAULT_KINDS, PROCESS_KINDS, SEVERITIES
+from drivers.common import Duration, Name, StrictModel, at_least
+
+__all__ = ["FAULT_KINDS", "PROCESS_KINDS", "SEVERITIES"]
 
 Severity = Literal["warning", "critical"]
-SEVERITIES: tuple[str, ...] = ("warning", "critical")
-"""Lowest first."""
-
-PROCESS_KINDS = frozenset({"high", "low", "rate"})
-FAULT_KINDS = frozenset({"stale", "sensor_fault"})
 
 
 class AlarmRule(StrictModel):
@@ -120,9 +118,14 @@ class AlarmRule(StrictModel):
             raise ValueError(f"a {k} rule needs 'after' (e.g. '30s')")
         return self
 
+    __plain_computed__: ClassVar[tuple[str, ...]] = ("clear_level", "category")
+
     @property
     def clear_level(self) -> float:
-        """The level (high/low) or change (rate) at which the condition is gone."""
+        """The level (high/low) or change (rate) at which the condition is gone; NaN for
+        a fault rule (stale, sensor_fault), which has no level."""
+        if self.kind in FAULT_KINDS:
+            return math.nan
         if self.kind == "rate":
             assert self.change is not None
             return self.change if self.clear is None else self.clear
@@ -201,8 +204,11 @@ class OutputConfig(StrictModel):
             raise ValueError("only an led blinks")
         return self
 
+    __plain_computed__: ClassVar[tuple[str, ...]] = ("silenced_by_ack",)
+
     @property
     def silenced_by_ack(self) -> bool:
+        """Whether an acknowledgement turns it off (a buzzer by default)."""
         return self.kind == "buzzer" if self.silence_on_ack is None else self.silence_on_ack
 
 

@@ -1,16 +1,17 @@
 """Load the config in a short-lived process of its own, with limits on its memory and CPU.
 
 The running agent needs the validated config, not the means of validating it: the YAML
-parser, the validators of every model and the transient tree of a big file stay in the
-checking process, which ends once it has handed the config over. The agent's memory then
-does not hold them (for a 10,000-point config: about 20 MB less at the peak), and a
-hostile file that makes the loader spin or swell is cut off by the limits below instead
-of starving the gateway.
+parser, pydantic and the models of every section stay in the checking process, which ends
+once it has handed the config over as plain objects (:mod:`drivers.plain`). The agent's
+memory then holds neither them nor a model per point (for a 10,000-point config: about
+20 MB less at the peak), and a hostile file that makes the loader spin or swell is cut
+off by the limits below instead of starving the gateway.
 
 The child (``python -m agent.config.isolated PATH [--secrets]``) writes one pickle to
-its stdout: ``("ok", config, config_hash)`` or ``("error", [ConfigIssue, ...])``. Only
-this module's own child is ever unpickled, through a pipe: the bytes are made by the
-agent's own code from validated values, never copied from the file.
+its stdout: ``("ok", config, config_hash)`` with the config as plain twins, or
+``("error", [ConfigIssue, ...])``. Only this module's own child is ever unpickled, through
+a pipe: the bytes are made by the agent's own code from validated values, never copied
+from the file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.config.issues import ConfigError, ConfigIssue
 
@@ -56,7 +57,8 @@ def load_isolated(
         meanwhile: called once the child runs, before waiting for it (the agent imports
             its own modules then: the two starts overlap).
     Returns:
-        the validated config, as ``load_config`` returns it.
+        the validated config, as ``load_config`` returns it but as plain twins
+        (:func:`drivers.plain.to_plain`); typed as the model it mirrors.
     Raises:
         ConfigError: the problems ``load_config`` finds, each at ``file:line:col``; or one
             problem at ``file:1:1`` when the checking process could not finish (memory,
@@ -130,27 +132,26 @@ def _child(path: str, need_secrets: bool) -> tuple[object, ...]:
     except MemoryError:
         limit = MEMORY_LIMIT_BYTES // 1024 // 1024
         return ("error", [_issue(path, f"it needs more than {limit} MB to load")])
+    from drivers.plain import to_plain
+
     digest = config_hash(cfg)
-    share_equal_values(cfg)
-    return ("ok", cfg, digest)
+    plain = to_plain(cfg)
+    share_equal_values(plain)
+    return ("ok", plain, digest)
 
 
-def share_equal_values(cfg: AgentConfig) -> None:
-    """Let the points of ``cfg`` share equal values (the same unit, type, scale, set of
-    fields given...) instead of holding a copy each. Done before pickling (pickle hands a
-    shared string or set over as one object) and after (numbers it does not share).
-    Values stay equal, and the models are frozen: nothing is changed in place later (a
-    copy gets fresh objects)."""
+def share_equal_values(cfg: Any) -> None:
+    """Let the points of ``cfg`` (plain twins, :mod:`drivers.plain`) share equal values
+    (the same unit, type, scale...) instead of holding a copy each. Done before pickling
+    (pickle hands a shared string over as one object) and after (numbers it does not
+    share). Values stay equal, and twins are frozen: nothing is changed in place later."""
     seen: dict[tuple[type, object], object] = {}
     for dev in cfg.devices:
         for point in getattr(dev, "points", ()):
-            values = point.__dict__
-            for key, value in values.items():
+            for key in getattr(point, "__slots__", ()):
+                value = getattr(point, key)
                 if type(value) in (str, int, float):
-                    values[key] = seen.setdefault((type(value), value), value)
-            given = point.__pydantic_fields_set__
-            shared = seen.setdefault((frozenset, frozenset(given)), given)
-            object.__setattr__(point, "__pydantic_fields_set__", shared)
+                    object.__setattr__(point, key, seen.setdefault((type(value), value), value))
 
 
 def main() -> None:

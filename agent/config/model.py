@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -22,15 +22,15 @@ from pydantic import (
 
 from agent.config.alarms import AlarmRule, GpioConfig, OutputConfig
 from agent.tls import is_loopback, mqtt_string_problem
-from drivers.common import Duration, Size, StrictModel, at_least
+from drivers.common import Duration, HostName, Name, Size, StrictModel, at_least
 from drivers.modbus.config import (
     ModbusRtuDevice,
     ModbusRtuOverTcpDevice,
     ModbusTcpDevice,
 )
-from drivers.names import HostName, Name, control_character, short_repr, topic_prefix_problem
-from drivers.seismic_stream import SeismicDevice
-from drivers.serial_line import SerialLineDevice
+from drivers.names import control_character, short_repr, topic_prefix_problem
+from drivers.seismic_config import SeismicDevice
+from drivers.serial_config import SerialLineDevice
 
 
 def _topic_prefix(value: str) -> str:
@@ -173,6 +173,8 @@ class TlsConfig(StrictModel):
             "cert_file and key_file go together: give the client key as key_file (or "
             "key_credential)"
         )
+
+    __plain_computed__: ClassVar[tuple[str, ...]] = ("has_client_cert",)
 
     @property
     def has_client_cert(self) -> bool:
@@ -452,6 +454,13 @@ class MqttConfig(StrictModel):
                     "user name (or use username and a password for basic MQTT credentials)"
                 )
 
+    __plain_computed__: ClassVar[tuple[str, ...]] = (
+        "tls_settings",
+        "endpoints",
+        "broker_port",
+        "password_source",
+    )
+
     @property
     def tls_settings(self) -> TlsConfig | None:
         """The TLS settings in force, or None for plain MQTT (see the class docstring)."""
@@ -584,6 +593,9 @@ class ClockConfig(StrictModel):
             )
         return self
 
+    __plain_computed__: ClassVar[tuple[str, ...]] = ("not_before_ms",)
+
+    @property
     def not_before_ms(self) -> int | None:
         """:attr:`not_before` as UTC milliseconds (None: the default)."""
         if self.not_before is None:

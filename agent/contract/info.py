@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.clock import boot_id
-from agent.config.model import AgentConfig
 from agent.contract.payloads import InfoDevice, InfoPoint, InfoTelemetry, info
-from drivers.serial_line import SerialLineDevice
+from drivers.kinds import is_serial_line
 
-SECRET_FIELDS: dict[str, Any] = {"mqtt": {"password"}}
-"""Config members left out of the config hash (a hash of a short secret can be guessed)."""
+if TYPE_CHECKING:
+    from agent.config.model import AgentConfig
 
 
 _KNOWN: list[tuple[AgentConfig, str]] = []
@@ -26,19 +26,27 @@ def remember_hash(cfg: AgentConfig, digest: str) -> None:
 
 
 def config_hash(cfg: AgentConfig) -> str:
-    """``sha256:`` + hex digest of the running config as JSON (profiles merged, paths
-    resolved, secrets left out): equal configs give equal hashes on every gateway."""
+    """``sha256:`` + hex digest of the running config as compact JSON of its fields
+    (:func:`drivers.plain.plain_data`: profiles merged, paths resolved, secrets left out,
+    since a hash of a short secret can be guessed): equal configs give equal hashes on
+    every gateway, whether ``cfg`` is the validated model or its plain twin."""
     for known, digest in _KNOWN:
         if known is cfg:
             return digest
-    text = cfg.model_dump_json(exclude=SECRET_FIELDS)
+    from drivers.plain import Plain, plain_data
+
+    if not isinstance(cfg, Plain):  # a model: the checking process, or the CLI
+        from drivers.plain import to_plain
+
+        cfg = to_plain(cfg)
+    text = json.dumps(plain_data(cfg), separators=(",", ":"), ensure_ascii=False)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def streams(dev: Any) -> bool:
     """Whether a device sends without being asked (a text-line sensor without ``request``,
     a seismic sensor): its availability is judged by silence, not by failed polls."""
-    if isinstance(dev, SerialLineDevice):
+    if is_serial_line(dev):
         return dev.request is None
     return getattr(dev, "driver", "") == "seismic"
 

@@ -52,9 +52,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.config.model import AgentConfig
 from agent.contract.topics import parse_topic
 from agent.readings import iso_ms, parse_iso_ms
 from agent.sparkplug.proto import (
@@ -68,6 +67,10 @@ from agent.sparkplug.proto import (
     Payload,
     set_value,
 )
+
+if TYPE_CHECKING:
+    from agent.config.model import AgentConfig
+
 
 log = logging.getLogger(__name__)
 

@@ -6,23 +6,17 @@ V1.1b3, clause 4.3): a register a manual calls "40001" or "register 1" is ``addr
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from drivers.codec import REGISTER_COUNT, ByteOrder, DataType
-from drivers.common import Duration, StrictModel, at_least
+from drivers.common import DisplayName, Duration, HostName, Name, StrictModel, at_least
 from drivers.modbus.line import min_frame_gap
-from drivers.names import DisplayName, HostName, Name
+from drivers.modbus.spec import BIT_TABLES, MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ, Table
 
-Table = Literal["holding", "input", "coil", "discrete_input"]
-BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete_input"})
-
-MAX_REGISTERS_PER_READ = 125
-"""FC 03/04 read at most 125 registers (Modbus Application Protocol V1.1b3, 6.3 and 6.4)."""
-MAX_BITS_PER_READ = 2000
-"""FC 01/02 read at most 2000 bits (Modbus Application Protocol V1.1b3, 6.1 and 6.2)."""
+__all__ = ["BIT_TABLES", "MAX_BITS_PER_READ", "MAX_REGISTERS_PER_READ", "Table"]
 
 
 class ModbusPoint(StrictModel):
@@ -189,6 +183,8 @@ class ModbusPoint(StrictModel):
             )
         if self.min > self.max:
             raise ValueError(f"min {self.min} is greater than max {self.max}")
+
+    __plain_computed__: ClassVar[tuple[str, ...]] = ("register_count",)
 
     @property
     def register_count(self) -> int:
@@ -374,6 +370,8 @@ class ModbusTcpDevice(ModbusDevice):
     host: HostName
     port: int = Field(default=502, ge=1, le=65535)
 
+    __plain_computed__: ClassVar[tuple[str, ...]] = ("bus",)
+
     @property
     def bus(self) -> str:
         """The bus this device sits on: its TCP endpoint."""
@@ -436,6 +434,8 @@ class ModbusRtuDevice(ModbusDevice, _LineOptions):
             )
         return self
 
+    __plain_computed__: ClassVar[tuple[str, ...]] = ("bus", "line_settings")
+
     @property
     def bus(self) -> str:
         """The bus this device sits on: its serial port."""
@@ -470,6 +470,8 @@ class ModbusRtuOverTcpDevice(ModbusDevice, _LineOptions):
     )
     host: HostName
     port: int = Field(ge=1, le=65535, description="The server's raw TCP port for the line")
+
+    __plain_computed__: ClassVar[tuple[str, ...]] = ("bus", "line_settings")
 
     @property
     def bus(self) -> str:

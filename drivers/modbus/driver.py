@@ -15,6 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from drivers.base import GOOD, PointResult
 from drivers.codec import (
@@ -28,12 +29,6 @@ from drivers.codec import (
     registers_to_bytes,
     scale_value,
 )
-from drivers.modbus.config import (
-    BIT_TABLES,
-    MAX_BITS_PER_READ,
-    MAX_REGISTERS_PER_READ,
-    ModbusPoint,
-)
 from drivers.modbus.line import (
     ExceptionReply,
     FrameError,
@@ -43,7 +38,12 @@ from drivers.modbus.line import (
     read_pdu,
     write_pdu,
 )
+from drivers.modbus.spec import BIT_TABLES, MAX_BITS_PER_READ, MAX_REGISTERS_PER_READ
 from drivers.modbus.tcp import MbapClient
+
+if TYPE_CHECKING:
+    from drivers.modbus.config import ModbusPoint
+
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ EXCEPTION_NAMES = {
 FUNCTION_CODES = {"coil": 1, "discrete_input": 2, "holding": 3, "input": 4}
 
 
-Step = tuple[ModbusPoint, int, int, Callable[[bytes, int], tuple[int | float]] | None]
+Step = tuple["ModbusPoint", int, int, Callable[[bytes, int], tuple[int | float]] | None]
 """How :func:`decode_block` reads one point of a block: (point, first and end byte offset
 in the block's bytes, ``unpack_from`` when a plain unpack of those bytes is the raw value)."""
 
