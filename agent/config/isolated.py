@@ -142,7 +142,7 @@ def _child(path: str, need_secrets: bool) -> tuple[object, ...]:
 
 def share_equal_values(cfg: Any) -> None:
     """Let the points of ``cfg`` (plain twins, :mod:`drivers.plain`) share equal values
-    (the same unit, type, scale...) instead of holding a copy each. Done before pickling
+    (the same unit, type, scale, an empty list...) instead of holding a copy each. Done before pickling
     (pickle hands a shared string over as one object) and after (numbers it does not
     share). Values stay equal, and twins are frozen: nothing is changed in place later."""
     seen: dict[tuple[type, object], object] = {}
@@ -152,6 +152,8 @@ def share_equal_values(cfg: Any) -> None:
                 value = getattr(point, key)
                 if type(value) in (str, int, float):
                     object.__setattr__(point, key, seen.setdefault((type(value), value), value))
+                elif type(value) is list and not value:  # no point changes its config
+                    object.__setattr__(point, key, seen.setdefault((list, ()), value))
 
 
 def main() -> None:
