@@ -128,6 +128,9 @@ def validate(config_file: str) -> None:
 def run(config_file: str, log_level: str | None) -> None:
     """Poll, buffer and publish until SIGTERM/SIGINT."""
     os.umask(UMASK)
+    from agent.memory import fix_mmap_threshold
+
+    fix_mmap_threshold()  # large buffers go back to the system when freed
     # a watchdog kill (SIGABRT, systemd.service(5) WatchdogSignal=) shows where it hung;
     # a stderr without a file descriptor (an embedding host) goes without
     with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):

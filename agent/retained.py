@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import zlib
 from collections.abc import Iterable
 
 from agent.buffer import AsyncBuffer
@@ -26,6 +27,11 @@ from agent.contract.topics import parse_topic
 from agent.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
+
+KEEP_DEFLATED_FROM = 64 * 1024
+"""Bytes: a retained body at least this long (the ``info`` of a gateway with thousands of
+points: 760 kB at 10,000) is kept deflated until the next connect (zlib level 1: about
+a tenth of it), not as it is for the whole run."""
 
 
 def _ours(topic: str, prefix: str, gateway_id: str) -> bool:
@@ -77,7 +83,8 @@ class RetainedState:
                 sorted(foreign)[0][:200],
             )
         self.stale = set(ours - self.owned)
-        self._bodies: dict[str, bytes] = {}
+        self._bodies: dict[str, tuple[bool, bytes]] = {}
+        """topic → (deflated, body): a large body waits deflated between connects."""
         self._clearing: dict[int, str] = {}
         self._save = asyncio.Event()
         self._saved = stored
@@ -107,14 +114,19 @@ class RetainedState:
     def publish(self, topic: str, body: bytes) -> None:
         """Publish ``body`` retained on ``topic`` now when connected, and again after every
         connect."""
-        self._bodies[topic] = body
+        if len(body) >= KEEP_DEFLATED_FROM:
+            self._bodies[topic] = (True, zlib.compress(body, 1))
+        else:
+            self._bodies[topic] = (False, body)
         if self.link.connected.is_set():
             self.link.publish(topic, body, qos=1, retain=True)
 
     def on_connected(self) -> None:
         """After every CONNACK: every kept message again, and a clear of each stale topic."""
-        for topic, body in self._bodies.items():
-            self.link.publish(topic, body, qos=1, retain=True)
+        for topic, (deflated, body) in self._bodies.items():
+            self.link.publish(
+                topic, zlib.decompress(body) if deflated else body, qos=1, retain=True
+            )
         self._clearing.clear()
         for topic in sorted(self.stale):
             self._clearing[self.link.publish(topic, b"", qos=1, retain=True)] = topic

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -38,6 +37,7 @@ from agent.status import (
     buffer_section,
     choose_location,
     device_section,
+    dumps_raw,
     outputs_section,
     proc_start_ticks,
     uplink_section,
@@ -251,7 +251,7 @@ class StatusWriter:
     # -- the file ------------------------------------------------------------------------
 
     def _write(self, doc: dict[str, Any]) -> None:
-        data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        data = dumps_raw(doc).encode()
         write_replace(self.path, data, sync=False, mode=FILE_MODE)
 
     def _written(self, fut: asyncio.Future[None]) -> None:

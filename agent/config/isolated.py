@@ -142,9 +142,9 @@ def _child(path: str, need_secrets: bool) -> tuple[object, ...]:
 
 def share_equal_values(cfg: Any) -> None:
     """Let the points of ``cfg`` (plain twins, :mod:`drivers.plain`) share equal values
-    (the same unit, type, scale, an empty list...) instead of holding a copy each. Done before pickling
-    (pickle hands a shared string over as one object) and after (numbers it does not
-    share). Values stay equal, and twins are frozen: nothing is changed in place later."""
+    (the same unit, type, scale, an empty list...) instead of holding a copy each. Done
+    before pickling (pickle hands a shared object over as one) and after (numbers it does
+    not share). Values stay equal, and twins are frozen: nothing is changed in place later."""
     seen: dict[tuple[type, object], object] = {}
     for dev in cfg.devices:
         for point in getattr(dev, "points", ()):

@@ -45,6 +45,9 @@ def json_value(value: int | float | bool | str) -> str | None:
 
 _TAILS: dict[str, str] = {}
 """The end of a good point's entry, one string per unit for every encoder."""
+_KEYS: dict[str, str] = {}
+"""The start of a point's entry, one string per point name for every encoder (the devices
+of one model have the same point names). Bounded by the names of the config."""
 
 
 class TelemetryEncoder:
@@ -75,7 +78,8 @@ class TelemetryEncoder:
 
     def _prepare(self, point: str) -> None:
         unit = json.dumps(self._units.get(point))
-        self._key[point] = f'{json.dumps(point)}:{{"value":'
+        key = f'{json.dumps(point)}:{{"value":'
+        self._key[point] = _KEYS.setdefault(key, key)  # one per name: devices share names
         tail = f',"unit":{unit},"quality":"good"}}'
         self._good_tail[point] = _TAILS.setdefault(tail, tail)  # one per unit, not per point
 
