@@ -210,10 +210,14 @@ class Subscriber:
             self.client.username_pw_set(*auth)
         self.topic = topic
         self.connected = threading.Event()
+        self.subscribed = threading.Event()
 
         def on_connect(c: mqtt.Client, u: Any, f: Any, rc: Any, p: Any) -> None:
             c.subscribe(topic, qos=1)
             self.connected.set()
+
+        def on_subscribe(c: mqtt.Client, u: Any, mid: int, codes: Any, p: Any) -> None:
+            self.subscribed.set()
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
             with self._lock:
@@ -228,11 +232,12 @@ class Subscriber:
                 )
 
         self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
         self.client.on_message = on_message
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         assert self.connected.wait(10), "subscriber could not connect"
-        time.sleep(0.2)  # SUBACK
+        assert self.subscribed.wait(10), "no SUBACK"
 
     def check(self) -> list[str]:
         """Check every message received since the last call against its schema; return

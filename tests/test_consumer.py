@@ -283,13 +283,21 @@ def test_five_gateways_two_shared_consumers_and_a_broker_restart(
     for a in agents:
         a.start()
     time.sleep(6)
+    connects = [a.log().count("connected to mqtt://") for a in agents]
     uplink.close()
     broker.stop()
     time.sleep(2)
     broker.start()
     wait_until(lambda: all("session resumed" in c.log() for c in consumers), 15, "resumed")
     uplink.open()
-    time.sleep(5)
+    wait_until(
+        lambda: all(
+            a.log().count("connected to mqtt://") > n for a, n in zip(agents, connects, strict=True)
+        ),
+        15,
+        "every gateway connected again",
+    )
+    time.sleep(2)  # what each buffered during the outage goes out
     last = last_seqs(tmp_path, agents)
     uplink.close()
     sim.stop_thread()
@@ -334,10 +342,19 @@ def test_five_gateways_into_rabbitmq_two_amqp_consumers_and_a_node_restart(
         for a in agents:
             a.start()
         time.sleep(6)
+        connects = [a.log().count("connected to mqtt://") for a in agents]
         rabbit.stop()
         time.sleep(1)
         rabbit.start()
-        time.sleep(6)
+        wait_until(
+            lambda: all(
+                a.log().count("connected to mqtt://") > n
+                for a, n in zip(agents, connects, strict=True)
+            ),
+            30,
+            "every gateway connected again",
+        )
+        time.sleep(2)  # what each buffered during the restart goes out
         last = last_seqs(tmp_path, agents)
         assert all(n >= 100 for n in last.values()), last
         check_every_seq_once(pg, last, 2)

@@ -93,12 +93,20 @@ class SecureBroker:
     tls_port: int
 
 
-@pytest.fixture
-def secure_broker(tmp_path: Path) -> Iterator[SecureBroker]:
+@pytest.fixture(scope="module")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The certificates of :func:`make_pki`, made once for this file's tests (which only
+    read them)."""
     if shutil.which("openssl") is None:
         raise RuntimeError("this test needs the openssl command (apt-get install openssl)")
-    pki = tmp_path / "pki"
+    pki = tmp_path_factory.mktemp("pki")
     make_pki(pki)
+    return pki
+
+
+@pytest.fixture
+def secure_broker(tmp_path: Path, pki_dir: Path) -> Iterator[SecureBroker]:
+    pki = pki_dir
     pw = tmp_path / "broker" / "passwd"
     pw.parent.mkdir(parents=True)
     subprocess.run(

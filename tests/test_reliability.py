@@ -24,6 +24,7 @@ from tests.helpers import (
     Mosquitto,
     Subscriber,
     assert_all_delivered,
+    buffer_rows,
     one_point_device,
     wait_until,
     write_config,
@@ -354,9 +355,12 @@ def finish(
 
 
 @pytest.mark.timeout(240)
-def test_case_023_027_ten_broker_restarts_in_two_minutes(tmp_path: Path, broker: Mosquitto) -> None:
-    """50 readings/s; the broker stops and starts again 10 times in 2 minutes (7 s up, 5 s
-    down): zero unexplained losses, duplicates only as byte-identical resends by seq."""
+def test_case_023_027_ten_broker_restarts_in_a_minute(tmp_path: Path, broker: Mosquitto) -> None:
+    """50 readings/s; the broker stops and starts again 10 times in a minute (3 s up, 2 s
+    down; the agent reconnects within reconnect_max, 500 ms, and each outage leaves about
+    100 readings to resend): zero unexplained losses, duplicates only as byte-identical
+    resends by seq."""
+    up_s, down_s, after_s = 3, 2, 4
     sim = sim_one_point()
     devices = "".join(one_point_device(sim.port, "100ms", device_id=f"d{i}") for i in range(5))
     cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
@@ -364,14 +368,15 @@ def test_case_023_027_ten_broker_restarts_in_two_minutes(tmp_path: Path, broker:
     agent = AgentProcess(cfg, tmp_path / "agent.log")
     agent.start()
     for _ in range(10):
-        time.sleep(7)
+        time.sleep(up_s)
         broker.stop()
-        time.sleep(5)
+        time.sleep(down_s)
         broker.start()
-    time.sleep(6)
+    time.sleep(after_s)
     last_seq, received, dups, drops = finish(agent, sim, sub, tmp_path / "state", settle=1)
     assert not drops and received == last_seq
-    assert last_seq >= 50 * 115, "about 50 readings/s for two minutes"
+    ran_s = 10 * (up_s + down_s) + after_s
+    assert last_seq >= 50 * (ran_s - 11), f"about 50 readings/s for {ran_s} s"
     assert agent.log().count("lost connection to broker") >= 10
     print(
         f"\n10 broker restarts: produced {last_seq} messages, received {received} distinct, "
@@ -381,17 +386,20 @@ def test_case_023_027_ten_broker_restarts_in_two_minutes(tmp_path: Path, broker:
 
 @pytest.mark.timeout(240)
 def test_ten_agent_kills_lose_nothing_committed(tmp_path: Path, broker: Mosquitto) -> None:
-    """The agent is SIGKILLed 10 times (every 2–3 s) and started again: every committed
-    message reaches the platform; what a kill can cost is only the polls of the current
-    cycle that were not committed yet."""
+    """The agent is SIGKILLed 10 times, each time while it polls and publishes (0.4 to 1.3 s
+    after its first messages), and started again: every committed message reaches the
+    platform; what a kill can cost is only the polls of the current cycle that were not
+    committed yet."""
     sim = sim_one_point()
     devices = "".join(one_point_device(sim.port, "100ms", device_id=f"d{i}") for i in range(5))
     cfg = write_config(tmp_path / "agent.yaml", broker.port, devices)
     sub = Subscriber(broker.port, "lifeline/#", client_id="platform-kills")
     for i in range(10):
         agent = AgentProcess(cfg, tmp_path / f"agent{i}.log")
+        seen = len(sub.telemetry())
         agent.start()
-        time.sleep(2.0 + 0.1 * i)
+        wait_until(lambda n=seen + 20: len(sub.telemetry()) >= n, 15, f"run {i} publishing")
+        time.sleep(0.4 + 0.1 * i)
         agent.kill()
     agent = AgentProcess(cfg, tmp_path / "agent-final.log")
     agent.start()
@@ -408,9 +416,11 @@ def test_ten_agent_kills_lose_nothing_committed(tmp_path: Path, broker: Mosquitt
 
 
 @pytest.mark.timeout(240)
-def test_blackholed_link_for_60_s_loses_nothing(tmp_path: Path, broker: Mosquitto) -> None:
-    """The uplink silently stops carrying anything for 60 s (no RST, no FIN): the agent
-    notices within 1.5 keep-alives, buffers, and after the link heals everything arrives."""
+def test_blackholed_link_for_20_s_loses_nothing(tmp_path: Path, broker: Mosquitto) -> None:
+    """The uplink silently stops carrying anything for 20 s (no RST, no FIN): the agent
+    notices within 1.5 keep-alives, buffers (its connection attempts into the dead link
+    meanwhile fail after a keep-alive each), and after the link heals everything arrives."""
+    hole_s = 20
     from tests.helpers import TcpProxy
 
     sim = sim_one_point()
@@ -425,16 +435,25 @@ def test_blackholed_link_for_60_s_loses_nothing(tmp_path: Path, broker: Mosquitt
     t0 = time.monotonic()
     wait_until(lambda: "lost connection to broker" in agent.log(), 15, "the dead link noticed")
     noticed = time.monotonic() - t0
-    time.sleep(max(0.0, 60 - (time.monotonic() - t0)))
+    time.sleep(max(0.0, hole_s - (time.monotonic() - t0)))
     uplink.heal()
     uplink.close()  # the stale connections go; new ones are refused until reopened
     uplink.open()
-    time.sleep(8)
+    healed = time.time_ns() // 1_000_000
+    wait_until(
+        lambda: any(
+            parse_iso_ms(m.json()["ts"]) > healed and not m.json().get("historical")
+            for m in sub.telemetry()
+        ),
+        15,
+        "live readings after the link healed",
+    )
+    time.sleep(2)  # the backlog (about 200 messages) goes at 2000/s
     last_seq, received, dups, drops = finish(agent, sim, sub, tmp_path / "state", uplink, settle=1)
     assert not drops and received == last_seq
     assert noticed <= 1.5 * 5 + 2, f"noticed after {noticed:.1f}s"
     print(
-        f"\nblackhole 60 s: dead link noticed after {noticed:.1f}s (keep-alive 5 s); "
+        f"\nblackhole {hole_s} s: dead link noticed after {noticed:.1f}s (keep-alive 5 s); "
         f"{last_seq} messages, all received, {dups} duplicate(s)"
     )
 
@@ -464,12 +483,13 @@ def test_20_mb_cap_under_a_long_outage(tmp_path: Path, broker: Mosquitto) -> Non
     sub = Subscriber(broker.port, "lifeline/#", client_id="platform-20mb")
     agent = AgentProcess(cfg, tmp_path / "agent.log")
     agent.start()
-    time.sleep(14)
+    time.sleep(8)  # the cap is reached within about 2 s; then the buffer turns over
     size_during = (state / "buffer.db").stat().st_size
     uplink.open()
     wait_until(lambda: "unsent message(s), seq" in agent.log(), 30, "the drops")
     wait_until(lambda: len(sub.telemetry()) > 1000, 30, "the drain")
-    time.sleep(8)
+    wait_until(lambda: buffer_rows(state)[0] < 100, 30, "the buffer drained", step=0.5)
+    time.sleep(2)
     last_seq, received, _, drops = finish(agent, sim, sub, state, uplink, settle=1)
     size_after = (state / "buffer.db").stat().st_size
     assert drops, "the cap was hit and reported"
@@ -483,7 +503,8 @@ def test_20_mb_cap_under_a_long_outage(tmp_path: Path, broker: Mosquitto) -> Non
     print(
         f"\n20 MB cap: file {size_during / 1e6:.1f} MB during the outage, "
         f"{size_after / 1e6:.1f} MB after; {last_seq} seqs, {dropped} dropped in "
-        f"{len(drops)} reported range(s), {received} received, 0 unexplained"
+        f"{len(drops)} reported range(s), {received} received, 0 unexplained; "
+        f"{len(events)} alarm events, all kept"
     )
 
 
