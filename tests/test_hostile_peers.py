@@ -454,7 +454,9 @@ def regex_scenario(tmp_path: Path, far_end: str, agent_end: str) -> Scenario:
         lambda sub: level(sub, 2.5),
         ["over the pattern's time limit"],
         prepare=prepare,
-        log_once=["the pattern took over 50 ms on this line"],
+        # (the limit in force is what is left of the budget: 50 ms, or a little less when
+        # the attack's first lines already used some)
+        log_once=["the pattern took over "],
     )
 
 
