@@ -121,13 +121,22 @@ def test_cap_under_a_long_outage_reports_exactly_what_it_dropped(
     in_ranges = {s for a, b, _ in dropped_ranges for s in range(a, b + 1)} - set(got)
     assert pending == 0
     assert missing == in_ranges, "every missing seq is in a reported range, and nothing else"
-    assert sum(c for *_, c in dropped_ranges) == len(missing)
+    # A message on its way when the link went may have reached the broker although its
+    # PUBACK never came back (the proxy closed in between): the gateway cannot know, keeps
+    # it, and counts it dropped when the cap takes it. Only such messages, sent before
+    # the outage, may be both counted and received: at most max_inflight (64) of them.
+    spans = {s for a, b, _ in dropped_ranges for s in range(a, b + 1)}
+    raced = {q for q in spans & set(got) if "/telemetry/" in got[q].topic}
+    assert sum(c for *_, c in dropped_ranges) == len(missing) + len(raced)
+    assert len(raced) <= 64, raced
+    assert all(q < min(missing) for q in raced), "only what was sent before the outage"
     events = [m for m in got.values() if "/events/" in m.topic]
     assert len(events) >= 10, "the flapping level raised and cleared all along"
     raised = sum(1 for m in events if m.json()["event"] == "raise")
     print(
         f"\ncap 300: {last_seq} seqs, {len(missing)} dropped in {len(dropped_ranges)} "
-        f"reported range(s), {len(events)} alarm events all delivered ({raised} raises)"
+        f"reported range(s), {len(events)} alarm events all delivered ({raised} raises), "
+        f"{len(raced)} counted but delivered (in flight when the link went)"
     )
 
 
