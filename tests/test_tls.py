@@ -1030,6 +1030,25 @@ def test_case_048_tls_towards_a_plain_mqtt_port_says_which_port(
 
 
 AS_VALIDATE = [sys.executable, "-m", "agent", "validate", "agent.yaml"]
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+@contextlib.contextmanager
+def traversable_by_others(path: Path) -> Iterator[None]:
+    """While inside: ``path`` and its parents may be passed through by any user (``o+x``,
+    not listed), so that ``nobody`` reaches the checkout and its ``.venv`` (a clone in a
+    fresh ``mktemp -d`` is mode 700); the modes are put back after."""
+    changed = []
+    for p in (path, *path.parents):
+        mode = p.stat().st_mode
+        if not mode & 0o001 and os.geteuid() == p.stat().st_uid:
+            p.chmod(mode | 0o001)
+            changed.append((p, mode))
+    try:
+        yield
+    finally:
+        for p, mode in changed:
+            p.chmod(mode)
 
 
 def test_unreadable_secret_files_are_each_named(pki: Pki) -> None:
@@ -1055,14 +1074,15 @@ def test_unreadable_secret_files_are_each_named(pki: Pki) -> None:
         )
         (d / "agent.yaml").chmod(0o644)
         sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        done = subprocess.run(
-            [*sudo, "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *AS_VALIDATE],
-            cwd=d,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            check=False,
-        )
+        with traversable_by_others(REPO):
+            done = subprocess.run(
+                [*sudo, *AS_NOBODY, *AS_VALIDATE],
+                cwd=d,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+                check=False,
+            )
     finally:
         shutil.rmtree(d)
     assert done.returncode == 78, done.stderr
