@@ -74,8 +74,8 @@ class DevicePolls:
     last_good_mono: float | None = None
     poll_errors: int = 0
     polls: int = 0
-    values: dict[str, tuple[Any, str]] = field(default_factory=dict)
-    """point → (value, quality) of the last poll."""
+    results: Sequence[PointResult] = ()
+    """The results of the last poll, as the poll gave them (never changed: no copy)."""
     _buckets: collections.deque[list[float]] = field(
         default_factory=lambda: collections.deque(maxlen=int(HOUR_S / BUCKET_S) + 1)
     )
@@ -102,7 +102,7 @@ class PollStats:
             return
         d.polls += 1
         d.last_poll_ms = ts_ms
-        d.values = {r.point: (r.value, r.quality) for r in results}
+        d.results = results
         if any(r.quality == GOOD for r in results):
             d.last_good_ms = ts_ms
             d.last_good_mono = now

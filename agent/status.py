@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import click
 from agent.buffer import StateDirError, open_nofollow
 from agent.clock import mono_ms
 from agent.readings import iso_ms
+from drivers.base import PointResult
 
 FORMAT = 1
 """Version of the snapshot's layout (``format``)."""
@@ -200,7 +201,7 @@ def device_section(
     last_poll_ms: int | None,
     last_good_ms: int | None,
     last_good_age_s: float | None,
-    values: Mapping[str, tuple[Any, str]],
+    results: Sequence[PointResult],
     poll_errors: int,
     errors_last_hour: int,
     overruns: int,
@@ -209,7 +210,7 @@ def device_section(
     with quality, and its poll statistics (:class:`agent.metrics.PollStats`). ``points``
     is already JSON (:func:`points_json`): at 10,000 points, a dict per point every second
     would cost the running agent about 3 MB of memory at its peak."""
-    points = points_json(values, units)
+    points = points_json(results, units)
     return {
         "id": device,
         "driver": driver,
@@ -274,12 +275,14 @@ def _value_json(value: Any) -> str:
     return json.dumps(value, allow_nan=False)
 
 
-def points_json(values: Mapping[str, tuple[Any, str]], units: Mapping[str, str | None]) -> RawJson:
-    """``{"NAME":{"value":V,"unit":U,"quality":Q},...}`` for the values of one poll
-    (point → (value, quality)), the text :func:`json.dumps` would make of those dicts.
-    Pure but for a cache of the constant parts."""
-    parts = []
-    for name, (value, quality) in values.items():
+def points_json(results: Iterable[PointResult], units: Mapping[str, str | None]) -> RawJson:
+    """``{"NAME":{"value":V,"unit":U,"quality":Q},...}`` for the results of one poll, the
+    text :func:`json.dumps` would make of those dicts (a later result of a name in place
+    of an earlier one, as in a dict). Pure but for a cache of the constant parts."""
+    parts: dict[str, str] = {}
+    isfinite = math.isfinite
+    for r in results:
+        name, value, quality = r.point, r.value, r.quality
         unit = units.get(name)
         around = _POINT_JSON.get((name, unit))
         if around is None:
@@ -290,8 +293,12 @@ def points_json(values: Mapping[str, tuple[Any, str]], units: Mapping[str, str |
         q = _QUALITY_JSON.get(quality)
         if q is None:
             q = _QUALITY_JSON[quality] = json.dumps(quality)
-        parts.append(f"{around[0]}{_value_json(value)}{around[1]}{q}}}")
-    return RawJson("{" + ",".join(parts) + "}")
+        if type(value) is float and isfinite(value):  # _value_json, the common case first
+            text = float.__repr__(value)
+        else:
+            text = _value_json(value)
+        parts[name] = f"{around[0]}{text}{around[1]}{q}}}"
+    return RawJson("{" + ",".join(parts.values()) + "}")
 
 
 def dumps_raw(doc: Any) -> str:

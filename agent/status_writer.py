@@ -182,7 +182,7 @@ class StatusWriter:
                     last_poll_ms=polls.last_poll_ms,
                     last_good_ms=polls.last_good_ms,
                     last_good_age_s=self.polls.last_good_age(d.id, now),
-                    values=polls.values,
+                    results=polls.results,
                     poll_errors=polls.poll_errors,
                     errors_last_hour=polls.errors_last_hour(now),
                     overruns=overruns.get(d.id, 0),

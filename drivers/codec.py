@@ -124,6 +124,9 @@ def decode_registers(
     return decode_bytes(registers_to_bytes(registers), data_type, byte_order)
 
 
+STRUCT_CODES: Final = {name: fmt[1:] for name, fmt in _STRUCT.items()}
+"""Register type → its :mod:`struct` format character (big-endian when after ``>``)."""
+
 _UNPACK = {name: struct.Struct(fmt).unpack for name, fmt in _STRUCT.items()}
 UNPACK_FROM: Final = {name: struct.Struct(fmt).unpack_from for name, fmt in _STRUCT.items()}
 """Register type → ``unpack_from(buffer, offset)`` of its big-endian (``ABCD``) bytes: what

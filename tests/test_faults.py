@@ -383,19 +383,28 @@ def test_size_cap_drops_exactly_what_is_counted(tmp_path: Path, broker: Mosquitt
         "every message that was not dropped",
     )
     sub.close()
-    got = {m.json()["seq"] for m in sub.sequenced()}
+    by_seq = {m.json()["seq"]: m for m in sub.sequenced()}
+    got = set(by_seq)
     missing = sorted(set(range(1, last_seq + 1)) - got)
-    assert len(missing) == dropped
+    # the log accounts for every drop (first at once, then at most once a minute and at stop)
+    reports = re.findall(r"dropped (\d+) unsent message\(s\), seq (\d+)\.\.(\d+)", agent.log())
+    assert sum(int(n) for n, _, _ in reports) == dropped
+    assert len(reports) <= 3, "no log line per poll"
+    # A message on its way when the broker went may have reached it (and the subscriber)
+    # although its PUBACK never came back: the gateway cannot know, keeps it, and counts it
+    # dropped when the cap takes it. Only such messages, sent before the outage, may be both
+    # counted and received: at most max_inflight (64) of them, older than every missing seq.
+    spans = {s for _, a, b in reports for s in range(int(a), int(b) + 1)}
+    raced = {q for q in spans & got if "/telemetry/" in by_seq[q].topic}
+    assert len(missing) + len(raced) == dropped
+    assert len(raced) <= 64, raced
+    assert all(q < missing[0] for q in raced), "only what was sent before the outage"
     # one block of the oldest telemetry; the only seqs inside it that arrived are the
     # notices reporting the drop (priority rows, never dropped)
     notices = {m.json()["seq"] for m in sub.on("/notice")}
     inside = set(range(missing[0], missing[-1] + 1)) - set(missing)
     assert inside <= notices, "one block of the oldest"
-    # the log accounts for every drop (first at once, then at most once a minute and at stop)
-    reports = re.findall(r"dropped (\d+) unsent message\(s\), seq (\d+)\.\.(\d+)", agent.log())
-    assert sum(int(n) for n, _, _ in reports) == dropped
-    assert int(reports[0][1]) == missing[0] and int(reports[-1][2]) == missing[-1]
-    assert len(reports) <= 3, "no log line per poll"
+    assert int(reports[0][1]) == min([*missing, *raced]) and int(reports[-1][2]) == missing[-1]
 
 
 def test_mqtt5_refused_publish_is_retried_slowly_not_flooded(

@@ -15,6 +15,7 @@ import pytest
 from agent.memory import fix_mmap_threshold
 from agent.retained import KEEP_DEFLATED_FROM
 from agent.status import RawJson, dumps_raw, points_json
+from drivers.base import PointResult
 from tests.helpers import AgentProcess, Mosquitto, free_listen_port, wait_until, write_config
 from tests.test_contract import _retained
 
@@ -55,9 +56,13 @@ def test_state_file_points_are_the_text_json_dumps_makes() -> None:
     values = {f"p{i}": (v, "good" if i % 3 else "timeout") for i, v in enumerate(VALUES)}
     values['odd "name"'] = (1, "nan")
     units = {"p1": "m", "p2": 'k"Pa', "p3": "°C", 'odd "name"': None}
-    text = points_json(values, units).text
+    results = [PointResult(name, v, q) for name, (v, q) in values.items()]
+    text = points_json(results, units).text
     assert text == dict_form(values, units)
-    assert points_json({}, {}).text == "{}"
+    assert points_json([], {}).text == "{}"
+    # a name given twice: the later result, where the first stood (as in a dict)
+    twice = [PointResult("a", 1), PointResult("b", 2), PointResult("a", 3, "timeout")]
+    assert points_json(twice, {}).text == dict_form({"a": (3, "timeout"), "b": (2, "good")}, {})
 
 
 def test_dumps_raw_is_json_dumps_with_raw_parts() -> None:

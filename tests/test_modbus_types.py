@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import struct
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agent.simulator import ModbusSimulator
 from drivers.codec import encode_registers, register_bit, to_big_endian
 from drivers.modbus.config import ModbusPoint, modicon_address
-from drivers.modbus.driver import ModbusTcpBus, decode_block, plan_blocks
+from drivers.modbus.driver import ModbusTcpBus, decode_block, decode_point, plan_blocks
 
 
 def pt(**kw: object) -> ModbusPoint:
@@ -474,3 +477,65 @@ def test_modicon_number_past_the_last_and_strict_unit_id() -> None:
             ModbusTcpDevice.model_validate(
                 {"id": "d", "host": "h", "unit_id": bad, "points": [{"name": "v", "address": 0}]}
             )
+
+
+NUMERIC = ["uint16", "int16", "uint32", "int32", "float32", "uint64", "int64", "float64"]
+
+
+@st.composite
+def numeric_points(draw: st.DrawFn) -> list[ModbusPoint]:
+    """Up to 12 numeric points at random addresses: gaps, shared and overlapping registers,
+    every byte order, integer and float scales (some large enough to overflow), decimals."""
+    out = []
+    for i in range(draw(st.integers(1, 12))):
+        dtype = draw(st.sampled_from(NUMERIC))
+        scale = draw(st.sampled_from([1, 10, -3, 0.1, 0.001, 1.5, 1e300, -1e305]))
+        offset = draw(st.sampled_from([0, 5, -40, 0.5, 273.15]))
+        kw: dict[str, object] = {
+            "name": f"p{i}",
+            "address": draw(st.integers(0, 30)),
+            "type": dtype,
+            "scale": scale,
+            "offset": offset,
+            "byte_order": draw(st.sampled_from(["ABCD", "ABCD", "CDAB", "BADC", "DCBA"])),
+        }
+        if draw(st.booleans()) and not (isinstance(scale, int) and isinstance(offset, int)):
+            kw["decimals"] = draw(st.integers(0, 4))
+        if draw(st.integers(0, 5)) == 0 and dtype in ("uint16", "int16"):
+            kw["invalid_values"] = [0xFFFF]
+        out.append(pt(**kw))
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(numeric_points(), st.data())
+def test_a_block_decodes_as_its_points_one_by_one(
+    points: list[ModbusPoint], data: st.DataObject
+) -> None:
+    """decode_block, whichever way it reads a block (one unpack for the whole block when
+    its points allow it), gives for every point what decode_point gives for its words."""
+    for block in plan_blocks(points, max_gap=4):
+        words = data.draw(st.lists(st.integers(0, 0xFFFF), min_size=block.count,
+                                   max_size=block.count))  # fmt: skip
+        expected = [
+            decode_point(p, words[p.address - block.start :][: p.register_count])
+            for p in block.points
+        ]
+        assert decode_block(block, words) == expected
+
+
+def test_whole_block_reading_is_taken_where_the_points_allow() -> None:
+    """The plain fleet (contiguous int16 and float32 in ABCD) is unpacked as one block;
+    overlapping points or 'no value' markers go point by point."""
+    plain = [pt(name=f"r{i}", address=i, type="int16", scale=0.1) for i in range(10)]
+    plain.append(pt(name="f", address=12, type="float32"))
+    (block,) = plan_blocks(plain, max_gap=2)
+    assert block.whole is not None and block.whole.size == 2 * 14
+    nan = struct.unpack(">2H", struct.pack(">f", math.nan))
+    got = decode_block(block, [65535] * 10 + [0, 0, *nan])
+    assert [r.value for r in got[:10]] == [-0.1] * 10
+    assert (got[10].value, got[10].quality) == (None, "nan")
+    overlapping = [pt(name="a", address=0, type="int32"), pt(name="b", address=1)]
+    assert plan_blocks(overlapping)[0].whole is None
+    marked = [pt(name="a", address=0, invalid_values=[0xFFFF]), pt(name="b", address=1)]
+    assert plan_blocks(marked)[0].whole is None

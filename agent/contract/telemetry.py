@@ -73,15 +73,18 @@ class TelemetryEncoder:
             f'"device":{json.dumps(device_id)},"ts":"'
         )
         self._units = units
-        self._key: dict[str, str] = {}
-        self._good_tail: dict[str, str] = {}
+        self._around: dict[str, tuple[str, str]] = {}
+        """Point → the text before and after a good value in its entry."""
 
-    def _prepare(self, point: str) -> None:
+    def _prepare(self, point: str) -> tuple[str, str]:
         unit = json.dumps(self._units.get(point))
         key = f'{json.dumps(point)}:{{"value":'
-        self._key[point] = _KEYS.setdefault(key, key)  # one per name: devices share names
         tail = f',"unit":{unit},"quality":"good"}}'
-        self._good_tail[point] = _TAILS.setdefault(tail, tail)  # one per unit, not per point
+        around = self._around[point] = (
+            _KEYS.setdefault(key, key),  # one per name: devices share names
+            _TAILS.setdefault(tail, tail),  # one per unit, not per point
+        )
+        return around
 
     def encode(
         self,
@@ -95,18 +98,24 @@ class TelemetryEncoder:
         ``deltas`` adds ``"delta"`` to counter points; ``historical`` marks a poll taken
         while the gateway had no broker connection (``"historical":true``); ``unsynced`` one
         stamped by a clock not (yet) trusted (``"clock":"unsynced"``, ``agent.clock``)."""
-        parts = []
+        parts: list[str] = []
+        append, known, isfinite = parts.append, self._around, math.isfinite
         for r in results:
-            if r.point not in self._key:
-                self._prepare(r.point)
+            around = known.get(r.point) or self._prepare(r.point)
+            value = r.value
             text = None
-            if r.quality == GOOD and r.value is not None:
-                text = json_value(r.value)
+            if r.quality == GOOD:
+                if type(value) is float:  # json_value, the common types first
+                    text = float.__repr__(value) if isfinite(value) else None
+                elif type(value) is int:
+                    text = json_integer(value)
+                elif value is not None:
+                    text = json_value(value)
             if text is not None:
-                tail = self._good_tail[r.point]
+                tail = around[1]
                 if deltas and r.point in deltas:
                     tail = f'{tail[:-1]},"delta":{json_integer(deltas[r.point])}}}'
-                parts.append(self._key[r.point] + text + tail)
+                append(around[0] + text + tail)
                 continue
             quality, error = r.quality, r.error
             if quality == GOOD:  # a non-finite float that slipped through
@@ -122,7 +131,7 @@ class TelemetryEncoder:
             if r.exception_code is not None:
                 entry["exception_code"] = r.exception_code
             body = json.dumps(entry, separators=(",", ":"), allow_nan=False)
-            parts.append(f"{json.dumps(r.point)}:{body}")
+            append(f"{json.dumps(r.point)}:{body}")
         flag = ',"clock":"unsynced"' if unsynced else ""
         if historical:
             flag += ',"historical":true'
