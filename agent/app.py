@@ -38,6 +38,7 @@ from agent.clock import RELEASE_DATE_MS, Clock
 from agent.commands import Commands
 from agent.contract import payloads
 from agent.contract.info import gateway_info, streams
+from agent.contract.telemetry import value_texts
 from agent.contract.topics import (
     OFFLINE,
     alarm_state_topic,
@@ -505,11 +506,12 @@ class Agent:
             results, deltas = counters.apply(results)
             for name, value in counters.last.items():
                 self.writer.state[(dev.id, name)] = value
-        self.status.on_poll(dev.id, ts_ms, results)
+        texts = value_texts(results)  # once, for the telemetry and the state file
+        self.status.on_poll(dev.id, ts_ms, results, texts)
         historical = self.link.outage
         self._check_clock()
         epoch = self.clock.epoch
-        self.telemetry.poll(dev.id, ts_ms, results, deltas, historical, epoch)
+        self.telemetry.poll(dev.id, ts_ms, results, deltas, historical, epoch, texts)
         events = self.alarms.on_poll(dev.id, results, time.monotonic(), ts_ms)
         if events:
             self._emit(events)

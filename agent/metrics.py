@@ -74,8 +74,6 @@ class DevicePolls:
     last_good_mono: float | None = None
     poll_errors: int = 0
     polls: int = 0
-    results: Sequence[PointResult] = ()
-    """The results of the last poll, as the poll gave them (never changed: no copy)."""
     _buckets: collections.deque[list[float]] = field(
         default_factory=lambda: collections.deque(maxlen=int(HOUR_S / BUCKET_S) + 1)
     )
@@ -102,7 +100,6 @@ class PollStats:
             return
         d.polls += 1
         d.last_poll_ms = ts_ms
-        d.results = results
         if any(r.quality == GOOD for r in results):
             d.last_good_ms = ts_ms
             d.last_good_mono = now

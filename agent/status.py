@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ import click
 from agent.buffer import StateDirError, open_nofollow
 from agent.clock import mono_ms
 from agent.readings import iso_ms
-from drivers.base import PointResult
+from drivers.base import GOOD, PointResult
 
 FORMAT = 1
 """Version of the snapshot's layout (``format``)."""
@@ -193,7 +194,6 @@ def device_section(
     device: str,
     driver: str,
     bus: str,
-    units: Mapping[str, str | None],
     online: bool | None,
     reason: str | None,
     error: str | None,
@@ -201,16 +201,15 @@ def device_section(
     last_poll_ms: int | None,
     last_good_ms: int | None,
     last_good_age_s: float | None,
-    results: Sequence[PointResult],
+    points: RawJson,
     poll_errors: int,
     errors_last_hour: int,
     overruns: int,
 ) -> dict[str, Any]:
     """One device: availability (``online`` None: not known yet), its last poll's values
     with quality, and its poll statistics (:class:`agent.metrics.PollStats`). ``points``
-    is already JSON (:func:`points_json`): at 10,000 points, a dict per point every second
+    is already JSON (:class:`PointsText`): at 10,000 points, a dict per point every second
     would cost the running agent about 3 MB of memory at its peak."""
-    points = points_json(results, units)
     return {
         "id": device,
         "driver": driver,
@@ -284,15 +283,8 @@ def points_json(results: Iterable[PointResult], units: Mapping[str, str | None])
     for r in results:
         name, value, quality = r.point, r.value, r.quality
         unit = units.get(name)
-        around = _POINT_JSON.get((name, unit))
-        if around is None:
-            around = _POINT_JSON[(name, unit)] = (
-                f'{json.dumps(name)}:{{"value":',
-                f',"unit":{json.dumps(unit)},"quality":',
-            )
-        q = _QUALITY_JSON.get(quality)
-        if q is None:
-            q = _QUALITY_JSON[quality] = json.dumps(quality)
+        around = _POINT_JSON.get((name, unit)) or _around(name, unit)
+        q = _QUALITY_JSON.get(quality) or _quality_json(quality)
         if type(value) is float and isfinite(value):  # _value_json, the common case first
             text = float.__repr__(value)
         else:
@@ -301,21 +293,137 @@ def points_json(results: Iterable[PointResult], units: Mapping[str, str | None])
     return RawJson("{" + ",".join(parts.values()) + "}")
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+"""``json.dumps(x, separators=(",", ":"), allow_nan=False)`` without making an encoder per
+call (json.dumps does so whenever an argument differs from its defaults)."""
+
+
+def _has_raw(doc: Any) -> bool:
+    if isinstance(doc, RawJson):
+        return True
+    if isinstance(doc, dict):
+        return any(_has_raw(v) for v in doc.values())
+    if isinstance(doc, list | tuple):
+        return any(_has_raw(v) for v in doc)
+    return False
+
+
+class PointsText:
+    """The state file's ``points`` of one device: :func:`points_json` of its last poll.
+
+    A poll whose value texts were made (:func:`agent.contract.telemetry.value_texts`: every
+    reading good, every value a finite number) is joined from the text around each value
+    of the device's points, learnt once for its point names, without Python code per point;
+    any other poll goes point by point.
+
+    Args:
+        units: point name → unit of the device's points.
+    """
+
+    def __init__(self, units: Mapping[str, str | None]) -> None:
+        self.units = units
+        self._names: tuple[str, ...] = ()
+        self._before: list[str] = []
+        self._after: list[str] = []
+        self._unique = True
+
+    def render(self, results: Sequence[PointResult], texts: Sequence[str] | None) -> RawJson:
+        """The ``points`` text of ``results`` (``texts``: the JSON of their values, or None)."""
+        if texts is None:
+            return points_json(results, self.units)
+        names = tuple(map(_NAME, results))
+        if names != self._names:
+            self._learn(names)
+        if not self._unique:  # a name twice: the later one counts, as in a dict
+            return points_json(results, self.units)
+        body = ",".join(map("".join, zip(self._before, texts, self._after, strict=True)))
+        return RawJson("{" + body + "}")
+
+    def _learn(self, names: tuple[str, ...]) -> None:
+        self._names, self._unique = names, len(set(names)) == len(names)
+        arounds = [_around(name, self.units.get(name)) for name in names]
+        good = _quality_json(GOOD) + "}"
+        self._before = [a[0] for a in arounds]
+        self._after = [_GOOD_AFTER.setdefault(a[1] + good, a[1] + good) for a in arounds]
+
+
+_NAME = attrgetter("point")
+_GOOD_AFTER: dict[str, str] = {}
+"""The text after a good value, one string per unit for every device."""
+
+
+def _around(name: str, unit: str | None) -> tuple[str, str]:
+    around = _POINT_JSON.get((name, unit))
+    if around is None:
+        around = _POINT_JSON[(name, unit)] = (
+            f'{json.dumps(name)}:{{"value":',
+            f',"unit":{json.dumps(unit)},"quality":',
+        )
+    return around
+
+
+def _quality_json(quality: str) -> str:
+    q = _QUALITY_JSON.get(quality)
+    if q is None:
+        q = _QUALITY_JSON[quality] = json.dumps(quality)
+    return q
+
+
 def dumps_raw(doc: Any) -> str:
     """``doc`` as compact JSON (``json.dumps`` with ``separators=(",", ":")`` and
-    ``allow_nan=False``), :class:`RawJson` parts as they are.
+    ``allow_nan=False``), :class:`RawJson` parts as they are: :func:`raw_chunks` joined.
 
     Raises:
         ValueError: a non-finite float outside a :class:`RawJson` part.
         TypeError: a value JSON has no form for.
     """
+    return "".join(raw_chunks(doc))
+
+
+def raw_chunks(doc: Any) -> list[str]:
+    """The text of :func:`dumps_raw` in pieces, to be joined (or encoded and written) once:
+    a document of 10,000 points is 600 kB, and each copy of it costs a fresh mapping. What
+    holds no :class:`RawJson` part is encoded in one call of the C encoder (the members of
+    a dict around such a part too).
+
+    Raises:
+        ValueError: a non-finite float outside a :class:`RawJson` part.
+        TypeError: a value JSON has no form for.
+    """
+    out: list[str] = []
+    _chunks(doc, out)
+    return out
+
+
+def _chunks(doc: Any, out: list[str]) -> None:
     if isinstance(doc, RawJson):
-        return doc.text
-    if isinstance(doc, dict):
-        return "{" + ",".join(f"{json.dumps(str(k))}:{dumps_raw(v)}" for k, v in doc.items()) + "}"
-    if isinstance(doc, list | tuple):
-        return "[" + ",".join(dumps_raw(v) for v in doc) + "]"
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+        out.append(doc.text)
+    elif not _has_raw(doc):
+        out.append(_ENCODE(doc))
+    elif isinstance(doc, dict):
+        out.append("{")
+        plain: dict[Any, Any] = {}
+        first = True
+        for k, v in doc.items():
+            if not _has_raw(v):
+                plain[k] = v
+                continue
+            if plain:
+                out.append(("" if first else ",") + _ENCODE(plain)[1:-1])
+                plain, first = {}, False
+            out.append(f"{'' if first else ','}{_ENCODE(str(k))}:")
+            first = False
+            _chunks(v, out)
+        if plain:
+            out.append(("" if first else ",") + _ENCODE(plain)[1:-1])
+        out.append("}")
+    else:
+        out.append("[")
+        for i, v in enumerate(doc):
+            if i:
+                out.append(",")
+            _chunks(v, out)
+        out.append("]")
 
 
 def without_time(doc: Mapping[str, Any]) -> dict[str, Any]:

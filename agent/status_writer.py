@@ -33,13 +33,15 @@ from agent.status import (
     HEARTBEAT_S,
     SLOW_EVERY_S,
     STALE_S,
+    PointsText,
+    RawJson,
     alarm_item,
     buffer_section,
     choose_location,
     device_section,
-    dumps_raw,
     outputs_section,
     proc_start_ticks,
+    raw_chunks,
     uplink_section,
     without_time,
 )
@@ -47,6 +49,9 @@ from drivers.base import PointResult
 
 if TYPE_CHECKING:
     from agent.app import Agent
+
+_GONE = PointsText({})
+"""Stands for a device a reload removed (no units match it)."""
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,9 @@ class StatusWriter:
         self.started_ms = now_ms()
         self._boot = boot_id()
         self._proc_start = proc_start_ticks(os.getpid())
-        self._units = {d.id: {p.name: p.unit for p in d.points} for d in cfg.devices}
+        self._points = {d.id: PointsText({p.name: p.unit for p in d.points}) for d in cfg.devices}
+        self._last: dict[str, RawJson | Sequence[PointResult]] = {}
+        """Device → its last poll: the ``points`` text, or the results to format."""
         self._stats: BufferStats | None = None
         self._oldest: int | None = None
         self._query: asyncio.Task[None] | None = None
@@ -93,11 +100,32 @@ class StatusWriter:
         old = self.polls.devices
         fresh = PollStats([d.id for d in devices if d.id not in old])
         self.polls.devices = {d.id: old.get(d.id) or fresh.devices[d.id] for d in devices}
-        self._units = {d.id: {p.name: p.unit for p in d.points} for d in devices}
+        old_points = self._points
+        self._points = {d.id: PointsText({p.name: p.unit for p in d.points}) for d in devices}
+        # a device's last poll is kept while its points' units are the same
+        self._last = {
+            d: last
+            for d, last in self._last.items()
+            if d in old_points and old_points[d].units == self._points.get(d, _GONE).units
+        }
 
-    def on_poll(self, device: str, ts_ms: int, results: Sequence[PointResult]) -> None:
-        """Every poll (or reading of a streaming sensor) of the agent."""
+    def on_poll(
+        self,
+        device: str,
+        ts_ms: int,
+        results: Sequence[PointResult],
+        texts: Sequence[str] | None = None,
+    ) -> None:
+        """Every poll (or reading of a streaming sensor) of the agent; ``texts``: the JSON
+        of its values (:func:`agent.contract.telemetry.value_texts`), when made.
+
+        A poll with ``texts`` has its ``points`` text joined now (no Python code per point,
+        and the results and texts are not kept: 10,000 points are 5 kB of text per 100);
+        any other poll's results are kept until the next state file formats them."""
         self.polls.on_poll(device, ts_ms, results, time.monotonic())
+        points = self._points.get(device)
+        if points is not None:
+            self._last[device] = points.render(results, texts) if texts is not None else results
 
     # -- facts ---------------------------------------------------------------------------
 
@@ -153,6 +181,10 @@ class StatusWriter:
             "throttled": throttled,
         }
 
+    def _points_of(self, device: str) -> RawJson:
+        last = self._last.get(device, ())
+        return last if isinstance(last, RawJson) else self._points[device].render(last, None)
+
     def snapshot(self) -> dict[str, Any]:
         """The state file's document now (gathered from memory only)."""
         agent, cfg = self.agent, self.agent.cfg
@@ -174,7 +206,6 @@ class StatusWriter:
                     device=d.id,
                     driver=d.driver,
                     bus=d.bus,
-                    units=self._units[d.id],
                     online=None if avail is None else avail.online,
                     reason=None if avail is None else avail.reason,
                     error=None if avail is None else avail.error,
@@ -182,7 +213,7 @@ class StatusWriter:
                     last_poll_ms=polls.last_poll_ms,
                     last_good_ms=polls.last_good_ms,
                     last_good_age_s=self.polls.last_good_age(d.id, now),
-                    results=polls.results,
+                    points=self._points_of(d.id),
                     poll_errors=polls.poll_errors,
                     errors_last_hour=polls.errors_last_hour(now),
                     overruns=overruns.get(d.id, 0),
@@ -251,7 +282,7 @@ class StatusWriter:
     # -- the file ------------------------------------------------------------------------
 
     def _write(self, doc: dict[str, Any]) -> None:
-        data = dumps_raw(doc).encode()
+        data = b"".join(chunk.encode() for chunk in raw_chunks(doc))
         write_replace(self.path, data, sync=False, mode=FILE_MODE)
 
     def _written(self, fut: asyncio.Future[None]) -> None:

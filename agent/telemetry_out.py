@@ -124,17 +124,19 @@ class TelemetryOut:
         deltas: Mapping[str, int] | None,
         historical: bool,
         epoch: int | None,
+        texts: Sequence[str] | None = None,
     ) -> None:
         """One poll of ``device`` (UTC ms, its results, counter deltas): its message now,
         or its row into the device's batch. ``historical``: taken without a broker
         connection; ``epoch``: the untrusted clock's epoch that stamped it (None:
-        trusted)."""
+        trusted); ``texts``: :func:`agent.contract.telemetry.value_texts` of the results,
+        when the caller made them."""
         if not self.max_batch_delay:
             enc = self._encoders[device]
-            body = enc.encode(ts_ms, results, deltas, historical, epoch is not None)
+            body = enc.encode(ts_ms, results, deltas, historical, epoch is not None, texts)
             self._submit(self.topics[device], body, ts_ms, 0, epoch)
             return
-        row = self._compact[device].row(ts_ms, results, deltas)
+        row = self._compact[device].row(ts_ms, results, deltas, texts)
         now = time.monotonic()
         batch = self._batches.get(device)
         if batch is not None and (

@@ -71,8 +71,23 @@ def test_dumps_raw_is_json_dumps_with_raw_parts() -> None:
     assert dumps_raw(doc) == plain
     doc["devices"] = [{"points": RawJson('{"v":1}')}]
     assert json.loads(dumps_raw(doc))["devices"] == [{"points": {"v": 1}}]
+    # raw parts first, between and last in a dict, in lists, nested: the exact text of
+    # json.dumps of the same document with the parts parsed
+    raw = {"r1": '{"v":1.5,"q":"good"}', "r2": "[1,null]", "r3": '"x\\u2028"'}
+    mixed = {
+        "first": RawJson(raw["r1"]),
+        "s": 'é\u2028"',
+        "devices": [{"id": "a", "points": RawJson(raw["r2"]), "n": -1}, {"id": "b"}, []],
+        "mid": {"k": [RawJson(raw["r3"]), 2]},
+        "last": RawJson(raw["r2"]),
+    }
+    parsed = json.loads(json.dumps(mixed, default=lambda o: json.loads(o.text)))
+    assert dumps_raw(mixed) == json.dumps(parsed, separators=(",", ":"), allow_nan=False)
+    assert dumps_raw(RawJson("[]")) == "[]" and dumps_raw({}) == "{}" and dumps_raw([]) == "[]"
     with pytest.raises(ValueError):
         dumps_raw({"x": math.nan})
+    with pytest.raises(ValueError):
+        dumps_raw({"p": RawJson("{}"), "x": [math.inf]})
 
 
 def test_the_mmap_threshold_is_fixed_on_glibc() -> None:

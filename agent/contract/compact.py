@@ -29,12 +29,15 @@ import math
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from agent.contract.payloads import schema_id
 from agent.contract.telemetry import json_integer, json_value
 from agent.readings import Reading, iso_ms, parse_iso_ms
 from drivers.base import GOOD, PointResult
+
+_POINT = attrgetter("point")
 
 ZLIB_DICTIONARY = (
     b'"q":{"0":"timeout","1":"no_connection"},"x":{"d":{"clock":"unsynced",'
@@ -126,17 +129,26 @@ class CompactEncoder:
 
     def __init__(self, names: Sequence[str], layout: str) -> None:
         self._index = {n: i for i, n in enumerate(names)}
+        self._names = tuple(names)
         self._size = len(names)
         self._head = (
             f'{{"schema":"{schema_id("telemetry_compact")}","layout":{json.dumps(layout)},"ts":"'
         )
 
     def row(
-        self, ts_ms: int, results: Sequence[PointResult], deltas: Mapping[str, int] | None = None
+        self,
+        ts_ms: int,
+        results: Sequence[PointResult],
+        deltas: Mapping[str, int] | None = None,
+        texts: Sequence[str] | None = None,
     ) -> Row:
         """One poll (acquisition time in UTC ms, its results, counter deltas by point) as a
         row. Results of points not in the layout are left out (the drivers report only
-        configured points)."""
+        configured points). ``texts``: :func:`agent.contract.telemetry.value_texts` of
+        ``results`` when the caller has them (used as they are when the results are the
+        layout's points in its order)."""
+        if texts is not None and not deltas and tuple(map(_POINT, results)) == self._names:
+            return Row(ts_ms, f"[{','.join(texts)}]", "")
         values = ["null"] * self._size
         q: list[str] = []
         x: list[str] = []
@@ -192,10 +204,11 @@ class CompactEncoder:
         deltas: Mapping[str, int] | None = None,
         historical: bool = False,
         unsynced: bool = False,
+        texts: Sequence[str] | None = None,
     ) -> bytes:
         """One poll as one message (the signature of
         :meth:`agent.contract.telemetry.TelemetryEncoder.encode`)."""
-        return self.message([self.row(ts_ms, results, deltas)], historical, unsynced)
+        return self.message([self.row(ts_ms, results, deltas, texts)], historical, unsynced)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 from agent.contract.payloads import schema_id
@@ -43,6 +44,32 @@ def json_value(value: int | float | bool | str) -> str | None:
     return None
 
 
+_POINT, _VALUE, _QUALITY = attrgetter("point"), attrgetter("value"), attrgetter("quality")
+_ONLY_GOOD = {GOOD}
+_NUMBERS = frozenset({int, float})
+
+
+def value_texts(results: Sequence[PointResult]) -> list[str] | None:
+    """The JSON text of each value of a poll whose readings are all good and all finite
+    numbers (``int`` or ``float``, integers within ±:data:`MAX_SAFE_INTEGER`), or None for
+    any other poll. Made without Python code per reading (``map``, ``repr``: what
+    :func:`json.dumps` writes for an int or a float, and what :func:`json_value` gives for
+    these values), once per poll for every payload that writes the values (the telemetry,
+    the state file); a None sends them the point-by-point way. Pure."""
+    if not results or set(map(_QUALITY, results)) != _ONLY_GOOD:
+        return None
+    values = list(map(_VALUE, results))
+    if not set(map(type, values)) <= _NUMBERS:
+        return None
+    try:
+        total = math.isfinite(sum(values))
+    except OverflowError:  # an int too large for a float
+        return None
+    if not (total and min(values) >= -MAX_SAFE_INTEGER and max(values) <= MAX_SAFE_INTEGER):
+        return None
+    return list(map(repr, values))
+
+
 _TAILS: dict[str, str] = {}
 """The end of a good point's entry, one string per unit for every encoder."""
 _KEYS: dict[str, str] = {}
@@ -75,6 +102,10 @@ class TelemetryEncoder:
         self._units = units
         self._around: dict[str, tuple[str, str]] = {}
         """Point → the text before and after a good value in its entry."""
+        self._names: tuple[str, ...] = ()
+        self._keys: list[str] = []
+        self._tails: list[str] = []
+        """The text before and after each good value of a poll of ``_names``, in order."""
 
     def _prepare(self, point: str) -> tuple[str, str]:
         unit = json.dumps(self._units.get(point))
@@ -93,11 +124,26 @@ class TelemetryEncoder:
         deltas: Mapping[str, int] | None = None,
         historical: bool = False,
         unsynced: bool = False,
+        texts: Sequence[str] | None = None,
     ) -> bytes:
         """One poll (acquisition time in UTC ms, one result per point) as UTF-8 JSON;
         ``deltas`` adds ``"delta"`` to counter points; ``historical`` marks a poll taken
         while the gateway had no broker connection (``"historical":true``); ``unsynced`` one
-        stamped by a clock not (yet) trusted (``"clock":"unsynced"``, ``agent.clock``)."""
+        stamped by a clock not (yet) trusted (``"clock":"unsynced"``, ``agent.clock``);
+        ``texts``: :func:`value_texts` of ``results`` when the caller has them (the same
+        JSON, joined without Python code per point)."""
+        flag = ',"clock":"unsynced"' if unsynced else ""
+        if historical:
+            flag += ',"historical":true'
+        head = f'{self._head}{iso_ms(ts_ms)}"{flag},"points":{{'
+        if texts is not None and not deltas:
+            names = tuple(map(_POINT, results))
+            if names != self._names:
+                each = [self._around.get(n) or self._prepare(n) for n in names]
+                self._names = names
+                self._keys, self._tails = [a[0] for a in each], [a[1] for a in each]
+            body = ",".join(map("".join, zip(self._keys, texts, self._tails, strict=True)))
+            return f"{head}{body}}}}}".encode()
         parts: list[str] = []
         append, known, isfinite = parts.append, self._around, math.isfinite
         for r in results:
@@ -132,10 +178,7 @@ class TelemetryEncoder:
                 entry["exception_code"] = r.exception_code
             body = json.dumps(entry, separators=(",", ":"), allow_nan=False)
             append(f"{json.dumps(r.point)}:{body}")
-        flag = ',"clock":"unsynced"' if unsynced else ""
-        if historical:
-            flag += ',"historical":true'
-        return f'{self._head}{iso_ms(ts_ms)}"{flag},"points":{{{",".join(parts)}}}}}'.encode()
+        return f"{head}{','.join(parts)}}}}}".encode()
 
 
 def telemetry_body(
