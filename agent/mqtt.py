@@ -56,6 +56,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from agent import failover
@@ -150,6 +151,12 @@ class WireFormat(Protocol):
         again. Raises ValueError for a payload that is not of the format."""
 
 
+PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+"""The reason of every PUBACK without one (success), shared: never changed."""
+NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+"""The properties of every PUBACK without any, shared: never changed."""
+
+
 class BrokerViolation(OSError):
     """The broker sent what no broker may send this client (paho treats the OSError
     from a socket read as a lost connection)."""
@@ -211,6 +218,15 @@ class BoundedClient(mqtt.Client):
 
     def _packet_handle(self) -> MQTTErrorCode:
         cmd = self._in_packet["command"] & 0xF0
+        if cmd == mqtt.PUBACK and len(self._in_packet["packet"]) == 2:
+            # A PUBACK of a packet identifier alone: success (MQTT 3.1.1 section 3.4; MQTT
+            # 5.0 section 3.4.2.1, reason code 0x00 left out). What paho's
+            # _handle_pubackcomp does, without a ReasonCode and a Properties made for each.
+            mid = int.from_bytes(self._in_packet["packet"], "big")
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, PUBACK_SUCCESS, NO_PROPERTIES)
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
         if cmd == mqtt.PUBLISH:
             topic = self._publish_topic()
             if not any(mqtt.topic_matches_sub(f, topic) for f in self.subscriptions):
@@ -673,6 +689,9 @@ class MqttLink:
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any
     ) -> None:
+        if reason is PUBACK_SUCCESS:
+            self._call(self._puback, mid, True, "Success")
+            return
         ok = not getattr(reason, "is_failure", False)
         self._call(self._puback, mid, ok, str(reason))
 

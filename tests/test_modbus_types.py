@@ -487,21 +487,33 @@ def numeric_points(draw: st.DrawFn) -> list[ModbusPoint]:
     """Up to 12 numeric points at random addresses: gaps, shared and overlapping registers,
     every byte order, integer and float scales (some large enough to overflow), decimals."""
     out = []
+    # half the time a fleet-like block: contiguous points of one type, scaled alike
+    uniform = draw(st.booleans())
+    dtype = draw(st.sampled_from(NUMERIC))
+    ints = draw(st.booleans())
+    rounds = draw(st.booleans())
+    address = 0
     for i in range(draw(st.integers(1, 12))):
-        dtype = draw(st.sampled_from(NUMERIC))
-        scale = draw(st.sampled_from([1, 10, -3, 0.1, 0.001, 1.5, 1e300, -1e305]))
-        offset = draw(st.sampled_from([0, 5, -40, 0.5, 273.15]))
+        if not uniform:
+            dtype = draw(st.sampled_from(NUMERIC))
+        scales = [1, 10, -3] if uniform and ints else [0.1, 0.001, 1.5, 1e300, -1e305]
+        scale = draw(st.sampled_from(scales if uniform else [1, 10, -3, *scales]))
+        offset = draw(st.sampled_from([0, 5, -40] if uniform and ints else [0, 5, -40, 0.5]))
         kw: dict[str, object] = {
             "name": f"p{i}",
-            "address": draw(st.integers(0, 30)),
+            "address": address if uniform else draw(st.integers(0, 30)),
             "type": dtype,
             "scale": scale,
             "offset": offset,
-            "byte_order": draw(st.sampled_from(["ABCD", "ABCD", "CDAB", "BADC", "DCBA"])),
+            "byte_order": "ABCD"
+            if uniform
+            else draw(st.sampled_from(["ABCD", "ABCD", "CDAB", "BADC", "DCBA"])),
         }
-        if draw(st.booleans()) and not (isinstance(scale, int) and isinstance(offset, int)):
+        address += int(dtype[-2:]) // 16 if dtype[-2:].isdigit() else 1
+        fractional = not (isinstance(scale, int) and isinstance(offset, int))
+        if fractional and (rounds if uniform else draw(st.booleans())):
             kw["decimals"] = draw(st.integers(0, 4))
-        if draw(st.integers(0, 5)) == 0 and dtype in ("uint16", "int16"):
+        if not uniform and draw(st.integers(0, 5)) == 0 and dtype in ("uint16", "int16"):
             kw["invalid_values"] = [0xFFFF]
         out.append(pt(**kw))
     return out
