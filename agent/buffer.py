@@ -239,12 +239,14 @@ def open_nofollow(path: Path, flags: int, mode: int = PRIVATE) -> int:
     return fd
 
 
-def write_replace(target: Path, data: bytes, sync: bool, mode: int = PRIVATE) -> None:
-    """Replace ``target`` with a file holding ``data``, atomically: written to
-    ``target.tmp`` (created anew, ``O_EXCL|O_NOFOLLOW``: a leftover or a planted link is
-    removed first, never followed), ``mode`` (less the umask), then renamed over ``target``
-    (rename(2) replaces a link itself, not what it points to). With ``sync`` the file and
-    the directory are fsynced.
+def write_replace(
+    target: Path, data: bytes | Iterable[bytes], sync: bool, mode: int = PRIVATE
+) -> None:
+    """Replace ``target`` with a file holding ``data`` (bytes, or pieces of bytes written
+    one after the other), atomically: written to ``target.tmp`` (created anew,
+    ``O_EXCL|O_NOFOLLOW``: a leftover or a planted link is removed first, never followed),
+    ``mode`` (less the umask), then renamed over ``target`` (rename(2) replaces a link
+    itself, not what it points to). With ``sync`` the file and the directory are fsynced.
 
     Raises:
         OSError: the file cannot be written (full or read-only filesystem, permissions).
@@ -257,7 +259,10 @@ def write_replace(target: Path, data: bytes, sync: bool, mode: int = PRIVATE) ->
         tmp.unlink()
         fd = os.open(tmp, flags, mode)
     try:
-        os.write(fd, data)
+        for piece in (data,) if isinstance(data, bytes) else data:
+            view = memoryview(piece)
+            while view:  # write(2) may write less than asked
+                view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
     finally:

@@ -41,14 +41,23 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_LAST_SECOND: list[tuple[int, str]] = [(-1, "")]
+"""The last whole second :func:`iso_ms` formatted, and its text up to the seconds (the
+polls of a cycle share their second)."""
+
+
 def iso_ms(ts_ms: int) -> str:
     """``1700000000123`` → ``"2023-11-14T22:13:20.123Z"`` (ISO 8601, UTC, ms)."""
     sec, ms = divmod(ts_ms, 1000)
-    t = time.gmtime(sec)
-    return (
-        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{ms:03d}Z"
-    )
+    last, head = _LAST_SECOND[0]
+    if sec != last:
+        t = time.gmtime(sec)
+        head = (
+            f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+        )
+        _LAST_SECOND[0] = (sec, head)
+    return f"{head}.{ms:03d}Z"
 
 
 def parse_iso_ms(text: str) -> int:
