@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from drivers.base import GOOD, PointResult
+from drivers.base import GOOD, PointResult, good_numbers
 from drivers.codec import REGISTER_COUNT, non_finite_quality
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ def finite_results(results: list[PointResult]) -> list[PointResult]:
     infinity enters a counter, an alarm, the availability or the buffer (JSON has no
     such numbers: RFC 8259, section 6). The drivers already do so; this is the gate where
     readings enter the gateway's state. Pure: the same list when nothing changes."""
+    if good_numbers(results) is not None:  # the common poll, checked in C
+        return results
     if all(
         r.quality != GOOD or not isinstance(r.value, float) or math.isfinite(r.value)
         for r in results

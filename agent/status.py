@@ -35,6 +35,7 @@ import click
 
 from agent.buffer import StateDirError, open_nofollow
 from agent.clock import mono_ms
+from agent.contract.telemetry import fill, template
 from agent.readings import iso_ms
 from drivers.base import GOOD, PointResult
 
@@ -323,8 +324,7 @@ class PointsText:
     def __init__(self, units: Mapping[str, str | None]) -> None:
         self.units = units
         self._names: tuple[str, ...] = ()
-        self._before: list[str] = []
-        self._after: list[str] = []
+        self._template: list[str] = []
         self._unique = True
 
     def render(self, results: Sequence[PointResult], texts: Sequence[str] | None) -> RawJson:
@@ -336,15 +336,14 @@ class PointsText:
             self._learn(names)
         if not self._unique:  # a name twice: the later one counts, as in a dict
             return points_json(results, self.units)
-        body = ",".join(map("".join, zip(self._before, texts, self._after, strict=True)))
-        return RawJson("{" + body + "}")
+        return RawJson("{" + fill(self._template, texts) + "}")
 
     def _learn(self, names: tuple[str, ...]) -> None:
         self._names, self._unique = names, len(set(names)) == len(names)
         arounds = [_around(name, self.units.get(name)) for name in names]
         good = _quality_json(GOOD) + "}"
-        self._before = [a[0] for a in arounds]
-        self._after = [_GOOD_AFTER.setdefault(a[1] + good, a[1] + good) for a in arounds]
+        after = [_GOOD_AFTER.setdefault(a[1] + good, a[1] + good) for a in arounds]
+        self._template = template([a[0] for a in arounds], after)
 
 
 _NAME = attrgetter("point")

@@ -3,6 +3,7 @@ and compact) and the same state-file text as formatting point by point."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from agent.contract.compact import CompactEncoder
 from agent.contract.telemetry import MAX_SAFE_INTEGER, TelemetryEncoder, value_texts
 from agent.status import PointsText, points_json
-from drivers.base import PointResult
+from drivers.base import PointResult, good_numbers
 
 NAMES = ["a", "b", 'q"uote', "é", "d"]
 UNITS = {"a": "kPa", "b": None, 'q"uote': "°C", "é": "m"}
@@ -54,6 +55,19 @@ def test_formatted_once_or_point_by_point_the_text_is_the_same(results: list[Poi
     points = PointsText(UNITS)
     assert points.render(results, texts) == points_json(results, UNITS)
     assert points.render(results, texts) == points_json(results, UNITS)
+    # good_numbers (the gate's fast check): only where every reading is a good finite number
+    values = good_numbers(results)
+    plain = all(
+        r.quality == "good"
+        and type(r.value) in (int, float)
+        and math.isfinite(r.value)  # type: ignore[arg-type]
+        for r in results
+    )
+    if values is not None:
+        assert plain and values == [r.value for r in results]
+    elif plain and results:  # only when the sum overflows: then the slow way decides
+        with contextlib.suppress(OverflowError):  # an int too large for a float
+            assert not math.isfinite(sum(r.value for r in results))  # type: ignore[misc]
 
 
 def test_value_texts_only_for_good_finite_numbers() -> None:

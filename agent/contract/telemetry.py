@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.contract.payloads import schema_id
 from agent.readings import Reading, iso_ms, parse_iso_ms
-from drivers.base import GOOD, PointResult
+from drivers.base import GOOD, PointResult, good_numbers
 
 MAX_SAFE_INTEGER = 2**53 - 1
 """Largest integer every JSON reader holds exactly: JSON numbers are commonly read as IEEE
@@ -44,30 +44,47 @@ def json_value(value: int | float | bool | str) -> str | None:
     return None
 
 
-_POINT, _VALUE, _QUALITY = attrgetter("point"), attrgetter("value"), attrgetter("quality")
-_ONLY_GOOD = {GOOD}
-_NUMBERS = frozenset({int, float})
+_POINT = attrgetter("point")
 
 
 def value_texts(results: Sequence[PointResult]) -> list[str] | None:
     """The JSON text of each value of a poll whose readings are all good and all finite
-    numbers (``int`` or ``float``, integers within ±:data:`MAX_SAFE_INTEGER`), or None for
-    any other poll. Made without Python code per reading (``map``, ``repr``: what
-    :func:`json.dumps` writes for an int or a float, and what :func:`json_value` gives for
-    these values), once per poll for every payload that writes the values (the telemetry,
-    the state file); a None sends them the point-by-point way. Pure."""
-    if not results or set(map(_QUALITY, results)) != _ONLY_GOOD:
-        return None
-    values = list(map(_VALUE, results))
-    if not set(map(type, values)) <= _NUMBERS:
-        return None
-    try:
-        total = math.isfinite(sum(values))
-    except OverflowError:  # an int too large for a float
-        return None
-    if not (total and min(values) >= -MAX_SAFE_INTEGER and max(values) <= MAX_SAFE_INTEGER):
+    numbers (:func:`drivers.base.good_numbers`, integers within ±:data:`MAX_SAFE_INTEGER`),
+    or None for any other poll. Made without Python code per reading (``map`` of ``repr``:
+    what :func:`json.dumps` writes for an int or a float, and what :func:`json_value`
+    gives for these values), once per poll for every payload that writes the values (the
+    telemetry, the state file); a None sends them the point-by-point way. Pure."""
+    values = good_numbers(results)
+    if values is None or min(values) < -MAX_SAFE_INTEGER or max(values) > MAX_SAFE_INTEGER:
         return None
     return list(map(repr, values))
+
+
+_JOINTS: dict[str, str] = {}
+"""The texts between two values in a :func:`template`, one string for every encoder."""
+
+
+def template(before: Sequence[str], after: Sequence[str], sep: str = ",") -> list[str]:
+    """The text around n values, for :func:`fill`: ``[before[0], "", after[0] + sep +
+    before[1], "", …, after[n-1]]`` (a slot ``""`` for each value). The joints are shared
+    among templates (devices of one model have the same)."""
+    out = [before[0]] if before else []
+    for i, end in enumerate(after):
+        joint = end + sep + before[i + 1] if i + 1 < len(before) else end
+        out += ["", _JOINTS.setdefault(joint, joint)]
+    return out
+
+
+def fill(around: list[str], texts: Sequence[str]) -> str:
+    """The values' ``texts`` in the slots of a :func:`template`, joined: two C calls
+    (a slice assignment and a join), no Python code per value.
+
+    Raises:
+        ValueError: not one text per slot.
+    """
+    parts = around.copy()
+    parts[1::2] = texts
+    return "".join(parts)
 
 
 _TAILS: dict[str, str] = {}
@@ -103,9 +120,8 @@ class TelemetryEncoder:
         self._around: dict[str, tuple[str, str]] = {}
         """Point → the text before and after a good value in its entry."""
         self._names: tuple[str, ...] = ()
-        self._keys: list[str] = []
-        self._tails: list[str] = []
-        """The text before and after each good value of a poll of ``_names``, in order."""
+        self._template: list[str] = []
+        """The :func:`template` of the good values of a poll of ``_names``."""
 
     def _prepare(self, point: str) -> tuple[str, str]:
         unit = json.dumps(self._units.get(point))
@@ -141,9 +157,8 @@ class TelemetryEncoder:
             if names != self._names:
                 each = [self._around.get(n) or self._prepare(n) for n in names]
                 self._names = names
-                self._keys, self._tails = [a[0] for a in each], [a[1] for a in each]
-            body = ",".join(map("".join, zip(self._keys, texts, self._tails, strict=True)))
-            return f"{head}{body}}}}}".encode()
+                self._template = template([a[0] for a in each], [a[1] for a in each])
+            return f"{head}{fill(self._template, texts)}}}}}".encode()
         parts: list[str] = []
         append, known, isfinite = parts.append, self._around, math.isfinite
         for r in results:
