@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,10 @@ is a reading, not an error of the poll)."""
 
 
 def _failed(results: Sequence[PointResult]) -> bool:
-    return any(r.quality in ERROR_QUALITIES for r in results)
+    return not ERROR_QUALITIES.isdisjoint(map(_QUALITY, results))
+
+
+_QUALITY = attrgetter("quality")
 
 
 @dataclass(slots=True)

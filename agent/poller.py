@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from agent.readings import now_ms
@@ -24,6 +25,9 @@ from drivers.modbus.driver import Block, ModbusBus, RetryBudget, plan_blocks
 if TYPE_CHECKING:
     from drivers.modbus.config import ModbusDevice
 
+
+_QUALITY = attrgetter("quality")
+_ONLY_GOOD = frozenset({GOOD})
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +353,7 @@ class BusPoller:
                 self.name,
                 dev.unit_id,
             )
-        if any(r.quality == "unsupported" for r in results):
+        if "unsupported" in set(map(_QUALITY, results)):
             every = f"asked again every {UNSUPPORTED_RETRY_S / 60:g} min"
             results = [
                 PointResult(r.point, None, r.quality, f"{r.error}; {every}", r.exception_code)
@@ -397,6 +401,8 @@ class BusPoller:
             log.info("%s: answering again after %d failed polls", where, st.failed_polls)
             st.failing = False
             st.failed_polls = 0
+        if not st.bad_points and set(map(_QUALITY, results)) <= _ONLY_GOOD:
+            return  # the common poll: nothing was bad, nothing is
         addresses = st.addresses
         for r in results:
             prev = st.bad_points.get(r.point)

@@ -164,10 +164,14 @@ class Block:
     """Worked out once, used at every poll: see :data:`Step`."""
     whole: WholeBlock | None = field(init=False, repr=False, compare=False)
     """The block's points read with one unpack (None: point by point, :data:`Step`)."""
+    decimal_points: bool = field(init=False, repr=False, compare=False)
+    """Whether a point of the block has a ``decimal_point`` (:func:`apply_decimal_points`)."""
 
     def __post_init__(self) -> None:
         steps = tuple(_step(p, self.start) for p in self.points)
         object.__setattr__(self, "steps", steps)
+        scaled = any(p.decimal_point is not None for p in self.points)
+        object.__setattr__(self, "decimal_points", scaled)
         whole = _whole_block(steps) if self.table not in BIT_TABLES else None
         object.__setattr__(self, "whole", whole)
 
@@ -554,6 +558,8 @@ class ModbusBus(ABC):
                 and all(r.quality == results[0].quality for r in results)
             ):
                 failed = results[0]
+        if not any(b.decimal_points for b in blocks):
+            return out
         return apply_decimal_points([p for b in blocks for p in b.points], out)
 
 
