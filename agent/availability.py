@@ -135,6 +135,8 @@ class AvailabilityTracker:
         if not failed:
             d.failures = 0
             d.last_seen = now
+            if d.change is not None and d.change.online:
+                return None  # online already (what _set finds, without a Change per poll)
             return self._set(device, d, Change(device, True, None, None, wall_ms))
         if d.stream:
             return None  # a streaming sensor's silence is judged by tick()
