@@ -70,9 +70,6 @@ def _batched(chunks: Iterable[str]) -> Iterator[bytes]:
         yield b"".join(batch)
 
 
-_GONE = PointsText({})
-"""Stands for a device a reload removed (no units match it)."""
-
 log = logging.getLogger(__name__)
 
 
@@ -120,14 +117,10 @@ class StatusWriter:
         old = self.polls.devices
         fresh = PollStats([d.id for d in devices if d.id not in old])
         self.polls.devices = {d.id: old.get(d.id) or fresh.devices[d.id] for d in devices}
-        old_points = self._points
         self._points = {d.id: PointsText({p.name: p.unit for p in d.points}) for d in devices}
-        # a device's last poll is kept while its points' units are the same
-        self._last = {
-            d: last
-            for d, last in self._last.items()
-            if d in old_points and old_points[d].units == self._points.get(d, _GONE).units
-        }
+        # a device kept keeps its last poll until the next one (its points as written then,
+        # with the units of then, when the poll's text was joined at once)
+        self._last = {d: last for d, last in self._last.items() if d in self._points}
 
     def on_poll(
         self,

@@ -551,3 +551,8 @@ def test_whole_block_reading_is_taken_where_the_points_allow() -> None:
     assert plan_blocks(overlapping)[0].whole is None
     marked = [pt(name="a", address=0, invalid_values=[0xFFFF]), pt(name="b", address=1)]
     assert plan_blocks(marked)[0].whole is None
+    # an integer scale too large for a float beside a float offset: checked point by point
+    huge = pt(name="h", address=0, type="uint16", scale=10**305, offset=0.5)
+    (block,) = plan_blocks([huge])
+    assert decode_block(block, [1]) == [decode_point(huge, [1])]
+    assert decode_block(block, [40000])[0].quality == "inf"

@@ -58,9 +58,7 @@ def test_formatted_once_or_point_by_point_the_text_is_the_same(results: list[Poi
     # good_numbers (the gate's fast check): only where every reading is a good finite number
     values = good_numbers(results)
     plain = all(
-        r.quality == "good"
-        and type(r.value) in (int, float)
-        and math.isfinite(r.value)  # type: ignore[arg-type]
+        r.quality == "good" and type(r.value) in (int, float) and math.isfinite(r.value)  # type: ignore[arg-type]
         for r in results
     )
     if values is not None:

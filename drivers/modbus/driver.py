@@ -99,7 +99,10 @@ def _scaling(point: ModbusPoint) -> Scaling:
     bound = _RAW_BOUND.get(str(point.type))
     if bound is not None and isinstance(scale, int) and isinstance(offset, int):
         return point.name, scale, offset, point.decimals, EXACT
-    safe = bound is not None and bound * abs(scale) + abs(offset) < 1e300
+    try:
+        safe = bound is not None and bound * abs(scale) + abs(offset) < 1e300
+    except OverflowError:  # an integer scale too large for a float, beside a float offset
+        safe = False
     return point.name, scale, offset, point.decimals, FINITE if safe else CHECKED
 
 
