@@ -42,6 +42,13 @@ from tests.helpers import (
 ONE_DEVICE = "devices:\n  - {id: d1, host: 192.0.2.1, points: [{name: v, address: 0}]}\n"
 HEAD = "gateway_id: gw\nstate_dir: state\n"
 
+CPU_BOUND_S = 5.0
+"""What a hostile file at the caps may cost the checking process in CPU. Measured 0.7 to
+2.6 s on the 2-core test machines (the most on a slower guest), against 15 to 18 s when
+the file was read again with ruamel's round-trip loader and the 30 s RLIMIT_CPU of the
+checking process: a bound on the work done per input, not a performance figure (those
+are measured in bench/)."""
+
 
 def issues_of(path: Path) -> list[ConfigIssue]:
     with pytest.raises(ConfigError) as exc:
@@ -509,8 +516,8 @@ def test_config_bombs_refused_fast_in_little_memory(tmp_path: Path, name: str) -
     """Deep nesting (flow, block and map forms; today 30,000 levels are a SIGSEGV), an
     alias bomb, a million values, a 4 MB file, an include or profiles_dir outside the
     config's directory and links leading out of it: each refused at a line with a clear
-    message, exit code 78, in under 2 s of CPU and 100 MB, never showing a word of a file
-    outside the config's directory."""
+    message, exit code 78, in a few seconds of CPU (CPU_BOUND_S) and 100 MB, never showing
+    a word of a file outside the config's directory."""
     path, expected = _bombs(tmp_path)[name]
     code, err, wall, cpu, rss = run_measured(path)
     figures = f"{name}: {wall:.2f} s wall, {cpu:.2f} s CPU, {rss / 1e6:.0f} MB"
@@ -519,7 +526,7 @@ def test_config_bombs_refused_fast_in_little_memory(tmp_path: Path, name: str) -
     )
     assert err.startswith(expected), err
     assert SECRET not in err
-    assert cpu < 2.0, figures
+    assert cpu < CPU_BOUND_S, figures
     assert wall < 5.0, figures  # a loaded machine's wall clock; CPU time is the cost
     assert rss < 100_000_000, figures
     print(figures)
@@ -619,7 +626,7 @@ def test_include_trees_and_counts_refused_fast_in_little_memory(tmp_path: Path, 
     """The caps hold for a config's files together (64 files, 3 MB, 250,000 values),
     includes neither loop nor repeat a file (also through a link), wildcards stand in the
     file name only, and keys and empty lists count as values: each refused by validate
-    with exit code 78 at its place, in under 2 s of CPU and 100 MB."""
+    with exit code 78 at its place, in a few seconds of CPU (CPU_BOUND_S) and 100 MB."""
     path, start, part = _many_files_bombs(tmp_path)[name]
     code, err, wall, cpu, rss = run_measured(path)
     figures = f"{name}: {wall:.2f} s wall, {cpu:.2f} s CPU, {rss / 1e6:.0f} MB"
@@ -627,7 +634,7 @@ def test_include_trees_and_counts_refused_fast_in_little_memory(tmp_path: Path, 
     first = err.splitlines()[0]
     assert first.startswith(start), err
     assert part in first, err
-    assert cpu < 2.0, figures
+    assert cpu < CPU_BOUND_S, figures
     assert rss < 100_000_000, figures
     print(figures)
 
@@ -672,7 +679,7 @@ def test_yaml_1_2_that_libyaml_refuses_is_still_depth_checked(tmp_path: Path) ->
     code, err, _, cpu, rss = run_measured(path)
     assert code == EX_CONFIG
     assert err.startswith("agent.yaml:4:67: nested more than 64 levels deep"), err
-    assert cpu < 2.0 and rss < 100_000_000, (cpu, rss)
+    assert cpu < CPU_BOUND_S and rss < 100_000_000, (cpu, rss)
 
 
 def _at_the_caps() -> dict[str, tuple[str, str]]:
@@ -716,8 +723,9 @@ def _at_the_caps() -> dict[str, tuple[str, str]]:
 def test_files_at_the_caps_are_explained_fast_in_little_memory(tmp_path: Path, name: str) -> None:
     """A 250,000-number list, a 125,000-key map (flow and block), the same behind YAML 1.2
     that libyaml refuses, a syntax error at the end of 2.4 MB: each said at its line by
-    validate with exit code 78, in under 2 s of CPU and 100 MB (reading such a file again
-    with ruamel's round-trip loader for the positions took 15-18 s and 300-390 MB)."""
+    validate with exit code 78, in a few seconds of CPU (CPU_BOUND_S) and 100 MB (reading
+    such a file again with ruamel's round-trip loader for the positions took 15-18 s and
+    300-390 MB)."""
     text, expected = _at_the_caps()[name]
     assert len(text) <= MAX_FILE_BYTES
     path = tmp_path / "agent.yaml"
@@ -727,7 +735,7 @@ def test_files_at_the_caps_are_explained_fast_in_little_memory(tmp_path: Path, n
     assert code == EX_CONFIG, f"{figures}; exit {code}: {err[:2000]}"
     assert err.startswith(expected), err[:2000]
     assert len(err.splitlines()) == 2, err[:2000]
-    assert cpu < 2.0, figures
+    assert cpu < CPU_BOUND_S, figures
     assert rss < 100_000_000, figures
     print(figures)
 
@@ -897,12 +905,13 @@ SERIAL = (
 
 def _checked(tmp_path: Path, text: str) -> tuple[str, str]:
     """validate on ``text`` as agent.yaml, measured: (first line, all of stderr), after
-    asserting exit code 78, 2 s of CPU and 100 MB, and that the secret is not shown."""
+    asserting exit code 78, a few seconds of CPU (CPU_BOUND_S) and 100 MB, and that the
+    secret is not shown."""
     path = tmp_path / "agent.yaml"
     path.write_text(text)
     code, err, _, cpu, rss = run_measured(path)
     assert code == EX_CONFIG, err
-    assert cpu < 2.0 and rss < 100_000_000, (cpu, rss)
+    assert cpu < CPU_BOUND_S and rss < 100_000_000, (cpu, rss)
     assert SECRET not in err and "Traceback" not in err, err
     return err.splitlines()[0], err
 
@@ -1038,7 +1047,7 @@ def test_unreadable_and_odd_files_are_one_line_config_errors(tmp_path: Path) -> 
         code, err, _, cpu, rss = run_measured(tmp_path / name)
         assert code == EX_CONFIG, err
         assert err.startswith(start), err
-        assert "Traceback" not in err and cpu < 2.0 and rss < 100_000_000
+        assert "Traceback" not in err and cpu < CPU_BOUND_S and rss < 100_000_000
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "device", "loop", "big"])

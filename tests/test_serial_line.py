@@ -303,7 +303,8 @@ def test_a_backtracking_pattern_costs_a_line_error_in_bounded_time() -> None:
     with pytest.raises(MatchTimeout, match="took over 50 ms"):
         parse_line(EVIL_LINE, dev)
     took = time.perf_counter() - t
-    assert MATCH_TIMEOUT_S <= took < MATCH_TIMEOUT_S + 0.1, took
+    # the matcher's clock is not ours: its 50 ms may end a fraction of a ms early on ours
+    assert MATCH_TIMEOUT_S - 0.005 <= took < MATCH_TIMEOUT_S + 0.1, took
     with pytest.raises(MatchTimeout):
         parse_line(EVIL_LINE, dev, timeout=0.005)
 
