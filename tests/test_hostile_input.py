@@ -107,19 +107,24 @@ def test_an_overlong_line_costs_no_more_than_max_line(
     reads: list[bytes], lines: list[bytes], too_long: int
 ) -> None:
     term = b"\r\n" if reads[0].endswith(b"\r\n") else b"\n"
-    asm = LineAssembler(term, max_line=512)
-    got: list[bytes] = []
-    tracemalloc.start()
-    try:
-        for data in reads:
-            got += asm.feed(data)[0]
-            assert len(asm.buf) <= 512 + len(term)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert got == lines and asm.too_long == too_long
+    peaks = []
+    # tracemalloc counts every thread of the process: a thread left by an earlier test may
+    # allocate during one try, but a copy of a read would show in every try
+    for _ in range(3):
+        asm = LineAssembler(term, max_line=512)
+        got: list[bytes] = []
+        tracemalloc.start()
+        try:
+            for data in reads:
+                got += asm.feed(data)[0]
+                assert len(asm.buf) <= 512 + len(term)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert got == lines and asm.too_long == too_long
+        peaks.append(peak)
     # a line is copied only once it is known to fit: about max_line bytes, never a read
-    assert peak < 4096, f"{peak} bytes allocated while cutting lines"
+    assert min(peaks) < 4096, f"{peaks} bytes allocated while cutting lines"
 
 
 def test_fields_that_are_not_finite_or_too_large_are_bad_quality() -> None:
