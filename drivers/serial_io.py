@@ -13,6 +13,8 @@ import time
 from collections import deque
 from typing import Any
 
+from drivers.stream import SmallReads
+
 QUEUE_LIMIT = 65536
 """Most bytes a :class:`PortQueue` holds for its reader (64 KiB: over 5 s at 115200 baud)."""
 GET_MAX = 8192
@@ -172,14 +174,15 @@ class PortQueue(asyncio.Protocol):
 
 
 async def open_serial(
-    protocol: asyncio.Protocol,
+    protocol: asyncio.Protocol | SmallReads,
     port: str,
     baudrate: int,
     bytesize: int = 8,
     parity: str = "N",
     stopbits: int = 1,
 ) -> asyncio.Transport:
-    """Open ``port`` with these settings and connect ``protocol`` to it.
+    """Open ``port`` with these settings and connect ``protocol`` to it (the transport
+    calls its ``data_received`` with what each read brought, at most 1024 bytes).
 
     Raises:
         OSError, ValueError, termios.error: the port is missing, busy or refuses the

@@ -292,9 +292,9 @@ def _decode_whole(whole: WholeBlock, wire: bytes) -> list[PointResult]:
         values: Iterable[int | float] = map(add, map(mul, raws, whole.scales), whole.offsets)
         return list(map(PointResult, whole.names, values))
     if whole.kind == FINITE:  # float(raw) × scale + offset, rounded where asked
-        values = map(
-            float.__add__, map(float.__mul__, map(float, raws), whole.scales), whole.offsets
-        )
+        # (int × float converts the int as float() does, CPython's float_mul; scales and
+        # offsets are floats here, so every value is a float)
+        values = map(add, map(mul, raws, whole.scales), whole.offsets)
         if whole.decimals is not None:
             values = map(round, values, whole.decimals)
         return list(map(PointResult, whole.names, values))

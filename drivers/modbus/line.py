@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from drivers.serial_io import open_serial
+from drivers.stream import SmallReads
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,7 @@ RX_LIMIT = 4096
 2.5.2.1); more than this is a device (or a serial device server) that babbles."""
 
 
-class _LineProtocol(asyncio.Protocol):
+class _LineProtocol(SmallReads):
     """Collects received bytes and the time of the last one, at most ``limit`` bytes.
 
     Past the limit (a flood), what was held is thrown away and counted; on a TCP
@@ -403,6 +404,7 @@ class _LineProtocol(asyncio.Protocol):
     """
 
     def __init__(self, limit: int = RX_LIMIT, drop_on_flood: bool = False) -> None:
+        super().__init__()
         self.buf = bytearray()
         self.last_rx = 0.0
         self.event = asyncio.Event()

@@ -19,6 +19,7 @@ import struct
 import time
 
 from drivers.modbus.line import FrameError, LineCounters, check_reply
+from drivers.stream import SmallReads
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ MAX_STALE = 8
 dropped as out of step (a late reply or two is normal behind a gateway; a stream is not)."""
 
 
-class _MbapProtocol(asyncio.Protocol):
+class _MbapProtocol(SmallReads):
     """Collects received bytes (at most :data:`RX_LIMIT`); wakes the waiting request."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.buf = bytearray()
         self.waiter: asyncio.Future[None] | None = None
         self.lost: Exception | None = None
