@@ -55,6 +55,7 @@ class Publisher:
         self._fresh: collections.deque[Row] = collections.deque()
         self._ack_failing = False
         self._caught_up = False  # True: the file holds nothing unsent beyond _fresh
+        self._fetching = False  # True: run() waits for rows read back from the file
         self.last_offered = 0  # highest seq committed by this process
         self._wake = asyncio.Event()
         self._ack_event = asyncio.Event()
@@ -113,7 +114,24 @@ class Publisher:
         if len(self._fresh) > FRESH_MAX:
             self._fresh.clear()  # a backlog: the buffer file is read instead
             self._caught_up = False
-        self._wake.set()
+        self._send_fresh_now()
+        if self._fresh:
+            self._wake.set()
+
+    def _send_fresh_now(self) -> None:
+        """What :meth:`run` would do next when it is idle and caught up: hand the fresh
+        rows to the client now, in seq order, so that the task need not wake for them
+        (one task step less per commit)."""
+        if (
+            self._caught_up
+            and not self._fetching
+            and not self._refused
+            and self.link.connected.is_set()
+            and len(self.inflight) < self.window
+        ):
+            rows = self._take_fresh(self.window - len(self.inflight))
+            if rows:
+                self._send(rows, advance=True)
 
     def rewind(self) -> None:
         """The buffer was replaced (an in-memory buffer moved to disk, where older unsent
@@ -270,7 +288,11 @@ class Publisher:
                 if allowed == 0:
                     await asyncio.sleep(1.0 / self.drain_rate)
                     continue
-                rows = await self.buffer.fetch(self.cursor, allowed)
+                self._fetching = True
+                try:
+                    rows = await self.buffer.fetch(self.cursor, allowed)
+                finally:
+                    self._fetching = False
                 self._caught_up = len(rows) < allowed
                 self._tokens -= sum(1 for r in rows if r.seq not in self._ahead)
             if rows:

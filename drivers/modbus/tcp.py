@@ -84,6 +84,11 @@ class _MbapProtocol(SmallReads):
             w.set_result(None)
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class MbapClient:
     """A Modbus TCP connection to ``host:port``.
 
@@ -227,12 +232,14 @@ class MbapClient:
                     + (f": {proto.lost}" if proto.lost else " by the peer")
                 )
             loop = asyncio.get_running_loop()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            if deadline <= loop.time():
                 raise TimeoutError()
-            proto.waiter = loop.create_future()
+            # a timer on the waiter rather than asyncio.timeout(): the same TimeoutError
+            # for this await, one object less per reply on the polling path
+            waiter = proto.waiter = loop.create_future()
+            timer = loop.call_at(deadline, _expire, waiter)
             try:
-                async with asyncio.timeout(remaining):
-                    await proto.waiter
+                await waiter
             finally:
+                timer.cancel()
                 proto.waiter = None
