@@ -19,11 +19,10 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
-from drivers.base import GOOD, PointResult
+from drivers.base import GOOD, QUALITY, PointResult
 
 HOUR_S = 3600.0
 BUCKET_S = 60.0
@@ -61,10 +60,7 @@ is a reading, not an error of the poll)."""
 
 
 def _failed(results: Sequence[PointResult]) -> bool:
-    return not ERROR_QUALITIES.isdisjoint(map(_QUALITY, results))
-
-
-_QUALITY = attrgetter("quality")
+    return not ERROR_QUALITIES.isdisjoint(map(QUALITY, results))
 
 
 @dataclass(slots=True)

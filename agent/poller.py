@@ -15,19 +15,15 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from agent.readings import now_ms
-from drivers.base import GOOD, PointResult
+from drivers.base import GOOD, ONLY_GOOD, QUALITY, PointResult
 from drivers.modbus.driver import Block, ModbusBus, RetryBudget, plan_blocks
 
 if TYPE_CHECKING:
     from drivers.modbus.config import ModbusDevice
 
-
-_QUALITY = attrgetter("quality")
-_ONLY_GOOD = frozenset({GOOD})
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +349,7 @@ class BusPoller:
                 self.name,
                 dev.unit_id,
             )
-        if "unsupported" in set(map(_QUALITY, results)):
+        if "unsupported" in set(map(QUALITY, results)):
             every = f"asked again every {UNSUPPORTED_RETRY_S / 60:g} min"
             results = [
                 PointResult(r.point, None, r.quality, f"{r.error}; {every}", r.exception_code)
@@ -401,7 +397,7 @@ class BusPoller:
             log.info("%s: answering again after %d failed polls", where, st.failed_polls)
             st.failing = False
             st.failed_polls = 0
-        if not st.bad_points and set(map(_QUALITY, results)) <= _ONLY_GOOD:
+        if not st.bad_points and set(map(QUALITY, results)) <= ONLY_GOOD:
             return  # the common poll: nothing was bad, nothing is
         addresses = st.addresses
         for r in results:

@@ -33,8 +33,12 @@ class PointResult:
     exception_code: int | None = None
 
 
-_VALUE, _QUALITY = attrgetter("value"), attrgetter("quality")
-_ONLY_GOOD = {GOOD}
+_VALUE = attrgetter("value")
+QUALITY = attrgetter("quality")
+"""A :class:`PointResult`'s quality: ``set(map(QUALITY, results))`` is a poll's
+qualities, found in C."""
+ONLY_GOOD = frozenset({GOOD})
+"""The qualities of a poll whose every reading is good."""
 _NUMBERS = frozenset({int, float})
 
 
@@ -44,7 +48,7 @@ def good_numbers(results: Sequence[PointResult]) -> list[int | float] | None:
     an empty poll, or an integer too large to add to a float. Found with a few passes
     in C (``map``, ``set``, ``sum``: NaN or ±Inf anywhere makes the sum not finite, and
     so does a sum that overflows), no Python code per reading. Pure."""
-    if not results or set(map(_QUALITY, results)) != _ONLY_GOOD:
+    if not results or set(map(QUALITY, results)) != ONLY_GOOD:
         return None
     values = list(map(_VALUE, results))
     if not set(map(type, values)) <= _NUMBERS:
