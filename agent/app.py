@@ -8,7 +8,6 @@ its PUBACK → DISCONNECT → close the buffer. Unsent rows stay in the buffer f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +26,6 @@ from agent.buffer import (
     AsyncBuffer,
     Buffer,
     BufferError,
-    BufferStats,
     Restamp,
     StateDirError,
     lock_state_dir,
@@ -52,6 +50,7 @@ from agent.contract.topics import (
 )
 from agent.formats.thingsboard import ThingsBoardEncoder, ThingsBoardRpc
 from agent.gpio import Gpio, desired_outputs
+from agent.health import Health
 from agent.logs import toggle_debug
 from agent.mqtt import MqttLink
 from agent.pipeline import CounterTracker, finite_results
@@ -93,14 +92,8 @@ Reader = SerialLineReader | SeismicSerialReader | SeismicUdpReader
 """The task of a sensor that has a port of its own."""
 
 STOP_BUDGET_S = 5.0
-HEALTH_S = 30.0
-"""How often the health message is published."""
-HEALTH_DRAINING_S = 2.0
-"""How often while a backlog drains (its progress is the pending count)."""
 ALARM_TICK_S = 0.5
 """How often time alone is let act on the alarms (delays, stale data)."""
-STATS_WAIT_S = 10.0
-"""Longest wait for the buffer's counters before health uses the last ones known."""
 
 
 def machine_suffix(path: Path = Path("/etc/machine-id")) -> str:
@@ -170,9 +163,6 @@ class Agent:
         self._lock_fd = lock_state_dir(state)
         self.buffer_error: str | None = None
         """Why the buffer is in memory (None: it is on disk)."""
-        self._health_now = asyncio.Event()
-        self._started = time.monotonic()
-        self._start_bytes: int | None = None
         try:
             sync, notice = self._open_disk_buffer()
         except StateDirError:
@@ -196,8 +186,6 @@ class Agent:
         )
         self.writer.on_stall = self._buffer_stalled
         self.writer.on_resume = self._buffer_resumed
-        self._stats: BufferStats | None = None
-        self._stats_task: asyncio.Future[BufferStats] | None = None
         c = cfg.clock
         self.clock = Clock(c.sync, Path(c.sync_file), c.not_before_ms or RELEASE_DATE_MS)
         self.writer.on_restamps = self._report_restamps
@@ -286,6 +274,7 @@ class Agent:
         self.reloader = None if config_path is None else Reloader(self, config_path)
         """Reloads the config on SIGHUP (:mod:`agent.reload`); None without a file."""
         self.status = StatusWriter(self)
+        self.health = Health(self, prefix)
         """The state file of ``edge-agent status`` and the health's metrics."""
         self.commands = Commands(self)
         """Downlink commands (:mod:`agent.commands`), on the link's subscription."""
@@ -414,7 +403,7 @@ class Agent:
         self.retained.publish(
             info_topic(self._prefix, cfg.gateway_id), gateway_info(cfg, self.started_ms)
         )
-        self._health_now.set()
+        self.health.now.set()
 
     def _owned_retained(self) -> set[str]:
         """Every retained topic this config publishes."""
@@ -464,7 +453,7 @@ class Agent:
             )
             self.buffer_error = None
             self.publisher.rewind()
-            self._health_now.set()
+            self.health.now.set()
             for notice in notices:
                 self.notice("buffer_moved_aside", notice)
             self.notice(
@@ -484,7 +473,7 @@ class Agent:
             stalled_s=round(secs, 1),
             waiting=waiting,
         )
-        self._health_now.set()
+        self.health.now.set()
 
     def _buffer_resumed(self, stall: Stall, secs: float, written: int) -> None:
         self.notice(
@@ -494,7 +483,7 @@ class Agent:
             stalled_s=round(secs, 1),
             written=written,
         )
-        self._health_now.set()
+        self.health.now.set()
 
     def _on_poll(self, dev: Any, ts_ms: int, results: list[PointResult]) -> None:
         if dev.id not in self.telemetry.topics:
@@ -543,7 +532,7 @@ class Agent:
         """Follow the clock's trust: steps are reported; on synchronisation the buffered
         messages of untrusted epochs are re-stamped with the next commit."""
         if self.clock.check():
-            self._health_now.set()
+            self.health.now.set()
             if self.clock.synced:
                 self.writer.restamp_offset = self.clock.offset
                 self.writer.kick()
@@ -628,7 +617,7 @@ class Agent:
         epoch = self.clock.epoch
         for a, e in events:
             body = payloads.alarm_event(
-                self.cfg.gateway_id, a, e, self._outputs_state(), epoch is not None
+                self.cfg.gateway_id, a, e, self.gpio.outputs_state(), epoch is not None
             )
             self.writer.submit(
                 event_topic(self._prefix, self.cfg.gateway_id, a.device), body, e.at_ms, 1, epoch
@@ -646,7 +635,7 @@ class Agent:
                 e.state,
             )
             self._publish_alarm_state(a, wall)
-        self._health_now.set()  # alarms_active
+        self.health.now.set()  # alarms_active
         self.writer.alarms.update(
             {k: json.dumps(v) for k, v in self.alarms.take_changed(now, wall).items()}
         )
@@ -658,16 +647,10 @@ class Agent:
             body = payloads.alarm_state(self.cfg.gateway_id, a, wall)
             self.link.publish(topic, body, qos=1, retain=True)
 
-    def _outputs_state(self) -> str | None:
-        """``ok``/``unavailable`` for the GPIO outputs, None without any."""
-        if not self.gpio.outputs:
-            return None
-        return "ok" if self.gpio.available else "unavailable"
-
     def _on_online(self) -> None:
         """After every CONNACK: the current state of every alarm, the other retained state
         (info, availability, clears of stale topics) and the health."""
-        self._health_now.set()
+        self.health.now.set()
         wall = now_ms()
         for a in self.alarms.alarms:
             self._publish_alarm_state(a, wall)
@@ -690,7 +673,7 @@ class Agent:
                 gw, c.device, c.online, c.reason, c.error, c.since_ms, wall
             )
             self.retained.publish(availability_topic(self._prefix, gw, c.device), body)
-        self._health_now.set()
+        self.health.now.set()
 
     def acknowledge(self, by: str, keys: list[str] | None = None) -> int:
         """Acknowledge alarms (all, or those ``keys``: ``device/rule``); return how many
@@ -700,91 +683,6 @@ class Agent:
         if events:
             self._emit(events)
         return len(events)
-
-    def disk_write_rate(self) -> int | None:
-        """Bytes per hour this process caused to be written to storage since the start;
-        None in the first minute (a rate over the first seconds says nothing about SD
-        wear) or where /proc/self/io cannot be read."""
-        elapsed = time.monotonic() - self._started
-        written = self._disk_write_bytes()
-        if written is None or self._start_bytes is None or elapsed < 60:
-            return None
-        return round((written - self._start_bytes) / (elapsed / 3600))
-
-    def _disk_write_bytes(self) -> int | None:
-        """Bytes this process caused to be written to storage (/proc/self/io), or None."""
-        try:
-            for line in Path("/proc/self/io").read_text().splitlines():
-                if line.startswith("write_bytes:"):
-                    return int(line.split()[1])
-        except (OSError, ValueError):
-            return None
-        return None
-
-    async def _health(self) -> None:
-        """Publish the gateway's health (retained) every :data:`HEALTH_S`, every
-        :data:`HEALTH_DRAINING_S` while a backlog drains, and at once when asked
-        (:attr:`_health_now`: a connect, an alarm or availability change)."""
-        while True:
-            for kind, message, fields in self.link.tls_notices():  # cert_expiring
-                log.warning("%s", message)
-                self.notice(kind, message, **fields)
-            stats = await self._buffer_stats()
-            draining = stats.pending > self.cfg.mqtt.max_inflight
-            self._publish_health(stats, draining)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HEALTH_DRAINING_S if draining else HEALTH_S):
-                    await self._health_now.wait()
-            self._health_now.clear()
-
-    async def _buffer_stats(self) -> BufferStats:
-        """The buffer's counters; the last ones known when its thread does not answer
-        within :data:`STATS_WAIT_S` (a commit hanging on a disk that stopped answering),
-        so that health still goes out. One query at a time is outstanding."""
-        if self._stats_task is None or self._stats_task.done():
-            self._stats_task = asyncio.ensure_future(self.buffer.stats())
-        if self._stats is None:
-            self._stats = await self._stats_task
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(STATS_WAIT_S):
-                self._stats = await asyncio.shield(self._stats_task)
-        return self._stats
-
-    def _publish_health(self, stats: BufferStats, draining: bool) -> None:
-        """The health message now, retained (when connected)."""
-        if not self.link.connected.is_set():
-            return
-        stall = self.writer.stalled
-        buffer_error = self.buffer_error
-        if stall is not None:
-            secs = time.monotonic() - stall.since
-            buffer_error = f"no commit has succeeded for {secs:.0f} s: {stall.error}"
-        body = payloads.health(
-            payloads.Health(
-                gateway=self.cfg.gateway_id,
-                ts_ms=now_ms(),
-                pending=stats.pending,
-                last_seq=stats.last_seq,
-                dropped=stats.dropped,
-                published=self.publisher.published,
-                acked=self.publisher.acked_total,
-                draining=draining,
-                disk_write_bytes_per_hour=self.disk_write_rate(),
-                gpio=self._outputs_state() or "none",
-                gpio_factory=self.gpio.factory_name or None,
-                alarms_active=sum(1 for a in self.alarms.alarms if a.on),
-                devices_offline=self.availability.offline,
-                buffer="memory" if self.buffer.sync.memory else "disk",
-                clock="synced" if self.clock.synced else "unsynced",
-                buffer_error=buffer_error,
-                buffer_waiting=None if stall is None else self.writer.waiting,
-                buses={poller.name: poller.bus.counters.as_dict() for poller in self.pollers},
-                broker=self.link.address,
-                **self.link.tls_health(),
-                **self.status.health_fields(),
-            )
-        )
-        self.link.publish(health_topic(self._prefix, self.cfg.gateway_id), body, qos=1, retain=True)
 
     async def _alarm_timer(self) -> None:
         """Let time act on the alarms (delays, stale data) and keep the outputs and the
@@ -811,9 +709,8 @@ class Agent:
 
     async def run(self) -> int:
         """Run until :attr:`stop_event` is set; return the process exit code."""
-        self._start_bytes = self._disk_write_bytes()
-        self._started = time.monotonic()
-        stats = self._stats = await self.buffer.stats()
+        stats = await self.buffer.stats()
+        self.health.start(stats)
         log.info(
             "gateway %s: %d device(s) on %d bus(es); buffer %s holds %d unsent "
             "message(s), last seq %d, %d dropped so far",
@@ -829,7 +726,7 @@ class Agent:
             asyncio.create_task(self.writer.run(), name="buffer-writer"),
             asyncio.create_task(self.publisher.run(), name="publisher"),
             asyncio.create_task(self.publisher.run_acks(), name="acks"),
-            asyncio.create_task(self._health(), name="health"),
+            asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(self._disk_retry(), name="disk-retry"),
             asyncio.create_task(self.writer.watch(), name="buffer-watch"),
             asyncio.create_task(self.retained.run(), name="retained"),
@@ -907,7 +804,7 @@ class Agent:
         if not await self.publisher.flush_acks():
             log.warning("some acknowledged messages stay in the buffer; they will be sent again")
         self._availability_changed(self.availability.stop(now_ms()))
-        self._publish_health(await self.buffer.stats(), False)  # the last word on the broker
+        self.health.publish(await self.buffer.stats(), False)  # the last word on the broker
         sent = await self.publisher.publish_offline(OFFLINE, STOP_BUDGET_S / 4)
         if not sent and self.link.ever_connected:
             log.warning(

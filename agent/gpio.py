@@ -253,6 +253,12 @@ class Gpio:
         """Read the output's pin back: True when it is on."""
         return bool(self._devices[name].is_active)
 
+    def outputs_state(self) -> str | None:
+        """``ok``/``unavailable`` for the outputs, None without any."""
+        if not self.outputs:
+            return None
+        return "ok" if self.available else "unavailable"
+
     def states(self) -> dict[str, bool]:
         """Each output's state as last written (True: on)."""
         return {n: s.on for n, s in self._current.items()}

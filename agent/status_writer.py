@@ -278,7 +278,7 @@ class StatusWriter:
                 last_seq=stats.last_seq if stats else 0,
                 size_bytes=None if agent.buffer.sync.memory else sample.buffer_bytes,
                 disk_free_bytes=sample.disk_free_bytes,
-                write_bytes_per_hour=agent.disk_write_rate(),
+                write_bytes_per_hour=agent.health.disk_write_rate(),
                 waiting=None if stall is None else agent.writer.waiting,
             ),
             "clock": {"synced": agent.clock.synced, "source": cfg.clock.sync},

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from agent.app import HEALTH_S
+from agent.health import HEALTH_S
 from agent.readings import parse_iso_ms
 from agent.simulator import ModbusSimulator
 from drivers.modbus.config import ModbusPoint
