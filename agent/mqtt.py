@@ -217,16 +217,10 @@ class BoundedClient(mqtt.Client):
         return super()._sock_recv(min(bufsize, READ_CHUNK))
 
     def _packet_handle(self) -> MQTTErrorCode:
-        cmd = self._in_packet["command"] & 0xF0
-        if cmd == mqtt.PUBACK and len(self._in_packet["packet"]) == 2:
-            # A PUBACK of a packet identifier alone: success (MQTT 3.1.1 section 3.4; MQTT
-            # 5.0 section 3.4.2.1, reason code 0x00 left out). What paho's
-            # _handle_pubackcomp does, without a ReasonCode and a Properties made for each.
-            mid = int.from_bytes(self._in_packet["packet"], "big")
-            with self._out_message_mutex:
-                if mid in self._out_messages:
-                    return self._do_on_publish(mid, PUBACK_SUCCESS, NO_PROPERTIES)
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        command = self._in_packet["command"]
+        cmd = command & 0xF0
+        if cmd == mqtt.PUBACK:
+            return self._puback(command)
         if cmd == mqtt.PUBLISH:
             topic = self._publish_topic()
             if not any(mqtt.topic_matches_sub(f, topic) for f in self.subscriptions):
@@ -253,9 +247,46 @@ class BoundedClient(mqtt.Client):
                 "pubrel",
                 "sent a PUBREL for no QoS 2 message it delivered (MQTT 3.1.1 and 5.0 section 3.6)",
             )
+        return self._handle_malformed(super()._packet_handle)
+
+    def _puback(self, command: int) -> MQTTErrorCode:
+        """A PUBACK: refused with reserved flags set (MQTT 3.1.1 section 2.2.2, MQTT 5.0
+        section 2.1.3: the connection is closed), or for a message of this client that
+        is not waiting for one (queued behind the in-flight limit, never sent: an
+        acknowledgement of it would delete a reading nobody received; paho 2.2.0 takes
+        it). A packet identifier alone is success (MQTT 3.1.1 section 3.4; MQTT 5.0
+        section 3.4.2.1, reason code 0x00 left out), handled as paho's
+        ``_handle_pubackcomp`` does without a ``ReasonCode`` and a ``Properties`` made for
+        each; anything longer goes to paho."""
+        if command & 0x0F:
+            return self._refuse(
+                "puback_flags",
+                f"sent a PUBACK with reserved flags 0x{command & 0x0F:X} (MQTT 3.1.1 section "
+                "2.2.2, 5.0 section 2.1.3)",
+            )
+        packet = self._in_packet["packet"]
+        if len(packet) < 2:
+            return self._handle_malformed(super()._packet_handle)
+        mid = int.from_bytes(packet[:2], "big")
+        with self._out_message_mutex:
+            msg = self._out_messages.get(mid)
+            if msg is None:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS  # not ours (any more): ignored, as paho does
+            if msg.state != mqtt.mqtt_ms_wait_for_puback:
+                return self._refuse(
+                    "puback_unsent",
+                    f"sent a PUBACK for packet id {mid}, a message this client has not sent "
+                    "(a PUBACK answers a QoS 1 PUBLISH, MQTT 3.1.1 and 5.0 section 3.4)",
+                )
+            if len(packet) == 2:
+                return self._do_on_publish(mid, PUBACK_SUCCESS, NO_PROPERTIES)
+        return self._handle_malformed(super()._packet_handle)
+
+    def _handle_malformed(self, handle: Callable[[], MQTTErrorCode]) -> MQTTErrorCode:
         try:
-            return super()._packet_handle()
+            return handle()
         except MalformedPacket as exc:  # paho's _packet_read drops the connection
+            cmd = self._in_packet["command"] & 0xF0
             self.violation = ("malformed", f"sent a malformed packet (type {cmd >> 4}): {exc}")
             raise
 

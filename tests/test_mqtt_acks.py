@@ -1,0 +1,162 @@
+"""PUBACKs a broker may not send: one for a message the agent has not sent yet, one with
+reserved flags. Against a raw TCP peer that speaks just enough MQTT (CONNACK, then what the
+test scripts), with the agent's own MQTT link."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from agent.config.model import MqttConfig
+from agent.mqtt import MqttLink
+from tests.helpers import read_packet
+
+Script = Callable[[socket.socket, "ScriptedBroker", int], None]
+
+
+def ack(mid: int) -> bytes:
+    """A PUBACK of a packet identifier alone (MQTT 3.1.1 section 3.4)."""
+    return b"\x40\x02" + mid.to_bytes(2, "big")
+
+
+class ScriptedBroker:
+    """Answers CONNECT with CONNACK; records the packet id of every QoS 1 PUBLISH on
+    ``t/x``; ``script(conn, broker, n)`` runs on connection ``n`` (from 1); a connection
+    after the scripted ones acknowledges every PUBLISH at once."""
+
+    def __init__(self, script: Script, scripted: int = 1) -> None:
+        self.script = script
+        self.scripted = scripted
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = int(self.sock.getsockname()[1])
+        self.on_wire: list[int] = []
+        """Packet ids of the PUBLISHes received, in order, over all connections."""
+        self.got = threading.Condition()
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            n = self.connections
+            threading.Thread(target=self._serve, args=(conn, n), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, n: int) -> None:
+        with contextlib.suppress(OSError), conn:
+            _, body = read_packet(conn)
+            v5 = body[6] == 5
+            conn.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
+            scripted = n <= self.scripted
+            if scripted:
+                threading.Thread(target=self.script, args=(conn, self, n), daemon=True).start()
+            while True:
+                first, body = read_packet(conn)
+                if first >> 4 == 3 and (first >> 1) & 3:
+                    size = int.from_bytes(body[:2], "big")
+                    if body[2 : 2 + size] != b"t/x":
+                        conn.sendall(ack(int.from_bytes(body[2 + size : 4 + size], "big")))
+                        continue
+                    mid = int.from_bytes(body[2 + size : 4 + size], "big")
+                    with self.got:
+                        self.on_wire.append(mid)
+                        self.got.notify_all()
+                    if not scripted:
+                        conn.sendall(ack(mid))
+                elif first == 0xC0:
+                    conn.sendall(b"\xd0\x00")
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[int]:
+        with self.got:
+            self.got.wait_for(lambda: len(self.on_wire) >= count, timeout)
+            return list(self.on_wire)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def run_link(broker: ScriptedBroker, protocol: str, count: int) -> tuple[MqttLink, list]:
+    """Publish ``count`` messages on ``t/x`` with an in-flight limit of 1; return the link
+    and its acknowledgements ``(mid, ok, on the wire by then)``, once all were acknowledged
+    or after 10 s."""
+    cfg = MqttConfig(
+        port=broker.port,
+        protocol=protocol,
+        max_inflight=1,
+        reconnect_min="100ms",
+        reconnect_max="200ms",
+    )
+    link = MqttLink(cfg, "victim", "t/status")
+    acks: list[tuple[int, bool, bool]] = []
+    mids: list[int] = []
+    done = asyncio.Event()
+
+    def on_puback(mid: int, ok: bool, reason: str) -> None:
+        acks.append((mid, ok, mid in broker.on_wire))
+        if {m for m, ok, _ in acks if ok} == set(mids):
+            done.set()
+
+    link.on_puback = on_puback
+    task = asyncio.create_task(link.run())
+    try:
+        async with asyncio.timeout(5):
+            await link.connected.wait()
+        mids += [link.publish("t/x", b"m%d" % i, qos=1) for i in range(count)]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await done.wait()
+    finally:
+        await link.stop(0.5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return link, acks
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_a_puback_for_a_message_not_sent_yet_drops_the_connection(protocol: str) -> None:
+    """With an in-flight limit of 1 the second and third messages wait in the client; a
+    broker that acknowledges them before they were sent must not make them count as
+    delivered (the publisher would delete them from the buffer: readings lost)."""
+
+    def early_acks(conn: socket.socket, broker: ScriptedBroker, n: int) -> None:
+        first = broker.wait_for(1)[0]
+        conn.sendall(ack(first + 1) + ack(first + 2))
+
+    broker = ScriptedBroker(early_acks)
+    try:
+        link, acks = asyncio.run(run_link(broker, protocol, 3))
+    finally:
+        broker.close()
+    assert acks and all(on_wire for _, _, on_wire in acks), acks
+    assert sorted(m for m, ok, _ in acks if ok) == sorted(set(broker.on_wire)), acks
+    assert len([m for m, ok, _ in acks if ok]) == 3, acks  # each once, after a reconnect
+    assert link.violations.get("puback_unsent") == 1, link.violations
+    assert broker.connections >= 2
+
+
+def test_a_puback_with_reserved_flags_drops_the_connection() -> None:
+    """MQTT 3.1.1 section 2.2.2: a packet with flags that are not as specified is
+    malformed and the connection is closed; the message is taken as acknowledged only by
+    a proper PUBACK after the reconnect."""
+
+    def bad_flags(conn: socket.socket, broker: ScriptedBroker, n: int) -> None:
+        first = broker.wait_for(1)[0]
+        conn.sendall(b"\x4f\x02" + first.to_bytes(2, "big"))
+
+    broker = ScriptedBroker(bad_flags)
+    try:
+        link, acks = asyncio.run(run_link(broker, "3.1.1", 1))
+    finally:
+        broker.close()
+    assert link.violations.get("puback_flags") == 1, link.violations
+    assert [ok for _, ok, _ in acks] == [True] and broker.connections >= 2, acks
