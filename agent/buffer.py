@@ -25,6 +25,7 @@ import stat
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1115,6 +1116,9 @@ def memory_buffer(path: Path, max_messages: int, max_bytes: int | None) -> Buffe
     return Buffer(path, max_messages, max_bytes=cap, memory=True, start_seq=start)
 
 
+EXIT_WAIT_S = 10.0
+"""Longest wait at interpreter exit for a buffer call under way (see AsyncBuffer)."""
+
 _Job = tuple[Callable[..., object], tuple[object, ...], "asyncio.Future[object]"]
 
 
@@ -1125,6 +1129,31 @@ def _settle(fut: asyncio.Future[object], result: object, exc: BaseException | No
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    """The buffer's thread: run each call, hand its outcome to the caller's loop."""
+    while (job := jobs.get()) is not None:
+        fn, args, fut = job
+        loop = fut.get_loop()
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the caller, as an executor does
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(_settle, fut, None, exc)
+            continue
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, fut, result, None)
+        del job, fn, args, fut, result
+
+
+def _finish(jobs: queue.SimpleQueue[_Job | None], thread: threading.Thread) -> None:
+    """Stop the buffer's thread after the calls handed to it; at interpreter exit without
+    :meth:`AsyncBuffer.close` (a crash of the loop) the call under way, a commit, ends
+    rather than being cut off (at most :data:`EXIT_WAIT_S`), as a thread pool's would."""
+    jobs.put(None)
+    if thread is not threading.current_thread():
+        thread.join(EXIT_WAIT_S)
 
 
 class AsyncBuffer:
@@ -1140,25 +1169,14 @@ class AsyncBuffer:
     def __init__(self, buffer: Buffer) -> None:
         self.sync = buffer
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, name="buffer", daemon=True)
+        self._thread = threading.Thread(target=_work, args=(self._jobs,), name="buffer")
+        self._thread.daemon = True
         self._thread.start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, args, fut = job
-            loop = fut.get_loop()
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to the caller, as an executor does
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(_settle, fut, None, exc)
-                continue
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, fut, result, None)
-            del job, fn, args, fut, result
+        self._finish = weakref.finalize(self, _finish, self._jobs, self._thread)
+        """Run at close, when this object is collected, or at interpreter exit."""
 
     async def _run(self, fn: Callable[..., object], *args: object) -> object:
-        if not self._thread.is_alive():
+        if not self._finish.alive:
             raise RuntimeError("the buffer is closed")
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._jobs.put((fn, args, fut))
@@ -1246,5 +1264,4 @@ class AsyncBuffer:
     async def close(self) -> None:
         """Close the database, then the thread."""
         await self._run(self.sync.close)
-        self._jobs.put(None)
-        self._thread.join()
+        self._finish()

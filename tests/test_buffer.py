@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -287,3 +289,43 @@ def test_a_start_after_a_memory_run_goes_on_after_its_seqs(tmp_path: Path) -> No
     disk = Buffer(path)
     assert disk.append_many([("t", b"{}", 5)]) == [5]
     disk.close()
+
+
+ASYNC_EXIT = """
+import asyncio, sys
+from pathlib import Path
+from agent.buffer import AsyncBuffer, Buffer
+ab = AsyncBuffer(Buffer(Path(sys.argv[1]), max_messages=10**7))
+items = [("t/x", b'{"v":1}' * 50, 1_800_000_000_000 + i) for i in range(100_000)]
+async def main():
+    await ab.append_many(items[:10])
+    try:  # an item without a time: the caller gets the exception, the thread goes on
+        await ab.append_many([("t/x", b"{}")])
+    except Exception as exc:
+        print("raised", type(exc).__name__)
+    asyncio.get_running_loop().create_task(ab.append_many(items))  # a big commit under way
+    await asyncio.sleep(0.05)
+asyncio.run(main())  # the loop ends without AsyncBuffer.close()
+"""
+
+
+def test_the_buffer_thread_ends_its_commit_when_the_process_exits_without_close(
+    tmp_path: Path,
+) -> None:
+    """AsyncBuffer runs its calls on a thread of its own: an exception reaches the caller,
+    and when the interpreter exits without close() (the loop crashed) the commit under way
+    ends (all 100,000 rows in the file) instead of being cut off."""
+    db = tmp_path / "b.db"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", ASYNC_EXIT, str(db)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["raised", "IndexError"], proc.stdout
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 100_010
