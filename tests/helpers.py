@@ -89,6 +89,37 @@ def read_packet(conn: socket.socket) -> tuple[int, bytes]:
             return first, _recv_exact(conn, length)
 
 
+class TcpPeer:
+    """A TCP peer on loopback: ``script(conn)`` runs on a thread of its own for each
+    connection it accepts (closed when the script returns); :attr:`connections` counts
+    them."""
+
+    def __init__(self, script: Any) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = int(self.sock.getsockname()[1])
+        self.connections = 0
+        self.script = script
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            self.script(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def wait_until(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -8,7 +8,6 @@ The whole agent against the same peers: ``tests/test_hostile_peers.py``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import re
@@ -44,6 +43,7 @@ from drivers.seismic_stream import (
 from drivers.serial_config import SerialLineDevice
 from drivers.serial_io import GET_MAX, PortQueue
 from drivers.serial_line import LineAssembler, SerialLineReader, to_results
+from tests.helpers import TcpPeer
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -776,35 +776,6 @@ def test_skipping_costs_the_same_for_any_gap() -> None:
 # -- Modbus peers that flood ------------------------------------------------------------------
 
 
-class Peer:
-    """A TCP peer on loopback: ``script(conn)`` runs for each connection it accepts."""
-
-    def __init__(self, script: Any) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = int(self.sock.getsockname()[1])
-        self.connections = 0
-        self.script = script
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            self.script(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def flood(chunk: bytes, seconds: float = 3.0) -> Any:
     def script(conn: socket.socket) -> None:
         end = time.monotonic() + seconds
@@ -815,15 +786,15 @@ def flood(chunk: bytes, seconds: float = 3.0) -> Any:
 
 
 @pytest.fixture
-def peers() -> Iterator[list[Peer]]:
-    made: list[Peer] = []
+def peers() -> Iterator[list[TcpPeer]]:
+    made: list[TcpPeer] = []
     yield made
     for p in made:
         p.close()
 
 
-def test_modbus_tcp_flood_drops_the_connection(peers: list[Peer]) -> None:
-    peer = Peer(flood(os.urandom(65536)))
+def test_modbus_tcp_flood_drops_the_connection(peers: list[TcpPeer]) -> None:
+    peer = TcpPeer(flood(os.urandom(65536)))
     peers.append(peer)
 
     async def run() -> None:
@@ -840,7 +811,7 @@ def test_modbus_tcp_flood_drops_the_connection(peers: list[Peer]) -> None:
     asyncio.run(run())
 
 
-def test_modbus_tcp_stream_of_wrong_transactions_drops_the_connection(peers: list[Peer]) -> None:
+def test_modbus_tcp_stream_of_wrong_transactions_drops_the_connection(peers: list[TcpPeer]) -> None:
     """Well-formed replies to transactions never asked, one every 5 ms (never enough
     bytes at once to be a flood): after MAX_STALE of them the request fails and the
     connection is dropped, long before the request's timeout."""
@@ -850,7 +821,7 @@ def test_modbus_tcp_stream_of_wrong_transactions_drops_the_connection(peers: lis
             conn.sendall(struct.pack(">HHHBBBH", 0xBE00 + i, 0, 5, 1, 3, 2, 7))
             time.sleep(0.005)
 
-    peer = Peer(script)
+    peer = TcpPeer(script)
     peers.append(peer)
 
     async def run() -> MbapClient:
@@ -867,7 +838,7 @@ def test_modbus_tcp_stream_of_wrong_transactions_drops_the_connection(peers: lis
     assert client.stale == MAX_STALE + 1 and client.floods == 0
 
 
-def test_modbus_tcp_a_late_reply_is_still_skipped(peers: list[Peer]) -> None:
+def test_modbus_tcp_a_late_reply_is_still_skipped(peers: list[TcpPeer]) -> None:
     """The bounds leave the normal case alone: a late reply, then the right one."""
 
     def script(conn: socket.socket) -> None:
@@ -877,7 +848,7 @@ def test_modbus_tcp_a_late_reply_is_still_skipped(peers: list[Peer]) -> None:
         conn.sendall(late + struct.pack(">HHHBBBH", tid, 0, 5, 1, 3, 2, 42))
         time.sleep(1)
 
-    peer = Peer(script)
+    peer = TcpPeer(script)
     peers.append(peer)
 
     async def run() -> bytes:
@@ -888,8 +859,8 @@ def test_modbus_tcp_a_late_reply_is_still_skipped(peers: list[Peer]) -> None:
     assert asyncio.run(run()) == b"\x00\x2a"
 
 
-def test_rtu_over_tcp_flood_fails_fast_and_reconnects(peers: list[Peer]) -> None:
-    peer = Peer(flood(b"\x55" * 65536))
+def test_rtu_over_tcp_flood_fails_fast_and_reconnects(peers: list[TcpPeer]) -> None:
+    peer = TcpPeer(flood(b"\x55" * 65536))
     peers.append(peer)
 
     async def run() -> SerialLine:
@@ -907,7 +878,7 @@ def test_rtu_over_tcp_flood_fails_fast_and_reconnects(peers: list[Peer]) -> None
     assert peer.connections == 3
 
 
-def test_rtu_over_tcp_that_never_falls_silent_costs_one_timeout(peers: list[Peer]) -> None:
+def test_rtu_over_tcp_that_never_falls_silent_costs_one_timeout(peers: list[TcpPeer]) -> None:
     """A slow babbler (under the flood limit): no request is sent into it, and the
     poll fails after its timeout."""
 
@@ -917,7 +888,7 @@ def test_rtu_over_tcp_that_never_falls_silent_costs_one_timeout(peers: list[Peer
             conn.sendall(b"\x07")
             time.sleep(0.005)
 
-    peer = Peer(script)
+    peer = TcpPeer(script)
     peers.append(peer)
 
     async def run() -> SerialLine:

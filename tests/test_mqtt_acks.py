@@ -14,7 +14,7 @@ import pytest
 
 from agent.config.model import MqttConfig
 from agent.mqtt import MqttLink
-from tests.helpers import read_packet
+from tests.helpers import TcpPeer, read_packet
 
 Script = Callable[[socket.socket, "ScriptedBroker", int], None]
 
@@ -24,65 +24,47 @@ def ack(mid: int) -> bytes:
     return b"\x40\x02" + mid.to_bytes(2, "big")
 
 
-class ScriptedBroker:
+class ScriptedBroker(TcpPeer):
     """Answers CONNECT with CONNACK; records the packet id of every QoS 1 PUBLISH on
-    ``t/x``; ``script(conn, broker, n)`` runs on connection ``n`` (from 1); a connection
-    after the scripted ones acknowledges every PUBLISH at once."""
+    ``t/x``; ``script(conn, broker, n)`` runs beside that on connection ``n`` (from 1);
+    a connection after the scripted ones acknowledges every PUBLISH at once."""
 
     def __init__(self, script: Script, scripted: int = 1) -> None:
-        self.script = script
+        super().__init__(self._serve)
+        self.actions = script
         self.scripted = scripted
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(4)
-        self.port = int(self.sock.getsockname()[1])
         self.on_wire: list[int] = []
         """Packet ids of the PUBLISHes received, in order, over all connections."""
         self.got = threading.Condition()
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
+    def _serve(self, conn: socket.socket) -> None:
+        n = self.connections
+        _, body = read_packet(conn)
+        v5 = body[6] == 5
+        conn.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
+        scripted = n <= self.scripted
+        if scripted:
+            threading.Thread(target=self.actions, args=(conn, self, n), daemon=True).start()
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            n = self.connections
-            threading.Thread(target=self._serve, args=(conn, n), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, n: int) -> None:
-        with contextlib.suppress(OSError), conn:
-            _, body = read_packet(conn)
-            v5 = body[6] == 5
-            conn.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
-            scripted = n <= self.scripted
-            if scripted:
-                threading.Thread(target=self.script, args=(conn, self, n), daemon=True).start()
-            while True:
-                first, body = read_packet(conn)
-                if first >> 4 == 3 and (first >> 1) & 3:
-                    size = int.from_bytes(body[:2], "big")
-                    if body[2 : 2 + size] != b"t/x":
-                        conn.sendall(ack(int.from_bytes(body[2 + size : 4 + size], "big")))
-                        continue
-                    mid = int.from_bytes(body[2 + size : 4 + size], "big")
-                    with self.got:
-                        self.on_wire.append(mid)
-                        self.got.notify_all()
-                    if not scripted:
-                        conn.sendall(ack(mid))
-                elif first == 0xC0:
-                    conn.sendall(b"\xd0\x00")
+            first, body = read_packet(conn)
+            if first >> 4 == 3 and (first >> 1) & 3:
+                size = int.from_bytes(body[:2], "big")
+                mid = int.from_bytes(body[2 + size : 4 + size], "big")
+                if body[2 : 2 + size] != b"t/x":
+                    conn.sendall(ack(mid))
+                    continue
+                with self.got:
+                    self.on_wire.append(mid)
+                    self.got.notify_all()
+                if not scripted:
+                    conn.sendall(ack(mid))
+            elif first == 0xC0:
+                conn.sendall(b"\xd0\x00")
 
     def wait_for(self, count: int, timeout: float = 5.0) -> list[int]:
         with self.got:
             self.got.wait_for(lambda: len(self.on_wire) >= count, timeout)
             return list(self.on_wire)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 async def run_link(broker: ScriptedBroker, protocol: str, count: int) -> tuple[MqttLink, list]:
