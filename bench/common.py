@@ -17,9 +17,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,17 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- a process, from /proc ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def runtime_dir() -> Iterator[Path]:
+    """A fresh directory for ``RUNTIME_DIRECTORY`` (where the agent writes its state file
+    every second), on tmpfs as systemd's ``RuntimeDirectory=`` under ``/run`` is:
+    ``/dev/shm`` where it is writable, else the system's temporary directory."""
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
+    with tempfile.TemporaryDirectory(prefix="edge-agent-run-", dir=where) as d:
+        yield Path(d)
 
 
 def cpu_s(pid: int) -> float:
@@ -231,6 +243,7 @@ class CountingProxy:
             except OSError:
                 client.close()
                 continue
+            server.settimeout(None)  # (the 5 s were for connecting: a quiet link stays up)
             for s in (client, server):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._conns += [client, server]

@@ -191,7 +191,7 @@ def run(
     """One measured run; returns its figures (see the module docstring) and the window's
     exact counts: ``polls_by_device`` and ``requests_by_unit`` (simulator)."""
     step = common.parse_interval(interval)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp, common.runtime_dir() as run_dir:
         d = Path(tmp)
         broker = Mosquitto(d / "broker")
         broker.start()
@@ -206,8 +206,7 @@ def run(
             cmd = [sys.executable, "-m", "agent", "run", "--config", str(cfg)]
         else:
             raise SystemExit(f"unknown peer {peer!r} (known: modpoll)")
-        (d / "run").mkdir()
-        env = dict(os.environ, PYTHONPATH=str(common.REPO), RUNTIME_DIRECTORY=str(d / "run"))
+        env = dict(os.environ, PYTHONPATH=str(common.REPO), RUNTIME_DIRECTORY=str(run_dir))
         load0 = common.load()
         started = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=common.REPO)

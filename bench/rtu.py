@@ -98,7 +98,7 @@ def serve(port: str, units: int, registers: int, baud: int, stopbits: int, stats
 def run(units: int, registers: int, baud: int, stop: int, seconds: float,
         warmup: float) -> dict[str, Any]:  # fmt: skip
     """One measured run; returns the figures (see the module docstring)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, common.runtime_dir() as run_dir:
         d = Path(tmp)
         far, near = str(d / "ttyA"), str(d / "ttyB")
         line = start_line(far, near)
@@ -124,8 +124,7 @@ def run(units: int, registers: int, baud: int, stop: int, seconds: float,
             f"mqtt:\n  host: 127.0.0.1\n  port: {broker.port}\n  client_id: bench\n"
             f"devices:\n{devs}"
         )
-        (d / "run").mkdir()
-        env = dict(os.environ, PYTHONPATH=str(common.REPO), RUNTIME_DIRECTORY=str(d / "run"))
+        env = dict(os.environ, PYTHONPATH=str(common.REPO), RUNTIME_DIRECTORY=str(run_dir))
         load = common.load()
         with (d / "agent.log").open("wb") as log:
             agent = subprocess.Popen(
