@@ -32,6 +32,10 @@ RATE_WINDOW_S = 60.0
 """The publish rate is the average over this many seconds."""
 THROTTLE_EVERY_S = 30.0
 """``vcgencmd get_throttled`` runs at most this often."""
+PROBE_EVERY_S = 5.0
+"""The system figures (RSS, free disk, buffer files, SoC temperature) are measured at most
+this often: they move slowly, and a measurement each second was a tenth of the agent's CPU
+at 10 devices × 10 registers (``docs/benchmarks.md``)."""
 VCGENCMD_TIMEOUT_S = 2.0
 """Longest wait for ``vcgencmd`` (it talks to the VideoCore firmware over a mailbox)."""
 THERMAL_ZONE = Path("/sys/class/thermal/thermal_zone0/temp")
@@ -253,6 +257,7 @@ class SystemProbe:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
         self._running: asyncio.Future[SystemSample] | None = None
         self._throttle_at = -1e9
+        self._started_at = -1e9
 
     def _measure(self, ask_vcgencmd: bool, throttled: int | None) -> SystemSample:
         return SystemSample(
@@ -264,9 +269,13 @@ class SystemProbe:
         )
 
     def refresh(self, now: float) -> None:
-        """Start a measurement (at monotonic ``now``) unless one is under way."""
+        """Start a measurement (at monotonic ``now``) unless one is under way or the last
+        one started less than :data:`PROBE_EVERY_S` ago."""
         if self._running is not None and not self._running.done():
             return
+        if now - self._started_at < PROBE_EVERY_S:
+            return
+        self._started_at = now
         ask = self.vcgencmd and now - self._throttle_at >= THROTTLE_EVERY_S
         if ask:
             self._throttle_at = now

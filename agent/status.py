@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -294,21 +295,6 @@ def points_json(results: Iterable[PointResult], units: Mapping[str, str | None])
     return RawJson("{" + ",".join(parts.values()) + "}")
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
-"""``json.dumps(x, separators=(",", ":"), allow_nan=False)`` without making an encoder per
-call (json.dumps does so whenever an argument differs from its defaults)."""
-
-
-def _has_raw(doc: Any) -> bool:
-    if isinstance(doc, RawJson):
-        return True
-    if isinstance(doc, dict):
-        return any(_has_raw(v) for v in doc.values())
-    if isinstance(doc, list | tuple):
-        return any(_has_raw(v) for v in doc)
-    return False
-
-
 class PointsText:
     """The state file's ``points`` of one device: :func:`points_json` of its last poll.
 
@@ -379,50 +365,44 @@ def dumps_raw(doc: Any) -> str:
     return "".join(raw_chunks(doc))
 
 
+_RAW_TOKEN = "\x00" + secrets.token_hex(16) + "\x00"
+"""What stands for a :class:`RawJson` part while the C encoder writes the rest of a
+document: a NUL never leaves the encoder unescaped, and the random part is known to this
+process alone, so no string of a document can write the same text."""
+_RAW_MARK = json.dumps(_RAW_TOKEN)
+
+
 def raw_chunks(doc: Any) -> list[str]:
     """The text of :func:`dumps_raw` in pieces, to be joined (or encoded and written) once:
-    a document of 10,000 points is 600 kB, and each copy of it costs a fresh mapping. What
-    holds no :class:`RawJson` part is encoded in one call of the C encoder (the members of
-    a dict around such a part too).
+    a document of 10,000 points is 600 kB, and each copy of it costs a fresh mapping. The
+    document is written by one call of the C encoder, each :class:`RawJson` part as a mark
+    (:data:`_RAW_TOKEN`, through the encoder's ``default``), and the text is cut at the
+    marks, the parts going in between: no Python code per member of the document.
 
     Raises:
         ValueError: a non-finite float outside a :class:`RawJson` part.
         TypeError: a value JSON has no form for.
     """
-    out: list[str] = []
-    _chunks(doc, out)
+    raws: list[str] = []
+
+    def default(o: Any) -> str:
+        if type(o) is RawJson:
+            raws.append(o.text)
+            return _RAW_TOKEN
+        raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+    text = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=default).encode(doc)
+    if not raws:
+        return [text]
+    if type(doc) is RawJson:
+        return raws
+    pieces = text.split(_RAW_MARK)
+    if len(pieces) != len(raws) + 1:  # (cannot be: see _RAW_TOKEN)
+        raise ValueError("a string of the document holds the mark of a raw part")
+    out = [pieces[0]]
+    for raw, piece in zip(raws, pieces[1:], strict=True):
+        out += (raw, piece)
     return out
-
-
-def _chunks(doc: Any, out: list[str]) -> None:
-    if isinstance(doc, RawJson):
-        out.append(doc.text)
-    elif not _has_raw(doc):
-        out.append(_ENCODE(doc))
-    elif isinstance(doc, dict):
-        out.append("{")
-        plain: dict[Any, Any] = {}
-        first = True
-        for k, v in doc.items():
-            if not _has_raw(v):
-                plain[k] = v
-                continue
-            if plain:
-                out.append(("" if first else ",") + _ENCODE(plain)[1:-1])
-                plain, first = {}, False
-            out.append(f"{'' if first else ','}{_ENCODE(str(k))}:")
-            first = False
-            _chunks(v, out)
-        if plain:
-            out.append(("" if first else ",") + _ENCODE(plain)[1:-1])
-        out.append("}")
-    else:
-        out.append("[")
-        for i, v in enumerate(doc):
-            if i:
-                out.append(",")
-            _chunks(v, out)
-        out.append("]")
 
 
 def without_time(doc: Mapping[str, Any]) -> dict[str, Any]:

@@ -88,6 +88,12 @@ def test_dumps_raw_is_json_dumps_with_raw_parts() -> None:
         dumps_raw({"x": math.nan})
     with pytest.raises(ValueError):
         dumps_raw({"p": RawJson("{}"), "x": [math.inf]})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dumps_raw({"p": RawJson("{}"), "x": object()})
+    # strings with NULs around text (the shape of the mark a raw part stands in by while
+    # the encoder runs) are written as json.dumps writes them
+    nuls = {"a": "\x00" + "0" * 32 + "\x00", "p": RawJson("1"), "b": ["\x00", "\u0000"]}
+    assert dumps_raw(nuls) == json.dumps({**nuls, "p": 1}, separators=(",", ":"))
 
 
 def test_the_mmap_threshold_is_fixed_on_glibc() -> None:
