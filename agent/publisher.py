@@ -115,7 +115,7 @@ class Publisher:
             self._fresh.clear()  # a backlog: the buffer file is read instead
             self._caught_up = False
         self._send_fresh_now()
-        if self._fresh:
+        if self._fresh or not self._caught_up:  # rows wait, in memory or in the file
             self._wake.set()
 
     def _send_fresh_now(self) -> None:
