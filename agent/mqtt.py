@@ -190,11 +190,13 @@ class BoundedClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self.subscriptions: list[str] = []
         self.violation: tuple[str, str] | None = None
+        self._connack_seen = False
         self.before_connect_packet: Callable[[], None] | None = None
         """Called just before each CONNECT packet is built (after TCP and TLS are up):
         the will of a format that counts CONNECT packets (Sparkplug's bdSeq)."""
 
     def _send_connect(self, keepalive: int) -> MQTTErrorCode:
+        self._connack_seen = False  # (a new network connection)
         if self.before_connect_packet is not None:
             self.before_connect_packet()
         return super()._send_connect(keepalive)
@@ -221,6 +223,15 @@ class BoundedClient(mqtt.Client):
         cmd = command & 0xF0
         if cmd == mqtt.PUBACK:
             return self._puback(command)
+        if cmd == mqtt.CONNACK:
+            if self._connack_seen:
+                return self._refuse(
+                    "connack_twice",
+                    "sent a second CONNACK on one connection (a server answers the one "
+                    "CONNECT of a connection with one CONNACK: MQTT 3.1.1 section 3.2, "
+                    "MQTT 5.0 section 3.2, [MQTT-3.2.0-2])",
+                )
+            self._connack_seen = True
         if cmd == mqtt.PUBLISH:
             topic = self._publish_topic()
             if not any(mqtt.topic_matches_sub(f, topic) for f in self.subscriptions):
@@ -280,6 +291,12 @@ class BoundedClient(mqtt.Client):
                 )
             if len(packet) == 2:
                 return self._do_on_publish(mid, PUBACK_SUCCESS, NO_PROPERTIES)
+        if self._protocol == MQTTProtocolVersion.MQTTv5 and not properties_fit(packet, 3):
+            return self._refuse(
+                "malformed",
+                "sent a PUBACK whose properties do not end where the packet ends (MQTT 5.0 "
+                "sections 3.4.2.2 and 4.13: a malformed packet closes the connection)",
+            )
         return self._handle_malformed(super()._packet_handle)
 
     def _handle_malformed(self, handle: Callable[[], MQTTErrorCode]) -> MQTTErrorCode:
@@ -311,6 +328,24 @@ class BoundedClient(mqtt.Client):
             if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
                 return False
         return self._sock is not None
+
+
+def properties_fit(packet: bytes | bytearray, at: int) -> bool:
+    """Whether the MQTT 5 properties that may start at offset ``at`` of a packet's
+    variable header end exactly at its end: nothing there, or a Property Length (a
+    Variable Byte Integer of 1 to 4 bytes, MQTT 5.0 section 1.5.5) followed by that many
+    bytes (section 2.2.2.1). Pure."""
+    if len(packet) <= at:
+        return True
+    length = 0
+    for i in range(4):
+        if at + i >= len(packet):
+            return False
+        byte = packet[at + i]
+        length |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return at + i + 1 + length == len(packet)
+    return False  # a fifth byte: not a Variable Byte Integer
 
 
 def _refusal_hint(reason: str) -> str:

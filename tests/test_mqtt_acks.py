@@ -142,3 +142,56 @@ def test_a_puback_with_reserved_flags_drops_the_connection() -> None:
         broker.close()
     assert link.violations.get("puback_flags") == 1, link.violations
     assert [ok for _, ok, _ in acks] == [True] and broker.connections >= 2, acks
+
+
+def test_a_second_connack_drops_the_connection() -> None:
+    """MQTT 5.0 section 3.2 [MQTT-3.2.0-2] (and 3.1.1 section 3.2: the one answer to the
+    one CONNECT): a second CONNACK on a connection would run the connect handling again
+    (births, resends); it is a protocol violation and closes the connection."""
+
+    def second_connack(conn: socket.socket, broker: ScriptedBroker, n: int) -> None:
+        first = broker.wait_for(1)[0]
+        conn.sendall(b"\x20\x02\x00\x00" + ack(first))
+
+    broker = ScriptedBroker(second_connack)
+    try:
+        link, acks = asyncio.run(run_link(broker, "3.1.1", 1))
+    finally:
+        broker.close()
+    assert link.violations.get("connack_twice") == 1, link.violations
+    assert [ok for _, ok, _ in acks] == [True] and broker.connections >= 2, acks
+
+
+@pytest.mark.parametrize(
+    ("tail", "accepted"),
+    [
+        (b"\x00", True),  # reason code alone (MQTT 5.0 section 3.4.2.1)
+        (b"\x00\x00", True),  # reason code and an empty property list
+        (b"\x00\x05\x1f\x00\x02ok", True),  # a Reason String property (0x1F)
+        (b"\x00\x00\xff", False),  # one byte after the properties
+        (b"\x00\x05\x1f\x00", False),  # properties announced longer than the packet
+        (b"\x00\xff\xff\xff\xff\x01", False),  # a Property Length of five bytes
+    ],
+)
+def test_an_mqtt5_puback_must_end_where_its_properties_end(tail: bytes, accepted: bool) -> None:
+    """MQTT 5.0 section 3.4.2.2: a PUBACK's properties are a length and that many bytes;
+    a packet with bytes left over, or too few, is malformed (section 4.13: the connection
+    is closed), and the message counts as delivered only by a proper PUBACK after the
+    reconnect. A well-formed one with a reason code and properties is a success."""
+
+    def odd_ack(conn: socket.socket, broker: ScriptedBroker, n: int) -> None:
+        first = broker.wait_for(1)[0]
+        body = first.to_bytes(2, "big") + tail
+        conn.sendall(b"\x40" + bytes([len(body)]) + body)
+
+    broker = ScriptedBroker(odd_ack)
+    try:
+        link, acks = asyncio.run(run_link(broker, "5", 1))
+    finally:
+        broker.close()
+    assert [ok for _, ok, _ in acks] == [True], acks
+    if accepted:
+        assert not link.violations and broker.connections == 1, (link.violations, acks)
+    else:
+        assert link.violations.get("malformed") == 1, link.violations
+        assert broker.connections >= 2
