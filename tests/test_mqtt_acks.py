@@ -67,14 +67,16 @@ class ScriptedBroker(TcpPeer):
             return list(self.on_wire)
 
 
-async def run_link(broker: ScriptedBroker, protocol: str, count: int) -> tuple[MqttLink, list]:
-    """Publish ``count`` messages on ``t/x`` with an in-flight limit of 1; return the link
-    and its acknowledgements ``(mid, ok, on the wire by then)``, once all were acknowledged
-    or after 10 s."""
+async def run_link(
+    broker: ScriptedBroker, protocol: str, count: int, max_inflight: int = 1
+) -> tuple[MqttLink, list]:
+    """Publish ``count`` messages on ``t/x`` with an in-flight limit of ``max_inflight``;
+    return the link and its acknowledgements ``(mid, ok, on the wire by then)``, once all
+    were acknowledged or after 10 s."""
     cfg = MqttConfig(
         port=broker.port,
         protocol=protocol,
-        max_inflight=1,
+        max_inflight=max_inflight,
         reconnect_min="100ms",
         reconnect_max="200ms",
     )
@@ -195,3 +197,22 @@ def test_an_mqtt5_puback_must_end_where_its_properties_end(tail: bytes, accepted
     else:
         assert link.violations.get("malformed") == 1, link.violations
         assert broker.connections >= 2
+
+
+def test_pubacks_beyond_one_read_of_packets_are_all_taken() -> None:
+    """300 PUBACKs in one write: the link handles at most 100 packets per loop iteration
+    (bounded time per event) and reads ahead of paho, so the rest sit in the client's
+    read-ahead, where no selector sees them; they are taken at the next iterations
+    without any further byte from the broker."""
+
+    def all_at_once(conn: socket.socket, broker: ScriptedBroker, n: int) -> None:
+        mids = broker.wait_for(300)
+        conn.sendall(b"".join(ack(m) for m in mids))
+
+    broker = ScriptedBroker(all_at_once)
+    try:
+        link, acks = asyncio.run(run_link(broker, "3.1.1", 300, max_inflight=300))
+    finally:
+        broker.close()
+    assert len([ok for _, ok, _ in acks if ok]) == 300, len(acks)
+    assert not link.violations and broker.connections == 1
