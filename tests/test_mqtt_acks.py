@@ -128,39 +128,34 @@ def test_a_puback_for_a_message_not_sent_yet_drops_the_connection(protocol: str)
     assert broker.connections >= 2
 
 
-def test_a_puback_with_reserved_flags_drops_the_connection() -> None:
-    """MQTT 3.1.1 section 2.2.2: a packet with flags that are not as specified is
-    malformed and the connection is closed; the message is taken as acknowledged only by
-    a proper PUBACK after the reconnect."""
+@pytest.mark.parametrize(
+    ("packet", "key"),
+    [
+        # a PUBACK with reserved flags set: MQTT 3.1.1 section 2.2.2, a packet with flags
+        # that are not as specified is malformed and the connection is closed
+        (lambda first: b"\x4f\x02" + first.to_bytes(2, "big"), "puback_flags"),
+        # a second CONNACK, then the PUBACK: MQTT 5.0 section 3.2 [MQTT-3.2.0-2] (and
+        # 3.1.1 section 3.2: the one answer to the one CONNECT); taken, it would run the
+        # connect handling again (births, resends)
+        (lambda first: b"\x20\x02\x00\x00" + ack(first), "connack_twice"),
+    ],
+    ids=["puback_flags", "connack_twice"],
+)
+def test_a_packet_no_broker_may_send_drops_the_connection(
+    packet: Callable[[int], bytes], key: str
+) -> None:
+    """The link drops the connection, counts the violation, and takes the message as
+    acknowledged only by a proper PUBACK after the reconnect."""
 
-    def bad_flags(conn: socket.socket, broker: ScriptedBroker, n: int) -> None:
-        first = broker.wait_for(1)[0]
-        conn.sendall(b"\x4f\x02" + first.to_bytes(2, "big"))
+    def send(conn: socket.socket, broker: ScriptedBroker, n: int) -> None:
+        conn.sendall(packet(broker.wait_for(1)[0]))
 
-    broker = ScriptedBroker(bad_flags)
+    broker = ScriptedBroker(send)
     try:
         link, acks = asyncio.run(run_link(broker, "3.1.1", 1))
     finally:
         broker.close()
-    assert link.violations.get("puback_flags") == 1, link.violations
-    assert [ok for _, ok, _ in acks] == [True] and broker.connections >= 2, acks
-
-
-def test_a_second_connack_drops_the_connection() -> None:
-    """MQTT 5.0 section 3.2 [MQTT-3.2.0-2] (and 3.1.1 section 3.2: the one answer to the
-    one CONNECT): a second CONNACK on a connection would run the connect handling again
-    (births, resends); it is a protocol violation and closes the connection."""
-
-    def second_connack(conn: socket.socket, broker: ScriptedBroker, n: int) -> None:
-        first = broker.wait_for(1)[0]
-        conn.sendall(b"\x20\x02\x00\x00" + ack(first))
-
-    broker = ScriptedBroker(second_connack)
-    try:
-        link, acks = asyncio.run(run_link(broker, "3.1.1", 1))
-    finally:
-        broker.close()
-    assert link.violations.get("connack_twice") == 1, link.violations
+    assert link.violations.get(key) == 1, link.violations
     assert [ok for _, ok, _ in acks] == [True] and broker.connections >= 2, acks
 
 
