@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from agent.clock import boot_id, restamp_body
+from agent.wal_checkpoint import WRITER_FALLBACK_PAGES, Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +499,7 @@ class Buffer:
         self._claims = 0
         """Commands claimed by this process (the cap is enforced every 1000th)."""
         self.boot = boot_id()
+        self._checkpointer: Checkpointer | None = None
         if memory:
             self._db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             self._db.executescript(SCHEMA)
@@ -520,6 +522,9 @@ class Buffer:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA journal_size_limit=8388608")
+            # checkpoints on a thread of their own (agent.wal_checkpoint); this one only
+            # when that falls behind
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WRITER_FALLBACK_PAGES}")
             self._db.executescript(SCHEMA)
             self._check_schema()
             self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
@@ -537,6 +542,7 @@ class Buffer:
                 )
                 self._set_sequence(mark)
             self._reserve()
+            self._checkpointer = Checkpointer(path)
         except sqlite3.DatabaseError as exc:
             with contextlib.suppress(Exception):
                 self._db.close()
@@ -1051,6 +1057,8 @@ class Buffer:
         if self.memory:
             self._db.close()
             return
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         try:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.DatabaseError as exc:
